@@ -1,0 +1,1 @@
+"""netsetup: puts the DNS appliance container on the LAN (deploy, route, firewall, check)."""

@@ -1,0 +1,239 @@
+"""The `netsetup` command line (Typer): up, down, status, check, routes.
+
+Errors the user can act on (NetsetupError) print one line and exit 2; set NETSETUP_DEBUG=1 to
+see a traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from netsetup import check as check_mod
+from netsetup import host, routes, state
+from netsetup.errors import NetsetupError
+from netsetup.plan import Mode, Settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Put the DNS appliance on the LAN: deploy it, route to it, firewall it, check it.",
+)
+console = Console()
+
+DEFAULT = Settings()
+
+ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="compose project name")]
+ComposeOpt = Annotated[Path, typer.Option("--compose-file", "-f", help="compose file")]
+FirewallOpt = Annotated[
+    str, typer.Option("--firewall", help="auto (from `iptables -V`), nft or legacy")
+]
+
+
+def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn NetsetupError into one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except NetsetupError as exc:
+            if os.environ.get("NETSETUP_DEBUG"):
+                raise
+            print(f"netsetup: error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    """--upstream may repeat and each may hold a comma- or space-separated list."""
+    out: list[str] = []
+    for value in values or []:
+        out += [v for v in value.replace(",", " ").split() if v]
+    return tuple(out)
+
+
+@app.command()
+@one_line_errors
+def up(
+    mode: Annotated[Mode, typer.Option(help="both, port or direct")] = Mode.both,
+    upstream: Annotated[
+        list[str] | None, typer.Option(help="upstream resolver (repeat, or comma-separated)")
+    ] = None,
+    lan_interface: Annotated[
+        str | None, typer.Option(help="LAN interface (default: the default route's)")
+    ] = None,
+    lan_cidr: Annotated[
+        str | None, typer.Option(help="LAN network (default: the LAN interface's)")
+    ] = None,
+    subnet: Annotated[str, typer.Option(help="appliance subnet")] = DEFAULT.subnet,
+    ip: Annotated[str, typer.Option(help="appliance container address")] = DEFAULT.ip,
+    port: Annotated[int, typer.Option(help="host port published for port mode")] = DEFAULT.port,
+    dry_run: Annotated[bool, typer.Option(help="print the plan, change nothing")] = False,
+    project: ProjectOpt = DEFAULT.project,
+    service: Annotated[str, typer.Option(help="compose service name")] = DEFAULT.service,
+    compose_file: ComposeOpt = Path("compose.yaml"),
+    firewall: FirewallOpt = "auto",
+    deploy: Annotated[
+        bool, typer.Option(help="run compose; --no-deploy applies the host side only")
+    ] = True,
+    bridge: Annotated[str | None, typer.Option(help="override the bridge name")] = None,
+) -> None:
+    """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
+    settings = Settings(
+        mode=mode,
+        upstreams=_split(upstream),
+        lan_interface=lan_interface,
+        lan_cidr=lan_cidr,
+        subnet=subnet,
+        ip=ip,
+        port=port,
+        project=project,
+        service=service,
+    )
+    options = host.Options(
+        compose_file=compose_file, firewall=firewall, deploy=deploy, dry_run=dry_run, bridge=bridge
+    )
+    text = host.up(settings, options)
+    if dry_run:
+        print(text, end="")
+    else:
+        print(f"netsetup: up ({mode.value}): appliance {ip}, port {port}", file=sys.stderr)
+
+
+@app.command()
+@one_line_errors
+def down(
+    project: ProjectOpt = DEFAULT.project,
+    compose_file: ComposeOpt = Path("compose.yaml"),
+    firewall: FirewallOpt = "auto",
+    deploy: Annotated[bool, typer.Option(help="also run compose down")] = True,
+) -> None:
+    """Remove exactly what `up` added, and stop the service."""
+    options = host.Options(compose_file=compose_file, firewall=firewall, deploy=deploy)
+    for line in host.down(project, options):
+        print(f"netsetup: {line}", file=sys.stderr)
+
+
+@app.command()
+@one_line_errors
+def status(
+    project: ProjectOpt = DEFAULT.project,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    firewall: FirewallOpt = "auto",
+) -> None:
+    """Show the engine, the service and which of our rules are in place."""
+    info = host.status(project, host.Options(firewall=firewall))
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    table = Table(title=f"netsetup status: {project}", show_header=False)
+    table.add_row("up", str(info["up"]))
+    table.add_row("engine", json.dumps(info.get("engine")))
+    svc = info.get("service")
+    if svc:
+        table.add_row("service", f"{svc['container_name']} {svc['ip']} {svc['health']}")
+        table.add_row("network", f"{svc['network']} {svc['subnet']} bridge {svc['bridge']}")
+        table.add_row("published", ", ".join(svc["published"]) or "-")
+    else:
+        table.add_row("service", "not deployed")
+    table.add_row("iptables", info["iptables"])
+    fw = info.get("firewall")
+    if fw:
+        table.add_row("firewall", "complete" if fw["complete"] else "INCOMPLETE: run up again")
+        for name, present in {**fw["chains"], **fw["hooks"]}.items():
+            table.add_row(f"  {name}", "present" if present else "MISSING")
+    if info.get("raw_drop"):
+        table.add_row("raw DROP", info["raw_drop"][0])
+    table.add_row("ip_forward", info["sysctl"]["net.ipv4.ip_forward"])
+    console.print(table)
+
+
+@app.command("check")
+@one_line_errors
+def check_cmd(
+    project: ProjectOpt = DEFAULT.project,
+    name: Annotated[str, typer.Option(help="name to resolve")] = "example.com",
+    qtype: Annotated[str, typer.Option(help="query type")] = "A",
+    timeout: Annotated[float, typer.Option(help="seconds per query")] = 3.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Query the appliance on every exposed path (container IP:53, host:PORT; UDP and TCP)."""
+    saved = state.load(project)
+    if saved is None:
+        raise NetsetupError(f"project {project} is not up (no state): run netsetup up first")
+    settings = saved.to_settings()
+    results = [
+        check_mod.query(probe, name, qtype, timeout)
+        for probe in check_mod.probes(
+            settings.ip, saved.lan_address, settings.port, settings.direct, settings.published
+        )
+    ]
+    if as_json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        table = Table(title=f"netsetup check: {name} {qtype}")
+        for column in ("path", "server", "transport", "result", "ms", "answers"):
+            table.add_column(column)
+        for r in results:
+            table.add_row(
+                r.path,
+                f"{r.server}:{r.port}",
+                r.transport,
+                ("ok " if r.ok else "FAIL ") + (r.rcode if not r.error else r.error),
+                str(r.ms),
+                "; ".join(r.answers) or "-",
+            )
+        console.print(table)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@app.command("routes")
+@one_line_errors
+def routes_cmd(
+    project: ProjectOpt = DEFAULT.project,
+    subnet: Annotated[str | None, typer.Option(help="appliance subnet")] = None,
+    gateway: Annotated[str | None, typer.Option(help="this host's LAN address")] = None,
+    lan_interface: Annotated[str | None, typer.Option()] = None,
+    lan_cidr: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Print what to set where so LAN clients reach the appliance's own address."""
+    from netsetup import detect
+
+    saved = state.load(project)
+    settings = saved.to_settings() if saved else Settings(project=project)
+    if saved and not (lan_interface or lan_cidr):
+        address, cidr = saved.lan_address, saved.lan_cidr
+    else:
+        lan = detect.lan(lan_interface, lan_cidr)
+        address, cidr = lan.address, lan.cidr
+    print(
+        routes.render_text(
+            routes.route_sections(
+                subnet or settings.subnet, gateway or address, settings.ip, cidr, settings.port
+            )
+        ),
+        end="",
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Deploying the service with compose, and finding what the engine made of it.
+
+compose.yaml stays the single definition of the service and its network; netsetup only runs
+compose (v1 `docker-compose` or v2 `docker compose`, whichever this host has) with the settings
+as environment variables, waits for the container to be healthy, then reads the network (bridge
+name, subnet, options) and the container (address, health) through the Docker SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from netsetup.errors import DeployFailed
+from netsetup.plan import OPT_BRIDGE_NAME, Settings
+
+
+def compose_command() -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and (
+        subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return ["docker", "compose"]
+    raise DeployFailed("neither docker-compose nor `docker compose` is installed")
+
+
+def compose_env(settings: Settings) -> dict[str, str]:
+    """The variables compose.yaml reads; the Makefile passes the same names."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "SUBNET": settings.subnet,
+            "DNS_IP": settings.ip,
+            "PORT": str(settings.port),
+        }
+    )
+    if settings.upstreams:
+        env["UPSTREAMS"] = ",".join(settings.upstreams)
+    return env
+
+
+@dataclass(frozen=True)
+class Compose:
+    settings: Settings
+    file: Path
+
+    def _cmd(self, *args: str) -> list[str]:
+        return [*compose_command(), "-p", self.settings.project, "-f", str(self.file), *args]
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self._cmd(*args),
+            env=compose_env(self.settings),
+            capture_output=True,
+            text=True,
+            cwd=self.file.parent,
+        )
+        if check and proc.returncode != 0:
+            lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+            last = lines[-1] if lines else f"exit {proc.returncode}"
+            raise DeployFailed(f"compose {args[0]} failed: {last}")
+        return proc
+
+    def configured_bridge(self) -> str | None:
+        """The bridge name compose.yaml fixes, read from `compose config` (no YAML library)."""
+        if not self.file.exists():
+            return None
+        proc = self.run("config", check=False)
+        match = re.search(rf"{re.escape(OPT_BRIDGE_NAME)}['\"]?:\s*['\"]?([\w.-]+)", proc.stdout)
+        return match.group(1) if match else None
+
+    def up(self) -> None:
+        if not self.file.exists():
+            raise DeployFailed(f"compose file {self.file} not found")
+        self.run("up", "-d")
+
+    def down(self) -> None:
+        self.run("down", "--remove-orphans")
+
+
+def find_container(client: Any, settings: Settings) -> Any | None:
+    found = client.containers.list(
+        all=True,
+        filters={
+            "label": [
+                f"com.docker.compose.project={settings.project}",
+                f"com.docker.compose.service={settings.service}",
+            ]
+        },
+    )
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What the engine made of compose.yaml: the facts the host plan is computed from."""
+
+    container_name: str
+    ip: str
+    network: str
+    bridge: str
+    subnet: str
+    options: dict[str, str]
+    health: str
+    published: list[str]
+
+
+def inspect(client: Any, settings: Settings) -> Deployed | None:
+    container = find_container(client, settings)
+    if container is None:
+        return None
+    container.reload()
+    networks = container.attrs["NetworkSettings"]["Networks"] or {}
+    chosen = None
+    for name, endpoint in networks.items():
+        net = client.networks.get(endpoint.get("NetworkID") or name)
+        subnets = [c.get("Subnet") for c in (net.attrs.get("IPAM", {}).get("Config") or [])]
+        if settings.subnet in subnets or chosen is None:
+            chosen = (net, endpoint, subnets)
+    if chosen is None:
+        return None
+    net, endpoint, subnets = chosen
+    options = net.attrs.get("Options") or {}
+    state = container.attrs["State"]
+    health = (state.get("Health") or {}).get("Status") or state.get("Status", "unknown")
+    ports = container.attrs["NetworkSettings"].get("Ports") or {}
+    published = [
+        f"{b.get('HostIp') or '0.0.0.0'}:{b['HostPort']}->{key}"
+        for key, binds in ports.items()
+        for b in binds or []
+    ]
+    return Deployed(
+        container_name=container.name,
+        ip=endpoint.get("IPAddress", ""),
+        network=net.name,
+        bridge=options.get(OPT_BRIDGE_NAME) or f"br-{net.id[:12]}",
+        subnet=subnets[0] if subnets else "",
+        options=dict(options),
+        health=health,
+        published=published,
+    )
+
+
+def wait_healthy(client: Any, settings: Settings, timeout: float = 90) -> Deployed:
+    """Wait until the container is healthy (or running, when the image has no health check)."""
+    deadline = time.monotonic() + timeout
+    last: Deployed | None = None
+    while time.monotonic() < deadline:
+        last = inspect(client, settings)
+        if last is not None and last.health in ("healthy", "running"):
+            return last
+        if last is not None and last.health in ("exited", "dead", "unhealthy"):
+            break
+        time.sleep(1)
+    state = last.health if last else "missing"
+    raise DeployFailed(f"service {settings.service} is {state} after deployment: see docker logs")

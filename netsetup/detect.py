@@ -1,0 +1,153 @@
+"""Reading the host: who we are, which engine and firewall run, where the LAN is.
+
+Everything here only reads. The results feed `compute_plan` as HostFacts, and the pre-flight
+checks that refuse to start (not root, no engine, unknown interface, overlapping subnet, taken
+port) raise before anything on the host is changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from netsetup.errors import (
+    InterfaceNotFound,
+    NetsetupError,
+    NoEngine,
+    NotRoot,
+    PortTaken,
+    SubnetOverlap,
+)
+from netsetup.plan import IptablesBackend
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRoot("netsetup must run as root (it changes sysctls and the firewall)")
+
+
+def docker_client() -> Any:
+    """A client for the engine DOCKER_HOST names (or the default socket), checked with a ping."""
+    import docker  # noqa: PLC0415 - heavy import, only for commands that talk to the engine
+
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as exc:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise NoEngine(f"no Docker engine reachable at {where}: {_short(exc)}") from exc
+    return client
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    version: str
+    firewall: str  # "iptables" or "nftables"
+
+
+def engine_info(client: Any) -> EngineInfo:
+    version = client.version().get("Version", "0")
+    info = client.info()
+    # `FirewallBackend` appears in 28.1; older engines always use iptables.
+    backend = info.get("FirewallBackend") or {}
+    driver = backend.get("Driver", "iptables") if isinstance(backend, dict) else "iptables"
+    return EngineInfo(version=version, firewall="nftables" if "nftables" in driver else "iptables")
+
+
+def iptables_backend(override: str | None = None) -> IptablesBackend:
+    """`iptables -V` prints "(nf_tables)" or "(legacy)"; Docker uses whichever `iptables` is."""
+    if override and override != "auto":
+        return IptablesBackend(override)
+    try:
+        out = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError as exc:
+        raise NetsetupError("iptables not found: install iptables") from exc
+    return IptablesBackend.nft if "nf_tables" in out else IptablesBackend.legacy
+
+
+@dataclass(frozen=True)
+class Lan:
+    interface: str
+    cidr: str
+    address: str
+
+
+def _ipr() -> Any:
+    from pyroute2 import IPRoute  # noqa: PLC0415
+
+    return IPRoute()
+
+
+def lan(interface: str | None, cidr: str | None) -> Lan:
+    """The LAN side: given, or the interface of the default route and its IPv4 network."""
+    with _ipr() as ipr:
+        if interface is None:
+            routes = ipr.get_default_routes(family=socket.AF_INET)
+            if not routes:
+                raise InterfaceNotFound("no IPv4 default route: pass --lan-interface")
+            index = routes[0].get_attr("RTA_OIF")
+            links = ipr.get_links(index)
+            interface = links[0].get_attr("IFLA_IFNAME")
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            raise InterfaceNotFound(f"interface {interface} not found")
+        addrs = [
+            (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+            for a in ipr.get_addr(family=socket.AF_INET, index=found[0])
+        ]
+    if cidr is not None:
+        network = ipaddress.ip_network(cidr, strict=False)
+        inside = [a for a, _ in addrs if ipaddress.ip_address(a) in network]
+        address = inside[0] if inside else (addrs[0][0] if addrs else "")
+        return Lan(interface, str(network), address)
+    if not addrs:
+        raise InterfaceNotFound(f"interface {interface} has no IPv4 address: pass --lan-cidr")
+    address, prefix = addrs[0]
+    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    return Lan(interface, str(network), address)
+
+
+def check_subnet_free(subnet: str, bridge: str | None) -> None:
+    """Refuse a subnet that overlaps a route of the host (our own bridge's route excepted)."""
+    wanted = ipaddress.ip_network(subnet, strict=False)
+    with _ipr() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for route in ipr.get_routes(family=socket.AF_INET, table=254):
+            dst = route.get_attr("RTA_DST")
+            if dst is None or route["dst_len"] == 0:
+                continue  # the default route overlaps everything by design
+            dev = names.get(route.get_attr("RTA_OIF"), "?")
+            if bridge is not None and dev == bridge:
+                continue
+            network = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
+            if network.overlaps(wanted):
+                raise SubnetOverlap(
+                    f"appliance subnet {wanted} overlaps the host route {network} dev {dev}: "
+                    "choose another --subnet"
+                )
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a port some process already holds (UDP or TCP), before compose would fail on it."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+                    raise PortTaken(
+                        f"port {port}/{proto} is already taken on this host: choose another --port"
+                    ) from exc
+                raise
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

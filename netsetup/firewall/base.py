@@ -1,0 +1,125 @@
+"""What every firewall backend offers, and the helpers that read an ``iptables-save`` dump.
+
+A backend applies a whole FirewallPlan atomically (own chains rewritten, missing hooks added) and
+removes by name: hooks are found as rules in chains we do not own that jump to a chain of ours,
+so `down` needs no record of what `up` did and removes exactly our rules even after a daemon
+restart reordered them.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from netsetup.errors import FirewallFailed
+from netsetup.firewall.model import Chain, FirewallPlan, Rule
+
+
+@dataclass
+class FirewallState:
+    """What of a plan is in place: used by `status` and by tests of idempotence."""
+
+    chains_present: dict[str, bool]
+    hooks_present: dict[str, bool]
+    rules_present: dict[str, bool]
+
+    @property
+    def complete(self) -> bool:
+        return all(
+            [
+                *self.chains_present.values(),
+                *self.hooks_present.values(),
+                *self.rules_present.values(),
+            ]
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not any(
+            [
+                *self.chains_present.values(),
+                *self.hooks_present.values(),
+                *self.rules_present.values(),
+            ]
+        )
+
+
+class FirewallBackend(ABC):
+    name: str
+    save_command: list[str]
+
+    @abstractmethod
+    def describe(self, plan: FirewallPlan) -> str:
+        """Exactly what `apply` would do on a host where none of the plan is in place yet."""
+
+    @abstractmethod
+    def apply(self, plan: FirewallPlan) -> None:
+        """Rewrite our chains and add missing hooks, all or nothing; a re-run adds nothing."""
+
+    @abstractmethod
+    def remove(self, chains: list[Chain]) -> None:
+        """Delete every hook into the given chains, then the chains; absent ones are skipped."""
+
+    def save(self, table: str) -> str:
+        """``iptables-save -t TABLE`` for this backend, empty when the table is not loaded."""
+        proc = subprocess.run(
+            [*self.save_command, "-t", table], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            return ""
+        return proc.stdout
+
+    def state(self, plan: FirewallPlan) -> FirewallState:
+        chains: dict[str, bool] = {}
+        hooks: dict[str, bool] = {}
+        rules: dict[str, bool] = {}
+        for table in plan.tables():
+            dump = self.save(table)
+            for chain in plan.chains_in(table):
+                chains[f"{table}/{chain.name}"] = chain.name in declared_chains(dump)
+            lines = set(rule_lines(dump))
+            for hook in plan.hooks_in(table):
+                hooks[f"{table}/{hook.chain} -> {hook.target}"] = hook.render_append() in lines
+            for rule in plan.rules_in(table):
+                rules[f"{table}/{rule.render_append()}"] = rule.render_append() in lines
+        return FirewallState(chains, hooks, rules)
+
+
+def declared_chains(dump: str) -> set[str]:
+    """Names of all chains (built-in and user) declared in a save dump."""
+    return {line[1:].split()[0] for line in dump.splitlines() if line.startswith(":")}
+
+
+def rule_lines(dump: str) -> list[str]:
+    return [line for line in dump.splitlines() if line.startswith("-A ")]
+
+
+def hooks_into(dump: str, own: set[str]) -> list[str]:
+    """Rule lines (``-A CHAIN ...``) in chains we do not own that jump into one of ours."""
+    found = []
+    for line in rule_lines(dump):
+        words = shlex.split(line)
+        chain = words[1]
+        if chain in own:
+            continue
+        if "-j" in words and words[words.index("-j") + 1] in own:
+            found.append(line)
+    return found
+
+
+def run(cmd: list[str], stdin: str | None = None) -> str:
+    """Run a firewall tool; a failure becomes one clear line naming the tool and its message."""
+    try:
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise FirewallFailed(f"{cmd[0]} not found: install iptables") from exc
+    if proc.returncode != 0:
+        message = (proc.stderr or proc.stdout).strip().splitlines()
+        raise FirewallFailed(f"{' '.join(cmd)} failed: {message[0] if message else 'no output'}")
+    return proc.stdout
+
+
+def rule_text(rule: Rule) -> str:
+    return f"{rule.table}: {rule.render_add()}"

@@ -1,0 +1,133 @@
+"""The legacy backend: python-iptables (libiptc) for hosts whose iptables is legacy.
+
+libiptc works on a copy of a whole table and commits it in one call, so with autocommit off each
+table changes all or nothing, like the nft backend's restore. It sees only the legacy tables,
+which is where Docker writes when the host's `iptables` is iptables-legacy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from netsetup.errors import FirewallFailed
+from netsetup.firewall.base import FirewallBackend
+from netsetup.firewall.model import COMMENT_TAG, Chain, FirewallPlan, Rule
+
+
+def _iptc() -> Any:
+    try:
+        import iptc  # noqa: PLC0415 - imported late: loading libiptc fails on hosts without it
+    except Exception as exc:  # pragma: no cover - depends on the host's libraries
+        raise FirewallFailed(f"python-iptables unavailable: {exc}") from exc
+    return iptc
+
+
+def _neg(value: str, negate: bool) -> str:
+    return f"!{value}" if negate else value
+
+
+def to_iptc(rule: Rule) -> Any:
+    """Build the python-iptables rule matching `rule` (same fields as the restore rendering)."""
+    iptc = _iptc()
+    r = iptc.Rule()
+    if rule.source:
+        r.src = _neg(rule.source, rule.not_source)
+    if rule.destination:
+        r.dst = _neg(rule.destination, rule.not_destination)
+    if rule.in_interface:
+        r.in_interface = _neg(rule.in_interface, rule.not_in_interface)
+    if rule.out_interface:
+        r.out_interface = _neg(rule.out_interface, rule.not_out_interface)
+    if rule.protocol:
+        r.protocol = rule.protocol
+        if rule.dport is not None:
+            match = r.create_match(rule.protocol)
+            match.dport = str(rule.dport)
+    if rule.ctstate:
+        match = r.create_match("conntrack")
+        match.ctstate = rule.ctstate
+    match = r.create_match("comment")
+    match.comment = f"{COMMENT_TAG}: {rule.comment}"
+    r.target = iptc.Target(r, rule.target)
+    return r
+
+
+def _comment(r: Any) -> str | None:
+    for match in r.matches:
+        if match.name == "comment":
+            return match.comment
+    return None
+
+
+class LegacyBackend(FirewallBackend):
+    name = "legacy"
+    save_command = ["iptables-legacy-save"]
+
+    @contextmanager
+    def _table(self, name: str) -> Iterator[Any]:
+        """A table with autocommit off: changes are committed together, or dropped on error."""
+        iptc = _iptc()
+        table = iptc.Table(name)
+        table.autocommit = False
+        table.refresh()
+        try:
+            yield table
+            table.commit()
+        except Exception as exc:
+            table.refresh()  # discard the uncommitted copy
+            raise FirewallFailed(f"python-iptables, table {name}: {exc}") from exc
+        finally:
+            table.autocommit = True
+
+    def describe(self, plan: FirewallPlan) -> str:
+        out = ["# firewall: python-iptables, one commit per table"]
+        for table in plan.tables():
+            for chain in plan.chains_in(table):
+                out.append(f"{table}: create or flush chain {chain.name}")
+            for rule in plan.rules_in(table):
+                out.append(f"{table}: {rule.render_append()}")
+            for hook in plan.hooks_in(table):
+                out.append(f"{table}: unless present: {hook.render_add()}")
+            out.append(f"{table}: commit")
+        return "\n".join(out) + "\n"
+
+    def apply(self, plan: FirewallPlan) -> None:
+        iptc = _iptc()
+        for table_name in plan.tables():
+            with self._table(table_name) as table:
+                for chain in plan.chains_in(table_name):
+                    if table.is_chain(chain.name):
+                        iptc.Chain(table, chain.name).flush()
+                    else:
+                        table.create_chain(chain.name)
+                for rule in plan.rules_in(table_name):
+                    iptc.Chain(table, rule.chain).append_rule(to_iptc(rule))
+                for hook in plan.hooks_in(table_name):
+                    chain = iptc.Chain(table, hook.chain)
+                    wanted = f"{COMMENT_TAG}: {hook.comment}"
+                    if any(
+                        r.target.name == hook.target and _comment(r) == wanted for r in chain.rules
+                    ):
+                        continue
+                    if hook.position is None:
+                        chain.append_rule(to_iptc(hook))
+                    else:
+                        chain.insert_rule(to_iptc(hook), position=hook.position - 1)
+
+    def remove(self, chains: list[Chain]) -> None:
+        iptc = _iptc()
+        for table_name in dict.fromkeys(c.table for c in chains):
+            own = {c.name for c in chains if c.table == table_name}
+            with self._table(table_name) as table:
+                for chain in table.chains:
+                    if chain.name in own:
+                        continue
+                    for r in list(chain.rules):
+                        if r.target.name in own:
+                            chain.delete_rule(r)
+                for name in sorted(own):
+                    if table.is_chain(name):
+                        iptc.Chain(table, name).flush()
+                        table.delete_chain(name)

@@ -1,0 +1,129 @@
+"""Firewall rules as values, shared by every backend.
+
+A rule is data (table, chain, matches, target, comment) rather than a command line, so the plan can
+be printed, compared with golden files and handed to either backend: the nf_tables one renders it
+as an ``iptables-restore`` line, the legacy one turns it into a python-iptables rule. Only the
+matches this tool needs are modelled; each renders in the order ``iptables-save`` prints it, so a
+rendered rule can be found verbatim in a save dump (that is how backends tell what is present).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Every rule we write carries a comment starting with this tag: a reader of `iptables-save`
+# sees who put it there, and `status` finds our rules by it.
+COMMENT_TAG = "netsetup"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain of our own: created by `up`, flushed and rewritten as a whole, deleted by `down`."""
+
+    table: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One iptables rule. Fields prefixed ``not_`` negate the match of the same name."""
+
+    table: str
+    chain: str
+    target: str
+    comment: str
+    source: str | None = None
+    not_source: bool = False
+    destination: str | None = None
+    not_destination: bool = False
+    in_interface: str | None = None
+    not_in_interface: bool = False
+    out_interface: str | None = None
+    not_out_interface: bool = False
+    protocol: str | None = None
+    dport: int | None = None
+    ctstate: str | None = None
+    # Position for rules in chains we do not own (hooks): 1 means "first", None means append.
+    position: int | None = None
+
+    def spec(self) -> list[str]:
+        """The rule's match and target arguments, in iptables-save order (without -A/-I)."""
+        args: list[str] = []
+
+        def neg(flag: bool) -> list[str]:
+            return ["!"] if flag else []
+
+        if self.source:
+            args += [*neg(self.not_source), "-s", _cidr(self.source)]
+        if self.destination:
+            args += [*neg(self.not_destination), "-d", _cidr(self.destination)]
+        if self.in_interface:
+            args += [*neg(self.not_in_interface), "-i", self.in_interface]
+        if self.out_interface:
+            args += [*neg(self.not_out_interface), "-o", self.out_interface]
+        if self.protocol:
+            args += ["-p", self.protocol]
+        if self.protocol and self.dport is not None:
+            args += ["-m", self.protocol, "--dport", str(self.dport)]
+        if self.ctstate:
+            args += ["-m", "conntrack", "--ctstate", self.ctstate]
+        args += ["-m", "comment", "--comment", _quote(f"{COMMENT_TAG}: {self.comment}")]
+        args += ["-j", self.target]
+        return args
+
+    def render_append(self) -> str:
+        """The rule as iptables-save prints it: ``-A CHAIN ...``."""
+        return " ".join(["-A", self.chain, *self.spec()])
+
+    def render_add(self) -> str:
+        """The restore line that adds the rule: insert at its position, or append."""
+        if self.position is not None:
+            return " ".join(["-I", self.chain, str(self.position), *self.spec()])
+        return self.render_append()
+
+    def render_delete(self) -> str:
+        return " ".join(["-D", self.chain, *self.spec()])
+
+
+@dataclass
+class FirewallPlan:
+    """Our chains with their full contents, plus the hooks that jump into them from built-ins.
+
+    Own chains are rewritten whole on every `up` (idempotent by construction); hooks are the only
+    rules placed in chains we do not own, added once and only when missing.
+    """
+
+    chains: list[Chain] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+    hooks: list[Rule] = field(default_factory=list)
+
+    def tables(self) -> list[str]:
+        seen: list[str] = []
+        for item in [*self.chains, *self.rules, *self.hooks]:
+            if item.table not in seen:
+                seen.append(item.table)
+        return seen
+
+    def chains_in(self, table: str) -> list[Chain]:
+        return [c for c in self.chains if c.table == table]
+
+    def rules_in(self, table: str) -> list[Rule]:
+        return [r for r in self.rules if r.table == table]
+
+    def hooks_in(self, table: str) -> list[Rule]:
+        return [r for r in self.hooks if r.table == table]
+
+    def is_empty(self) -> bool:
+        return not (self.chains or self.rules or self.hooks)
+
+
+def _cidr(address: str) -> str:
+    """iptables-save prints a host address as /32; keep ours in the same shape."""
+    return address if "/" in address else f"{address}/32"
+
+
+def _quote(text: str) -> str:
+    """Quote a comment the way iptables-save does (only when it contains spaces or quotes)."""
+    if any(ch in text for ch in " \"'\\"):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text

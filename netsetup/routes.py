@@ -1,0 +1,98 @@
+"""What to configure where so that LAN clients reach the appliance's own address (direct mode).
+
+The appliance subnet exists only behind this host, so something must route it here: the LAN's
+router (one static route serves every client), each client (a host route of its own), or, for
+clients that take no route (phones, TVs), the host itself as their gateway. Port mode needs none
+of this, only clients (or a DHCP server) that can name a DNS port, which few can; hence the
+DHCP option that hands out the container address on port 53.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    where: str
+    lines: list[str]
+
+
+def route_sections(
+    subnet: str, gateway: str, appliance_ip: str, lan_cidr: str, port: int
+) -> list[Section]:
+    net = ipaddress.ip_network(subnet, strict=False)
+    base, mask, prefix = str(net.network_address), str(net.netmask), net.prefixlen
+    return [
+        Section(
+            "Router (generic)",
+            "the LAN's router: one static route serves every client",
+            [f"destination {net}  gateway {gateway}  (metric 1, on the LAN interface)"],
+        ),
+        Section(
+            "Router: OpenWrt (uci)",
+            "ssh to the router",
+            [
+                "uci add network route",
+                "uci set network.@route[-1].interface='lan'",
+                f"uci set network.@route[-1].target='{base}'",
+                f"uci set network.@route[-1].netmask='{mask}'",
+                f"uci set network.@route[-1].gateway='{gateway}'",
+                "uci commit network && /etc/init.d/network reload",
+                f"uci add_list dhcp.lan.dhcp_option='6,{appliance_ip}'",
+                "uci commit dhcp && /etc/init.d/dnsmasq reload",
+            ],
+        ),
+        Section(
+            "Router: MikroTik RouterOS",
+            "RouterOS terminal",
+            [
+                f'/ip route add dst-address={net} gateway={gateway} comment="dns appliance"',
+                f"/ip dhcp-server network set [find address={lan_cidr}] dns-server={appliance_ip}",
+            ],
+        ),
+        Section(
+            "Client: Linux",
+            "each client, as root (not persistent; add to the network manager to keep it)",
+            [f"ip route add {net} via {gateway}", f"then use {appliance_ip} as DNS server"],
+        ),
+        Section(
+            "Client: Windows",
+            "elevated command prompt (-p keeps it across reboots)",
+            [f"route -p add {base} mask {mask} {gateway}"],
+        ),
+        Section(
+            "Client: macOS",
+            "Terminal",
+            [
+                f"sudo route -n add -net {base}/{prefix} {gateway}",
+                f'persistent: networksetup -setadditionalroutes "Ethernet" {base} {mask} {gateway}',
+            ],
+        ),
+        Section(
+            "Clients that take no route",
+            "make this host their gateway (DHCP or static settings on the client)",
+            [
+                f"gateway {gateway}, DNS {appliance_ip}",
+                "this host forwards their other traffic to its own default route",
+                "(IPv4 forwarding is on while the appliance is up)",
+            ],
+        ),
+        Section(
+            "Port mode (no route needed)",
+            "clients or forwarders that can name a DNS port",
+            [f"server {gateway} port {port}, e.g. dnsmasq: server={gateway}#{port}"],
+        ),
+    ]
+
+
+def render_text(sections: list[Section]) -> str:
+    out: list[str] = []
+    for section in sections:
+        out.append(f"## {section.title}")
+        out.append(f"   ({section.where})")
+        out += [f"  {line}" for line in section.lines]
+        out.append("")
+    return "\n".join(out)

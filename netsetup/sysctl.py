@@ -1,0 +1,28 @@
+"""Kernel settings through /proc/sys, in the network namespace of the calling process.
+
+Reading /proc/sys/net from a process shows that process's namespace, so netsetup run under
+``nsenter -n`` changes the settings of that namespace only. `set_value` returns the previous value
+so that `down` can put back exactly what was there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROC_SYS = Path("/proc/sys")
+
+
+def _path(key: str) -> Path:
+    return PROC_SYS / key.replace(".", "/")
+
+
+def get(key: str) -> str:
+    return _path(key).read_text().strip()
+
+
+def set_value(key: str, value: str) -> str:
+    """Write `value`; return the old value (unchanged settings are not written)."""
+    old = get(key)
+    if old != value:
+        _path(key).write_text(value + "\n")
+    return old

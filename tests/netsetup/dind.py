@@ -1,0 +1,159 @@
+"""A nested Docker engine for the end-to-end test of engines the host does not run.
+
+The host runs one engine version; the plan must hold for others (Docker 28 adds a raw-table DROP
+for routed traffic to containers). Debian sid ships docker.io 28.x, so its root filesystem,
+bootstrapped with mmdebstrap from the mirror the host's apt already uses, imported as an image
+and run with enough capabilities, gives a real Docker 28 engine without any registry. The image is
+cached under a fixed tag and bootstrapped only when missing, since bootstrapping downloads ~400 MB.
+
+Usable as a script: ``python tests/netsetup/dind.py`` builds the cached image ahead of a test run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SUITE = "sid"
+IMAGE = f"netsetup-test-dind:{SUITE}"
+PACKAGES = "docker.io,iptables,iproute2,ca-certificates,procps"
+
+
+def apt_mirror() -> str:
+    """The Debian URI this machine's own apt sources use: the only Debian mirror it may reach."""
+    candidates = [Path("/etc/apt/sources.list")]
+    sources_d = Path("/etc/apt/sources.list.d")
+    if sources_d.is_dir():
+        candidates += sorted(sources_d.iterdir())
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("#"):
+                continue
+            match = re.match(r"URIs:\s*(\S+)", line) or re.match(
+                r"deb\s+(?:\[[^]]*\]\s+)?(\S+)", line
+            )
+            if match and "security" not in match.group(1):
+                return match.group(1)
+    raise RuntimeError("no Debian mirror found in the apt sources")
+
+
+def image_exists(image: str = IMAGE) -> bool:
+    return (
+        subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+    )
+
+
+def build_image(image: str = IMAGE) -> None:
+    """Bootstrap the rootfs with mmdebstrap and import it; a no-op when the image is cached."""
+    if image_exists(image):
+        return
+    if shutil.which("mmdebstrap") is None:
+        raise RuntimeError("mmdebstrap is not installed (apt-get install mmdebstrap)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = os.path.join(tmp, "dind.tar")
+        subprocess.run(
+            [
+                "mmdebstrap",
+                "--variant=apt",
+                '--aptopt=Acquire::Check-Valid-Until "false"',
+                f"--include={PACKAGES}",
+                SUITE,
+                tar,
+                apt_mirror(),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(["docker", "import", tar, image], check=True, stdout=subprocess.DEVNULL)
+
+
+@dataclass
+class NestedEngine:
+    """A running nested engine: its container, socket and the pid whose netns it lives in."""
+
+    name: str
+    run_dir: str
+
+    @property
+    def docker_host(self) -> str:
+        return f"unix://{self.run_dir}/docker.sock"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "DOCKER_HOST": self.docker_host}
+
+    def docker(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", *args], env=self.env(), **kwargs)
+
+    def dockerd_pid(self) -> int:
+        """Host pid of the nested dockerd; its network namespace is the nested engine's."""
+        out = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Pid}}", self.name],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return int(out)
+
+    def restart_daemon(self, timeout: float = 60) -> None:
+        """Stop dockerd inside the container; the supervising loop starts it again."""
+        subprocess.run(["docker", "exec", self.name, "pkill", "-x", "dockerd"], check=True)
+        time.sleep(3)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.docker("info", capture_output=True).returncode == 0:
+                return
+            time.sleep(1)
+        raise RuntimeError("nested engine did not come up")
+
+    def stop(self) -> None:
+        subprocess.run(["docker", "rm", "-f", "-v", self.name], capture_output=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def start_engine(name: str, image: str = IMAGE) -> NestedEngine:
+    """Run dockerd nested, restarted by a shell loop so a test can restart the daemon alone."""
+    run_dir = tempfile.mkdtemp(prefix="netsetup-dind-")
+    subprocess.run(
+        [
+            "docker", "run", "-d", "--name", name,
+            "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+            "--security-opt", "seccomp=unconfined",
+            "--security-opt", "apparmor=unconfined",
+            "--security-opt", "systempaths=unconfined",
+            "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+            "-v", f"{run_dir}:/var/run",
+            "--tmpfs", "/var/lib/docker:exec,size=3g",
+            image,
+            "sh", "-c",
+            "mount -t tmpfs none /tmp; "
+            "while true; do dockerd >>/tmp/dockerd.log 2>&1; sleep 1; done",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    engine = NestedEngine(name=name, run_dir=run_dir)
+    try:
+        engine.wait_ready()
+    except Exception:
+        engine.stop()
+        raise
+    return engine
+
+
+if __name__ == "__main__":
+    build_image()
+    print(IMAGE)

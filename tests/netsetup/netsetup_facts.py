@@ -1,0 +1,43 @@
+"""Fixed host facts per engine version and firewall backend, for golden and backend tests.
+
+The engines are the ones the plan must serve: 20.10 (Debian bookworm), 26.1 (trixie), 28.5 (sid)
+and 29 (iptables or, experimentally, native nftables as the engine's firewall).
+"""
+
+from __future__ import annotations
+
+from netsetup.plan import HostFacts, IptablesBackend, Mode, Settings
+
+ENGINES: dict[str, tuple[str, str]] = {
+    "20.10": ("20.10.24+dfsg1", "iptables"),
+    "26": ("26.1.5+dfsg1", "iptables"),
+    "28": ("28.5.2+dfsg3", "iptables"),
+    "29": ("29.0.1", "iptables"),
+    "29-nftables": ("29.0.1", "nftables"),
+}
+
+BACKENDS = ("nft", "legacy")
+
+
+def facts(engine: str = "20.10", backend: str = "nft") -> HostFacts:
+    version, engine_firewall = ENGINES[engine]
+    return HostFacts(
+        engine_version=version,
+        engine_firewall=engine_firewall,
+        iptables=IptablesBackend(backend),
+        bridge="br-dnsproxy",
+        lan_interface="eth0",
+        lan_cidr="192.168.1.0/24",
+        lan_address="192.168.1.2",
+    )
+
+
+def settings(mode: str = "both") -> Settings:
+    return Settings(
+        mode=Mode(mode),
+        upstreams=("198.51.100.53",),
+        subnet="172.31.53.0/24",
+        ip="172.31.53.53",
+        port=5053,
+        project="dnsproxy",
+    )

@@ -1,0 +1,44 @@
+"""Golden files pin the plan per engine version and host firewall backend.
+
+A reviewer reads tests/netsetup/golden/*.txt to see every rule any host will get. After an
+intended change, regenerate them explicitly: NETSETUP_UPDATE_GOLDEN=1 pytest tests/netsetup.
+A missing golden file fails the test; nothing is ever written silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from netsetup.firewall import get_backend
+from netsetup.plan import compute_plan, render_plan
+from netsetup_facts import BACKENDS, ENGINES, facts, settings
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("NETSETUP_UPDATE_GOLDEN") == "1"
+
+CASES = [(engine, backend, "both") for engine in ENGINES for backend in BACKENDS] + [
+    (engine, "nft", mode) for engine in ("20.10", "28") for mode in ("port", "direct")
+]
+
+
+def rendered(engine: str, backend: str, mode: str) -> str:
+    plan = compute_plan(settings(mode), facts(engine, backend))
+    return render_plan(plan, get_backend(backend).describe(plan.firewall))
+
+
+@pytest.mark.parametrize(("engine", "backend", "mode"), CASES)
+def test_plan_matches_golden(engine: str, backend: str, mode: str) -> None:
+    path = GOLDEN / f"plan-docker{engine}-{backend}-{mode}.txt"
+    text = rendered(engine, backend, mode)
+    if UPDATE:
+        path.write_text(text)
+    assert path.exists(), f"{path.name} missing: run with NETSETUP_UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text(), f"plan differs from {path.name}"
+
+
+def test_no_stale_golden_files() -> None:
+    expected = {f"plan-docker{e}-{b}-{m}.txt" for e, b, m in CASES}
+    assert {p.name for p in GOLDEN.glob("plan-*.txt")} == expected
