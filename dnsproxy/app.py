@@ -1,0 +1,156 @@
+"""Assembling the forwarder from Settings, and running it until it is told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+from .config import ConfigError, Settings, build_settings, parse_listen
+from .forgery import build_filters, load_forged_addresses
+from .forwarder import Forwarder
+from .metrics import Metrics, serve_metrics
+from .pipeline import Pipeline
+from .querylog import NullLog, QueryLog
+from .server import Responder, TcpServer, UdpServer, bind_socket
+from .stages.access import AccessControl
+from .stages.cache import Cache
+from .stages.local import LocalAnswers
+from .stages.ratelimit import RateLimit
+from .upstreams import PollutedNames, Telemetry, build_upstream, client_ssl_context
+
+log = logging.getLogger("dnsproxy")
+
+
+@dataclass
+class Forwarding:
+    """The parts that a reload replaces; the cache lives outside so a reload keeps it."""
+
+    pipeline: Pipeline
+    forwarder: Forwarder
+
+
+def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
+                     cache: Cache) -> Forwarding:
+    try:
+        forged = load_forged_addresses(settings.forged_address, settings.forged_addresses_file,
+                                       builtin=settings.forged_addresses)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    filters = build_filters(settings.edns_marker,
+                            forged if (settings.forged_addresses or settings.forged_address
+                                       or settings.forged_addresses_file) else None,
+                            settings.hijack_threshold)
+    telemetry = Telemetry(metrics, querylog)
+    polluted = PollutedNames()
+    try:
+        ssl_context = client_ssl_context(settings.ca_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"ca_file {settings.ca_file}: {exc}") from None
+    upstreams = [build_upstream(spec, telemetry, filters=filters, polluted=polluted,
+                                ssl_context=ssl_context,
+                                tcp_for_polluted=settings.tcp_for_polluted)
+                 for spec in settings.upstreams]
+    forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay)
+    cache.size = settings.cache_size
+    cache.max_ttl = settings.max_ttl
+    # The order of the chain, and why:
+    stages = [
+        AccessControl(settings.allow, metrics),  # strangers cost nothing and learn nothing
+        *([RateLimit(settings.rate_limit, 2 * settings.rate_limit, metrics)]
+          if settings.rate_limit else []),  # before any work, cached answers included
+        LocalAnswers(settings.identity, metrics),  # health checks and ANY never leave the host
+        cache,  # only then the cache; what it misses goes to the forwarder (forgery filters inside)
+    ]
+    return Forwarding(Pipeline(stages, forwarder), forwarder)
+
+
+class Service:
+    """Listeners plus the current Forwarding; SIGHUP swaps the latter, keeping the cache."""
+
+    def __init__(self, settings: Settings, cli_overrides: dict | None = None,
+                 reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.cli_overrides = cli_overrides or {}  # re-applied on reload: the command line wins
+        self.reuse_port = reuse_port
+        self.metrics = Metrics()
+        self.querylog = QueryLog() if settings.query_log else NullLog()
+        self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl)
+        self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache)
+        self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog)
+        self.transports: list = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        tcp = TcpServer(self.responder, s.tcp_idle_timeout, s.tcp_max_connections,
+                        s.tcp_max_per_client)
+        for host, port in s.listen_addresses():
+            udp_sock = bind_socket(host, port, socket.SOCK_DGRAM, self.reuse_port)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UdpServer(self.responder), sock=udp_sock)
+            self.transports.append(transport)
+            tcp_sock = bind_socket(host, port, socket.SOCK_STREAM, self.reuse_port)
+            self.servers.append(await asyncio.start_server(tcp.handle, sock=tcp_sock))
+        if s.metrics:
+            host, port = parse_listen(s.metrics)
+            self.servers.append(await serve_metrics(self.metrics, host, port))
+
+    def reload(self) -> None:
+        """Re-read the configuration; on any error keep running with the old one."""
+        try:
+            settings = build_settings({**self.cli_overrides, "config": self.settings.config})
+            forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        old = self.forwarding
+        self.forwarding = forwarding
+        self.responder.pipeline = forwarding.pipeline
+        self.settings = settings
+        asyncio.get_running_loop().create_task(old.forwarder.close())
+        log.info("configuration reloaded: %d upstreams", len(settings.upstreams))
+
+    async def stop(self) -> None:
+        for transport in self.transports:
+            transport.close()
+        for server in self.servers:
+            server.close()
+        if self.responder.tasks:
+            await asyncio.wait(list(self.responder.tasks), timeout=0.5)
+        for task in list(self.responder.tasks):
+            task.cancel()
+        await self.forwarding.forwarder.close()
+
+
+async def serve(settings: Settings, cli_overrides: dict | None = None,
+                reuse_port: bool = False) -> None:
+    service = Service(settings, cli_overrides, reuse_port)
+    await service.start()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, service.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    listening = ", ".join(settings.listen)
+    upstreams = ", ".join(spec.name for spec in settings.upstreams)
+    log.info("serving on %s, forwarding to %s", listening, upstreams)
+    await service.stopping.wait()
+    await service.stop()
+
+
+def run(settings: Settings, cli_overrides: dict | None = None, reuse_port: bool = False) -> None:
+    """Run on uvloop when it is installed: about three times the packets per second."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(settings, cli_overrides, reuse_port))
+        return
+    if hasattr(uvloop, "run"):
+        uvloop.run(serve(settings, cli_overrides, reuse_port))
+    else:  # uvloop before 0.18 (Debian bookworm's)
+        uvloop.install()
+        asyncio.run(serve(settings, cli_overrides, reuse_port))

@@ -1,0 +1,120 @@
+"""The command line: `dnsproxy` / `python -m dnsproxy`.
+
+Every option is also a setting of the config file and an environment variable
+(`DNSPROXY_<NAME>`); the command line wins. A bad setting prints one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+
+from .config import ConfigError, build_settings
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dnsproxy", description="A pollution-resistant DNS forwarder.",
+                argument_default=argparse.SUPPRESS)
+    p.add_argument("--listen", action="append", metavar="HOST:PORT",
+                   help="serve UDP and TCP here; repeatable; IPv6 as [::]:53 (default 0.0.0.0:53)")
+    p.add_argument("--upstream", dest="upstreams", action="append", metavar="SPEC",
+                   help="IP[:PORT], [IPv6]:PORT, udp://, tcp://, tls://IP[:853][#name], "
+                        "https://HOST/PATH; repeatable")
+    p.add_argument("--config", metavar="FILE", help="TOML settings, or a CDNS config file")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="deadline per query, then SERVFAIL (default 2)")
+    p.add_argument("--cache-size", type=int, metavar="N", help="replies cached (default 10000)")
+    p.add_argument("--max-ttl", type=int, metavar="SECONDS", help="cap on cached TTLs")
+    p.add_argument("--query-log", action=argparse.BooleanOptionalAction,
+                   help="one JSON line per query and per discarded forgery on stdout")
+    p.add_argument("--ca-file", metavar="FILE", help="trust only this CA for tls:// and https://")
+    p.add_argument("--allow", action="append", metavar="CIDR",
+                   help="networks served (default: loopback and private ranges); repeatable")
+    p.add_argument("--rate-limit", type=float, metavar="QPS",
+                   help="queries per second per client, 0 for none (default 500)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes sharing the listen sockets (SO_REUSEPORT)")
+    p.add_argument("--edns-marker", action=argparse.BooleanOptionalAction,
+                   help="discard OPT-less replies from upstreams that send OPT (default on)")
+    p.add_argument("--forged-addresses", action=argparse.BooleanOptionalAction,
+                   help="discard answers with known injected addresses (default on)")
+    p.add_argument("--forged-address", action="append", metavar="IP",
+                   help="add an address to the forged list; repeatable")
+    p.add_argument("--forged-addresses-file", action="append", metavar="FILE",
+                   help="add addresses from a file, one per line")
+    p.add_argument("--hijack-threshold", action=argparse.BooleanOptionalAction,
+                   help="discard replies faster than an upstream's hijack_threshold (default on)")
+    p.add_argument("--tcp-for-polluted", action=argparse.BooleanOptionalAction,
+                   help="ask names seen polluted over TCP (default on)")
+    p.add_argument("--hedge-delay", type=float, metavar="SECONDS",
+                   help="ask the next upstream too after this long (default 0.3)")
+    p.add_argument("--tcp-idle-timeout", type=float, metavar="SECONDS")
+    p.add_argument("--tcp-max-connections", type=int, metavar="N")
+    p.add_argument("--tcp-max-per-client", type=int, metavar="N")
+    p.add_argument("--identity", metavar="TEXT", help="answer to CHAOS TXT id.server")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _run_workers(settings, cli: dict, count: int) -> int:
+    """N processes, each with its own sockets on the same ports (SO_REUSEPORT) and own cache."""
+    from .app import run
+
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=run, args=(settings, cli, True), daemon=True)
+                for _ in range(count)]
+    for child in children:
+        child.start()
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.pid:
+                os.kill(child.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for child in children:
+        child.join()
+    return max((child.exitcode or 0) for child in children)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    logging.basicConfig(level=args.pop("log_level").upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        settings = build_settings(args)
+    except ConfigError as exc:
+        print(f"dnsproxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from .app import run
+
+    try:
+        if settings.workers > 1:
+            return _run_workers(settings, args, settings.workers)
+        run(settings, args)
+    except ConfigError as exc:
+        print(f"dnsproxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a listen address in use or not ours
+        print(f"dnsproxy: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Settings, from four layers: defaults < config file < environment < command line.
+
+The config file is TOML with the keys below, or a CDNS configuration file read unchanged (JSON
+with // comments: `global.*` is accepted and ignored, `cdns.listen_ip`, `cdns.listen_port`,
+`cdns.timeout`, `cdns.servers[].ip_port`, `cdns.servers[].hijack_threshold` in milliseconds).
+Every problem is a ConfigError whose message is one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .stages.access import DEFAULT_ALLOWED
+from .upstreams import UpstreamSpec, parse_spec
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:53"])
+    upstreams: list[UpstreamSpec] = field(default_factory=list)
+    timeout: float = 2.0
+    cache_size: int = 10000
+    max_ttl: int = 86400
+    query_log: bool = False
+    ca_file: str | None = None
+    allow: list[str] = field(default_factory=lambda: list(DEFAULT_ALLOWED))
+    rate_limit: float = 500.0  # queries per second per client; 0 turns it off
+    metrics: str | None = None
+    workers: int = 1
+    edns_marker: bool = True
+    forged_addresses: bool = True
+    hijack_threshold: bool = True
+    tcp_for_polluted: bool = True
+    forged_address: list[str] = field(default_factory=list)
+    forged_addresses_file: list[str] = field(default_factory=list)
+    hedge_delay: float = 0.3
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 256
+    tcp_max_per_client: int = 32
+    identity: str = "dnsproxy"
+    config: str | None = None  # the file these came from, for reloads
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_listen(item) for item in self.listen]
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
+LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses_file"}
+BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted"}
+FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout"}
+INT_KEYS = {"cache_size", "max_ttl", "workers", "tcp_max_connections", "tcp_max_per_client"}
+STR_KEYS = {"ca_file", "metrics", "identity"}
+# Environment names where the plural reads better than the setting's own name.
+ENV_NAMES = {"upstreams": "DNSPROXY_UPSTREAMS", "forged_address": "DNSPROXY_FORGED_ADDRESSES"}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT` (the port is required)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        port = rest[1:] if sep and rest.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise ConfigError(f"listen address {text!r}: write IPv6 as [addr]:port")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"listen address {text!r}: {host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
+    return str(ip), int(port)
+
+
+def _split(value: str) -> list[str]:
+    return [part for part in value.replace(",", " ").split() if part]
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """One raw value (TOML, environment or argparse) into the setting's type."""
+    if key in LIST_KEYS:
+        if isinstance(value, str):
+            return _split(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list")
+        return value
+    if key in BOOL_KEYS:
+        return _bool(key, value)
+    try:
+        if key in FLOAT_KEYS:
+            number = float(value)
+            if number < 0:
+                raise ValueError
+            return number
+        if key in INT_KEYS:
+            if isinstance(value, (float, bool)):
+                raise ValueError
+            number = int(value)
+            if number < 0:
+                raise ValueError
+            return number
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a non-negative number, got {value!r}") from None
+    if key in STR_KEYS:
+        return None if value in (None, "") else str(value)
+    raise ConfigError(f"unknown setting {key!r}")
+
+
+def _upstream(item: Any, origin: str) -> UpstreamSpec:
+    hijack_ms = 0.0
+    if isinstance(item, dict):
+        unknown = set(item) - {"address", "hijack_threshold"}
+        if unknown or "address" not in item:
+            raise ConfigError(f"{origin}: an upstream table takes 'address' and "
+                              f"'hijack_threshold' (ms), got {sorted(item)}")
+        address = item["address"]
+        try:
+            hijack_ms = float(item.get("hijack_threshold", 0))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{origin}: hijack_threshold must be a number of ms") from None
+    else:
+        address = item
+    if not isinstance(address, str):
+        raise ConfigError(f"{origin}: upstream must be a string, got {address!r}")
+    try:
+        return parse_spec(address, hijack_ms)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def strip_json_comments(text: str) -> str:
+    """CDNS files are JSON with // and /* */ comments; strings may contain either."""
+    out = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if ch == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+            continue
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def from_cdns(doc: dict, path: str) -> dict[str, Any]:
+    cdns = doc.get("cdns")
+    if not isinstance(cdns, dict):
+        raise ConfigError(f"{path}: no 'cdns' section")
+    raw: dict[str, Any] = {}
+    ip = cdns.get("listen_ip", "127.0.0.1")
+    port = cdns.get("listen_port", 53)
+    raw["listen"] = [f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"]
+    if "timeout" in cdns:
+        raw["timeout"] = cdns["timeout"]
+    servers = cdns.get("servers", [])
+    if not isinstance(servers, list):
+        raise ConfigError(f"{path}: cdns.servers must be a list")
+    upstreams = []
+    for index, server in enumerate(servers):
+        if not isinstance(server, dict) or "ip_port" not in server:
+            raise ConfigError(f"{path}: cdns.servers[{index}] needs an 'ip_port'")
+        upstreams.append({"address": server["ip_port"],
+                          "hijack_threshold": server.get("hijack_threshold", 0)})
+    raw["upstreams"] = upstreams
+    return raw
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as toml_error:
+        try:
+            doc = json.loads(strip_json_comments(text))
+        except json.JSONDecodeError:
+            raise ConfigError(
+                f"{path}: neither TOML ({toml_error}) nor a CDNS JSON file") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: not a CDNS configuration") from None
+        return from_cdns(doc, path)
+    if "cdns" in doc:
+        return from_cdns(doc, path)
+    raw = {key.replace("-", "_"): value for key, value in doc.items()}
+    unknown = set(raw) - set(FIELD_TYPES) - {"upstream"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {sorted(unknown)[0]!r}")
+    if "upstream" in raw:  # [[upstream]] tables read naturally in TOML
+        raw["upstreams"] = raw.get("upstreams", []) + raw.pop("upstream")
+    return raw
+
+
+def from_environment(environ: dict[str, str]) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for key in FIELD_TYPES:
+        name = ENV_NAMES.get(key, "DNSPROXY_" + key.upper())
+        if name in environ and environ[name].strip() != "":
+            raw[key] = environ[name]
+    return raw
+
+
+def build_settings(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
+    """Merge the layers; `cli` holds only the options given on the command line."""
+    environ = dict(os.environ) if environ is None else environ
+    env = from_environment(environ)
+    config_path = cli.get("config") or env.get("config")
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_path:
+        layers.append((config_path, read_file(config_path)))
+    layers += [("environment", env), ("command line", cli)]
+    values: dict[str, Any] = {}
+    for origin, raw in layers:
+        for key, value in raw.items():
+            if key == "config":
+                continue
+            if key == "upstreams":
+                items = _split(value) if isinstance(value, str) else value
+                if not isinstance(items, list):
+                    raise ConfigError(f"{origin}: upstreams must be a list")
+                values[key] = [_upstream(item, origin) for item in items]
+            else:
+                try:
+                    values[key] = _coerce(key, value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{origin}: {exc}") from None
+    settings = Settings(**values, config=config_path)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if not settings.upstreams:
+        raise ConfigError("no upstream: give --upstream (or DNSPROXY_UPSTREAMS, or a config file)")
+    if not settings.listen:
+        raise ConfigError("no listen address")
+    settings.listen_addresses()
+    for network in settings.allow:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"allow: {network!r} is not a network") from None
+    if settings.metrics:
+        parse_listen(settings.metrics)
+    if settings.timeout <= 0:
+        raise ConfigError("timeout must be above zero")
+    if settings.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if settings.ca_file and not os.path.isfile(settings.ca_file):
+        raise ConfigError(f"ca_file: no such file {settings.ca_file}")

@@ -1,0 +1,128 @@
+"""The last link of the chain: ask the upstreams, within one deadline per query.
+
+Upstreams are tried in order of health, hedged: the best one is asked first; if it fails, or has
+not answered within `hedge_delay`, the next is asked too, and the first genuine reply wins. So a
+healthy first upstream carries all the traffic, and a dead or slow one costs a client at most the
+hedge delay. An upstream that fails several times in a row is put to the back of the line for a
+while (growing up to a minute) and gets its place back with its first genuine reply. With no
+genuine reply by the deadline the client gets SERVFAIL, never NXDOMAIN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from . import wire
+from .metrics import Metrics
+from .pipeline import Request, Response
+from .upstreams import Upstream, UpstreamError
+
+FAILS_BEFORE_DOWN = 3
+MAX_DOWN_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class Health:
+    failures: int = 0
+    down_until: float = 0.0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= FAILS_BEFORE_DOWN:
+            backoff = 2.0 ** (self.failures - FAILS_BEFORE_DOWN + 2)
+            self.down_until = now + min(MAX_DOWN_SECONDS, backoff)
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.down_until = 0.0
+
+
+class Forwarder:
+    name = "forward"
+
+    def __init__(self, upstreams: list[Upstream], metrics: Metrics, timeout: float = 2.0,
+                 hedge_delay: float = 0.3) -> None:
+        if not upstreams:
+            raise ValueError("no upstreams")
+        self.upstreams = upstreams
+        self.health = {id(u): Health() for u in upstreams}
+        self.metrics = metrics
+        self.timeout = timeout
+        self.hedge_delay = hedge_delay
+
+    def ranked(self, now: float) -> list[Upstream]:
+        """Healthy upstreams in configured order, then resting ones, soonest back first."""
+        if len(self.upstreams) == 1:
+            return self.upstreams
+        return sorted(self.upstreams, key=lambda u: max(self.health[id(u)].down_until - now, 0))
+
+    async def resolve(self, request: Request) -> Response:
+        query = request.query
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout - (time.monotonic() - request.started)
+        try:
+            data, reply, upstream = await self._race(query, deadline)
+        except UpstreamError:
+            self.metrics.inc("dnsproxy_responses_total", reason="servfail")
+            return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)
+        cached = wire.strip_opt(data, reply)
+        self.metrics.inc("dnsproxy_responses_total", reason="forwarded")
+        return Response(wire.client_reply(cached, query), "forwarded", reply.rcode,
+                        upstream.name, cacheable=cached)
+
+    async def _ask(self, upstream: Upstream, query: wire.Query, deadline: float):
+        health = self.health[id(upstream)]
+        try:
+            data, reply = await upstream.exchange(query, deadline)
+        except UpstreamError:
+            health.failed(time.monotonic())
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a transport bug must cost one query, not the server
+            health.failed(time.monotonic())
+            raise UpstreamError(type(exc).__name__) from exc
+        health.succeeded()
+        return data, reply, upstream
+
+    async def _race(self, query: wire.Query, deadline: float):
+        order = self.ranked(time.monotonic())
+        if len(order) == 1:
+            return await self._ask(order[0], query, deadline)
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task] = set()
+        next_index = 0
+
+        def launch() -> None:
+            nonlocal next_index
+            pending.add(loop.create_task(self._ask(order[next_index], query, deadline)))
+            next_index += 1
+
+        launch()
+        try:
+            while pending:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                wait = min(self.hedge_delay, remaining) if next_index < len(order) else remaining
+                done, pending = await asyncio.wait(pending, timeout=wait,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if next_index < len(order):
+                        launch()
+                    continue
+                winners = [task for task in done if task.exception() is None]
+                if winners:
+                    return winners[0].result()
+                if next_index < len(order):
+                    launch()
+        finally:
+            for task in pending:
+                task.cancel()
+        raise UpstreamError("all upstreams failed")
+
+    async def close(self) -> None:
+        for upstream in self.upstreams:
+            await upstream.close()

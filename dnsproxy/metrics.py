@@ -1,0 +1,88 @@
+"""Counters for everything the forwarder decides, exposed in the Prometheus text format.
+
+Counting is a dict increment on the hot path; rendering happens only when someone scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+HELP = {
+    "dnsproxy_queries_total": "Queries received, by transport.",
+    "dnsproxy_responses_total": "Responses sent, by how they were produced.",
+    "dnsproxy_cache_hits_total": "Queries answered from the cache.",
+    "dnsproxy_cache_misses_total": "Queries the cache could not answer.",
+    "dnsproxy_forgeries_total": "Forged replies discarded, by upstream and reason.",
+    "dnsproxy_upstream_queries_total": "Queries sent upstream, by upstream and transport.",
+    "dnsproxy_upstream_errors_total": "Upstream failures, by upstream and reason.",
+    "dnsproxy_upstream_latency_seconds_sum": "Total latency of genuine upstream replies.",
+    "dnsproxy_upstream_latency_seconds_count": "Genuine upstream replies timed.",
+    "dnsproxy_malformed_total": "Messages from clients that were not a usable query.",
+    "dnsproxy_tcp_connections_rejected_total": "TCP connections closed for exceeding a limit.",
+    "dnsproxy_cache_entries": "Replies held in the cache.",
+}
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.values: defaultdict[tuple[str, tuple], float] = defaultdict(float)
+        self.gauges: dict[str, object] = {}  # name -> callable returning the current value
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        self.values[(name, tuple(sorted(labels.items())))] += amount
+
+    def get(self, name: str, **labels: str) -> float:
+        return self.values.get((name, tuple(sorted(labels.items()))), 0)
+
+    def total(self, name: str) -> float:
+        return sum(v for (n, _), v in self.values.items() if n == name)
+
+    def gauge(self, name: str, read) -> None:
+        self.gauges[name] = read
+
+    def render(self) -> str:
+        lines: list[str] = []
+        seen: set[str] = set()
+        items = sorted(self.values.items())
+        items += [((name, ()), read()) for name, read in self.gauges.items()]
+        for (name, labels), value in items:
+            if name not in seen:
+                seen.add(name)
+                kind = "gauge" if name in self.gauges else "counter"
+                if name.endswith(("_sum", "_count")):
+                    kind = "untyped"
+                lines.append(f"# HELP {name} {HELP.get(name, name)}")
+                lines.append(f"# TYPE {name} {kind}")
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.AbstractServer:
+    """A minimal HTTP endpoint: every GET gets the current counters."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if request.startswith(b"GET "):
+                body = metrics.render().encode()
+                head = ("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            else:
+                body = b""
+                head = ("HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n"
+                        "Connection: close\r\n\r\n")
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

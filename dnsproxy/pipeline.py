@@ -1,0 +1,93 @@
+"""The chain every query passes through, and the vocabulary its stages share.
+
+A stage either answers a request at once (`answer` returns a Response) or passes it on (returns
+None). Only the last link, the resolver, may wait on the network, so a request that a stage can
+answer (refused, rate-limited, cached, local) never costs an asyncio task. On the way back every
+stage may `observe` the final response: that is how the cache learns what the upstreams said.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from .wire import Query
+
+
+@dataclass(slots=True)
+class Request:
+    query: Query
+    client: tuple  # (address, port) as the socket reported it
+    transport: str  # "udp" or "tcp"
+    started: float  # time.monotonic() at arrival
+
+
+@dataclass(slots=True)
+class Response:
+    """What goes back to the client; `wire` is None when nothing is to be sent (rate-limited)."""
+
+    wire: bytes | None
+    reason: str  # cached, forwarded, local, refused, ratelimited, servfail, formerr
+    rcode: int
+    upstream: str | None = None
+    cacheable: object | None = None  # a wire.CachedReply the cache may keep
+
+
+class Stage(Protocol):
+    name: str
+
+    def answer(self, request: Request) -> Response | None: ...
+
+    def observe(self, request: Request, response: Response) -> None: ...
+
+
+class Resolver(Protocol):
+    async def resolve(self, request: Request) -> Response: ...
+
+
+class PassThrough:
+    """Base for stages that only answer, or only observe."""
+
+    name = "stage"
+
+    def answer(self, request: Request) -> Response | None:
+        return None
+
+    def observe(self, request: Request, response: Response) -> None:
+        return None
+
+
+class Pipeline:
+    """Stages in order, then the resolver. The order is data: see `build_pipeline`."""
+
+    def __init__(self, stages: list[Stage], resolver: Resolver) -> None:
+        self.stages = stages
+        self.resolver = resolver
+        # Only stages that override observe() are called on the way back.
+        self._observers = [s for s in reversed(stages)
+                           if type(s).observe is not PassThrough.observe]
+
+    def answer_now(self, request: Request) -> Response | None:
+        for stage in self.stages:
+            response = stage.answer(request)
+            if response is not None:
+                return response
+        return None
+
+    async def resolve(self, request: Request) -> Response:
+        response = await self.resolver.resolve(request)
+        for stage in self._observers:
+            stage.observe(request, response)
+        return response
+
+    async def handle(self, request: Request) -> Response:
+        """Both halves in one call, for tests and for transports that are async anyway."""
+        response = self.answer_now(request)
+        if response is None:
+            response = await self.resolve(request)
+        return response
+
+
+def new_request(query: Query, client: tuple, transport: str) -> Request:
+    return Request(query, client, transport, time.monotonic())

@@ -1,0 +1,71 @@
+"""One JSON line per query and per discarded forgery, on standard output.
+
+`docker logs` then shows who asked what. When the log is off, the forwarder holds a `NullLog`,
+so the hot path pays one method call and builds no strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TextIO
+
+from .pipeline import Request, Response
+
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
+         33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
+
+
+def type_name(qtype: int) -> str:
+    return TYPES.get(qtype) or f"TYPE{qtype}"
+
+
+class QueryLog:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def _write(self, record: dict) -> None:
+        try:
+            self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not take the server down
+
+    def query(self, request: Request, response: Response) -> None:
+        q = request.query
+        self._write({
+            "ts": round(time.time(), 3),
+            "client": request.client[0],
+            "port": request.client[1],
+            "transport": request.transport,
+            "name": q.name,
+            "type": type_name(q.qtype),
+            "rcode": RCODES.get(response.rcode, str(response.rcode)),
+            "reason": response.reason,
+            "upstream": response.upstream,
+            "cached": response.reason == "cached",
+            "latency_ms": round((time.monotonic() - request.started) * 1000, 3),
+        })
+
+    def forgery(self, upstream: str, name: str, qtype: int, reason: str) -> None:
+        self._write({
+            "ts": round(time.time(), 3),
+            "event": "forgery",
+            "upstream": upstream,
+            "name": name,
+            "type": type_name(qtype),
+            "reason": reason,
+        })
+
+    def message(self, text: str, **fields: object) -> None:
+        self._write({"ts": round(time.time(), 3), "event": "info", "message": text, **fields})
+
+
+class NullLog(QueryLog):
+    def query(self, request: Request, response: Response) -> None:
+        pass
+
+    def forgery(self, upstream: str, name: str, qtype: int, reason: str) -> None:
+        pass

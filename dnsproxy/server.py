@@ -1,0 +1,200 @@
+"""The listeners: UDP and TCP on every listen address, feeding the pipeline.
+
+Nothing a client sends may stop or stall the server: undecodable messages get FORMERR (or
+nothing, if not even the header is there), TCP connections have an idle timeout, a cap in total
+and per client, and at the cap the connection idle longest is closed to make room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+
+from . import wire
+from .metrics import Metrics
+from .pipeline import Pipeline, Request, Response
+from .querylog import QueryLog
+
+log = logging.getLogger("dnsproxy")
+
+MAX_TCP_MESSAGE = 65535
+MAX_UNREAD_BYTES = 256 * 1024
+
+
+def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # [::] serves IPv6 only, so 0.0.0.0 can be listed beside it without a clash.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(512)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Responder:
+    """What both transports share: run a request through the pipeline, send, log."""
+
+    def __init__(self, pipeline: Pipeline, metrics: Metrics, querylog: QueryLog) -> None:
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.querylog = querylog
+        self.tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class UdpServer(asyncio.DatagramProtocol):
+    def __init__(self, responder: Responder) -> None:
+        self.responder = responder
+        self.querylog = responder.querylog
+        self.counter = responder.metrics.values
+        self.key_queries = ("dnsproxy_queries_total", (("transport", "udp"),))
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.counter[self.key_queries] += 1
+        try:
+            query = wire.parse_query(data)
+        except wire.WireError:
+            self.responder.metrics.inc("dnsproxy_malformed_total", transport="udp")
+            reply = wire.header_error(data, wire.FORMERR)
+            if reply is not None:
+                self.transport.sendto(reply, addr)
+            return
+        request = Request(query, addr, "udp", time.monotonic())
+        try:
+            response = self.responder.pipeline.answer_now(request)
+        except Exception:  # a bug in one stage must not stop the listener
+            log.exception("stage failed on a query from %s", addr[0])
+            self.transport.sendto(wire.response(query, wire.SERVFAIL), addr)
+            return
+        if response is None:
+            self.responder.spawn(self._resolve(request))
+        else:
+            self._send(request, response)
+
+    async def _resolve(self, request: Request) -> None:
+        try:
+            response = await self.responder.pipeline.resolve(request)
+        except Exception:
+            log.exception("resolving a query from %s failed", request.client[0])
+            response = Response(wire.response(request.query, wire.SERVFAIL), "servfail",
+                                wire.SERVFAIL)
+        self._send(request, response)
+
+    def _send(self, request: Request, response: Response) -> None:
+        if response.wire is not None and self.transport is not None:
+            self.transport.sendto(wire.truncate_for(response.wire, request.query), request.client)
+        self.querylog.query(request, response)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors about clients that went away are no concern of the server's
+
+
+class TcpServer:
+    def __init__(self, responder: Responder, idle_timeout: float, max_connections: int,
+                 max_per_client: int) -> None:
+        self.responder = responder
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        # writer -> [client address, last activity, queries in flight]
+        self.connections: dict[asyncio.StreamWriter, list] = {}
+
+    def _admit(self, writer: asyncio.StreamWriter, client: str) -> bool:
+        mine = sum(1 for state in self.connections.values() if state[0] == client)
+        if mine >= self.max_per_client:
+            return False
+        if len(self.connections) >= self.max_connections:
+            idle = [(state[1], w) for w, state in self.connections.items() if state[2] == 0]
+            if not idle:
+                return False
+            idle.sort(key=lambda item: item[0])
+            idle[0][1].close()  # make room: the longest-idle connection goes
+            self.connections.pop(idle[0][1], None)
+        self.connections[writer] = [client, time.monotonic(), 0]
+        return True
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        metrics = self.responder.metrics
+        if not self._admit(writer, peer[0]):
+            metrics.inc("dnsproxy_tcp_connections_rejected_total")
+            writer.close()
+            return
+        state = self.connections[writer]
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), self.idle_timeout)
+                    (length,) = struct.unpack(">H", head)
+                    data = await asyncio.wait_for(reader.readexactly(length), self.idle_timeout)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    break
+                state[1] = time.monotonic()
+                metrics.inc("dnsproxy_queries_total", transport="tcp")
+                try:
+                    query = wire.parse_query(data)
+                except wire.WireError:
+                    metrics.inc("dnsproxy_malformed_total", transport="tcp")
+                    reply = wire.header_error(data, wire.FORMERR)
+                    if reply is not None:
+                        self._write(writer, reply)
+                    break  # a stream that carried garbage cannot be trusted to be framed
+                request = Request(query, peer, "tcp", time.monotonic())
+                response = self.responder.pipeline.answer_now(request)
+                if response is None:
+                    # Pipelined: answer in any order, keep reading meanwhile (RFC 7766 6.2.1.1).
+                    state[2] += 1
+                    self.responder.spawn(self._resolve(writer, request, state))
+                else:
+                    self._finish(writer, request, response)
+        finally:
+            self.connections.pop(writer, None)
+            writer.close()
+
+    async def _resolve(self, writer, request: Request, state: list) -> None:
+        try:
+            response = await self.responder.pipeline.resolve(request)
+        except Exception:
+            log.exception("resolving a TCP query from %s failed", request.client[0])
+            response = Response(wire.response(request.query, wire.SERVFAIL), "servfail",
+                                wire.SERVFAIL)
+        finally:
+            state[2] -= 1
+            state[1] = time.monotonic()
+        self._finish(writer, request, response)
+
+    def _finish(self, writer, request: Request, response: Response) -> None:
+        if response.wire is not None:
+            self._write(writer, response.wire[:MAX_TCP_MESSAGE])
+        self.responder.querylog.query(request, response)
+
+    @staticmethod
+    def _write(writer: asyncio.StreamWriter, message: bytes) -> None:
+        if writer.is_closing():
+            return
+        if writer.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            writer.close()  # a client that sends but never reads would grow our memory
+            return
+        writer.write(struct.pack(">H", len(message)) + message)

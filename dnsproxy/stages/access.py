@@ -1,0 +1,37 @@
+"""Access control: serve the local networks only, so the appliance is never an open resolver."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+from .. import wire
+from ..metrics import Metrics
+from ..pipeline import PassThrough, Request, Response
+
+# Loopback, RFC 1918, shared address space (RFC 6598), link-local and unique local (RFC 4193).
+DEFAULT_ALLOWED = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+    "169.254.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
+)
+
+
+class AccessControl(PassThrough):
+    name = "access"
+
+    def __init__(self, allowed: list[str] | tuple[str, ...], metrics: Metrics) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in allowed]
+        self.metrics = metrics
+        self.allowed = lru_cache(maxsize=4096)(self._allowed)
+
+    def _allowed(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+    def answer(self, request: Request) -> Response | None:
+        if self.allowed(request.client[0]):
+            return None
+        self.metrics.inc("dnsproxy_responses_total", reason="refused")
+        return Response(wire.response(request.query, wire.REFUSED), "refused", wire.REFUSED)

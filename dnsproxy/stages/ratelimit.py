@@ -1,0 +1,49 @@
+"""A per-client token bucket: the appliance is no amplifier, and one host cannot flood it.
+
+Over UDP an over-limit query is dropped (answering would still reflect traffic); over TCP, where
+the source address is proven, it is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from .. import wire
+from ..metrics import Metrics
+from ..pipeline import PassThrough, Request, Response
+
+
+class RateLimit(PassThrough):
+    name = "ratelimit"
+
+    def __init__(self, rate: float, burst: float, metrics: Metrics, max_clients: int = 65536):
+        self.rate = rate
+        self.burst = burst
+        self.metrics = metrics
+        self.max_clients = max_clients
+        self.buckets: OrderedDict[str, list[float]] = OrderedDict()  # client -> [tokens, stamp]
+
+    def allow(self, client: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        bucket = self.buckets.get(client)
+        if bucket is None:
+            if len(self.buckets) >= self.max_clients:
+                self.buckets.popitem(last=False)
+            bucket = self.buckets[client] = [self.burst, now]
+        else:
+            self.buckets.move_to_end(client)
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] >= 1:
+            bucket[0] -= 1
+            return True
+        return False
+
+    def answer(self, request: Request) -> Response | None:
+        if self.allow(request.client[0], request.started):
+            return None
+        self.metrics.inc("dnsproxy_responses_total", reason="ratelimited")
+        if request.transport == "tcp":
+            return Response(wire.response(request.query, wire.REFUSED), "ratelimited", wire.REFUSED)
+        return Response(None, "ratelimited", wire.REFUSED)

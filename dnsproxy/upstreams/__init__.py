@@ -1,0 +1,115 @@
+"""Upstream resolvers, one type per transport, and the factory that reads their specs.
+
+Spec forms: `IP`, `IP:PORT`, `[IPv6]:PORT` and `udp://...` (UDP with every forgery defence and a
+TCP retry), `tcp://IP[:PORT]`, `tls://IP[:853][#server-name]` (RFC 7858), `https://HOST[:PORT]/PATH`
+(RFC 8484).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .base import PollutedNames, Telemetry, Upstream, UpstreamError
+from .https import HttpsUpstream
+from .stream import StreamUpstream
+from .udp import UdpUpstream
+
+__all__ = ["PollutedNames", "Telemetry", "Upstream", "UpstreamError", "UpstreamSpec",
+           "parse_spec", "HttpsUpstream", "StreamUpstream", "UdpUpstream"]
+
+DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    scheme: str  # udp, tcp, tls, https
+    host: str
+    port: int
+    server_name: str | None = None  # tls: the name to verify; https: unused
+    url: str | None = None  # https only
+    hijack_threshold: float = 0.0  # seconds
+
+    @property
+    def name(self) -> str:
+        if self.url:
+            return self.url
+        hostport = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport if self.scheme == "udp" else f"{self.scheme}://{hostport}"
+
+
+def _split_hostport(text: str, default_port: int, spec: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad upstream {spec!r}: unbalanced brackets")
+        port_text = rest[1:]
+    elif text.count(":") > 1:  # a bare IPv6 address, no port
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"bad upstream {spec!r}: {host!r} is not an IP address") from None
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"bad upstream {spec!r}: port {port_text!r}")
+        port = int(port_text)
+    return str(ip), port
+
+
+def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
+    """Read one --upstream value; ValueError with a one-line message when it is not valid."""
+    text = spec.strip()
+    if not text:
+        raise ValueError("empty upstream")
+    scheme = "udp"
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        scheme = scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise ValueError(f"bad upstream {spec!r}: unknown scheme {scheme!r} "
+                             "(use udp, tcp, tls or https)")
+    threshold = hijack_threshold_ms / 1000
+    if scheme == "https":
+        parts = urlsplit("https://" + text)
+        if not parts.hostname:
+            raise ValueError(f"bad upstream {spec!r}: no host")
+        try:
+            port = parts.port or 443
+        except ValueError:
+            raise ValueError(f"bad upstream {spec!r}: bad port") from None
+        url = f"https://{text}" if parts.path else f"https://{text}/dns-query"
+        return UpstreamSpec("https", parts.hostname, port, url=url, hijack_threshold=threshold)
+    text, _, server_name = text.partition("#")
+    text = text.rstrip("/")
+    host, port = _split_hostport(text, DEFAULT_PORTS[scheme], spec)
+    if server_name and scheme != "tls":
+        raise ValueError(f"bad upstream {spec!r}: '#name' is only for tls://")
+    return UpstreamSpec(scheme, host, port, server_name or None, hijack_threshold=threshold)
+
+
+def build_upstream(spec: UpstreamSpec, telemetry: Telemetry, *, filters, polluted: PollutedNames,
+                   ssl_context: ssl.SSLContext, tcp_for_polluted: bool = True) -> Upstream:
+    if spec.scheme == "udp":
+        return UdpUpstream(spec.host, spec.port, telemetry, filters, polluted,
+                           hijack_threshold=spec.hijack_threshold,
+                           tcp_for_polluted=tcp_for_polluted, name=spec.name)
+    if spec.scheme == "tcp":
+        return StreamUpstream(spec.host, spec.port, telemetry, name=spec.name,
+                              hijack_threshold=spec.hijack_threshold)
+    if spec.scheme == "tls":
+        return StreamUpstream(spec.host, spec.port, telemetry, ssl_context=ssl_context,
+                              server_name=spec.server_name, name=spec.name)
+    return HttpsUpstream(spec.url or "", telemetry, ssl_context)
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """System trust store, or only the given CA for private upstreams."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

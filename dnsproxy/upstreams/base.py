@@ -1,0 +1,76 @@
+"""What every upstream transport shares: the interface, its errors, and what it reports."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+from .. import wire
+from ..forgery import EdnsState
+from ..metrics import Metrics
+from ..querylog import QueryLog
+
+
+class UpstreamError(Exception):
+    """The upstream gave no usable answer; `reason` is a short label for metrics and logs."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Upstream(Protocol):
+    name: str
+    transport: str
+    hijack_threshold: float
+    edns: EdnsState
+
+    async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+        """The genuine reply to `query`, or UpstreamError; `deadline` is in loop.time()."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def matches(reply: wire.Reply, query: wire.Query) -> bool:
+    """Same question, compared case-insensitively (resolvers may change the case: 0x20)."""
+    return reply.question.lower() == query.key
+
+
+class PollutedNames:
+    """Questions an injector has answered before: ask them over TCP from the start next time."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.keys: OrderedDict[bytes, None] = OrderedDict()
+
+    def add(self, key: bytes) -> None:
+        self.keys[key] = None
+        self.keys.move_to_end(key)
+        if len(self.keys) > self.size:
+            self.keys.popitem(last=False)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.keys
+
+
+class Telemetry:
+    """Where upstreams report forgeries, errors and latency: the counters and the query log."""
+
+    def __init__(self, metrics: Metrics, log: QueryLog) -> None:
+        self.metrics = metrics
+        self.log = log
+
+    def sent(self, upstream: str, transport: str) -> None:
+        self.metrics.inc("dnsproxy_upstream_queries_total", upstream=upstream, transport=transport)
+
+    def forgery(self, upstream: str, query: wire.Query, reason: str) -> None:
+        self.metrics.inc("dnsproxy_forgeries_total", upstream=upstream, reason=reason)
+        self.log.forgery(upstream, query.name, query.qtype, reason)
+
+    def error(self, upstream: str, reason: str) -> None:
+        self.metrics.inc("dnsproxy_upstream_errors_total", upstream=upstream, reason=reason)
+
+    def latency(self, upstream: str, seconds: float) -> None:
+        self.metrics.inc("dnsproxy_upstream_latency_seconds_sum", seconds, upstream=upstream)
+        self.metrics.inc("dnsproxy_upstream_latency_seconds_count", upstream=upstream)

@@ -1,0 +1,175 @@
+"""Plain DNS over UDP, where injectors strike, with every defence against them.
+
+Each query gets its own connected socket: the kernel picks a random source port and drops
+datagrams from any other address and port, and we pick a random ID. A reply that fails a check
+is discarded and we keep listening, because the injector's forgery arrives first and the
+genuine reply after it. Once a forgery is seen, the same question also goes out over TCP, which
+an injector cannot answer in-path without also forging the TCP stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+
+from .. import wire
+from ..forgery import EdnsState, ForgeryFilters
+from .base import PollutedNames, Telemetry, UpstreamError, matches
+from .stream import StreamUpstream, _hostport, _os_reason
+
+
+class UdpUpstream:
+    transport = "udp"
+
+    def __init__(self, host: str, port: int, telemetry: Telemetry, filters: ForgeryFilters,
+                 polluted: PollutedNames, *, hijack_threshold: float = 0.0,
+                 tcp_for_polluted: bool = True, edns_grace: float = 0.5,
+                 name: str | None = None) -> None:
+        self.address = (host, port)
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.name = name or _hostport(host, port)
+        self.telemetry = telemetry
+        self.filters = filters
+        self.polluted = polluted
+        self.hijack_threshold = hijack_threshold
+        self.tcp_for_polluted = tcp_for_polluted
+        self.edns_grace = edns_grace
+        self.edns = EdnsState()
+        # Same server over TCP: for truncated replies and for names an injector targets.
+        self.tcp = StreamUpstream(host, port, telemetry, name=self.name)
+
+    async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+        if self.tcp_for_polluted and query.key in self.polluted:
+            return await self.tcp.exchange(query, deadline)
+        return await _Exchange(self, query).run(deadline)
+
+    async def close(self) -> None:
+        await self.tcp.close()
+
+
+class _Exchange:
+    """One query to one UDP upstream, from send to the genuine reply or the deadline."""
+
+    def __init__(self, upstream: UdpUpstream, query: wire.Query) -> None:
+        self.up = upstream
+        self.query = query
+        self.loop = asyncio.get_running_loop()
+        self.result: asyncio.Future = self.loop.create_future()
+        self.sock: socket.socket | None = None
+        self.qid = secrets.randbits(16)
+        self.sent_at = 0.0
+        self.held: tuple[bytes, wire.Reply] | None = None
+        self.hold_timer: asyncio.TimerHandle | None = None
+        self.tcp_task: asyncio.Task | None = None
+        self.forged_plain = False  # an OPT-less reply was discarded as forged
+
+    async def run(self, deadline: float) -> tuple[bytes, wire.Reply]:
+        up = self.up
+        sock = self.sock = socket.socket(up.family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            try:
+                sock.connect(up.address)
+                sock.send(wire.upstream_query(self.query, self.qid))
+            except OSError as exc:
+                up.telemetry.error(up.name, _os_reason(exc))
+                raise UpstreamError(_os_reason(exc)) from None
+            self.sent_at = time.monotonic()
+            up.telemetry.sent(up.name, "udp")
+            self.loop.add_reader(sock.fileno(), self._readable)
+            try:
+                result = await asyncio.wait_for(self.result, max(deadline - self.loop.time(), 0))
+            except TimeoutError:
+                if self.held is not None:
+                    return self._accept(*self.held)
+                if self.forged_plain:
+                    up.edns.timed_out_with_plain_only()
+                up.telemetry.error(up.name, "timeout")
+                raise UpstreamError("timeout") from None
+            up.telemetry.latency(up.name, time.monotonic() - self.sent_at)
+            return result
+        finally:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            if self.hold_timer is not None:
+                self.hold_timer.cancel()
+            if self.tcp_task is not None and not self.tcp_task.done():
+                self.tcp_task.cancel()
+
+    def _readable(self) -> None:
+        while not self.result.done():
+            try:
+                data = self.sock.recv(65535)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ICMP port unreachable and the like
+                if self.tcp_task is None:
+                    self.up.telemetry.error(self.up.name, _os_reason(exc))
+                    self.result.set_exception(UpstreamError(_os_reason(exc)))
+                return
+            self._judge(data)
+
+    def _judge(self, data: bytes) -> None:
+        up, query = self.up, self.query
+        try:
+            reply = wire.parse_reply(data)
+        except wire.WireError:
+            up.telemetry.forgery(up.name, query, "malformed")
+            return
+        if reply.id != self.qid or not matches(reply, query):
+            up.telemetry.forgery(up.name, query, "mismatch")
+            return
+        reason = up.filters.verdict(up, reply, time.monotonic() - self.sent_at)
+        if reason:
+            self._discard(reason, plain=reply.opt is None)
+            return
+        if reply.truncated:
+            self._ask_over_tcp()
+            return
+        if reply.opt is None and up.edns.speaks_edns is None:
+            # Unknown yet whether this upstream echoes OPT: the first OPT-less reply may be
+            # an injector's. Hold the latest one briefly; a genuine OPT reply overrides it.
+            if self.held is not None:
+                self._discard("superseded", plain=True)
+            self.held = (data, reply)
+            if self.hold_timer is None:
+                self.hold_timer = self.loop.call_later(up.edns_grace, self._release_held)
+            return
+        if self.held is not None and reply.opt is not None:
+            self._discard("no-edns", plain=True)
+        self.result.set_result(self._accept(data, reply))
+
+    def _accept(self, data: bytes, reply: wire.Reply) -> tuple[bytes, wire.Reply]:
+        self.up.edns.saw_genuine(reply.opt is not None)
+        return data, reply
+
+    def _release_held(self) -> None:
+        if self.held is not None and not self.result.done():
+            self.result.set_result(self._accept(*self.held))
+
+    def _discard(self, reason: str, plain: bool) -> None:
+        up = self.up
+        up.telemetry.forgery(up.name, self.query, reason)
+        self.forged_plain = self.forged_plain or plain
+        up.polluted.add(self.query.key)
+        if up.tcp_for_polluted:
+            self._ask_over_tcp()
+
+    def _ask_over_tcp(self) -> None:
+        if self.tcp_task is not None:
+            return
+        deadline = self.loop.time() + 3600  # bounded by the caller's wait, which cancels us
+        self.tcp_task = self.loop.create_task(self.up.tcp.exchange(self.query, deadline))
+        self.tcp_task.add_done_callback(self._tcp_done)
+
+    def _tcp_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self.result.done():
+            return
+        if task.exception() is None:
+            self.result.set_result(task.result())
+        elif self.held is None and self.sock is not None:
+            # TCP failed too; keep listening on UDP until the deadline.
+            reason = getattr(task.exception(), "reason", "error")
+            self.up.telemetry.error(self.up.name, "tcp-" + reason)

@@ -1,0 +1,337 @@
+"""DNS messages at the byte level, for the per-query hot path.
+
+A full dnslib parse costs tens of microseconds; the forwarder only needs the header, the question,
+where the OPT record and the TTLs sit, and the A/AAAA addresses of an answer. This module finds
+those in one pass over the bytes and builds the few messages the forwarder writes itself. dnslib is
+used elsewhere, where a message is rare or its meaning matters more than its speed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+HEADER = struct.Struct(">HHHHHH")
+RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+
+QR = 0x8000
+AA = 0x0400
+TC = 0x0200
+RD = 0x0100
+RA = 0x0080
+AD = 0x0020
+CD = 0x0010
+OPCODE_MASK = 0x7800
+RCODE_MASK = 0x000F
+
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+
+TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_HINFO, TYPE_TXT = 1, 2, 5, 6, 13, 16
+TYPE_AAAA, TYPE_OPT, TYPE_ANY = 28, 41, 255
+CLASS_IN, CLASS_CH = 1, 3
+
+DO_BIT = 0x8000
+# The EDNS buffer we advertise upstream: the DNS flag day 2020 value, which avoids IP fragmentation.
+UPSTREAM_UDP_SIZE = 1232
+MAX_TTL = 0x7FFFFFFF
+
+
+class WireError(ValueError):
+    """The bytes are not a DNS message we can work with."""
+
+
+@dataclass(slots=True)
+class Query:
+    """What the forwarder needs of a client's query, found without a full parse."""
+
+    id: int
+    flags: int
+    question: bytes  # name, type and class exactly as the client sent them
+    key: bytes  # the question lower-cased: names compare case-insensitively
+    qtype: int
+    qclass: int
+    edns: bool
+    do: bool
+    udp_size: int  # the most a UDP reply to this client may carry
+
+    @property
+    def name(self) -> str:
+        return name_to_text(self.question, 0)
+
+
+@dataclass(slots=True)
+class Reply:
+    """The layout of a reply: where its TTLs and OPT record are, and what it answers."""
+
+    id: int
+    flags: int
+    question: bytes
+    counts: tuple[int, int, int, int]
+    ttls: list[tuple[int, int]] = field(default_factory=list)  # (offset, ttl) of every non-OPT RR
+    opt: tuple[int, int] | None = None  # byte range of the OPT record
+    ext_rcode: int = 0
+    addresses: list[bytes] = field(default_factory=list)  # rdata of A/AAAA in the answer section
+    negative_ttl: int | None = None  # from the SOA in the authority section (RFC 2308)
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & RCODE_MASK
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.flags & TC)
+
+    @property
+    def answers(self) -> int:
+        return self.counts[1]
+
+
+def skip_name(data: bytes, off: int) -> int:
+    """Offset just past the name at `off`; pointers are not followed, so loops cannot hang us."""
+    end = len(data)
+    while True:
+        if off >= end:
+            raise WireError("name runs past the end of the message")
+        length = data[off]
+        if length == 0:
+            return off + 1
+        if length & 0xC0 == 0xC0:
+            if off + 2 > end:
+                raise WireError("truncated compression pointer")
+            return off + 2
+        if length & 0xC0:
+            raise WireError("unknown label type")
+        off += 1 + length
+
+
+def name_to_text(data: bytes, off: int) -> str:
+    """The presentation form of an uncompressed name (a question's), for logs."""
+    labels = []
+    while True:
+        length = data[off]
+        if length == 0 or length & 0xC0:
+            break
+        labels.append(data[off + 1 : off + 1 + length].decode("ascii", "backslashreplace"))
+        off += 1 + length
+    return ".".join(labels) + "."
+
+
+def _question_end(data: bytes) -> int:
+    """End of the single question at offset 12, which must not use compression."""
+    off = 12
+    end = len(data)
+    total = 0
+    while True:
+        if off >= end:
+            raise WireError("question runs past the end of the message")
+        length = data[off]
+        if length == 0:
+            off += 1
+            break
+        if length & 0xC0:
+            raise WireError("compressed or unknown label in the question")
+        total += length + 1
+        if total > 254:
+            raise WireError("name longer than 255 bytes")
+        off += 1 + length
+    if off + 4 > end:
+        raise WireError("question lacks type and class")
+    return off + 4
+
+
+def parse_query(data: bytes) -> Query:
+    """Read a client's query; raise WireError for anything that is not one standard query."""
+    if len(data) < 12:
+        raise WireError("shorter than a DNS header")
+    qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    if flags & QR:
+        raise WireError("a response, not a query")
+    if qdcount != 1:
+        raise WireError(f"{qdcount} questions")
+    qend = _question_end(data)
+    question = data[12:qend]
+    qtype, qclass = struct.unpack_from(">HH", data, qend - 4)
+    edns = False
+    do = False
+    udp_size = 512
+    if arcount:
+        off = qend
+        for _ in range(ancount + nscount + arcount):
+            start = off
+            off = skip_name(data, off)
+            if off + 10 > len(data):
+                raise WireError("record header runs past the end")
+            rtype, rclass, ttl, rdlen = RR_FIXED.unpack_from(data, off)
+            off += 10 + rdlen
+            if off > len(data):
+                raise WireError("record data runs past the end")
+            if rtype == TYPE_OPT:
+                if data[start] != 0 or edns:
+                    raise WireError("malformed or repeated OPT record")
+                edns = True
+                do = bool(ttl & DO_BIT)
+                udp_size = max(512, rclass)
+    return Query(qid, flags, question, question.lower(), qtype, qclass, edns, do, udp_size)
+
+
+def parse_reply(data: bytes) -> Reply:
+    """Walk a reply once, noting what the forwarder checks, caches and patches."""
+    if len(data) < 12:
+        raise WireError("shorter than a DNS header")
+    qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    if not flags & QR:
+        raise WireError("a query, not a response")
+    if qdcount != 1:
+        raise WireError(f"{qdcount} questions in a reply")
+    qend = _question_end(data)
+    reply = Reply(qid, flags, data[12:qend], (qdcount, ancount, nscount, arcount))
+    end = len(data)
+    off = qend
+    ttls = reply.ttls
+    answer_end = ancount
+    authority_end = ancount + nscount
+    for index in range(ancount + nscount + arcount):
+        start = off
+        off = skip_name(data, off)
+        if off + 10 > end:
+            raise WireError("record header runs past the end")
+        rtype, rclass, ttl, rdlen = RR_FIXED.unpack_from(data, off)
+        rdata = off + 10
+        off = rdata + rdlen
+        if off > end:
+            raise WireError("record data runs past the end")
+        if rtype == TYPE_OPT:
+            if reply.opt is not None:
+                raise WireError("repeated OPT record")
+            reply.opt = (start, off)
+            reply.ext_rcode = ttl >> 24
+            continue
+        if ttl > MAX_TTL:  # RFC 2181 8: a TTL with the top bit set means zero
+            ttl = 0
+        ttls.append((rdata - 6, ttl))
+        if index < answer_end:
+            if rclass == CLASS_IN and (
+                (rtype == TYPE_A and rdlen == 4) or (rtype == TYPE_AAAA and rdlen == 16)
+            ):
+                reply.addresses.append(data[rdata:off])
+        elif index < authority_end and rtype == TYPE_SOA and rdlen >= 20:
+            minimum = U32.unpack_from(data, off - 4)[0]
+            reply.negative_ttl = min(ttl, minimum)
+    return reply
+
+
+def opt_record(do: bool, ext_rcode: int = 0, udp_size: int = UPSTREAM_UDP_SIZE) -> bytes:
+    """An OPT pseudo-record with no options (RFC 6891)."""
+    return b"\x00" + RR_FIXED.pack(TYPE_OPT, udp_size, (ext_rcode << 24) | (DO_BIT if do else 0), 0)
+
+
+def upstream_query(query: Query, qid: int) -> bytes:
+    """The query we send upstream: the client's question under our own ID, always with an OPT.
+
+    The OPT record is the EDNS marker: genuine EDNS-speaking resolvers echo one, injectors that
+    answer from a template do not.
+    """
+    flags = query.flags & (RD | CD | AD | OPCODE_MASK)
+    return HEADER.pack(qid, flags, 1, 0, 0, 1) + query.question + opt_record(query.do)
+
+
+@dataclass(slots=True)
+class CachedReply:
+    """A reply with its OPT record removed, ready to be patched for any client.
+
+    `ttls` are (offset, original ttl) pairs into `body`; `ttl` is how long the reply may be kept.
+    """
+
+    body: bytes
+    ttls: list[tuple[int, int]]
+    ext_rcode: int
+    ttl: int
+    rcode: int
+
+
+def strip_opt(data: bytes, reply: Reply) -> CachedReply:
+    """Remove the upstream's OPT record: the client gets one of ours, or none if it sent none."""
+    ttls = reply.ttls
+    if reply.opt is not None:
+        start, end = reply.opt
+        cut = end - start
+        body = bytearray(data[:start] + data[end:])
+        U16.pack_into(body, 10, reply.counts[3] - 1)
+        ttls = [(off - cut if off > start else off, ttl) for off, ttl in ttls]
+        data = bytes(body)
+    return CachedReply(data, ttls, reply.ext_rcode, cache_ttl(reply), reply.rcode)
+
+
+def cache_ttl(reply: Reply) -> int:
+    """Seconds a reply may be cached; 0 when it must not be (RFC 2308 for negative answers)."""
+    rcode = reply.rcode
+    if reply.truncated or rcode not in (NOERROR, NXDOMAIN):
+        return 0
+    if rcode == NXDOMAIN or reply.answers == 0:
+        return reply.negative_ttl or 0
+    return min(ttl for _, ttl in reply.ttls) if reply.ttls else 0
+
+
+def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
+    """The cached reply as this client must see it: its ID, its question's case, aged TTLs, OPT."""
+    buf = bytearray(cached.body)
+    flags = (U16.unpack_from(buf, 2)[0] & ~RD) | (query.flags & RD)
+    struct.pack_into(">HH", buf, 0, query.id, flags)
+    buf[12 : 12 + len(query.question)] = query.question
+    if age:
+        pack = U32.pack_into
+        for off, ttl in cached.ttls:
+            pack(buf, off, ttl - age if ttl > age else 0)
+    if query.edns:
+        U16.pack_into(buf, 10, U16.unpack_from(buf, 10)[0] + 1)
+        buf += opt_record(query.do, cached.ext_rcode)
+    return bytes(buf)
+
+
+def truncate_for(reply: bytes, query: Query) -> bytes:
+    """A UDP reply cut to the client's buffer: header with TC, the question and our OPT."""
+    if len(reply) <= query.udp_size:
+        return reply
+    flags = U16.unpack_from(reply, 2)[0] | TC
+    out = HEADER.pack(query.id, flags, 1, 0, 0, 1 if query.edns else 0) + query.question
+    if query.edns:
+        out += opt_record(query.do)
+    return out
+
+
+def response(query: Query, rcode: int, answers: bytes = b"", ancount: int = 0,
+             authoritative: bool = False) -> bytes:
+    """A reply we write ourselves: errors, RFC 8482 ANY answers, CHAOS identity."""
+    flags = QR | RA | (query.flags & (RD | CD | OPCODE_MASK)) | rcode
+    if authoritative:
+        flags |= AA
+    out = HEADER.pack(query.id, flags, 1, ancount, 0, 1 if query.edns else 0)
+    out += query.question + answers
+    if query.edns:
+        out += opt_record(query.do)
+    return out
+
+
+def header_error(data: bytes, rcode: int) -> bytes | None:
+    """FORMERR/NOTIMP for a message whose question we could not read; None if not even a header."""
+    if len(data) < 12:
+        return None
+    qid, flags = struct.unpack_from(">HH", data)
+    if flags & QR:
+        return None  # never answer a response: that is how reflection loops start
+    return HEADER.pack(qid, QR | RA | (flags & (RD | OPCODE_MASK)) | rcode, 0, 0, 0, 0)
+
+
+def character_strings(*texts: str) -> bytes:
+    out = b""
+    for text in texts:
+        raw = text.encode()[:255]
+        out += bytes([len(raw)]) + raw
+    return out
+
+
+def resource_record(rtype: int, rclass: int, ttl: int, rdata: bytes) -> bytes:
+    """A record whose owner is the question's name (a pointer to offset 12)."""
+    return b"\xc0\x0c" + RR_FIXED.pack(rtype, rclass, ttl, len(rdata)) + rdata
