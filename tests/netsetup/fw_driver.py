@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sys
 
+from netsetup_facts import facts, settings
+
 from netsetup.firewall import get_backend
 from netsetup.plan import compute_plan
-from netsetup_facts import facts, settings
 
 
 def main() -> None:

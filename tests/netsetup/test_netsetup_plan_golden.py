@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
+from netsetup_facts import BACKENDS, ENGINES, facts, settings
 
 from netsetup.firewall import get_backend
 from netsetup.plan import compute_plan, render_plan
-from netsetup_facts import BACKENDS, ENGINES, facts, settings
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("NETSETUP_UPDATE_GOLDEN") == "1"

@@ -1,0 +1,95 @@
+"""Backends applied and removed for real, inside a throwaway network namespace.
+
+Each test builds Docker's chains the way the engine leaves them (FORWARD policy DROP,
+DOCKER-USER ending in RETURN, a Docker MASQUERADE rule), applies the plan twice, checks nothing
+was added the second time, removes it and compares `iptables-save` per table with the state
+before. Every rule touched lives in the namespace and disappears with it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import netns_exec, normalize
+
+DRIVER = str(Path(__file__).parent / "fw_driver.py")
+SAVE = {"nft": "iptables-nft-save", "legacy": "iptables-legacy-save"}
+CLI = {"nft": "iptables-nft", "legacy": "iptables-legacy"}
+
+pytestmark = pytest.mark.netns
+
+
+def docker_like(ns: str, backend: str, engine_firewall: str = "iptables") -> None:
+    ipt = CLI[backend]
+    netns_exec(ns, ipt, "-P", "FORWARD", "DROP")
+    if engine_firewall == "iptables":
+        netns_exec(ns, ipt, "-N", "DOCKER-USER")
+        netns_exec(ns, ipt, "-A", "DOCKER-USER", "-j", "RETURN")
+        netns_exec(ns, ipt, "-A", "FORWARD", "-j", "DOCKER-USER")
+    netns_exec(
+        ns, ipt, "-t", "nat", "-A", "POSTROUTING", "-s", "172.17.0.0/16", "!", "-o", "docker0",
+        "-j", "MASQUERADE",
+    )  # fmt: skip
+
+
+def driver(ns: str, backend: str, engine: str, mode: str, action: str) -> str:
+    return netns_exec(ns, sys.executable, DRIVER, backend, engine, mode, action).stdout
+
+
+def save(ns: str, backend: str) -> dict[str, list[str]]:
+    return normalize(netns_exec(ns, SAVE[backend]).stdout)
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+@pytest.mark.parametrize(("engine", "mode"), [("20.10", "both"), ("28", "direct"), ("28", "port")])
+def test_apply_twice_then_remove_restores_tables(
+    netns: str, backend: str, engine: str, mode: str
+) -> None:
+    docker_like(netns, backend)
+    before = save(netns, backend)
+
+    driver(netns, backend, engine, mode, "apply")
+    once = save(netns, backend)
+    assert json.loads(driver(netns, backend, engine, mode, "state"))["complete"]
+    driver(netns, backend, engine, mode, "apply")
+    assert save(netns, backend) == once, "a second apply changed the tables"
+
+    comments = [ln for t in once.values() for ln in t if ln.startswith("-A") and "NETSETUP" in ln]
+    assert comments and all('--comment "netsetup: ' in ln for ln in comments)
+    if mode != "port":
+        # the hook comes before Docker's RETURN in DOCKER-USER
+        user = [ln for ln in once["filter"] if ln.startswith("-A DOCKER-USER")]
+        assert user[0].endswith("-j NETSETUP-FORWARD")
+
+    driver(netns, backend, engine, mode, "remove")
+    assert save(netns, backend) == before
+    driver(netns, backend, engine, mode, "remove")  # removing again is a no-op
+    assert save(netns, backend) == before
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_nftables_engine_hooks_from_forward(netns: str, backend: str) -> None:
+    docker_like(netns, backend, engine_firewall="nftables")
+    before = save(netns, backend)
+    driver(netns, backend, "29-nftables", "both", "apply")
+    forward = [ln for ln in save(netns, backend)["filter"] if ln.startswith("-A FORWARD")]
+    assert forward[0].endswith("-j NETSETUP-FORWARD")
+    driver(netns, backend, "29-nftables", "both", "remove")
+    assert save(netns, backend) == before
+
+
+def test_remove_finds_hooks_moved_by_the_engine(netns: str) -> None:
+    """After a daemon restart Docker re-inserts its own rules above ours: removal still works."""
+    docker_like(netns, "nft")
+    before = save(netns, "nft")
+    driver(netns, "nft", "20.10", "both", "apply")
+    netns_exec(netns, "iptables-nft", "-t", "nat", "-I", "POSTROUTING", "-j", "RETURN")
+    driver(netns, "nft", "20.10", "both", "apply")
+    nat = [ln for ln in save(netns, "nft")["nat"] if "-j NETSETUP-POSTROUTING" in ln]
+    assert len(nat) == 1, "a moved hook was added a second time"
+    netns_exec(netns, "iptables-nft", "-t", "nat", "-D", "POSTROUTING", "-j", "RETURN")
+    driver(netns, "nft", "20.10", "both", "remove")
+    assert save(netns, "nft") == before

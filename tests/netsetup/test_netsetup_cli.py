@@ -1,0 +1,132 @@
+"""The CLI's refusals: one line, exit status 2, no traceback, and nothing on the host changed.
+
+Each case runs the installed `netsetup` as a separate process, as a user would, and compares
+the firewall and the engine's containers/networks before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import normalize
+
+from netsetup.routes import render_text, route_sections
+
+NETSETUP = str(Path(sys.executable).with_name("netsetup"))
+
+
+def host_snapshot() -> tuple:
+    fw = normalize(subprocess.run(["iptables-save"], capture_output=True, text=True).stdout)
+    docker = (
+        subprocess.run(["docker", "ps", "-aq"], capture_output=True, text=True).stdout
+        + subprocess.run(["docker", "network", "ls", "-q"], capture_output=True, text=True).stdout
+    )
+    return fw, docker, Path("/proc/sys/net/ipv4/ip_forward").read_text()
+
+
+def run_cli(*args: str, env: dict | None = None, user: str | None = None):
+    cmd = [NETSETUP, *args]
+    if user:
+        cmd = ["setpriv", "--reuid", user, "--regid", user, "--clear-groups", *cmd]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd="/"
+    )
+
+
+def assert_refused(proc, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+needs_engine = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("docker") is None, reason="needs root and a Docker engine"
+)
+SAFE = ["--upstream", "198.51.100.53", "--compose-file", "/nonexistent/compose.yaml"]
+
+
+def test_not_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    before = host_snapshot()
+    assert_refused(run_cli("up", *SAFE, user="65534"), "root")
+    assert host_snapshot() == before
+
+
+@needs_engine
+def test_no_engine() -> None:
+    before = host_snapshot()
+    proc = run_cli("up", *SAFE, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert_refused(proc, "no Docker engine")
+    assert host_snapshot() == before
+
+
+@needs_engine
+def test_interface_not_found() -> None:
+    before = host_snapshot()
+    assert_refused(run_cli("up", *SAFE, "--lan-interface", "nosuch0"), "nosuch0")
+    assert host_snapshot() == before
+
+
+@needs_engine
+def test_subnet_overlaps_host_route() -> None:
+    before = host_snapshot()
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show", "scope", "link"], capture_output=True, text=True
+    ).stdout.split()
+    if not routes:
+        pytest.skip("host has no link-scope route")
+    net = routes[0]
+    proc = run_cli("up", *SAFE, "--lan-interface", "lo", "--lan-cidr", "127.0.0.0/8",
+                   "--subnet", net, "--ip", net.split("/")[0])  # fmt: skip
+    assert_refused(proc, "overlaps")
+    assert host_snapshot() == before
+
+
+@needs_engine
+def test_port_taken() -> None:
+    before = host_snapshot()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        proc = run_cli(
+            "up", *SAFE, "--lan-interface", "lo", "--lan-cidr", "127.0.0.0/8",
+            "--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", "--port", str(port),
+        )  # fmt: skip
+    assert_refused(proc, "port", str(port))
+    assert host_snapshot() == before
+
+
+@needs_engine
+def test_dry_run_prints_plan_and_changes_nothing() -> None:
+    before = host_snapshot()
+    proc = run_cli(
+        "up", *SAFE, "--dry-run", "--lan-interface", "lo", "--lan-cidr", "127.0.0.0/8",
+        "--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", "--port", "5999",
+        "--bridge", "br-dryrun", "--mode", "direct",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "-A NETSETUP-FORWARD -d 172.31.254.53/32 -i lo -o br-dryrun -p udp" in proc.stdout
+    assert "MASQUERADE" in proc.stdout
+    assert host_snapshot() == before
+
+
+def test_routes_forms() -> None:
+    text = render_text(
+        route_sections("172.31.53.0/24", "192.168.1.2", "172.31.53.53", "192.168.1.0/24", 5053)
+    )
+    assert "ip route add 172.31.53.0/24 via 192.168.1.2" in text
+    assert "route -p add 172.31.53.0 mask 255.255.255.0 192.168.1.2" in text
+    assert "/ip route add dst-address=172.31.53.0/24 gateway=192.168.1.2" in text
+    assert "uci set network.@route[-1].gateway='192.168.1.2'" in text
+    assert "sudo route -n add -net 172.31.53.0/24 192.168.1.2" in text
+    assert "gateway 192.168.1.2, DNS 172.31.53.53" in text
