@@ -105,22 +105,23 @@ class StreamUpstream:
             self._connecting = asyncio.get_running_loop().create_task(self._open())
         loop = asyncio.get_running_loop()
         try:
-            self._conn = await asyncio.wait_for(asyncio.shield(self._connecting),
-                                                max(deadline - loop.time(), 0))
+            return await asyncio.wait_for(asyncio.shield(self._connecting),
+                                          max(deadline - loop.time(), 0))
         except TimeoutError:
             raise UpstreamError("connect-timeout") from None
         except ssl.SSLError as exc:
             raise UpstreamError(f"tls: {exc.reason or exc}") from None
         except OSError as exc:
             raise UpstreamError(_os_reason(exc)) from None
-        return self._conn
 
     async def _open(self) -> _Connection:
         kwargs = {}
         if self.ssl_context is not None:
             kwargs = {"ssl": self.ssl_context, "server_hostname": self.server_name or self.host}
         reader, writer = await asyncio.open_connection(self.host, self.port, **kwargs)
-        return _Connection(reader, writer, self)
+        # Set here, not by the waiter: a waiter cancelled meanwhile must not orphan it.
+        self._conn = _Connection(reader, writer, self)
+        return self._conn
 
     async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
         started = time.monotonic()
@@ -144,7 +145,7 @@ class StreamUpstream:
             self._connecting.cancel()
         if self._conn is not None:
             self._conn.reading.cancel()
-            self._conn.writer.close()
+            await asyncio.gather(self._conn.reading, return_exceptions=True)
 
 
 def _hostport(host: str, port: int) -> str:

@@ -1,0 +1,130 @@
+"""Each forgery defence against a simulated injector on loopback: the client gets the genuine
+answer, the forgery is counted by upstream and reason, and logged."""
+
+from __future__ import annotations
+
+import pytest
+
+from .fakes import FORGED_LISTED, FORGED_UNLISTED, GENUINE, addresses, ask
+
+
+def forgeries(proxy, reason: str | None = None) -> float:
+    if reason is None:
+        return proxy.metrics.total("dnsproxy_forgeries_total")
+    return sum(v for (n, labels), v in proxy.metrics.values.items()
+               if n == "dnsproxy_forgeries_total" and ("reason", reason) in labels)
+
+
+def teach_edns(proxy, upstream) -> None:
+    """One clean query: the forwarder learns from real traffic that the upstream echoes OPT."""
+    assert addresses(ask(proxy.port, "clean.example")) == [GENUINE]
+    assert upstream.count("clean.example") == 1
+
+
+def test_no_edns_forgery_is_dropped_once_upstream_is_known_to_echo_opt(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    teach_edns(proxy, upstream)
+    upstream.rule("blocked.example", forgeries=("no-edns",), delay=0.05)
+    reply = ask(proxy.port, "blocked.example")
+    assert addresses(reply) == [GENUINE]
+    assert forgeries(proxy, "no-edns") == 1
+    logged = [line for line in proxy.log_lines() if line.get("event") == "forgery"]
+    assert logged == [{**logged[0], "upstream": upstream.address, "name": "blocked.example.",
+                       "type": "A", "reason": "no-edns"}]
+
+
+def test_no_edns_forgery_before_anything_is_learned(upstream, make_proxy):
+    """The very first query is polluted: the OPT-less reply is held, the genuine one wins."""
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("blocked.example", forgeries=("no-edns",), delay=0.1)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert forgeries(proxy, "no-edns") == 1
+
+
+def test_known_forged_address_is_dropped(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("blocked.example", forgeries=("forged-address",), delay=0.05)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert forgeries(proxy, "forged-address") == 1
+
+
+def test_forged_address_from_option_and_file(upstream, make_proxy, tmp_path):
+    listed = tmp_path / "forged.txt"
+    listed.write_text("# ours\n203.0.113.66\n")
+    proxy = make_proxy("--upstream", upstream.address, "--forged-addresses-file", str(listed))
+    upstream.rule("blocked.example", forgeries=("too-fast",), delay=0.05)  # 203.0.113.66
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert forgeries(proxy, "forged-address") == 1
+
+
+def test_too_fast_reply_is_dropped_with_hijack_threshold(upstream, make_proxy, tmp_path):
+    config = tmp_path / "dnsproxy.toml"
+    config.write_text(f'[[upstream]]\naddress = "{upstream.address}"\nhijack_threshold = 40\n')
+    proxy = make_proxy("--config", str(config))
+    upstream.rule("blocked.example", forgeries=("too-fast",), delay=0.1)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert forgeries(proxy, "too-fast") == 1
+
+
+@pytest.mark.parametrize("kind", ["wrong-id", "wrong-question"])
+def test_replies_not_matching_the_query_are_ignored(upstream, make_proxy, kind):
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("blocked.example", forgeries=(kind,), delay=0.05)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert forgeries(proxy, "mismatch") == 1
+
+
+def test_reply_from_another_port_never_reaches_the_forwarder(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("blocked.example", forgeries=("other-port",), delay=0.05)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert FORGED_UNLISTED not in proxy.log.getvalue()
+
+
+def test_all_forgeries_combined(upstream, make_proxy, tmp_path):
+    config = tmp_path / "dnsproxy.toml"
+    config.write_text(f'[[upstream]]\naddress = "{upstream.address}"\nhijack_threshold = 40\n')
+    proxy = make_proxy("--config", str(config))
+    upstream.default.delay = 0.1  # a real far-away resolver: slower than the threshold
+    teach_edns(proxy, upstream)
+    kinds = ("no-edns", "forged-address", "too-fast", "wrong-id", "wrong-question", "other-port")
+    upstream.rule("blocked.example", forgeries=kinds, delay=0.1)
+    for _ in range(3):  # every query, not the first only; the cache must hold only the genuine
+        assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    counts = {reason: forgeries(proxy, reason)
+              for reason in ("no-edns", "forged-address", "too-fast", "mismatch")}
+    assert counts == {"no-edns": 1, "forged-address": 1, "too-fast": 1, "mismatch": 2}
+
+
+def test_polluted_name_is_asked_over_tcp_and_udp_silence_is_survived(upstream, make_proxy):
+    """The injector forges and the genuine UDP reply is lost: TCP still brings the answer,
+    and the next query for that name goes straight to TCP."""
+    proxy = make_proxy("--upstream", upstream.address, "--cache-size", "0")
+    teach_edns(proxy, upstream)
+    # Forge, and hold the genuine UDP reply past the deadline: only TCP can answer in time.
+    upstream.rule("blocked.example", forgeries=("forged-address",), delay=5)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert upstream.count("blocked.example", "tcp") == 1
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert upstream.count("blocked.example", "udp") == 1  # not asked over UDP again
+    assert upstream.count("blocked.example", "tcp") == 2
+
+
+def test_defences_can_be_switched_off(upstream, make_proxy):
+    """With the address check off, the forgery reaches the client: the switch works, and
+    the test above is not passing by accident."""
+    proxy = make_proxy("--upstream", upstream.address, "--no-forged-addresses",
+                       "--no-tcp-for-polluted")
+    upstream.rule("blocked.example", forgeries=("forged-address",), delay=0.05)
+    assert addresses(ask(proxy.port, "blocked.example")) == [FORGED_LISTED]
+    assert forgeries(proxy) == 0
+
+
+def test_forged_replies_are_never_cached(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("blocked.example", forgeries=("forged-address", "no-edns"), delay=0.05)
+    ask(proxy.port, "blocked.example")
+    cached = ask(proxy.port, "blocked.example")
+    assert addresses(cached) == [GENUINE]
+    assert [line["reason"] for line in proxy.log_lines() if "rcode" in line] == [
+        "forwarded", "cached"]
