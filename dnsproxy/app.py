@@ -24,6 +24,10 @@ from .upstreams import PollutedNames, Telemetry, build_upstream, client_ssl_cont
 log = logging.getLogger("dnsproxy")
 
 
+class ListenError(Exception):
+    """A listen address is taken or not ours: reported in one line, exit status 1."""
+
+
 @dataclass
 class Forwarding:
     """The parts that a reload replaces; the cache lives outside so a reload keeps it."""
@@ -90,15 +94,21 @@ class Service:
         tcp = TcpServer(self.responder, s.tcp_idle_timeout, s.tcp_max_connections,
                         s.tcp_max_per_client)
         for host, port in s.listen_addresses():
-            udp_sock = bind_socket(host, port, socket.SOCK_DGRAM, self.reuse_port)
+            try:
+                udp_sock = bind_socket(host, port, socket.SOCK_DGRAM, self.reuse_port)
+                tcp_sock = bind_socket(host, port, socket.SOCK_STREAM, self.reuse_port)
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: UdpServer(self.responder), sock=udp_sock)
             self.transports.append(transport)
-            tcp_sock = bind_socket(host, port, socket.SOCK_STREAM, self.reuse_port)
             self.servers.append(await asyncio.start_server(tcp.handle, sock=tcp_sock))
         if s.metrics:
             host, port = parse_listen(s.metrics)
-            self.servers.append(await serve_metrics(self.metrics, host, port))
+            try:
+                self.servers.append(await serve_metrics(self.metrics, host, port))
+            except OSError as exc:
+                raise ListenError(f"cannot serve metrics on {s.metrics}: {exc.strerror}") from None
 
     def reload(self) -> None:
         """Re-read the configuration; on any error keep running with the old one."""

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dnsproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from .app import run
+    from .app import ListenError, run
 
     try:
         if settings.workers > 1:
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dnsproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:  # a listen address in use or not ours
-        print(f"dnsproxy: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+    except ListenError as exc:
+        print(f"dnsproxy: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

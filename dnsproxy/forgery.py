@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from importlib import resources
+from pathlib import Path
 from typing import Protocol
 
 from . import wire
+
+BUILTIN_LIST = Path(__file__).with_name("data") / "forged-addresses.txt"
 
 
 class UpstreamView(Protocol):
@@ -118,7 +120,7 @@ def load_forged_addresses(extra: list[str] = (), files: list[str] = (),
     """The shipped list plus the user's, as packed bytes (what the reply walker yields)."""
     lines: list[tuple[str, str]] = []
     if builtin:
-        text = resources.files("dnsproxy").joinpath("data/forged-addresses.txt").read_text()
+        text = BUILTIN_LIST.read_text(encoding="utf-8")
         lines += [("built-in list", line) for line in text.splitlines()]
     for path in files:
         try:
