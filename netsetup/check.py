@@ -49,8 +49,12 @@ def probes(
     return sorted(out, key=lambda p: (p.path, p.transport))
 
 
-def query(probe: Probe, name: str, qtype: str = "A", timeout: float = 3.0) -> Result:
-    request = DNSRecord.question(name, qtype)
+def query(
+    probe: Probe, name: str, qtype: str = "TXT", qclass: str = "CH", timeout: float = 3.0
+) -> Result:
+    """One query; the default (CHAOS TXT id.server) is answered by the appliance itself, so a
+    check sends nothing upstream unless a real name is asked for."""
+    request = DNSRecord.question(name, qtype, qclass)
     start = time.monotonic()
     try:
         raw = request.send(probe.server, probe.port, tcp=probe.transport == "tcp", timeout=timeout)

@@ -166,8 +166,11 @@ def status(
 @one_line_errors
 def check_cmd(
     project: ProjectOpt = DEFAULT.project,
-    name: Annotated[str, typer.Option(help="name to resolve")] = "example.com",
-    qtype: Annotated[str, typer.Option(help="query type")] = "A",
+    name: Annotated[
+        str, typer.Option(help="name to resolve (default: the appliance's own id.server)")
+    ] = "id.server",
+    qtype: Annotated[str, typer.Option(help="query type")] = "TXT",
+    qclass: Annotated[str, typer.Option(help="query class: CH for id.server, else IN")] = "CH",
     timeout: Annotated[float, typer.Option(help="seconds per query")] = 3.0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -177,7 +180,7 @@ def check_cmd(
         raise NetsetupError(f"project {project} is not up (no state): run netsetup up first")
     settings = saved.to_settings()
     results = [
-        check_mod.query(probe, name, qtype, timeout)
+        check_mod.query(probe, name, qtype, qclass, timeout)
         for probe in check_mod.probes(
             settings.ip, saved.lan_address, settings.port, settings.direct, settings.published
         )

@@ -63,7 +63,7 @@ class Settings:
     subnet: str = "172.31.53.0/24"
     ip: str = "172.31.53.53"
     port: int = 5053
-    project: str = "dnsproxy"
+    project: str = "dnsapp"
     service: str = "dnsproxy"
 
     @property

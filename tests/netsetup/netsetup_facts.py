@@ -25,7 +25,7 @@ def facts(engine: str = "20.10", backend: str = "nft") -> HostFacts:
         engine_version=version,
         engine_firewall=engine_firewall,
         iptables=IptablesBackend(backend),
-        bridge="br-dnsproxy",
+        bridge="br-dnsapp",
         lan_interface="eth0",
         lan_cidr="192.168.1.0/24",
         lan_address="192.168.1.2",
@@ -39,5 +39,5 @@ def settings(mode: str = "both") -> Settings:
         subnet="172.31.53.0/24",
         ip="172.31.53.53",
         port=5053,
-        project="dnsproxy",
+        project="dnsapp",
     )

@@ -1,0 +1,68 @@
+"""A tiny authoritative DNS server standing in for "the internet" in end-to-end tests.
+
+It answers A queries for names under `example.test.` with 198.51.100.200 (NXDOMAIN otherwise),
+over UDP and TCP, echoing EDNS when the query has it, and appends one JSON line per query with
+the source address to a log file: that is how the test sees whether the appliance's queries
+arrive masqueraded (from the host's address) or not.
+Usage: fake_upstream.py LISTEN_IP PORT LOGFILE
+"""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import struct
+import sys
+import threading
+
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+ZONE = "example.test."
+ANSWER = "198.51.100.200"
+
+
+def answer(data: bytes, client: str, log_path: str) -> bytes:
+    request = DNSRecord.parse(data)
+    name = str(request.q.qname)
+    with open(log_path, "a") as log:
+        log.write(json.dumps({"client": client, "name": name}) + "\n")
+    reply = request.reply()
+    if name.lower().endswith(ZONE) and request.q.qtype == QTYPE.A:
+        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ANSWER), ttl=60))
+    elif not name.lower().endswith(ZONE):
+        reply.header.rcode = RCODE.NXDOMAIN
+    for opt in request.ar:
+        if opt.rtype == QTYPE.OPT:
+            reply.add_ar(opt)
+    return reply.pack()
+
+
+def main() -> None:
+    host, port, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+    class Udp(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            sock.sendto(answer(data, self.client_address[0], log_path), self.client_address)
+
+    class Tcp(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while True:
+                head = self.rfile.read(2)
+                if len(head) < 2:
+                    return
+                data = self.rfile.read(struct.unpack("!H", head)[0])
+                out = answer(data, self.client_address[0], log_path)
+                self.wfile.write(struct.pack("!H", len(out)) + out)
+
+    socketserver.ThreadingUDPServer.allow_reuse_address = True
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    udp = socketserver.ThreadingUDPServer((host, port), Udp)
+    tcp = socketserver.ThreadingTCPServer((host, port), Tcp)
+    threading.Thread(target=tcp.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    udp.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The end-to-end topology: a LAN client and an "internet" resolver in namespaces of their own.
+
+    [lan ns] client 10.253.53.10 --veth-- 10.253.53.1 [engine's netns] 198.51.100.1 --veth--
+    198.51.100.53 [inet ns] fake authoritative server
+
+The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
+client routes the appliance subnet via the host, as the LAN's router would; the resolver has
+only its connected route, so it cannot reach the appliance subnet: answers reach the appliance
+only if the host masquerades its queries. 192.0.2.0/24 is avoided because hosts here may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The LAN is private (like real LANs, and the appliance answers private clients by default).
+LAN_NET, LAN_HOST, LAN_CLIENT = "10.253.53.0/24", "10.253.53.1", "10.253.53.10"
+INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
+FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+@dataclass
+class Topology:
+    subnet: str
+    pid: int | None = None  # netns of the engine; None for this host's
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    upstream_proc: subprocess.Popen | None = None
+    upstream_log: str = ""
+
+    @property
+    def lan_ns(self) -> str:
+        return f"nslan-{self.tag}"
+
+    @property
+    def inet_ns(self) -> str:
+        return f"nsinet-{self.tag}"
+
+    @property
+    def lan_if(self) -> str:
+        return f"vl{self.tag}"
+
+    @property
+    def inet_if(self) -> str:
+        return f"vi{self.tag}"
+
+    def in_engine_ns(self, *cmd: str) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-n", *cmd] if self.pid else list(cmd)
+
+    def engine_sh(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return sh(*self.in_engine_ns(*cmd), check=check)
+
+    def _pair(self, host_if: str, ns: str, host_addr: str, ns_addr: str) -> None:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", host_if + "p")
+        sh("ip", "link", "set", host_if + "p", "netns", ns)
+        if self.pid:
+            sh("ip", "link", "set", host_if, "netns", str(self.pid))
+        self.engine_sh("ip", "addr", "add", f"{host_addr}/24", "dev", host_if)
+        self.engine_sh("ip", "link", "set", host_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", host_if + "p", "name", "eth0")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_addr}/24", "dev", "eth0")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+
+    def create(self) -> None:
+        for ns in (self.lan_ns, self.inet_ns):
+            sh("ip", "netns", "add", ns)
+        self._pair(self.lan_if, self.lan_ns, LAN_HOST, LAN_CLIENT)
+        self._pair(self.inet_if, self.inet_ns, INET_HOST, INET_RESOLVER)
+        # the LAN's router would route the appliance subnet to the host; the client does it here
+        sh("ip", "netns", "exec", self.lan_ns, "ip", "route", "add", self.subnet, "via", LAN_HOST)
+        fd, self.upstream_log = tempfile.mkstemp(prefix="netsetup-upstream-", suffix=".jsonl")
+        os.close(fd)
+        self.upstream_proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.inet_ns, sys.executable, FAKE_UPSTREAM,
+             INET_RESOLVER, "53", self.upstream_log],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert self.upstream_proc.stdout is not None
+        assert self.upstream_proc.stdout.readline().strip() == "ready"
+
+    def destroy(self) -> None:
+        if self.upstream_proc is not None:
+            self.upstream_proc.terminate()
+            try:
+                self.upstream_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.upstream_proc.kill()
+        for ifname in (self.lan_if, self.inet_if):
+            self.engine_sh("ip", "link", "del", ifname, check=False)
+        for ns in (self.lan_ns, self.inet_ns):
+            sh("ip", "netns", "del", ns, check=False)
+        if self.upstream_log:
+            Path(self.upstream_log).unlink(missing_ok=True)
+
+    def dig(self, server: str, name: str, port: int = 53, tcp: bool = False) -> str:
+        cmd = ["ip", "netns", "exec", self.lan_ns, "dig", f"@{server}", "-p", str(port), name,
+               "A", "+short", "+time=2", "+tries=3"]  # fmt: skip
+        if tcp:
+            cmd.append("+tcp")
+        out = sh(*cmd, check=False).stdout
+        # +short still prints errors (";; communications error ..."): keep only answers
+        return "\n".join(ln for ln in out.splitlines() if ln and not ln.startswith(";")).strip()
+
+    def upstream_clients(self) -> list[str]:
+        import json
+
+        lines = Path(self.upstream_log).read_text().splitlines()
+        return [json.loads(line)["client"] for line in lines if line.strip()]
+
+    def wait_dig(self, server: str, name: str, port: int = 53, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        out = ""
+        while time.monotonic() < deadline:
+            out = self.dig(server, name, port)
+            if out:
+                return out
+            time.sleep(1)
+        return out
