@@ -54,6 +54,13 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except (typer.Exit, SystemExit):
+            raise
+        except Exception as exc:  # an engine or OS error we did not foresee: still one line
+            if os.environ.get("NETSETUP_DEBUG"):
+                raise
+            print(f"netsetup: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from netsetup.errors import NetsetupError
 from netsetup.plan import Mode, Settings
 
 
@@ -58,10 +59,13 @@ def load(project: str) -> State | None:
 
 def save(project: str, state: State) -> None:
     path = path_for(project)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise NetsetupError(f"cannot write state file {path}: {exc.strerror}") from exc
 
 
 def delete(project: str) -> None:

@@ -207,3 +207,32 @@ def test_end_to_end_nested_docker28(appliance_image: str) -> None:
         scenario(engine, project="nsnested", subnet="172.31.53.0/24", ip="172.31.53.53", port=5053)
     finally:
         nested.stop()
+
+
+def test_failed_up_rolls_back(appliance_image: str, tmp_path: Path) -> None:
+    """A failure at the last step (the state file cannot be written) undoes every step before
+    it: firewall rules applied, service deployed. The host ends as it started."""
+    engine = Engine()
+    engine.env["NETSETUP_STATE_DIR"] = "/proc/netsetup-cannot-exist"
+    topo = Topology(subnet="172.31.154.0/24")
+    topo.create()
+    before = engine.firewall()
+    try:
+        proc = make(
+            engine, "up", PROJECT="nsrollback", BRIDGE="br-nsrollback", SUBNET="172.31.154.0/24",
+            DNS_IP="172.31.154.53", PORT="5154", UPSTREAMS="198.51.100.53",
+            LAN_INTERFACE=topo.lan_if, LAN_CIDR=LAN_NET,
+        )  # fmt: skip
+        assert proc.returncode != 0
+        assert "cannot write state file" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert engine.firewall() == before
+        left = engine.run(
+            "docker", "ps", "-aq", "--filter", "label=com.docker.compose.project=nsrollback"
+        ).stdout.split()
+        assert not left, "the service was not removed on rollback"
+        nets = engine.run("docker", "network", "ls", "-q", "--filter", "name=nsrollback").stdout
+        assert not nets.split(), "the network was not removed on rollback"
+    finally:
+        engine.run(NETSETUP, "down", "-p", "nsrollback")
+        topo.destroy()
