@@ -1,0 +1,288 @@
+"""Hostile input, abuse and operations: the server keeps answering, is no open resolver or
+amplifier, and tells its operator what happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from .fakes import GENUINE, addresses, ask, free_port, send_raw
+
+
+def test_any_is_answered_minimally_without_asking_upstream(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    reply = ask(proxy.port, "example.com", "ANY")
+    assert [QTYPE[rr.rtype] for rr in reply.rr] == ["HINFO"]
+    assert b"RFC8482" in reply.rr[0].rdata.data  # dnslib has no HINFO type: raw rdata
+    assert upstream.count() == 0
+
+
+def test_chaos_identity_is_local(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--identity", "lan-dns")
+    reply = ask(proxy.port, "id.server", "TXT", qclass="CH")
+    assert str(reply.rr[0].rdata) == '"lan-dns"'
+    assert upstream.count() == 0
+
+
+def test_clients_outside_the_allowed_networks_are_refused(upstream, make_proxy):
+    # Loopback is allowed by default; narrowing the list makes this client a stranger.
+    proxy = make_proxy("--upstream", upstream.address, "--allow", "10.0.0.0/8")
+    reply = ask(proxy.port, "example.com")
+    assert reply.header.rcode == RCODE.REFUSED and not reply.rr
+    assert upstream.count() == 0
+    assert proxy.metrics.get("dnsproxy_responses_total", reason="refused") == 1
+
+
+def test_rate_limit_drops_over_udp_and_refuses_over_tcp(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--rate-limit", "2")  # burst 4
+    answered = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(30):  # all at once: faster than tokens come back
+            sock.sendto(DNSRecord.question(f"n{i}.example").pack(), ("127.0.0.1", proxy.port))
+        sock.settimeout(0.25)
+        try:
+            while True:
+                sock.recv(4096)
+                answered += 1
+        except TimeoutError:
+            pass
+    assert 4 <= answered <= 5
+    assert ask(proxy.port, "x.example", tcp=True).header.rcode == RCODE.REFUSED
+    time.sleep(1.0)  # tokens come back
+    assert addresses(ask(proxy.port, "late.example")) == [GENUINE]
+
+
+def test_udp_reply_never_exceeds_the_client_buffer(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("big.example", padding=30)
+    for edns, size, limit in ((False, 0, 512), (True, 700, 700), (True, 4096, 4096)):
+        query = DNSRecord.question("big.example")
+        if edns:
+            from dnslib import EDNS0
+            query.add_ar(EDNS0(udp_len=size))
+        raw = send_raw(proxy.port, query.pack())
+        assert len(raw) <= limit
+
+
+def test_malformed_packets_get_formerr_or_nothing_and_never_stop_the_server(upstream,
+                                                                           make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    good = DNSRecord.question("ok.example").pack()
+    response = DNSRecord.question("ok.example").reply().pack()
+    loop_name = good[:12] + b"\xc0\x0c" + good[-4:]  # a pointer to itself
+    cases = [b"", b"\x00", good[:11], good[:14], good + b"\xff" * 3, response, loop_name,
+             b"\xff" * 512, good[:2] + b"\x00\x00\x00\x05" + good[6:]]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.3)
+        for case in cases:
+            sock.sendto(case, ("127.0.0.1", proxy.port))
+            try:
+                reply = sock.recv(4096)
+            except TimeoutError:
+                continue
+            parsed = DNSRecord.parse(reply)
+            assert parsed.header.id == struct.unpack(">H", case[:2])[0]
+    assert addresses(ask(proxy.port, "ok.example")) == [GENUINE]
+    assert proxy.metrics.total("dnsproxy_malformed_total") >= 5
+
+
+def _tcp_query(conn: socket.socket, name: str, qid: int) -> None:
+    query = DNSRecord.question(name)
+    query.header.id = qid
+    data = query.pack()
+    conn.sendall(struct.pack(">H", len(data)) + data)
+
+
+def _tcp_read(conn: socket.socket) -> DNSRecord:
+    head = b""
+    while len(head) < 2:
+        chunk = conn.recv(2 - len(head))
+        if not chunk:
+            raise ConnectionError("closed")
+        head += chunk
+    length = struct.unpack(">H", head)[0]
+    data = b""
+    while len(data) < length:
+        data += conn.recv(length - len(data))
+    return DNSRecord.parse(data)
+
+
+def test_tcp_pipelined_queries_are_answered_on_one_connection(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("slow.example", delay=0.3)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as conn:
+        _tcp_query(conn, "slow.example", 1)
+        _tcp_query(conn, "fast.example", 2)
+        first, second = _tcp_read(conn), _tcp_read(conn)
+    # Answered out of order: the fast one did not wait for the slow one.
+    assert (first.header.id, second.header.id) == (2, 1)
+    assert addresses(first) == addresses(second) == [GENUINE]
+
+
+def test_idle_tcp_connections_do_not_starve_others(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--tcp-max-connections", "20",
+                       "--tcp-max-per-client", "100", "--tcp-idle-timeout", "30")
+    idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(50)]
+    try:
+        time.sleep(0.3)
+        for i in range(5):
+            assert addresses(ask(proxy.port, f"busy{i}.example", tcp=True)) == [GENUINE]
+        assert addresses(ask(proxy.port, "udp.example")) == [GENUINE]
+        assert proxy.metrics.total("dnsproxy_tcp_connections_rejected_total") == 0
+        assert len(proxy.service.responder.tasks) == 0
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_one_client_cannot_hold_more_than_its_share(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--tcp-max-per-client", "3")
+    held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        with pytest.raises((ConnectionError, OSError, struct.error)):
+            ask(proxy.port, "fourth.example", tcp=True, timeout=2)
+        assert proxy.metrics.total("dnsproxy_tcp_connections_rejected_total") >= 1
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_idle_tcp_connection_is_closed_after_the_timeout(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--tcp-idle-timeout", "0.5")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as conn:
+        conn.sendall(b"\x00")  # half a length prefix, then nothing
+        started = time.monotonic()
+        assert conn.recv(10) == b""
+        assert time.monotonic() - started < 2
+
+
+def test_metrics_endpoint_counts_queries_hits_and_forgeries(upstream, make_proxy):
+    port = free_port()
+    proxy = make_proxy("--upstream", upstream.address, "--metrics", f"127.0.0.1:{port}")
+    upstream.rule("blocked.example", forgeries=("forged-address",), delay=0.05)
+    ask(proxy.port, "blocked.example")
+    ask(proxy.port, "blocked.example")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert lines['dnsproxy_queries_total{transport="udp"}'] == "2"
+    assert lines["dnsproxy_cache_hits_total"] == "1"
+    key = f'dnsproxy_forgeries_total{{reason="forged-address",upstream="{upstream.address}"}}'
+    assert lines[key] == "1"
+    assert f'dnsproxy_upstream_latency_seconds_count{{upstream="{upstream.address}"}}' in lines
+
+
+def test_sighup_reloads_upstreams_and_keeps_the_cache(upstream, second_upstream, tmp_path):
+    config = tmp_path / "dnsproxy.toml"
+    config.write_text(f'upstreams = ["{upstream.address}"]\n')
+    second_upstream.default.answers = ["192.0.2.99"]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dnsproxy", "--listen", f"127.0.0.1:{port}",
+                             "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until_serving(port)
+        assert addresses(ask(port, "kept.example")) == [GENUINE]
+        config.write_text(f'upstreams = ["{second_upstream.address}"]\n')
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert addresses(ask(port, "kept.example")) == [GENUINE]  # from the cache
+        assert addresses(ask(port, "new.example")) == ["192.0.2.99"]  # from the new upstream
+        config.write_text("upstreams = [\n")  # broken: the running configuration stays
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert addresses(ask(port, "newer.example")) == ["192.0.2.99"]
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=5)
+    assert proc.returncode == 0
+    assert "reload failed" in err
+
+
+def _wait_until_serving(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ask(port, "id.server", "TXT", qclass="CH", timeout=0.2)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("the forwarder did not start")
+
+
+def test_sigterm_stops_within_two_seconds_even_with_queries_in_flight(upstream):
+    upstream.default.silent = True
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dnsproxy", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", upstream.address, "--timeout", "10"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_until_serving(port)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for i in range(20):
+                sock.sendto(DNSRecord.question(f"hang{i}.example").pack(), ("127.0.0.1", port))
+        time.sleep(0.2)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+        assert time.monotonic() - started < 2
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
+def test_client_from_a_public_address_is_refused(upstream, tmp_path):
+    """A real client in its own namespace, with a public-range address (198.18.0.0/15, the
+    benchmarking range: not private), is refused; one with a private address is served."""
+    suffix = str(os.getpid() % 10000)
+    ns, host_if, ns_if = f"dpacl{suffix}", f"dpa{suffix}", f"dpb{suffix}"
+    port = free_port()
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        sh("ip", "link", "set", ns_if, "netns", ns)
+        sh("ip", "addr", "add", "198.18.53.1/24", "dev", host_if)
+        sh("ip", "addr", "add", "10.253.0.1/24", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", "198.18.53.2/24", "dev", ns_if)
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", "10.253.0.2/24", "dev", ns_if)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        proc = subprocess.Popen([sys.executable, "-m", "dnsproxy", "--listen",
+                                 f"0.0.0.0:{port}", "--upstream", upstream.address],
+                                stderr=subprocess.DEVNULL)
+        try:
+            _wait_until_serving(port)
+
+            def dig(source: str, server: str) -> str:
+                return subprocess.run(
+                    ["ip", "netns", "exec", ns, "dig", "+tries=1", "+time=2", "-b", source,
+                     f"@{server}", "-p", str(port), "ok.example"],
+                    capture_output=True, text=True, timeout=10).stdout
+
+            public = dig("198.18.53.2", "198.18.53.1")
+            assert "status: REFUSED" in public and GENUINE not in public
+            private = dig("10.253.0.2", "10.253.0.1")
+            assert "status: NOERROR" in private and GENUINE in private
+        finally:
+            proc.terminate()
+            proc.wait(timeout=5)
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
