@@ -1,0 +1,130 @@
+# The DNS appliance: build it, deploy it, test it. `make help` lists the targets; README.md
+# describes the settings. Settings are ordinary make variables: `make up PORT=53 UPSTREAMS=...`.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# ---- settings ----------------------------------------------------------------------------------
+MODE          ?= both#                    both | port | direct: how LAN clients reach the appliance
+# A real user's default: DNS over TLS to public resolvers. Tests always set their own.
+UPSTREAMS     ?= $(if $(CONFIG),,tls://1.1.1.1\#cloudflare-dns.com tls://9.9.9.9\#dns.quad9.net)
+CONFIG        ?=#                         optional config file (TOML or CDNS), mounted read-only
+LAN_INTERFACE ?=#                         empty: the host tool picks the default route's interface
+LAN_CIDR      ?=#                         empty: the host tool reads it from LAN_INTERFACE
+SUBNET        ?= 172.31.53.0/24#          the appliance's own bridge network
+DNS_IP        ?= 172.31.53.53#            the container's fixed address in SUBNET (direct mode)
+PORT          ?= 5053#                    published on the host for UDP and TCP (port mode)
+QUERY_LOG     ?= 1#                       1: one JSON line per query in `make logs`; 0: none
+BASE_IMAGE    ?= dnsproxy-base:bookworm#  or python:3.12-slim where a registry is reachable
+BRIDGE        ?= br-dnsapp#               the bridge's interface name on the host
+PROJECT       ?= dnsapp#                  compose project name
+IMAGE         ?= dnsproxy:latest
+
+VENV   ?= .venv
+PYTHON ?= python3
+# Compose v2 when present, else docker-compose 1.29; both read compose.yaml.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+# compose.yaml reads these from the environment.
+export UPSTREAMS QUERY_LOG SUBNET DNS_IP PORT BRIDGE IMAGE
+export COMPOSE_PROJECT_NAME := $(PROJECT)
+export CONFIG := $(if $(CONFIG),$(abspath $(CONFIG)))
+
+# Debian packages the targets use, as command:package. Installed when missing, if we are root.
+DEB_TOOLS := mmdebstrap:mmdebstrap dig:bind9-dnsutils ip:iproute2 iptables:iptables
+# Shell snippet: apt-get install the packages in $$missing as root, else just name them.
+APT_INSTALL = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+	    echo "note: missing Debian packages:$$missing (install them, or run as root)"; \
+	fi
+
+.PHONY: help venv deps base image up down logs check test lint clean
+
+help:
+	@echo "make up      set up, build the image if needed, deploy; prints where it answers"
+	@echo "make down    stop the appliance, remove its container and network"
+	@echo "make logs    follow the appliance's log (one JSON line per query)"
+	@echo "make check   ask the appliance through every exposed path (dig)"
+	@echo "make test    the whole test suite (needs root and Docker for parts of it)"
+	@echo "make image   build $(IMAGE) (and its base, when its recipe changed)"
+	@echo "make lint    ruff"
+	@echo "settings: MODE UPSTREAMS CONFIG LAN_INTERFACE LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG BASE_IMAGE"
+
+# ---- set-up ------------------------------------------------------------------------------------
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { missing=python3-venv; $(APT_INSTALL); }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[fast,netsetup,test]'
+	touch $@
+
+deps:
+	@missing=""; \
+	for pair in $(DEB_TOOLS); do \
+	    command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; \
+	done; \
+	$(COMPOSE) version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then $(APT_INSTALL); fi
+
+# ---- images ------------------------------------------------------------------------------------
+# The base is bootstrapped only when images/base/ changed since the image was built (build.sh
+# compares a hash of the recipe); code changes rebuild just the top layers, in seconds.
+base:
+	@if [ "$(BASE_IMAGE)" = dnsproxy-base:bookworm ]; then images/base/build.sh $(BASE_IMAGE); fi
+
+# The build context is only what the image needs, streamed as a tarball: no .dockerignore to
+# maintain, and the virtualenv and .git never travel to the engine.
+image: base
+	tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml dnsproxy images/appliance/Dockerfile \
+	    | docker build --quiet -f images/appliance/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) -
+	@docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+# ---- deployment --------------------------------------------------------------------------------
+# For now compose alone deploys. Once netsetup lands, up/down/check call
+# `$(NETSETUP) up|down|check $(NETSETUP_ARGS)`, which also writes the host's routes and firewall.
+NETSETUP      = $(VENV)/bin/netsetup
+NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
+                $(if $(LAN_INTERFACE),--lan-interface $(LAN_INTERFACE)) \
+                $(if $(LAN_CIDR),--lan-cidr $(LAN_CIDR)) \
+                --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT)
+
+up: venv deps image
+	$(COMPOSE) -f compose.yaml up -d --remove-orphans
+	@host=$$(ip -4 -o addr show $(or $(LAN_INTERFACE),$$(ip route show default | awk '{print $$5; exit}')) 2>/dev/null \
+	    | awk '{split($$4, a, "/"); print a[1]; exit}'); \
+	echo "the appliance answers on $${host:-this host}:$(PORT) (port mode) and $(DNS_IP):53 (direct mode)"
+
+down:
+	$(COMPOSE) -f compose.yaml down --remove-orphans
+
+logs:
+	$(COMPOSE) -f compose.yaml logs --follow --tail=100
+
+# Asks CHAOS TXT id.server, which the appliance answers itself: checks every path without sending
+# anything upstream. NAME=example.org also resolves a real name through the upstreams.
+check:
+	@set -e; \
+	paths="$(if $(filter direct,$(MODE)),,127.0.0.1:$(PORT)) $(if $(filter port,$(MODE)),,$(DNS_IP):53)"; \
+	for path in $$paths; do \
+	    for proto in +notcp +tcp; do \
+	        printf '%-22s %-7s ' "$$path" "$${proto#+}"; \
+	        dig @$${path%:*} -p $${path#*:} $$proto +time=2 +tries=1 +short -c CH -t TXT id.server \
+	            | grep . || { echo "no answer"; exit 1; }; \
+	        if [ -n "$(NAME)" ]; then \
+	            dig @$${path%:*} -p $${path#*:} $$proto +time=3 +tries=1 +short $(NAME) | sed 's/^/    /'; \
+	        fi; \
+	    done; \
+	done
+
+# ---- quality -----------------------------------------------------------------------------------
+test: venv
+	$(VENV)/bin/pytest tests/
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean: down
+	-docker image rm $(IMAGE)
