@@ -59,8 +59,11 @@ BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold",
 FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout"}
 INT_KEYS = {"cache_size", "max_ttl", "workers", "tcp_max_connections", "tcp_max_per_client"}
 STR_KEYS = {"ca_file", "metrics", "identity"}
-# Environment names where the plural reads better than the setting's own name.
-ENV_NAMES = {"upstreams": "DNSPROXY_UPSTREAMS", "forged_address": "DNSPROXY_FORGED_ADDRESSES"}
+# Environment names where the plural reads better than the setting's own name. The switch
+# `forged_addresses` (the built-in list on or off) then needs a name of its own: two settings
+# read from one variable would make either unusable from the environment.
+ENV_NAMES = {"upstreams": "DNSPROXY_UPSTREAMS", "forged_address": "DNSPROXY_FORGED_ADDRESSES",
+             "forged_addresses": "DNSPROXY_BUILTIN_FORGED_ADDRESSES"}
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -151,7 +151,7 @@ def parse_query(data: bytes) -> Query:
     if qdcount != 1:
         raise WireError(f"{qdcount} questions")
     qend = _question_end(data)
-    question = data[12:qend]
+    question = bytes(data[12:qend])  # hashable even when handed a bytearray
     qtype, qclass = struct.unpack_from(">HH", data, qend - 4)
     edns = False
     do = False

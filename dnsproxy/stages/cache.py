@@ -27,6 +27,9 @@ class Cache(PassThrough):
         self.clock = clock
         # key -> (CachedReply, stored at, expires at)
         self.entries: OrderedDict[bytes, tuple[wire.CachedReply, float, float]] = OrderedDict()
+        self.counts = metrics.values
+        self.hits = metrics.key("dnsproxy_cache_hits_total")
+        self.misses = metrics.key("dnsproxy_cache_misses_total")
         metrics.gauge("dnsproxy_cache_entries", lambda: len(self.entries))
 
     @staticmethod
@@ -38,16 +41,16 @@ class Cache(PassThrough):
         key = query.key + (b"\x01" if query.do else b"\x00")
         entry = self.entries.get(key)
         if entry is None:
-            self.metrics.inc("dnsproxy_cache_misses_total")
+            self.counts[self.misses] += 1
             return None
         cached, stored, expires = entry
         now = self.clock()
         if now >= expires:
             del self.entries[key]
-            self.metrics.inc("dnsproxy_cache_misses_total")
+            self.counts[self.misses] += 1
             return None
         self.entries.move_to_end(key)
-        self.metrics.inc("dnsproxy_cache_hits_total")
+        self.counts[self.hits] += 1
         reply = wire.client_reply(cached, query, int(now - stored))
         return Response(reply, "cached", cached.rcode)
 

@@ -83,7 +83,7 @@ class StreamUpstream:
     def __init__(self, host: str, port: int, telemetry: Telemetry, *,
                  ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
                  name: str | None = None, idle_timeout: float = 10.0,
-                 hijack_threshold: float = 0.0) -> None:
+                 hijack_threshold: float = 0.0, error_prefix: str = "") -> None:
         self.host = host
         self.port = port
         self.telemetry = telemetry
@@ -93,6 +93,7 @@ class StreamUpstream:
         self.name = name or f"{self.transport}://{_hostport(host, port)}"
         self.idle_timeout = idle_timeout
         self.hijack_threshold = hijack_threshold
+        self.error_prefix = error_prefix  # "tcp-" when a UDP upstream falls back to us
         self.edns = EdnsState()
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task | None = None
@@ -124,6 +125,13 @@ class StreamUpstream:
         return self._conn
 
     async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+        try:
+            return await self._exchange(query, deadline)
+        except UpstreamError as exc:
+            self.telemetry.error(self.name, self.error_prefix + exc.reason)
+            raise
+
+    async def _exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
         started = time.monotonic()
         self.telemetry.sent(self.name, self.transport)
         for attempt in (1, 2):

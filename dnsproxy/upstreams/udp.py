@@ -38,7 +38,7 @@ class UdpUpstream:
         self.edns_grace = edns_grace
         self.edns = EdnsState()
         # Same server over TCP: for truncated replies and for names an injector targets.
-        self.tcp = StreamUpstream(host, port, telemetry, name=self.name)
+        self.tcp = StreamUpstream(host, port, telemetry, name=self.name, error_prefix="tcp-")
 
     async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
         if self.tcp_for_polluted and query.key in self.polluted:
@@ -169,7 +169,5 @@ class _Exchange:
             return
         if task.exception() is None:
             self.result.set_result(task.result())
-        elif self.held is None and self.sock is not None:
-            # TCP failed too; keep listening on UDP until the deadline.
-            reason = getattr(task.exception(), "reason", "error")
-            self.up.telemetry.error(self.up.name, "tcp-" + reason)
+        # Otherwise TCP failed too (the stream upstream counted it as "tcp-<reason>"): keep
+        # listening on UDP until the deadline.
