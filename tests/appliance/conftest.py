@@ -132,6 +132,7 @@ def appliance(image) -> Iterator[str]:
         "--no-healthcheck", "--read-only", "--cap-drop", "ALL",
         "-v", f"{FAKE_UPSTREAM_SCRIPT}:/fake_upstream.py:ro",
         "--entrypoint", "python3", IMAGE, "/fake_upstream.py")
+    wait_for(lambda: "fake upstream ready" in upstream_log(), 20, "the fake upstream")
     container = appliance_id()
     wait_for(lambda: health(container) == "healthy", 60, "the appliance to become healthy")
     try:
