@@ -24,19 +24,15 @@ from netsetup import deploy, detect, state, sysctl
 from netsetup.errors import VerifyFailed
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, rule_lines
-from netsetup.firewall.model import Chain
 from netsetup.plan import (
-    FORWARD_CHAIN,
-    NAT_CHAIN,
     OPT_MASQUERADE,
     HostFacts,
     Plan,
     Settings,
     compute_plan,
+    own_chains,
     render_plan,
 )
-
-ALL_CHAINS = [Chain("filter", FORWARD_CHAIN), Chain("nat", NAT_CHAIN)]
 
 
 @dataclass
@@ -144,7 +140,7 @@ def up(settings: Settings, options: Options) -> str:
         fw_before = backend.state(plan.firewall)
         backend.apply(plan.firewall)
         if not fw_before.complete:
-            undo.push("firewall", lambda: backend.remove(ALL_CHAINS))
+            undo.push("firewall", lambda: backend.remove(own_chains(settings.project)))
 
         if plan.verify_no_raw_drop:
             drops = raw_drop_lines(backend, settings.ip)
@@ -196,7 +192,7 @@ def down(project: str, options: Options, settings: Settings | None = None) -> li
     if backend_name == "auto":
         backend_name = saved.firewall if saved and saved.firewall else None
     backend = get_backend(backend_name or detect.iptables_backend().value)
-    backend.remove(ALL_CHAINS)
+    backend.remove(own_chains(project))
     done.append(f"firewall rules removed ({backend.name})")
     if saved:
         for key, old in saved.sysctls_before.items():

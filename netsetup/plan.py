@@ -31,8 +31,16 @@ from enum import StrEnum
 
 from netsetup.firewall.model import Chain, FirewallPlan, Rule
 
-FORWARD_CHAIN = "NETSETUP-FORWARD"
-NAT_CHAIN = "NETSETUP-POSTROUTING"
+CHAIN_PREFIX = "NETSETUP-"
+MAX_CHAIN = 28  # iptables' limit on chain names
+
+
+def own_chains(project: str) -> list[Chain]:
+    """Our chains for one project: the same name in filter and nat, so that `down` of one
+    project never touches another's rules."""
+    name = (CHAIN_PREFIX + project)[:MAX_CHAIN]
+    return [Chain("filter", name), Chain("nat", name)]
+
 
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_GATEWAY_MODE = "com.docker.network.bridge.gateway_mode_ipv4"
@@ -126,11 +134,12 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
     }
 
     fw = plan.firewall
-    fw.chains.append(Chain("nat", NAT_CHAIN))
+    forward_chain, nat_chain = (c.name for c in own_chains(settings.project))
+    fw.chains.append(Chain("nat", nat_chain))
     fw.rules.append(
         Rule(
             table="nat",
-            chain=NAT_CHAIN,
+            chain=nat_chain,
             source=subnet,
             destination=lan,
             not_destination=True,
@@ -144,19 +153,19 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
         Rule(
             table="nat",
             chain="POSTROUTING",
-            target=NAT_CHAIN,
+            target=nat_chain,
             comment=f"{settings.project}: hook",
             position=1,
         )
     )
 
     if settings.direct:
-        fw.chains.insert(0, Chain("filter", FORWARD_CHAIN))
+        fw.chains.insert(0, Chain("filter", forward_chain))
         for proto in ("udp", "tcp"):
             fw.rules.append(
                 Rule(
                     table="filter",
-                    chain=FORWARD_CHAIN,
+                    chain=forward_chain,
                     destination=ip,
                     in_interface=facts.lan_interface,
                     out_interface=facts.bridge,
@@ -169,7 +178,7 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
         fw.rules.append(
             Rule(
                 table="filter",
-                chain=FORWARD_CHAIN,
+                chain=forward_chain,
                 source=ip,
                 in_interface=facts.bridge,
                 out_interface=facts.lan_interface,
@@ -184,7 +193,7 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
             Rule(
                 table="filter",
                 chain=hook_chain,
-                target=FORWARD_CHAIN,
+                target=forward_chain,
                 comment=f"{settings.project}: hook",
                 position=1,
             ),

@@ -62,7 +62,7 @@ def test_apply_twice_then_remove_restores_tables(
     if mode != "port":
         # the hook comes before Docker's RETURN in DOCKER-USER
         user = [ln for ln in once["filter"] if ln.startswith("-A DOCKER-USER")]
-        assert user[0].endswith("-j NETSETUP-FORWARD")
+        assert user[0].endswith("-j NETSETUP-dnsapp")
 
     driver(netns, backend, engine, mode, "remove")
     assert save(netns, backend) == before
@@ -76,7 +76,7 @@ def test_nftables_engine_hooks_from_forward(netns: str, backend: str) -> None:
     before = save(netns, backend)
     driver(netns, backend, "29-nftables", "both", "apply")
     forward = [ln for ln in save(netns, backend)["filter"] if ln.startswith("-A FORWARD")]
-    assert forward[0].endswith("-j NETSETUP-FORWARD")
+    assert forward[0].endswith("-j NETSETUP-dnsapp")
     driver(netns, backend, "29-nftables", "both", "remove")
     assert save(netns, backend) == before
 
@@ -88,7 +88,7 @@ def test_remove_finds_hooks_moved_by_the_engine(netns: str) -> None:
     driver(netns, "nft", "20.10", "both", "apply")
     netns_exec(netns, "iptables-nft", "-t", "nat", "-I", "POSTROUTING", "-j", "RETURN")
     driver(netns, "nft", "20.10", "both", "apply")
-    nat = [ln for ln in save(netns, "nft")["nat"] if "-j NETSETUP-POSTROUTING" in ln]
+    nat = [ln for ln in save(netns, "nft")["nat"] if "-j NETSETUP-dnsapp" in ln]
     assert len(nat) == 1, "a moved hook was added a second time"
     netns_exec(netns, "iptables-nft", "-t", "nat", "-D", "POSTROUTING", "-j", "RETURN")
     driver(netns, "nft", "20.10", "both", "remove")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import normalize
 
 from netsetup.routes import render_text, route_sections
 
@@ -22,12 +21,26 @@ NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 
 
 def host_snapshot() -> tuple:
-    fw = normalize(subprocess.run(["iptables-save"], capture_output=True, text=True).stdout)
-    docker = (
-        subprocess.run(["docker", "ps", "-aq"], capture_output=True, text=True).stdout
-        + subprocess.run(["docker", "network", "ls", "-q"], capture_output=True, text=True).stdout
-    )
-    return fw, docker, Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    """What a refused `up` could have changed: our firewall pieces, the project's containers and
+    networks, IPv4 forwarding, the state file. (Narrower than a whole-host dump, so that other
+    work on the same engine does not make the comparison flaky.)"""
+    fw = [
+        line
+        for cmd in (["iptables-nft-save"], ["iptables-legacy-save"])
+        for line in subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
+        if "netsetup" in line.lower()
+    ]
+    label = f"label=com.docker.compose.project={PROJECT}"
+    docker = [
+        subprocess.run(
+            ["docker", kind, "ls", "-aq" if kind == "container" else "-q", "--filter", label],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for kind in ("container", "network")
+    ]
+    state = Path("/run/netsetup") / f"{PROJECT}.json"
+    return fw, docker, Path("/proc/sys/net/ipv4/ip_forward").read_text(), state.exists()
 
 
 def run_cli(*args: str, env: dict | None = None, user: str | None = None):
@@ -51,7 +64,11 @@ def assert_refused(proc, *words: str) -> None:
 needs_engine = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("docker") is None, reason="needs root and a Docker engine"
 )
-SAFE = ["--upstream", "198.51.100.53", "--compose-file", "/nonexistent/compose.yaml"]
+PROJECT = "nsrefuse"
+SAFE = [
+    "--upstream", "198.51.100.53", "--compose-file", "/nonexistent/compose.yaml",
+    "--project", PROJECT,
+]  # fmt: skip
 
 
 def test_not_root() -> None:
@@ -115,7 +132,7 @@ def test_dry_run_prints_plan_and_changes_nothing() -> None:
         "--bridge", "br-dryrun", "--mode", "direct",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "-A NETSETUP-FORWARD -d 172.31.254.53/32 -i lo -o br-dryrun -p udp" in proc.stdout
+    assert "-A NETSETUP-nsrefuse -d 172.31.254.53/32 -i lo -o br-dryrun -p udp" in proc.stdout
     assert "MASQUERADE" in proc.stdout
     assert host_snapshot() == before
 
