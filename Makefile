@@ -92,13 +92,13 @@ NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT)
 
 up: venv deps image
-	$(COMPOSE) -f compose.yaml up -d --remove-orphans
+	$(NETSETUP) up $(NETSETUP_ARGS) --project $(PROJECT)
 	@host=$$(ip -4 -o addr show $(or $(LAN_INTERFACE),$$(ip route show default | awk '{print $$5; exit}')) 2>/dev/null \
 	    | awk '{split($$4, a, "/"); print a[1]; exit}'); \
 	echo "the appliance answers on $${host:-this host}:$(PORT) (port mode) and $(DNS_IP):53 (direct mode)"
 
 down:
-	$(COMPOSE) -f compose.yaml down --remove-orphans
+	$(NETSETUP) down --project $(PROJECT)
 
 logs:
 	$(COMPOSE) -f compose.yaml logs --follow --tail=100
@@ -106,18 +106,7 @@ logs:
 # Asks CHAOS TXT id.server, which the appliance answers itself: checks every path without sending
 # anything upstream. NAME=example.org also resolves a real name through the upstreams.
 check:
-	@set -e; \
-	paths="$(if $(filter direct,$(MODE)),,127.0.0.1:$(PORT)) $(if $(filter port,$(MODE)),,$(DNS_IP):53)"; \
-	for path in $$paths; do \
-	    for proto in +notcp +tcp; do \
-	        printf '%-22s %-7s ' "$$path" "$${proto#+}"; \
-	        dig @$${path%:*} -p $${path#*:} $$proto +time=2 +tries=1 +short -c CH -t TXT id.server \
-	            | grep . || { echo "no answer"; exit 1; }; \
-	        if [ -n "$(NAME)" ]; then \
-	            dig @$${path%:*} -p $${path#*:} $$proto +time=3 +tries=1 +short $(NAME) | sed 's/^/    /'; \
-	        fi; \
-	    done; \
-	done
+	$(NETSETUP) check --project $(PROJECT) $(if $(NAME),--name $(NAME) --qtype A --qclass IN)
 
 # ---- quality -----------------------------------------------------------------------------------
 test: venv
