@@ -218,6 +218,8 @@ def routes_cmd(
     project: ProjectOpt = DEFAULT.project,
     subnet: Annotated[str | None, typer.Option(help="appliance subnet")] = None,
     gateway: Annotated[str | None, typer.Option(help="this host's LAN address")] = None,
+    ip: Annotated[str | None, typer.Option(help="appliance container address")] = None,
+    port: Annotated[int | None, typer.Option(help="published port (port mode)")] = None,
     lan_interface: Annotated[str | None, typer.Option()] = None,
     lan_cidr: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -234,7 +236,11 @@ def routes_cmd(
     print(
         routes.render_text(
             routes.route_sections(
-                subnet or settings.subnet, gateway or address, settings.ip, cidr, settings.port
+                subnet or settings.subnet,
+                gateway or address,
+                ip or settings.ip,
+                cidr,
+                port or settings.port,
             )
         ),
         end="",
