@@ -34,6 +34,7 @@ class Forwarding:
 
     pipeline: Pipeline
     forwarder: Forwarder
+    access: AccessControl  # also guards the metrics endpoint
 
 
 def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
@@ -43,10 +44,8 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                                        builtin=settings.forged_addresses)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    filters = build_filters(settings.edns_marker,
-                            forged if (settings.forged_addresses or settings.forged_address
-                                       or settings.forged_addresses_file) else None,
-                            settings.hijack_threshold)
+    # --no-forged-addresses drops the shipped list; addresses the user adds still count.
+    filters = build_filters(settings.edns_marker, forged, settings.hijack_threshold)
     telemetry = Telemetry(metrics, querylog)
     polluted = PollutedNames()
     try:
@@ -60,15 +59,16 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay)
     cache.size = settings.cache_size
     cache.max_ttl = settings.max_ttl
+    access = AccessControl(settings.allow, metrics)
     # The order of the chain, and why:
     stages = [
-        AccessControl(settings.allow, metrics),  # strangers cost nothing and learn nothing
+        access,  # strangers cost nothing and learn nothing
         *([RateLimit(settings.rate_limit, 2 * settings.rate_limit, metrics)]
           if settings.rate_limit else []),  # before any work, cached answers included
         LocalAnswers(settings.identity, metrics),  # health checks and ANY never leave the host
         cache,  # only then the cache; what it misses goes to the forwarder (forgery filters inside)
     ]
-    return Forwarding(Pipeline(stages, forwarder), forwarder)
+    return Forwarding(Pipeline(stages, forwarder), forwarder, access)
 
 
 class Service:
@@ -106,7 +106,8 @@ class Service:
         if s.metrics:
             host, port = parse_listen(s.metrics)
             try:
-                self.servers.append(await serve_metrics(self.metrics, host, port))
+                self.servers.append(await serve_metrics(
+                    self.metrics, host, port, lambda peer: self.forwarding.access.allowed(peer)))
             except OSError as exc:
                 raise ListenError(f"cannot serve metrics on {s.metrics}: {exc.strerror}") from None
 

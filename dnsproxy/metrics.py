@@ -67,10 +67,19 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP endpoint: every GET gets the current counters."""
+async def serve_metrics(metrics: Metrics, host: str, port: int,
+                        allowed=lambda address: True) -> asyncio.AbstractServer:
+    """A minimal HTTP endpoint: every GET gets the current counters.
+
+    `allowed(address)` is the resolver's own access control: whoever may not ask us names may
+    not read what others asked either.
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("",)
+        if not allowed(peer[0]):
+            writer.close()
+            return
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             if request.startswith(b"GET "):

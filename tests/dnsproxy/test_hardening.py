@@ -286,3 +286,11 @@ def test_client_from_a_public_address_is_refused(upstream, tmp_path):
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_metrics_are_closed_to_clients_outside_the_allowed_networks(upstream, make_proxy):
+    port = free_port()
+    make_proxy("--upstream", upstream.address, "--metrics", f"127.0.0.1:{port}",
+               "--allow", "10.0.0.0/8")
+    with pytest.raises(OSError):  # closed without a response
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
