@@ -166,6 +166,16 @@ def status(
     if info.get("raw_drop"):
         table.add_row("raw DROP", info["raw_drop"][0])
     table.add_row("ip_forward", info["sysctl"]["net.ipv4.ip_forward"])
+    counts = info.get("counts") or {}
+    if "error" in counts:
+        table.add_row("counts", f"unavailable: {counts['error']}")
+    elif counts:
+        table.add_row("queries", f"{counts['queries']} ({counts['cache_hits']} from the cache, "
+                                 f"{counts['cache_entries']} cached)")
+        for label, group in (("forgeries", "forgeries_discarded"), ("errors", "upstream_errors"),
+                             ("latency ms", "upstream_latency_ms")):
+            for key, value in counts[group].items() or {"-": ""}.items():
+                table.add_row(f"  {label}", f"{key} {value}".strip())
     console.print(table)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from netsetup import deploy, detect, state, sysctl
+from netsetup import metrics as appliance_metrics
 from netsetup.errors import VerifyFailed
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, rule_lines
@@ -254,4 +255,6 @@ def status(project: str, options: Options) -> dict:
         }
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)
     out["sysctl"] = {"net.ipv4.ip_forward": sysctl.get("net.ipv4.ip_forward")}
+    if deployed and deployed.ip:
+        out["counts"] = appliance_metrics.fetch(deployed.ip)
     return out

@@ -166,6 +166,10 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
         status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
         assert status["firewall"]["complete"], status
         assert not status["raw_drop"], status["raw_drop"]
+        # the appliance's own counters, read over the bridge: the digs above were counted
+        counts = status["counts"]
+        assert counts["queries"] >= 4 and counts["cache_entries"] >= 1, counts
+        assert list(counts["upstream_latency_ms"]) == ["198.51.100.53:53"], counts
         proc = engine.run(NETSETUP, "check", "-p", project)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
