@@ -117,3 +117,16 @@ lint: venv
 
 clean: down
 	-docker image rm $(IMAGE)
+
+# ---- benchmark ---------------------------------------------------------------------------------
+# dnsproxy against dnsmasq and unbound on this machine, all on 127.0.0.1 (see bench/README.md);
+# the table goes to bench/results/latest.md. BENCH_ARGS=--quick for a smoke run.
+BENCH_TOOLS := dnsperf:dnsperf dnsmasq:dnsmasq-base unbound:unbound
+.PHONY: bench
+bench: venv
+	@missing=""; \
+	for pair in $(BENCH_TOOLS); do \
+	    command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then $(APT_INSTALL); fi
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
