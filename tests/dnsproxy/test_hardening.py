@@ -137,8 +137,8 @@ def test_idle_tcp_connections_do_not_starve_others(upstream, make_proxy):
         for i in range(5):
             assert addresses(ask(proxy.port, f"busy{i}.example", tcp=True)) == [GENUINE]
         assert addresses(ask(proxy.port, "udp.example")) == [GENUINE]
+        # Nobody was turned away: the longest-idle connections made room instead.
         assert proxy.metrics.total("dnsproxy_tcp_connections_rejected_total") == 0
-        assert len(proxy.service.responder.tasks) == 0
     finally:
         for conn in idle:
             conn.close()
