@@ -59,6 +59,16 @@ class Responder:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def resolve(self, request: Request) -> Response:
+        """The pipeline's answer; a bug anywhere in it costs this query a SERVFAIL, no more."""
+        try:
+            return await self.pipeline.resolve(request)
+        except Exception:
+            log.exception("resolving a %s query from %s failed", request.transport,
+                          request.client[0])
+            return Response(wire.response(request.query, wire.SERVFAIL), "servfail",
+                            wire.SERVFAIL)
+
 
 class UdpServer(asyncio.DatagramProtocol):
     def __init__(self, responder: Responder) -> None:
@@ -94,13 +104,7 @@ class UdpServer(asyncio.DatagramProtocol):
             self._send(request, response)
 
     async def _resolve(self, request: Request) -> None:
-        try:
-            response = await self.responder.pipeline.resolve(request)
-        except Exception:
-            log.exception("resolving a query from %s failed", request.client[0])
-            response = Response(wire.response(request.query, wire.SERVFAIL), "servfail",
-                                wire.SERVFAIL)
-        self._send(request, response)
+        self._send(request, await self.responder.resolve(request))
 
     def _send(self, request: Request, response: Response) -> None:
         if response.wire is not None and self.transport is not None:
@@ -175,11 +179,7 @@ class TcpServer:
 
     async def _resolve(self, writer, request: Request, state: list) -> None:
         try:
-            response = await self.responder.pipeline.resolve(request)
-        except Exception:
-            log.exception("resolving a TCP query from %s failed", request.client[0])
-            response = Response(wire.response(request.query, wire.SERVFAIL), "servfail",
-                                wire.SERVFAIL)
+            response = await self.responder.resolve(request)
         finally:
             state[2] -= 1
             state[1] = time.monotonic()
