@@ -8,6 +8,7 @@ replies of each kind before the genuine one. It records every query it receives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
 import socketserver
@@ -43,6 +44,7 @@ class Behaviour:
     silent: bool = False
     cname: str | None = None  # answer with a CNAME to this name, then the address
     padding: int = 0  # extra TXT answers, to make a large reply
+    soa_minimum: int = 60  # the SOA MINIMUM field of negative answers (RFC 2308)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Seen:
     has_opt: bool
     do: bool
     id: int
+    udp_size: int = 0  # the EDNS buffer size the query advertised, 0 without OPT
 
 
 class FakeUpstream:
@@ -80,7 +83,7 @@ class FakeUpstream:
                              "daemon_threads": True})
         self.tcp = server_class((host, self.port), Handler)
         self.threads = [threading.Thread(target=self._serve_udp, daemon=True),
-                        threading.Thread(target=self.tcp.serve_forever, daemon=True)]
+                        threading.Thread(target=self.tcp.serve_forever, args=(0.05,), daemon=True)]
         self.running = True
         for thread in self.threads:
             thread.start()
@@ -118,7 +121,7 @@ class FakeUpstream:
         do = bool(opt and (opt[0].ttl & 0x8000))
         with self.lock:
             self.seen.append(Seen(transport, client, name, QTYPE[query.q.qtype], bool(opt), do,
-                                  query.header.id))
+                                  query.header.id, opt[0].rclass if opt else 0))
         return query, self._behaviour(name)
 
     def genuine(self, query: DNSRecord, b: Behaviour, truncated: bool = False) -> bytes:
@@ -129,7 +132,7 @@ class FakeUpstream:
             reply.header.tc = 1
         elif b.rcode == RCODE.NXDOMAIN or not b.answers:
             reply.add_auth(RR(qname, QTYPE.SOA, ttl=b.ttl, rdata=SOA(
-                "ns.example.", "admin.example.", (1, 3600, 600, 86400, 60))))
+                "ns.example.", "admin.example.", (1, 3600, 600, 86400, b.soa_minimum))))
         else:
             owner = qname
             if b.cname:
@@ -184,10 +187,8 @@ class FakeUpstream:
                 self._send_udp(reply, client)
 
     def _send_udp(self, reply: bytes, client) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.udp.sendto(reply, client)
-        except OSError:
-            pass
 
     def _serve_tcp(self, conn: socket.socket, client) -> None:
         conn.settimeout(10)
@@ -272,10 +273,19 @@ class ProxyThread:
 
     @property
     def metrics(self):
+        self.sync()
         return self.service.metrics
+
+    def sync(self) -> None:
+        """Wait until the forwarder's loop has finished what it was doing: a reply is sent a
+        moment before its query-log line is written, and the client may read in between."""
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(done.set)
+        done.wait(5)
 
     def log_lines(self) -> list[dict]:
         import json
+        self.sync()
         return [json.loads(line) for line in self.log.getvalue().splitlines() if line]
 
     def close(self) -> None:

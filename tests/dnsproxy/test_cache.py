@@ -1,0 +1,151 @@
+"""The reply cache, through a running forwarder and a fake upstream on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from .fakes import GENUINE, addresses, ask, send_raw
+
+
+def reasons(proxy) -> list[str]:
+    return [line["reason"] for line in proxy.log_lines() if "rcode" in line]
+
+
+def test_hit_counts_ttl_down(upstream, make_proxy):
+    upstream.rule("ttl.example", ttl=300)
+    proxy = make_proxy("--upstream", upstream.address)
+    first = ask(proxy.port, "ttl.example")
+    assert [rr.ttl for rr in first.rr] == [300]
+    time.sleep(1.1)
+    second = ask(proxy.port, "ttl.example")
+    assert addresses(second) == [GENUINE]
+    assert upstream.count("ttl.example") == 1
+    assert 0 < second.rr[0].ttl <= 299
+    assert reasons(proxy) == ["forwarded", "cached"]
+
+
+def test_entry_expires_after_its_ttl(upstream, make_proxy):
+    upstream.rule("short.example", ttl=1)
+    proxy = make_proxy("--upstream", upstream.address)
+    ask(proxy.port, "short.example")
+    ask(proxy.port, "short.example")
+    assert upstream.count("short.example") == 1
+    time.sleep(1.2)
+    assert addresses(ask(proxy.port, "short.example")) == [GENUINE]
+    assert upstream.count("short.example") == 2
+
+
+def test_max_ttl_caps_how_long_an_entry_is_kept(upstream, make_proxy):
+    upstream.rule("long.example", ttl=3600)
+    proxy = make_proxy("--upstream", upstream.address, "--max-ttl", "1")
+    ask(proxy.port, "long.example")
+    time.sleep(1.2)
+    ask(proxy.port, "long.example")
+    assert upstream.count("long.example") == 2
+
+
+def test_cache_is_a_bounded_lru(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--cache-size", "2")
+    ask(proxy.port, "a.example")
+    ask(proxy.port, "b.example")
+    ask(proxy.port, "a.example")  # a is now the most recently used
+    ask(proxy.port, "c.example")  # evicts b
+    assert [upstream.count(n) for n in ("a.example", "b.example", "c.example")] == [1, 1, 1]
+    ask(proxy.port, "a.example")
+    ask(proxy.port, "c.example")
+    assert upstream.count("a.example") == 1 and upstream.count("c.example") == 1
+    ask(proxy.port, "b.example")
+    assert upstream.count("b.example") == 2
+    assert len(proxy.service.cache.entries) == 2
+
+
+@pytest.mark.parametrize(("soa_ttl", "minimum"), [(300, 1), (1, 300)])
+def test_nxdomain_is_cached_for_min_of_soa_ttl_and_minimum(upstream, make_proxy, soa_ttl,
+                                                           minimum):
+    """RFC 2308 5: the negative TTL is the lesser of the SOA's TTL and its MINIMUM; either
+    way round, the entry lives one second, not 300."""
+    upstream.rule("missing.example", rcode=RCODE.NXDOMAIN, ttl=soa_ttl, soa_minimum=minimum)
+    proxy = make_proxy("--upstream", upstream.address)
+    for _ in range(2):
+        reply = ask(proxy.port, "missing.example")
+        assert reply.header.rcode == RCODE.NXDOMAIN
+        assert reply.rr == []
+        assert [QTYPE[rr.rtype] for rr in reply.auth] == ["SOA"]
+        assert reply.auth[0].rdata.times[-1] == minimum
+    assert upstream.count("missing.example") == 1
+    assert reasons(proxy) == ["forwarded", "cached"]
+    time.sleep(1.2)
+    assert ask(proxy.port, "missing.example").header.rcode == RCODE.NXDOMAIN
+    assert upstream.count("missing.example") == 2
+
+
+def test_nodata_is_cached(upstream, make_proxy):
+    upstream.rule("nodata.example", answers=[], ttl=300, soa_minimum=300)
+    proxy = make_proxy("--upstream", upstream.address)
+    for _ in range(3):
+        reply = ask(proxy.port, "nodata.example", "AAAA")
+        assert reply.header.rcode == RCODE.NOERROR and reply.rr == []
+        assert [QTYPE[rr.rtype] for rr in reply.auth] == ["SOA"]
+    assert upstream.count("nodata.example") == 1
+
+
+def test_servfail_from_upstream_is_not_cached(upstream, make_proxy):
+    upstream.rule("broken.example", rcode=RCODE.SERVFAIL, answers=[])
+    proxy = make_proxy("--upstream", upstream.address)
+    for _ in range(2):
+        assert ask(proxy.port, "broken.example").header.rcode == RCODE.SERVFAIL
+    assert upstream.count("broken.example") == 2
+    assert len(proxy.service.cache.entries) == 0
+
+
+def test_key_is_case_insensitive_and_each_client_gets_its_own_case(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    first = ask(proxy.port, "EXAMPLE.com")
+    second = ask(proxy.port, "example.COM")
+    assert upstream.count("example.com") == 1
+    assert str(first.q.qname) == "EXAMPLE.com."
+    assert str(second.q.qname) == "example.COM."
+    assert addresses(first) == addresses(second) == [GENUINE]
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_do_bit_is_part_of_the_key(upstream, make_proxy, first):
+    """A reply fetched without DO (no signatures) never answers a DO query, and back."""
+    proxy = make_proxy("--upstream", upstream.address)
+    ask(proxy.port, "signed.example", do=first)
+    ask(proxy.port, "signed.example", do=not first)
+    assert [s.do for s in upstream.seen] == [first, not first]
+    ask(proxy.port, "signed.example", do=True)
+    ask(proxy.port, "signed.example", do=False)
+    assert upstream.count("signed.example") == 2
+
+
+def test_type_is_part_of_the_key(upstream, make_proxy):
+    upstream.rule("dual.example", answers=[GENUINE, "2001:db8::10"])
+    proxy = make_proxy("--upstream", upstream.address)
+    assert addresses(ask(proxy.port, "dual.example", "A")) == [GENUINE]
+    assert addresses(ask(proxy.port, "dual.example", "AAAA")) == ["2001:db8::10"]
+    assert upstream.count("dual.example") == 2
+
+
+def test_every_reply_carries_the_clients_own_id(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address)
+    for qid in (1, 2, 0xFFFF, 0, 12345):
+        for tcp in (False, True):
+            query = DNSRecord.question("ids.example", "A")
+            query.header.id = qid
+            reply = DNSRecord.parse(send_raw(proxy.port, bytes(query.pack()), tcp=tcp))
+            assert reply.header.id == qid
+            assert addresses(reply) == [GENUINE]
+    assert upstream.count("ids.example") == 1
+
+
+def test_cache_size_zero_disables_the_cache(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--cache-size", "0")
+    for _ in range(3):
+        assert addresses(ask(proxy.port, "nocache.example")) == [GENUINE]
+    assert upstream.count("nocache.example") == 3
+    assert "cached" not in reasons(proxy)

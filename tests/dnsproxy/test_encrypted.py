@@ -1,0 +1,271 @@
+"""Encrypted upstreams against local servers with a test CA: DNS over TLS (RFC 7858) and DNS
+over HTTPS (RFC 8484). The DNS answers come from a FakeUpstream's reply builder."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+
+import pytest
+from dnslib import RCODE
+
+from .fakes import GENUINE, FakeUpstream, _recv_exact, addresses, ask
+
+trustme = pytest.importorskip("trustme")
+
+SERVER_NAME = "dns.test"
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_context(ca):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(SERVER_NAME, "localhost", "127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca, tmp_path):
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def other_ca_file(tmp_path):
+    path = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+class _Tls:
+    """What both servers share: the TLS handshake per connection, done in its own thread."""
+
+    def __init__(self, context: ssl.SSLContext, brain: FakeUpstream) -> None:
+        self.context = context
+        self.brain = brain
+        self.handshakes = 0
+        self.failed_handshakes = 0
+        self.alpn: list[str | None] = []
+        self.lock = threading.Lock()
+
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket | None:
+        try:
+            conn = self.context.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError):
+            with self.lock:
+                self.failed_handshakes += 1
+            return None
+        with self.lock:
+            self.handshakes += 1
+            self.alpn.append(conn.selected_alpn_protocol())
+        return conn
+
+    def answer(self, data: bytes, client, transport: str) -> bytes:
+        query, behaviour = self.brain._record(data, client, transport)
+        return self.brain.genuine(query, behaviour)
+
+
+class DotServer(_Tls):
+    """DNS over TLS on 127.0.0.1: TCP framing inside TLS, many queries per connection."""
+
+    def __init__(self, context: ssl.SSLContext, brain: FakeUpstream) -> None:
+        super().__init__(context, brain)
+        tls = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                conn = tls.wrap(self.request)
+                if conn is None:
+                    return
+                conn.settimeout(10)
+                try:
+                    while True:
+                        head = _recv_exact(conn, 2)
+                        if not head:
+                            return
+                        data = _recv_exact(conn, struct.unpack(">H", head)[0])
+                        reply = tls.answer(data, self.client_address, "tls")
+                        conn.sendall(struct.pack(">H", len(reply)) + reply)
+                except (OSError, ValueError):
+                    return
+
+        server_class = type("DotTCPServer", (socketserver.ThreadingTCPServer,),
+                            {"allow_reuse_address": True, "daemon_threads": True})
+        self.server = server_class(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class DohServer(_Tls):
+    """DNS over HTTPS on 127.0.0.1, HTTP/1.1 with keep-alive. Its context offers only http/1.1
+    in ALPN, so httpx (which offers h2 too when the h2 package is installed) must fall back."""
+
+    def __init__(self, context: ssl.SSLContext, brain: FakeUpstream) -> None:
+        super().__init__(context, brain)
+        self.requests: list[dict] = []
+        tls = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                conn = tls.wrap(self.request)
+                if conn is None:
+                    raise ConnectionAbortedError("handshake failed")
+                self.request = self.connection = conn
+                super().setup()
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with tls.lock:
+                    tls.requests.append({"path": self.path, "version": self.request_version,
+                                         "type": self.headers.get("content-type"),
+                                         "id": struct.unpack(">H", body[:2])[0]})
+                if self.path != "/dns-query":
+                    self.send_error(404)
+                    return
+                reply = tls.answer(body, self.client_address, "https")
+                self.send_response(200)
+                self.send_header("content-type", "application/dns-message")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address) -> None:
+                pass  # failed handshakes are counted, not printed
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def dot(server_context, upstream):
+    server = DotServer(server_context, upstream)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def doh(ca, upstream):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(SERVER_NAME, "localhost", "127.0.0.1").configure_cert(context)
+    context.set_alpn_protocols(["http/1.1"])  # no h2: httpx must fall back to HTTP/1.1
+    server = DohServer(context, upstream)
+    yield server
+    server.close()
+
+
+def upstream_errors(proxy, name: str) -> dict[str, float]:
+    """dnsproxy_upstream_errors_total for one upstream, by reason."""
+    return {dict(labels)["reason"]: v for (n, labels), v in proxy.metrics.values.items()
+            if n == "dnsproxy_upstream_errors_total" and ("upstream", name) in labels}
+
+
+# --- DNS over TLS ---
+
+
+def test_dot_answers_with_server_name(dot, upstream, make_proxy, ca_file):
+    spec = f"tls://127.0.0.1:{dot.port}#{SERVER_NAME}"
+    proxy = make_proxy("--upstream", spec, "--ca-file", ca_file)
+    reply = ask(proxy.port, "private.example")
+    assert addresses(reply) == [GENUINE]
+    assert upstream.count("private.example", "tls") == 1
+    assert upstream.count(transport="udp") == 0
+    assert proxy.log_lines()[-1]["upstream"] == f"tls://127.0.0.1:{dot.port}"
+    assert upstream_errors(proxy, f"tls://127.0.0.1:{dot.port}") == {}
+
+
+def test_dot_verifies_the_ip_address_without_a_name(dot, upstream, make_proxy, ca_file):
+    proxy = make_proxy("--upstream", f"tls://127.0.0.1:{dot.port}", "--ca-file", ca_file)
+    assert addresses(ask(proxy.port, "byip.example")) == [GENUINE]
+
+
+def test_dot_reuses_one_connection(dot, upstream, make_proxy, ca_file):
+    proxy = make_proxy("--upstream", f"tls://127.0.0.1:{dot.port}#{SERVER_NAME}",
+                       "--ca-file", ca_file, "--cache-size", "0")
+    for i in range(6):
+        assert addresses(ask(proxy.port, f"q{i}.example", tcp=bool(i % 2))) == [GENUINE]
+    assert upstream.count(transport="tls") == 6
+    assert dot.handshakes == 1
+    assert len({s.client for s in upstream.seen}) == 1
+
+
+@pytest.mark.parametrize("problem", ["wrong-name", "untrusted-ca"])
+def test_dot_that_cannot_be_verified_gives_servfail(dot, upstream, make_proxy, ca_file,
+                                                    other_ca_file, problem):
+    name = "wrong.test" if problem == "wrong-name" else SERVER_NAME
+    trust = ca_file if problem == "wrong-name" else other_ca_file
+    proxy = make_proxy("--upstream", f"tls://127.0.0.1:{dot.port}#{name}",
+                       "--ca-file", trust, "--timeout", "1")
+    reply = ask(proxy.port, "private.example")
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert upstream.count() == 0  # no query ever reached the server
+    assert dot.handshakes == 0
+    errors = upstream_errors(proxy, f"tls://127.0.0.1:{dot.port}")
+    assert sum(errors.values()) >= 1
+    assert all(reason.startswith("tls") for reason in errors), errors
+
+
+# --- DNS over HTTPS ---
+
+
+def test_doh_answers(doh, upstream, make_proxy, ca_file):
+    url = f"https://localhost:{doh.port}/dns-query"
+    proxy = make_proxy("--upstream", url, "--ca-file", ca_file)
+    reply = ask(proxy.port, "web.example", do=True)
+    assert addresses(reply) == [GENUINE]
+    assert upstream.count("web.example", "https") == 1
+    assert upstream.seen[0].has_opt and upstream.seen[0].do
+    assert doh.requests == [{"path": "/dns-query", "version": "HTTP/1.1",
+                             "type": "application/dns-message", "id": 0}]
+    assert doh.alpn == ["http/1.1"]  # httpx offered h2 too, and fell back
+    assert proxy.log_lines()[-1]["upstream"] == url
+
+
+def test_doh_reuses_one_connection(doh, upstream, make_proxy, ca_file):
+    proxy = make_proxy("--upstream", f"https://localhost:{doh.port}/dns-query",
+                       "--ca-file", ca_file, "--cache-size", "0")
+    for i in range(5):
+        assert addresses(ask(proxy.port, f"w{i}.example")) == [GENUINE]
+    assert len(doh.requests) == 5
+    assert doh.handshakes == 1
+
+
+def test_doh_with_untrusted_ca_gives_servfail(doh, upstream, make_proxy, other_ca_file):
+    url = f"https://localhost:{doh.port}/dns-query"
+    proxy = make_proxy("--upstream", url, "--ca-file", other_ca_file, "--timeout", "1")
+    assert ask(proxy.port, "web.example").header.rcode == RCODE.SERVFAIL
+    assert doh.requests == []
+    assert sum(upstream_errors(proxy, url).values()) >= 1
+
+
+def test_doh_http_error_gives_servfail(doh, upstream, make_proxy, ca_file):
+    url = f"https://localhost:{doh.port}/wrong-path"
+    proxy = make_proxy("--upstream", url, "--ca-file", ca_file, "--timeout", "1")
+    assert ask(proxy.port, "web.example").header.rcode == RCODE.SERVFAIL
+    assert proxy.metrics.get("dnsproxy_upstream_errors_total", upstream=url,
+                             reason="http-404") == 1
