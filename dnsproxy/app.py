@@ -48,10 +48,12 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
     filters = build_filters(settings.edns_marker, forged, settings.hijack_threshold)
     telemetry = Telemetry(metrics, querylog)
     polluted = PollutedNames()
-    try:
-        ssl_context = client_ssl_context(settings.ca_file)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"ca_file {settings.ca_file}: {exc}") from None
+    ssl_context = None  # loading the system's CAs costs megabytes: only when encrypting
+    if any(spec.scheme in ("tls", "https") for spec in settings.upstreams):
+        try:
+            ssl_context = client_ssl_context(settings.ca_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"ca_file {settings.ca_file}: {exc}") from None
     upstreams = [build_upstream(spec, telemetry, filters=filters, polluted=polluted,
                                 ssl_context=ssl_context,
                                 tcp_for_polluted=settings.tcp_for_polluted)

@@ -237,31 +237,74 @@ def upstream_query(query: Query, qid: int) -> bytes:
     return HEADER.pack(qid, flags, 1, 0, 0, 1) + query.question + opt_record(query.do)
 
 
-@dataclass(slots=True)
-class CachedReply:
+class CachedReply(bytes):
     """A reply with its OPT record removed, ready to be patched for any client.
 
-    `ttls` are (offset, original ttl) pairs into `body`; `ttl` is how long the reply may be kept.
+    One bytes object, because a cache holds a hundred thousand of them: a fixed head (when the
+    cache stored it, how long it may be kept, extended rcode, rcode, number of TTLs), the
+    offsets of the TTLs in the message (u16 each), then the message. Objects and lists per
+    entry would triple the memory a full cache takes.
     """
 
-    body: bytes
-    ttls: list[tuple[int, int]]
-    ext_rcode: int
-    ttl: int
-    rcode: int
+    __slots__ = ()
+    HEAD = struct.Struct(">dIBBH")  # stored at, ttl, ext_rcode, rcode, TTL count
+    STAMP = struct.Struct(">dI")  # the head's first two fields: what an expiry check needs
+
+    @classmethod
+    def build(cls, message: bytes, offsets: list[int], ext_rcode: int, ttl: int, rcode: int,
+              stored: float = 0.0) -> CachedReply:
+        head = cls.HEAD.pack(stored, ttl, ext_rcode, rcode, len(offsets))
+        return cls(head + struct.pack(f">{len(offsets)}H", *offsets) + message)
+
+    def stamped(self, stored: float) -> CachedReply:
+        return CachedReply(self.STAMP.pack(stored, self.ttl) + self[self.STAMP.size:])
+
+    @property
+    def stored(self) -> float:
+        return self.HEAD.unpack_from(self)[0]
+
+    @property
+    def ttl(self) -> int:
+        return self.HEAD.unpack_from(self)[1]
+
+    @property
+    def ext_rcode(self) -> int:
+        return self.HEAD.unpack_from(self)[2]
+
+    @property
+    def rcode(self) -> int:
+        return self.HEAD.unpack_from(self)[3]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        count = self.HEAD.unpack_from(self)[4]
+        return struct.unpack_from(f">{count}H", self, self.HEAD.size)
+
+    @property
+    def body(self) -> bytes:
+        """The message itself."""
+        return bytes(self[self.HEAD.size + 2 * len(self.offsets):])
+
+    @property
+    def ttls(self) -> list[tuple[int, int]]:
+        """(offset, ttl) of every record's TTL in `body`."""
+        body = self.body
+        return [(off, U32.unpack_from(body, off)[0]) for off in self.offsets]
 
 
 def strip_opt(data: bytes, reply: Reply) -> CachedReply:
     """Remove the upstream's OPT record: the client gets one of ours, or none if it sent none."""
-    ttls = reply.ttls
+    body = bytearray(data)
+    offsets = [off for off, _ in reply.ttls]
     if reply.opt is not None:
         start, end = reply.opt
         cut = end - start
-        body = bytearray(data[:start] + data[end:])
+        del body[start:end]
         U16.pack_into(body, 10, reply.counts[3] - 1)
-        ttls = [(off - cut if off > start else off, ttl) for off, ttl in ttls]
-        data = bytes(body)
-    return CachedReply(data, ttls, reply.ext_rcode, cache_ttl(reply), reply.rcode)
+        offsets = [off - cut if off > start else off for off in offsets]
+    for off, (_, ttl) in zip(offsets, reply.ttls, strict=True):
+        U32.pack_into(body, off, ttl)  # TTLs with the top bit set are stored as zero
+    return CachedReply.build(bytes(body), offsets, reply.ext_rcode, cache_ttl(reply), reply.rcode)
 
 
 def cache_ttl(reply: Reply) -> int:
@@ -275,18 +318,24 @@ def cache_ttl(reply: Reply) -> int:
 
 
 def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
-    """The cached reply as this client must see it: its ID, its question's case, aged TTLs, OPT."""
-    buf = bytearray(cached.body)
+    """The cached reply as this client must see it: its ID, its question's case, aged TTLs, OPT.
+
+    The one function both the cache-hit path and the forwarded path use, so both give the same
+    bytes.
+    """
+    _, _, ext_rcode, _, count = CachedReply.HEAD.unpack_from(cached)
+    start = CachedReply.HEAD.size + 2 * count
+    buf = bytearray(memoryview(cached)[start:])
     flags = (U16.unpack_from(buf, 2)[0] & ~RD) | (query.flags & RD)
     struct.pack_into(">HH", buf, 0, query.id, flags)
     buf[12 : 12 + len(query.question)] = query.question
     if age:
-        pack = U32.pack_into
-        for off, ttl in cached.ttls:
-            pack(buf, off, ttl - age if ttl > age else 0)
+        for (off,) in U16.iter_unpack(memoryview(cached)[CachedReply.HEAD.size:start]):
+            ttl = U32.unpack_from(buf, off)[0]
+            U32.pack_into(buf, off, ttl - age if ttl > age else 0)
     if query.edns:
         U16.pack_into(buf, 10, U16.unpack_from(buf, 10)[0] + 1)
-        buf += opt_record(query.do, cached.ext_rcode)
+        buf += opt_record(query.do, ext_rcode)
     return bytes(buf)
 
 

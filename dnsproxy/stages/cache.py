@@ -25,8 +25,7 @@ class Cache(PassThrough):
         self.max_ttl = max_ttl
         self.metrics = metrics
         self.clock = clock
-        # key -> (CachedReply, stored at, expires at)
-        self.entries: OrderedDict[bytes, tuple[wire.CachedReply, float, float]] = OrderedDict()
+        self.entries: OrderedDict[bytes, wire.CachedReply] = OrderedDict()  # stamped replies
         self.counts = metrics.values
         self.hits = metrics.key("dnsproxy_cache_hits_total")
         self.misses = metrics.key("dnsproxy_cache_misses_total")
@@ -39,19 +38,19 @@ class Cache(PassThrough):
     def answer(self, request: Request) -> Response | None:
         query = request.query
         key = query.key + (b"\x01" if query.do else b"\x00")
-        entry = self.entries.get(key)
-        if entry is None:
+        cached = self.entries.get(key)
+        if cached is None:
             self.counts[self.misses] += 1
             return None
-        cached, stored, expires = entry
-        now = self.clock()
-        if now >= expires:
+        stored, ttl = wire.CachedReply.STAMP.unpack_from(cached)
+        age = self.clock() - stored
+        if age >= ttl or age >= self.max_ttl:
             del self.entries[key]
             self.counts[self.misses] += 1
             return None
         self.entries.move_to_end(key)
         self.counts[self.hits] += 1
-        reply = wire.client_reply(cached, query, int(now - stored))
+        reply = wire.client_reply(cached, query, int(age))
         return Response(reply, "cached", cached.rcode)
 
     def observe(self, request: Request, response: Response) -> None:
@@ -61,9 +60,8 @@ class Cache(PassThrough):
         ttl = min(cached.ttl, self.max_ttl)
         if ttl <= 0:
             return
-        now = self.clock()
         key = self.key(request.query)
-        self.entries[key] = (cached, now, now + ttl)
+        self.entries[key] = cached.stamped(self.clock())
         self.entries.move_to_end(key)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)

@@ -94,7 +94,7 @@ def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
 
 
 def build_upstream(spec: UpstreamSpec, telemetry: Telemetry, *, filters, polluted: PollutedNames,
-                   ssl_context: ssl.SSLContext, tcp_for_polluted: bool = True) -> Upstream:
+                   ssl_context: ssl.SSLContext | None, tcp_for_polluted: bool = True) -> Upstream:
     if spec.scheme == "udp":
         return UdpUpstream(spec.host, spec.port, telemetry, filters, polluted,
                            hijack_threshold=spec.hijack_threshold,
