@@ -441,6 +441,16 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def source_digest() -> str:
+    """A digest of dnsproxy's sources: a run during which they changed measured two versions."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "dnsproxy").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def tool_versions() -> str:
     def first_line(argv: list[str]) -> str:
         try:
@@ -558,6 +568,7 @@ class Bench:
     def run(self) -> None:
         a = self.args
         start = datetime.datetime.now().astimezone()
+        digest = source_digest()
         up_port = free_port()
         upstream = self.start(upstream_server(LOCALHOST, up_port, self.load_cpu))
         up = (LOCALHOST, up_port)
@@ -591,6 +602,10 @@ class Bench:
             self.docker()
         else:
             self.emit("## Appliance container", "", "Skipped (--no-docker).", "")
+        if source_digest() != digest:
+            say("warning: dnsproxy's sources changed during the run")
+            self.emit("**Warning**: dnsproxy's sources changed during this run; servers "
+                      "started at different times ran different code. Run it again.", "")
         say("done")
 
     def header(self, start: datetime.datetime) -> None:
