@@ -137,11 +137,13 @@ class _Exchange:
             if self.hold_timer is None:
                 self.hold_timer = self.loop.call_later(up.edns_grace, self._release_held)
             return
-        if self.held is not None and reply.opt is not None:
-            self._discard("no-edns", plain=True)
         self.result.set_result(self._accept(data, reply))
 
     def _accept(self, data: bytes, reply: wire.Reply) -> tuple[bytes, wire.Reply]:
+        """The genuine reply (over UDP or the TCP retry): it also settles what was held."""
+        if self.held is not None and reply is not self.held[1] and reply.opt is not None:
+            # The upstream does echo OPT: the OPT-less reply we held was forged.
+            self._count_forgery("no-edns", plain=True)
         self.up.edns.saw_genuine(reply.opt is not None)
         return data, reply
 
@@ -150,12 +152,15 @@ class _Exchange:
             self.result.set_result(self._accept(*self.held))
 
     def _discard(self, reason: str, plain: bool) -> None:
+        self._count_forgery(reason, plain)
+        if self.up.tcp_for_polluted:
+            self._ask_over_tcp()
+
+    def _count_forgery(self, reason: str, plain: bool) -> None:
         up = self.up
         up.telemetry.forgery(up.name, self.query, reason)
         self.forged_plain = self.forged_plain or plain
         up.polluted.add(self.query.key)
-        if up.tcp_for_polluted:
-            self._ask_over_tcp()
 
     def _ask_over_tcp(self) -> None:
         if self.tcp_task is not None:
@@ -168,6 +173,6 @@ class _Exchange:
         if task.cancelled() or self.result.done():
             return
         if task.exception() is None:
-            self.result.set_result(task.result())
+            self.result.set_result(self._accept(*task.result()))
         # Otherwise TCP failed too (the stream upstream counted it as "tcp-<reason>"): keep
         # listening on UDP until the deadline.

@@ -60,7 +60,8 @@ class Seen:
 
 
 class FakeUpstream:
-    def __init__(self, host: str = "127.0.0.2", default: Behaviour | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.2", default: Behaviour | None = None,
+                 port: int = 0) -> None:
         self.host = host
         self.default = default or Behaviour()
         self.rules: dict[str, Behaviour] = {}
@@ -68,7 +69,7 @@ class FakeUpstream:
         self.lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.udp = socket.socket(family, socket.SOCK_DGRAM)
-        self.udp.bind((host, 0))
+        self.udp.bind((host, port))
         self.port = self.udp.getsockname()[1]
         self.spoofer = socket.socket(family, socket.SOCK_DGRAM)
         self.spoofer.bind((host, 0))

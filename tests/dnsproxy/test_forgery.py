@@ -41,6 +41,18 @@ def test_no_edns_forgery_before_anything_is_learned(upstream, make_proxy):
     assert forgeries(proxy, "no-edns") == 1
 
 
+def test_held_forgery_is_counted_when_the_tcp_retry_answers_first(upstream, make_proxy):
+    """Nothing learned yet; an OPT-less forgery is held, a second forgery sends the question
+    over TCP, and TCP's reply (with OPT) arrives before the genuine UDP one: the held reply is
+    known forged then, and counted."""
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("blocked.example", forgeries=("no-edns", "forged-address"), delay=0.4)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert upstream.count("blocked.example", "tcp") == 1
+    assert forgeries(proxy, "no-edns") == 1
+    assert forgeries(proxy, "forged-address") == 1
+
+
 def test_known_forged_address_is_dropped(upstream, make_proxy):
     proxy = make_proxy("--upstream", upstream.address)
     upstream.rule("blocked.example", forgeries=("forged-address",), delay=0.05)
