@@ -83,19 +83,16 @@ image: base
 	@docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 
 # ---- deployment --------------------------------------------------------------------------------
-# For now compose alone deploys. Once netsetup lands, up/down/check call
-# `$(NETSETUP) up|down|check $(NETSETUP_ARGS)`, which also writes the host's routes and firewall.
+# up/down/check go through the host tool (netsetup/), which drives compose and the firewall.
 NETSETUP      = $(VENV)/bin/netsetup
 NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 $(if $(LAN_INTERFACE),--lan-interface $(LAN_INTERFACE)) \
                 $(if $(LAN_CIDR),--lan-cidr $(LAN_CIDR)) \
                 --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT)
 
+# netsetup deploys compose.yaml, writes the host's firewall and prints where LAN clients ask.
 up: venv deps image
 	$(NETSETUP) up $(NETSETUP_ARGS) --project $(PROJECT)
-	@host=$$(ip -4 -o addr show $(or $(LAN_INTERFACE),$$(ip route show default | awk '{print $$5; exit}')) 2>/dev/null \
-	    | awk '{split($$4, a, "/"); print a[1]; exit}'); \
-	echo "the appliance answers on $${host:-this host}:$(PORT) (port mode) and $(DNS_IP):53 (direct mode)"
 
 down:
 	$(NETSETUP) down --project $(PROJECT)

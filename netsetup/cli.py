@@ -118,7 +118,15 @@ def up(
     if dry_run:
         print(text, end="")
     else:
-        print(f"netsetup: up ({mode.value}): appliance {ip}, port {port}", file=sys.stderr)
+        saved = state.load(project)
+        host_address = saved.lan_address if saved else "this host"
+        paths = []
+        if settings.direct:
+            paths.append(f"{ip} port 53 (direct mode: route {settings.subnet} via "
+                         f"{host_address}, see `netsetup routes`)")
+        if settings.published:
+            paths.append(f"{host_address} port {port} (port mode)")
+        print(f"netsetup: up: LAN clients ask {' or '.join(paths)}", file=sys.stderr)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dnsproxy.stages.access import DEFAULT_ALLOWED
 from netsetup.errors import DeployFailed
 from netsetup.plan import OPT_BRIDGE_NAME, Settings
 
@@ -43,6 +44,9 @@ def compose_env(settings: Settings) -> dict[str, str]:
     )
     if settings.upstreams:
         env["UPSTREAMS"] = ",".join(settings.upstreams)
+    if settings.lan_cidr:
+        # The forwarder's default clients (loopback and private ranges) plus this LAN.
+        env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, settings.lan_cidr])
     return env
 
 

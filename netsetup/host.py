@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,9 @@ def up(settings: Settings, options: Options) -> str:
         or f"br-{settings.project}"
     )
     facts, backend = gather_facts(client, settings, options, bridge)
+    # The appliance serves the LAN whatever its addresses (offices do use public ranges).
+    settings = replace(settings, lan_cidr=facts.lan_cidr)
+    compose = deploy.Compose(settings, options.compose_file.resolve())
     detect.check_subnet_free(settings.subnet, bridge)
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
