@@ -1,6 +1,6 @@
 """The end-to-end topology: a LAN client and an "internet" resolver in namespaces of their own.
 
-    [lan ns] client 10.253.53.10 --veth-- 10.253.53.1 [engine's netns] 198.51.100.1 --veth--
+    [lan ns] client 198.19.53.10 --veth-- 198.19.53.1 [engine's netns] 198.51.100.1 --veth--
     198.51.100.53 [inet ns] fake authoritative server
 
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
@@ -20,8 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The LAN is private (like real LANs, and the appliance answers private clients by default).
-LAN_NET, LAN_HOST, LAN_CLIENT = "10.253.53.0/24", "10.253.53.1", "10.253.53.10"
+# The LAN is deliberately not in a private range (198.18.0.0/15, set aside for tests): offices
+# do number LANs that way, and the forwarder serves only private clients unless netsetup tells
+# it the LAN. Answers here prove it does.
+LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
 
