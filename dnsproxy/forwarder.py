@@ -31,7 +31,8 @@ class Health:
     def failed(self, now: float) -> None:
         self.failures += 1
         if self.failures >= FAILS_BEFORE_DOWN:
-            backoff = 2.0 ** (self.failures - FAILS_BEFORE_DOWN + 2)
+            # Capped exponent: a flood of timeouts counts failures into the thousands.
+            backoff = 2.0 ** min(self.failures - FAILS_BEFORE_DOWN + 2, 8)
             self.down_until = now + min(MAX_DOWN_SECONDS, backoff)
 
     def succeeded(self) -> None:

@@ -257,3 +257,16 @@ def test_ipv6_on_both_sides(make_proxy):
         assert [line["client"] for line in proxy.log_lines()] == ["::1", "::1"]
     finally:
         up.close()
+
+
+def test_health_backoff_survives_thousands_of_failures():
+    """A flood of queries to a dead upstream counts failures into the thousands: the backoff
+    must stay bounded (it once overflowed a float and turned every answer into a traceback)."""
+    from dnsproxy.forwarder import MAX_DOWN_SECONDS, Health
+
+    health = Health()
+    for _ in range(5000):
+        health.failed(1000.0)
+    assert health.down_until == 1000.0 + MAX_DOWN_SECONDS
+    health.succeeded()
+    assert (health.failures, health.down_until) == (0, 0.0)
