@@ -36,6 +36,7 @@ DO_BIT = 0x8000
 # The EDNS buffer we advertise upstream: the DNS flag day 2020 value, which avoids IP fragmentation.
 UPSTREAM_UDP_SIZE = 1232
 MAX_TTL = 0x7FFFFFFF
+MAX_UDP_REPLY = 4096
 
 
 class WireError(ValueError):
@@ -74,6 +75,7 @@ class Reply:
     ext_rcode: int = 0
     addresses: list[bytes] = field(default_factory=list)  # rdata of A/AAAA in the answer section
     negative_ttl: int | None = None  # from the SOA in the authority section (RFC 2308)
+    end: int = 0  # offset just past the last record
 
     @property
     def rcode(self) -> int:
@@ -116,6 +118,12 @@ def name_to_text(data: bytes, off: int) -> str:
         labels.append(data[off + 1 : off + 1 + length].decode("ascii", "backslashreplace"))
         off += 1 + length
     return ".".join(labels) + "."
+
+
+def question_key(question: bytes) -> bytes:
+    """Names compare case-insensitively (RFC 4343); the type and class bytes must not be folded,
+    or HTTPS (0x0041) would be the same question as TYPE97 (0x0061)."""
+    return question[:-4].lower() + question[-4:]
 
 
 def _question_end(data: bytes) -> int:
@@ -172,8 +180,9 @@ def parse_query(data: bytes) -> Query:
                     raise WireError("malformed or repeated OPT record")
                 edns = True
                 do = bool(ttl & DO_BIT)
-                udp_size = max(512, rclass)
-    return Query(qid, flags, question, question.lower(), qtype, qclass, edns, do, udp_size)
+                # Honour the client's buffer, but never send fragments-prone giants.
+                udp_size = min(max(512, rclass), MAX_UDP_REPLY)
+    return Query(qid, flags, question, question_key(question), qtype, qclass, edns, do, udp_size)
 
 
 def parse_reply(data: bytes) -> Reply:
@@ -219,6 +228,7 @@ def parse_reply(data: bytes) -> Reply:
         elif index < authority_end and rtype == TYPE_SOA and rdlen >= 20:
             minimum = U32.unpack_from(data, off - 4)[0]
             reply.negative_ttl = min(ttl, minimum)
+    reply.end = off
     return reply
 
 
@@ -293,7 +303,15 @@ class CachedReply(bytes):
 
 
 def strip_opt(data: bytes, reply: Reply) -> CachedReply:
-    """Remove the upstream's OPT record: the client gets one of ours, or none if it sent none."""
+    """Remove the upstream's OPT record: the client gets one of ours, or none if it sent none.
+
+    Cutting bytes out is safe only when the OPT is the last record: a compression pointer in a
+    later record could point past it. Replies with OPT elsewhere (rare) are rebuilt by dnslib.
+    """
+    if reply.opt is not None and reply.opt[1] != reply.end:
+        data, ext_rcode = _rebuilt_without_opt(data), reply.ext_rcode
+        reply = parse_reply(data)
+        reply.ext_rcode = ext_rcode
     body = bytearray(data)
     offsets = [off for off, _ in reply.ttls]
     if reply.opt is not None:
@@ -305,6 +323,19 @@ def strip_opt(data: bytes, reply: Reply) -> CachedReply:
     for off, (_, ttl) in zip(offsets, reply.ttls, strict=True):
         U32.pack_into(body, off, ttl)  # TTLs with the top bit set are stored as zero
     return CachedReply.build(bytes(body), offsets, reply.ext_rcode, cache_ttl(reply), reply.rcode)
+
+
+def _rebuilt_without_opt(data: bytes) -> bytes:
+    from dnslib import DNSRecord  # the rare path only
+    from dnslib.dns import DNSError
+
+    try:
+        record = DNSRecord.parse(data)
+        record.ar = [rr for rr in record.ar if rr.rtype != TYPE_OPT]
+        record.set_header_qa()
+        return bytes(record.pack())
+    except (DNSError, ValueError, IndexError) as exc:
+        raise WireError(f"cannot rebuild the reply without its OPT: {exc}") from None
 
 
 def cache_ttl(reply: Reply) -> int:
@@ -327,6 +358,8 @@ def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
     start = CachedReply.HEAD.size + 2 * count
     buf = bytearray(memoryview(cached)[start:])
     flags = (U16.unpack_from(buf, 2)[0] & ~RD) | (query.flags & RD)
+    if not (query.do or query.flags & AD):
+        flags &= ~AD  # RFC 6840 5.8: AD only for clients that show they understand it
     struct.pack_into(">HH", buf, 0, query.id, flags)
     buf[12 : 12 + len(query.question)] = query.question
     if age:

@@ -1,7 +1,8 @@
 """A bounded LRU cache of upstream replies, answered from wire bytes.
 
-Keyed on the lower-cased question (name, type, class) and the DO bit, so a DNSSEC-aware client
-never gets a reply stripped of signatures that was fetched for one that is not. Entries hold the
+Keyed on the question (the name lower-cased, type, class) and the DO and CD bits, so a
+DNSSEC-aware client never gets a reply stripped of signatures that was fetched for one that is
+not, nor a client relying on validation one fetched with checking disabled. Entries hold the
 reply without its OPT record; `wire.client_reply` patches the ID, the question's case and the
 aged TTLs for each hit, the same function the miss path uses, so both give the same bytes.
 """
@@ -33,11 +34,13 @@ class Cache(PassThrough):
 
     @staticmethod
     def key(query: wire.Query) -> bytes:
-        return query.key + (b"\x01" if query.do else b"\x00")
+        # DO: a validating client must not get a reply stripped of signatures. CD: replies the
+        # upstream did not validate must not reach clients that rely on its validation.
+        return query.key + bytes(((1 if query.do else 0) | (2 if query.flags & wire.CD else 0),))
 
     def answer(self, request: Request) -> Response | None:
         query = request.query
-        key = query.key + (b"\x01" if query.do else b"\x00")
+        key = self.key(query)
         cached = self.entries.get(key)
         if cached is None:
             self.counts[self.misses] += 1

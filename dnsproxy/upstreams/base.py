@@ -33,8 +33,8 @@ class Upstream(Protocol):
 
 
 def matches(reply: wire.Reply, query: wire.Query) -> bool:
-    """Same question, compared case-insensitively (resolvers may change the case: 0x20)."""
-    return reply.question.lower() == query.key
+    """Same question, the name compared case-insensitively (resolvers may change it: 0x20)."""
+    return wire.question_key(reply.question) == query.key
 
 
 class PollutedNames:

@@ -261,6 +261,48 @@ def test_strip_opt_removes_only_the_opt_record():
         assert struct.unpack_from(">I", cached.body, offset)[0] == ttl
 
 
+def test_parse_query_key_folds_the_name_only():
+    """0x41 is 'A' and HTTPS's type code: folding the type bytes made HTTPS and TYPE97 one."""
+    https = wire.parse_query(query_bytes("Example.com", "HTTPS"))
+    raw97 = bytearray(query_bytes("example.COM", "A"))
+    struct.pack_into(">H", raw97, 12 + len(b"\x07example\x03com\x00"), 97)
+    type97 = wire.parse_query(bytes(raw97))
+    assert https.key[:-4] == type97.key[:-4] == b"\x07example\x03com\x00"
+    assert https.key != type97.key
+
+
+def test_strip_opt_keeps_pointers_that_point_past_the_opt():
+    """A record after the OPT may be compressed against a name that also follows the OPT:
+    cutting the OPT out would leave that pointer aimed at the wrong bytes."""
+    q = DNSRecord.parse(query_bytes())
+    reply = q.reply()
+    reply.add_answer(make_rr(q.q.qname, "A", GENUINE, 300))
+    reply.add_ar(EDNS0(udp_len=1232))
+    reply.add_ar(make_rr("ns1.elsewhere.test.", "A", "198.51.100.7", 77))
+    reply.add_ar(make_rr("ns1.elsewhere.test.", "AAAA", "2001:db8::7", 77))  # a pointer
+    data = bytes(reply.pack())
+    assert data.count(b"\x03ns1") == 1  # dnslib did compress the second owner
+    cached = wire.strip_opt(data, wire.parse_reply(data))
+    assert records(cached.body) == records(data)
+    assert opts(cached.body) == []
+
+
+@pytest.mark.parametrize(("do", "ad", "keeps_ad"), [(False, False, False), (True, False, True),
+                                                    (False, True, True)])
+def test_ad_bit_reaches_only_clients_that_understand_it(do, ad, keeps_ad):
+    data = bytearray(upstream_reply(query_bytes()))
+    struct.pack_into(">H", data, 2, struct.unpack_from(">H", data, 2)[0] | wire.AD)
+    client = bytearray(query_bytes(do=do))
+    if ad:
+        struct.pack_into(">H", client, 2, struct.unpack_from(">H", client, 2)[0] | wire.AD)
+    out = forward(bytes(data), bytes(client))
+    assert bool(struct.unpack_from(">H", out, 2)[0] & wire.AD) is keeps_ad
+
+
+def test_client_buffer_is_capped():
+    assert wire.parse_query(query_bytes(bufsize=65000)).udp_size == wire.MAX_UDP_REPLY
+
+
 def test_strip_opt_with_opt_in_the_middle_fixes_ttl_offsets():
     """OPT need not be last: records after it move, and so must their TTL offsets."""
     q = DNSRecord.parse(query_bytes())
