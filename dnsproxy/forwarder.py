@@ -94,11 +94,14 @@ class Forwarder:
             return await self._ask(order[0], query, deadline)
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task] = set()
+        launched: dict[asyncio.Task, Upstream] = {}
         next_index = 0
 
         def launch() -> None:
             nonlocal next_index
-            pending.add(loop.create_task(self._ask(order[next_index], query, deadline)))
+            task = loop.create_task(self._ask(order[next_index], query, deadline))
+            pending.add(task)
+            launched[task] = order[next_index]
             next_index += 1
 
         launch()
@@ -116,6 +119,7 @@ class Forwarder:
                     continue
                 winners = [task for task in done if task.exception() is None]
                 if winners:
+                    self._blame_the_silent(winners[0], pending, launched)
                     return winners[0].result()
                 if next_index < len(order):
                     launch()
@@ -123,6 +127,17 @@ class Forwarder:
             for task in pending:
                 task.cancel()
         raise UpstreamError("all upstreams failed")
+
+    def _blame_the_silent(self, winner: asyncio.Task, pending: set[asyncio.Task],
+                          launched: dict[asyncio.Task, Upstream]) -> None:
+        """An upstream asked before the winner and still silent failed this query, though its
+        task is about to be cancelled: without this a black-holed first upstream would never
+        lose its place, and every query would wait out the hedge delay."""
+        now = time.monotonic()
+        order = list(launched)
+        for task in order[:order.index(winner)]:
+            if task in pending:
+                self.health[id(launched[task])].failed(now)
 
     async def close(self) -> None:
         for upstream in self.upstreams:

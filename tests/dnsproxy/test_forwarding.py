@@ -270,3 +270,18 @@ def test_health_backoff_survives_thousands_of_failures():
     assert health.down_until == 1000.0 + MAX_DOWN_SECONDS
     health.succeeded()
     assert (health.failures, health.down_until) == (0, 0.0)
+
+
+def test_silent_first_upstream_loses_its_place(upstream, second_upstream, make_proxy):
+    """Hedged around three times, a black-holed first upstream is put to the back: later
+    queries go to the second at once instead of waiting out the hedge delay each time."""
+    upstream.default.silent = True
+    proxy = make_proxy("--upstream", upstream.address, "--upstream", second_upstream.address)
+    for i in range(3):
+        assert addresses(ask(proxy.port, f"hedge{i}.example")) == [GENUINE]
+    asked_before = upstream.count()
+    for i in range(3):
+        reply, elapsed = timed_ask(proxy.port, f"later{i}.example")
+        assert addresses(reply) == [GENUINE]
+        assert elapsed < 0.2  # no hedge delay: the second upstream is asked first
+    assert upstream.count() == asked_before
