@@ -168,9 +168,17 @@ def status(
     table.add_row("iptables", info["iptables"])
     fw = info.get("firewall")
     if fw:
-        table.add_row("firewall", "complete" if fw["complete"] else "INCOMPLETE: run up again")
+        if not fw["complete"]:
+            verdict = "INCOMPLETE: run up again"
+        elif fw["extra"]:
+            verdict = "STALE pieces of ours not in the plan: run up again"
+        else:
+            verdict = "complete"
+        table.add_row("firewall", verdict)
         for name, present in {**fw["chains"], **fw["hooks"]}.items():
             table.add_row(f"  {name}", "present" if present else "MISSING")
+        for name in fw["extra"]:
+            table.add_row(f"  {name}", "EXTRA")
     if info.get("raw_drop"):
         table.add_row("raw DROP", info["raw_drop"][0])
     table.add_row("ip_forward", info["sysctl"]["net.ipv4.ip_forward"])

@@ -252,6 +252,7 @@ def status(project: str, options: Options) -> dict:
         }
         out["firewall"] = {
             "complete": fw.complete,
+            "extra": fw.extra,
             "chains": fw.chains_present,
             "hooks": fw.hooks_present,
             "rules": fw.rules_present,

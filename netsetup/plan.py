@@ -134,6 +134,7 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
     }
 
     fw = plan.firewall
+    fw.owned = own_chains(settings.project)  # what another mode's plan may have left
     forward_chain, nat_chain = (c.name for c in own_chains(settings.project))
     fw.chains.append(Chain("nat", nat_chain))
     fw.rules.append(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netsetup.errors import FirewallFailed
 from netsetup.firewall.model import Chain, FirewallPlan, Rule
@@ -24,6 +24,9 @@ class FirewallState:
     chains_present: dict[str, bool]
     hooks_present: dict[str, bool]
     rules_present: dict[str, bool]
+    # Pieces of ours the plan does not have (a chain of another mode, a hook from the wrong
+    # chain): `apply` removes them.
+    extra: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -36,8 +39,13 @@ class FirewallState:
         )
 
     @property
+    def exact(self) -> bool:
+        """Everything planned is in place and nothing else of ours is."""
+        return self.complete and not self.extra
+
+    @property
     def empty(self) -> bool:
-        return not any(
+        return not self.extra and not any(
             [
                 *self.chains_present.values(),
                 *self.hooks_present.values(),
@@ -56,7 +64,8 @@ class FirewallBackend(ABC):
 
     @abstractmethod
     def apply(self, plan: FirewallPlan) -> None:
-        """Rewrite our chains and add missing hooks, all or nothing; a re-run adds nothing."""
+        """Rewrite our chains, add missing hooks and remove our chains and hooks the plan does
+        not have (`plan.owned`), all or nothing per table; a re-run changes nothing."""
 
     @abstractmethod
     def remove(self, chains: list[Chain]) -> None:
@@ -71,12 +80,22 @@ class FirewallBackend(ABC):
             return ""
         return proc.stdout
 
+    def loaded(self, table: str) -> bool:
+        """Whether the table exists; a table that does not holds nothing of ours."""
+        return True
+
     def state(self, plan: FirewallPlan) -> FirewallState:
         chains: dict[str, bool] = {}
         hooks: dict[str, bool] = {}
         rules: dict[str, bool] = {}
-        for table in plan.tables():
+        extra: list[str] = []
+        for table in plan.all_tables():
+            if table not in plan.tables() and not self.loaded(table):
+                continue
             dump = self.save(table)
+            stale_chains, stale_hooks = stale_pieces(plan, table, dump)
+            extra += [f"{table}/{name}" for name in stale_chains]
+            extra += [f"{table}/{line}" for line in stale_hooks]
             for chain in plan.chains_in(table):
                 chains[f"{table}/{chain.name}"] = chain.name in declared_chains(dump)
             lines = set(rule_lines(dump))
@@ -84,7 +103,7 @@ class FirewallBackend(ABC):
                 hooks[f"{table}/{hook.chain} -> {hook.target}"] = hook.render_append() in lines
             for rule in plan.rules_in(table):
                 rules[f"{table}/{rule.render_append()}"] = rule.render_append() in lines
-        return FirewallState(chains, hooks, rules)
+        return FirewallState(chains, hooks, rules, extra)
 
 
 def declared_chains(dump: str) -> set[str]:
@@ -107,6 +126,23 @@ def hooks_into(dump: str, own: set[str]) -> list[str]:
         if "-j" in words and words[words.index("-j") + 1] in own:
             found.append(line)
     return found
+
+
+def stale_pieces(plan: FirewallPlan, table: str, dump: str) -> tuple[list[str], list[str]]:
+    """What of ours in `table` the plan does not have: chains present but not planned (another
+    mode's), and hook lines into any chain of ours other than the planned hooks (a hook into a
+    stale chain, from a chain the plan no longer hooks from, or a duplicate)."""
+    existing = declared_chains(dump)
+    chains = sorted(name for name in plan.stale_names(table) if name in existing)
+    wanted = {hook.render_append() for hook in plan.hooks_in(table)}
+    kept: set[str] = set()
+    hooks = []
+    for line in hooks_into(dump, plan.own_names(table)):
+        if line in wanted and line not in kept:
+            kept.add(line)
+        else:
+            hooks.append(line)
+    return chains, hooks
 
 
 def run(cmd: list[str], stdin: str | None = None) -> str:

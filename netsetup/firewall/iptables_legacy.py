@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from netsetup.errors import FirewallFailed
-from netsetup.firewall.base import FirewallBackend
+from netsetup.firewall.base import FirewallBackend, stale_pieces
 from netsetup.firewall.model import COMMENT_TAG, Chain, FirewallPlan, Rule
 
 
@@ -93,9 +94,27 @@ class LegacyBackend(FirewallBackend):
             out.append(f"{table}: commit")
         return "\n".join(out) + "\n"
 
+    def loaded(self, table: str) -> bool:
+        """Legacy tables in use in this namespace; opening any other would load it."""
+        try:
+            names = Path("/proc/net/ip_tables_names").read_text().split()
+        except OSError:
+            return False
+        return table in names
+
+    def _has_stale(self, plan: FirewallPlan, table: str) -> bool:
+        return self.loaded(table) and any(stale_pieces(plan, table, self.save(table)))
+
     def apply(self, plan: FirewallPlan) -> None:
         iptc = _iptc()
-        for table_name in plan.tables():
+        for table_name in plan.all_tables():
+            if table_name not in plan.tables() and not self._has_stale(plan, table_name):
+                continue  # only stale pieces of ours could be here, and there are none
+            own = plan.own_names(table_name)
+            wanted = {
+                (hook.chain, hook.target, f"{COMMENT_TAG}: {hook.comment}")
+                for hook in plan.hooks_in(table_name)
+            }
             with self._table(table_name) as table:
                 for chain in plan.chains_in(table_name):
                     if table.is_chain(chain.name):
@@ -104,17 +123,31 @@ class LegacyBackend(FirewallBackend):
                         table.create_chain(chain.name)
                 for rule in plan.rules_in(table_name):
                     iptc.Chain(table, rule.chain).append_rule(to_iptc(rule))
-                for hook in plan.hooks_in(table_name):
-                    chain = iptc.Chain(table, hook.chain)
-                    wanted = f"{COMMENT_TAG}: {hook.comment}"
-                    if any(
-                        r.target.name == hook.target and _comment(r) == wanted for r in chain.rules
-                    ):
+                # Hooks into our chains: keep one per planned hook, delete every other one.
+                kept: set[tuple[str, str, str | None]] = set()
+                for chain in table.chains:
+                    if chain.name in own:
                         continue
+                    for r in list(chain.rules):
+                        if r.target.name not in own:
+                            continue
+                        key = (chain.name, r.target.name, _comment(r))
+                        if key in wanted and key not in kept:
+                            kept.add(key)
+                        else:
+                            chain.delete_rule(r)
+                for hook in plan.hooks_in(table_name):
+                    if (hook.chain, hook.target, f"{COMMENT_TAG}: {hook.comment}") in kept:
+                        continue
+                    chain = iptc.Chain(table, hook.chain)
                     if hook.position is None:
                         chain.append_rule(to_iptc(hook))
                     else:
                         chain.insert_rule(to_iptc(hook), position=hook.position - 1)
+                for name in sorted(plan.stale_names(table_name)):
+                    if table.is_chain(name):
+                        iptc.Chain(table, name).flush()
+                        table.delete_chain(name)
 
     def remove(self, chains: list[Chain]) -> None:
         iptc = _iptc()

@@ -26,7 +26,7 @@ def main() -> None:
         backend.remove(plan.firewall.chains)
     elif action == "state":
         state = backend.state(plan.firewall)
-        print(json.dumps({"complete": state.complete, "empty": state.empty}))
+        print(json.dumps({"complete": state.complete, "empty": state.empty, "extra": state.extra}))
     else:
         raise SystemExit(f"unknown action {action}")
 

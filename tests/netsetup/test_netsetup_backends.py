@@ -93,3 +93,49 @@ def test_remove_finds_hooks_moved_by_the_engine(netns: str) -> None:
     netns_exec(netns, "iptables-nft", "-t", "nat", "-D", "POSTROUTING", "-j", "RETURN")
     driver(netns, "nft", "20.10", "both", "remove")
     assert save(netns, "nft") == before
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_switching_modes_removes_the_other_modes_rules(netns: str, backend: str) -> None:
+    """`up --mode port` after `--mode both` removes the direct-mode chain and its hook (whose
+    ACCEPTs would otherwise stay); before that, the port plan's state reports them as extra."""
+    docker_like(netns, backend)
+    before = save(netns, backend)
+    driver(netns, backend, "28", "both", "apply")
+
+    stale = json.loads(driver(netns, backend, "28", "port", "state"))
+    assert stale["complete"]
+    assert any(e.startswith("filter/") and "NETSETUP-dnsapp" in e for e in stale["extra"])
+
+    driver(netns, backend, "28", "port", "apply")
+    now = save(netns, backend)
+    assert now["filter"] == before["filter"], "the direct-mode chain or hook is still there"
+    assert any("NETSETUP-dnsapp" in ln for ln in now["nat"])
+    state = json.loads(driver(netns, backend, "28", "port", "state"))
+    assert state["complete"] and state["extra"] == []
+    driver(netns, backend, "28", "port", "apply")
+    assert save(netns, backend) == now, "a second apply changed the tables"
+
+    # and back: direct mode gets its chain and hook again
+    driver(netns, backend, "28", "direct", "apply")
+    assert json.loads(driver(netns, backend, "28", "direct", "state"))["extra"] == []
+    user = [ln for ln in save(netns, backend)["filter"] if ln.startswith("-A DOCKER-USER")]
+    assert user[0].endswith("-j NETSETUP-dnsapp")
+    driver(netns, backend, "28", "direct", "remove")
+    assert save(netns, backend) == before
+
+
+def test_apply_replaces_a_hook_from_the_wrong_chain(netns: str) -> None:
+    """A hook into our chain from a chain the plan does not hook from (the engine's firewall
+    changed) is removed by the next apply, not left beside the new one."""
+    docker_like(netns, "nft")
+    before = save(netns, "nft")
+    driver(netns, "nft", "28", "both", "apply")
+    netns_exec(netns, "iptables-nft", "-I", "FORWARD", "1", "-m", "comment", "--comment",
+               "netsetup: dnsapp: hook", "-j", "NETSETUP-dnsapp")  # fmt: skip
+    assert json.loads(driver(netns, "nft", "28", "both", "state"))["extra"]
+    driver(netns, "nft", "28", "both", "apply")
+    hooks = [ln for ln in save(netns, "nft")["filter"] if ln.endswith("-j NETSETUP-dnsapp")]
+    assert len(hooks) == 1 and hooks[0].startswith("-A DOCKER-USER"), hooks
+    driver(netns, "nft", "28", "both", "remove")
+    assert save(netns, "nft") == before

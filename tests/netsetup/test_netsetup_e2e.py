@@ -165,6 +165,7 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
 
         status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
         assert status["firewall"]["complete"], status
+        assert status["firewall"]["extra"] == [], status
         assert not status["raw_drop"], status["raw_drop"]
         # the appliance's own counters, read over the bridge: the digs above were counted
         counts = status["counts"]
@@ -172,6 +173,19 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
         assert list(counts["upstream_latency_ms"]) == ["198.51.100.53:53"], counts
         proc = engine.run(NETSETUP, "check", "-p", project)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+        # switching to port mode removes the direct-mode chain and its hook; and back
+        proc = make(engine, "up", **(variables | {"MODE": "port"}))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        fw = engine.firewall()
+        left = [ln for flavour in ("nft", "legacy") for ln in fw[flavour].get("filter", [])
+                if f"NETSETUP-{project}" in ln]  # fmt: skip
+        assert not left, left
+        status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
+        assert status["firewall"]["complete"] and status["firewall"]["extra"] == [], status
+        proc = make(engine, "up", **variables)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert_same_firewall(after_up, engine.firewall(), *ours)
 
         # a restart of the container keeps everything working
         ids = engine.run(
