@@ -16,6 +16,8 @@ from .. import wire
 from ..forgery import EdnsState
 from .base import Telemetry, UpstreamError, matches
 
+MAX_PENDING = 4096  # queries in flight on one connection
+
 
 class ConnectionLost(Exception):
     pass
@@ -29,9 +31,12 @@ class _Connection:
         self.owner = owner
         self.pending: dict[int, tuple[asyncio.Future, wire.Query]] = {}
         self.closed = False
+        self.last_read = time.monotonic()
         self.reading = asyncio.get_running_loop().create_task(self._read_loop())
 
     async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+        if len(self.pending) >= MAX_PENDING:
+            raise UpstreamError("too-many-pending")
         loop = asyncio.get_running_loop()
         qid = secrets.randbits(16)
         while qid in self.pending:
@@ -39,9 +44,16 @@ class _Connection:
         future = loop.create_future()
         self.pending[qid] = (future, query)
         packet = wire.upstream_query(query, qid)
+        sent = time.monotonic()
         try:
             self.writer.write(struct.pack(">H", len(packet)) + packet)
             return await asyncio.wait_for(future, max(deadline - loop.time(), 0))
+        except TimeoutError:
+            if self.last_read < sent:
+                # Not a byte since we asked: a half-open connection (NAT state lost, peer
+                # gone) would otherwise swallow every query until the kernel gives up.
+                self.reading.cancel()
+            raise
         finally:
             self.pending.pop(qid, None)
 
@@ -56,7 +68,8 @@ class _Connection:
                         continue
                     break  # idle: let it go rather than hold the server's resources
                 (length,) = struct.unpack(">H", head)
-                data = await self.reader.readexactly(length)
+                data = await asyncio.wait_for(self.reader.readexactly(length), idle)
+                self.last_read = time.monotonic()
                 try:
                     reply = wire.parse_reply(data)
                 except wire.WireError:
@@ -69,7 +82,7 @@ class _Connection:
                     self.owner.telemetry.forgery(self.owner.name, query, "mismatch")
                     continue
                 future.set_result((data, reply))
-        except (asyncio.IncompleteReadError, OSError, ssl.SSLError):
+        except (asyncio.IncompleteReadError, OSError, ssl.SSLError, TimeoutError):
             pass
         finally:
             self.closed = True

@@ -285,3 +285,14 @@ def test_silent_first_upstream_loses_its_place(upstream, second_upstream, make_p
         assert addresses(reply) == [GENUINE]
         assert elapsed < 0.2  # no hedge delay: the second upstream is asked first
     assert upstream.count() == asked_before
+
+
+def test_stalled_tcp_connection_is_replaced(upstream, make_proxy):
+    """A query that times out on a connection that has not delivered a byte since gives the
+    connection up (it may be half-open); the next query opens a fresh one."""
+    upstream.rule("stall.example", silent=True)
+    proxy = make_proxy("--upstream", f"tcp://{upstream.address}", "--timeout", "1")
+    assert ask(proxy.port, "stall.example").header.rcode == RCODE.SERVFAIL
+    assert addresses(ask(proxy.port, "after.example")) == [GENUINE]
+    ports = {seen.client[1] for seen in upstream.seen if seen.transport == "tcp"}
+    assert len(ports) == 2
