@@ -8,6 +8,7 @@ name, subnet, options) and the container (address, health) through the Docker SD
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -32,6 +33,26 @@ def compose_command() -> list[str]:
     raise DeployFailed("neither docker-compose nor `docker compose` is installed")
 
 
+def is_private(cidr: str) -> bool:
+    """Inside the forwarder's default clients (loopback, RFC 1918, CGNAT, link-local, ULA)."""
+    network = ipaddress.ip_network(cidr, strict=False)
+    return any(
+        network.version == allowed.version and network.subnet_of(allowed)
+        for allowed in (ipaddress.ip_network(a) for a in DEFAULT_ALLOWED)
+    )
+
+
+def lan_to_allow(lan_cidr: str, explicit: bool) -> str | None:
+    """The LAN network the forwarder should serve besides its defaults, or None.
+
+    A LAN given explicitly (--lan-cidr, LAN_CIDR) is served whatever its addresses (offices do
+    number LANs publicly). A detected one only when private, where adding it changes nothing: on
+    a VPS the default route's network is the provider's subnet, whose hosts are not our clients.
+    """
+    network = str(ipaddress.ip_network(lan_cidr, strict=False))
+    return network if explicit or is_private(network) else None
+
+
 def compose_env(settings: Settings) -> dict[str, str]:
     """The variables compose.yaml reads; the Makefile passes the same names."""
     env = dict(os.environ)
@@ -45,7 +66,8 @@ def compose_env(settings: Settings) -> dict[str, str]:
     if settings.upstreams:
         env["UPSTREAMS"] = ",".join(settings.upstreams)
     if settings.lan_cidr:
-        # The forwarder's default clients (loopback and private ranges) plus this LAN.
+        # The forwarder's default clients (loopback and private ranges) plus this LAN (set only
+        # when it is to be served: see lan_to_allow).
         env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, settings.lan_cidr])
     return env
 

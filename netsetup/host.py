@@ -107,8 +107,17 @@ def up(settings: Settings, options: Options) -> str:
         or f"br-{settings.project}"
     )
     facts, backend = gather_facts(client, settings, options, bridge)
-    # The appliance serves the LAN whatever its addresses (offices do use public ranges).
-    settings = replace(settings, lan_cidr=facts.lan_cidr)
+    # The forwarder serves a LAN given explicitly whatever its addresses (offices do use public
+    # ranges), a detected one only when private (not a VPS provider's subnet).
+    allowed_lan = deploy.lan_to_allow(facts.lan_cidr, explicit=settings.lan_cidr is not None)
+    if allowed_lan is None:
+        print(
+            f"netsetup: warning: the detected LAN {facts.lan_cidr} on {facts.lan_interface} is "
+            "not a private network, so the appliance does not serve it; to serve it, set "
+            f"LAN_CIDR={facts.lan_cidr} (--lan-cidr)",
+            file=sys.stderr,
+        )
+    settings = replace(settings, lan_cidr=allowed_lan)
     compose = deploy.Compose(settings, options.compose_file.resolve())
     detect.check_subnet_free(settings.subnet, bridge)
     publishing = existing is not None and any(
@@ -118,7 +127,8 @@ def up(settings: Settings, options: Options) -> str:
         detect.check_port_free(settings.port)
     plan = compute_plan(settings, facts)
     if options.dry_run:
-        return describe(plan, backend)
+        served = f" and {allowed_lan}" if allowed_lan else " only"
+        return describe(plan, backend) + f"# forwarder serves: loopback, private ranges{served}\n"
 
     undo = UndoStack()
     try:

@@ -54,8 +54,11 @@ def summarize(samples: list[tuple[str, dict[str, str], float]]) -> dict:
 def fetch(address: str, port: int = METRICS_PORT, timeout: float = 2.0) -> dict:
     """The summary, or {"error": ...} when the endpoint cannot be read."""
     url = f"http://{address}:{port}/metrics"
+    # The container's address is reached over the local bridge: never through a proxy that
+    # http_proxy / HTTP_PROXY may name (it could not reach the bridge, and would see the counters).
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with opener.open(url, timeout=timeout) as response:
             return summarize(parse(response.read().decode()))
     except OSError as exc:
         return {"error": f"{url}: {getattr(exc, 'reason', exc)}"}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from netsetup.deploy import compose_env, lan_to_allow
+from netsetup.plan import Settings
 from netsetup.routes import render_text, route_sections
 
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
@@ -135,6 +137,50 @@ def test_dry_run_prints_plan_and_changes_nothing() -> None:
     assert "-A NETSETUP-nsrefuse -d 172.31.254.53/32 -i lo -o br-dryrun -p udp" in proc.stdout
     assert "MASQUERADE" in proc.stdout
     assert host_snapshot() == before
+
+
+def test_lan_to_allow_only_explicit_or_private() -> None:
+    # detected and public (a VPS provider's /20): not served
+    assert lan_to_allow("203.0.112.7/20", explicit=False) is None
+    # given explicitly: served whatever its addresses
+    assert lan_to_allow("198.19.53.0/24", explicit=True) == "198.19.53.0/24"
+    # detected and private: inside the defaults already, adding it changes nothing
+    assert lan_to_allow("192.168.1.7/24", explicit=False) == "192.168.1.0/24"
+    assert lan_to_allow("100.64.3.0/24", explicit=False) == "100.64.3.0/24"
+    # public but overlapping no private range is not "inside": 172.32/16 is outside 172.16/12
+    assert lan_to_allow("172.32.0.0/16", explicit=False) is None
+    assert "ALLOW" not in compose_env(Settings(lan_cidr=None))
+    assert compose_env(Settings(lan_cidr="198.19.53.0/24"))["ALLOW"].endswith(" 198.19.53.0/24")
+
+
+@needs_engine
+def test_detected_public_lan_is_not_served_without_lan_cidr(netns: str) -> None:
+    """In a namespace whose only LAN is public (198.18.7.0/24), a dry run without --lan-cidr
+    warns, naming LAN_CIDR, and the forwarder keeps its defaults; with it, the LAN is served."""
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum0p"],
+        ["ip", "addr", "add", "198.18.7.1/24", "dev", "dum0"],
+        ["ip", "link", "set", "dum0", "up"],
+    ):
+        subprocess.run(["ip", "netns", "exec", netns, *cmd], check=True)
+    args = ["up", *SAFE, "--dry-run", "--lan-interface", "dum0", "--subnet", "172.31.254.0/24",
+            "--ip", "172.31.254.53", "--port", "5999", "--bridge", "br-dryrun"]  # fmt: skip
+    env = {**os.environ}
+    proc = subprocess.run(["ip", "netns", "exec", netns, NETSETUP, *args],
+                          capture_output=True, text=True, env=env, cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "LAN_CIDR=198.18.7.0/24" in warnings[0], proc.stderr
+    assert "# forwarder serves: loopback, private ranges only" in proc.stdout
+
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns, NETSETUP, *args, "--lan-cidr", "198.18.7.0/24"],
+        capture_output=True, text=True, env=env, cwd="/",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr
+    assert "# forwarder serves: loopback, private ranges and 198.18.7.0/24" in proc.stdout
 
 
 def test_routes_forms() -> None:
