@@ -30,9 +30,10 @@ class UpstreamView(Protocol):
 class EdnsState:
     """Whether an upstream echoes our OPT record, learned from its genuine replies only.
 
-    It starts unknown; one genuine reply with an OPT settles it to True. Replies without an OPT
-    from an unknown upstream are held a moment (the forged one comes first), and after several
-    such replies with nothing better behind them we conclude it does not speak EDNS.
+    It starts unknown; one genuine reply with an OPT settles it to True. An OPT-less reply from
+    an unknown upstream is held a moment while the question also goes over TCP, which an
+    injector cannot answer in-path: only genuine replies teach, and after several without an
+    OPT we conclude the upstream does not speak EDNS.
     """
 
     speaks_edns: bool | None = None
@@ -106,6 +107,9 @@ class HijackThreshold:
 class ForgeryFilters:
     def __init__(self, filters: list[Filter]) -> None:
         self.filters = filters
+
+    def has(self, kind: type) -> bool:
+        return any(isinstance(f, kind) for f in self.filters)
 
     def verdict(self, upstream: UpstreamView, reply: wire.Reply, elapsed: float) -> str | None:
         for f in self.filters:

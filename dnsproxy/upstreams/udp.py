@@ -15,7 +15,7 @@ import socket
 import time
 
 from .. import wire
-from ..forgery import EdnsState, ForgeryFilters
+from ..forgery import EdnsMarker, EdnsState, ForgeryFilters
 from .base import PollutedNames, Telemetry, UpstreamError, matches
 from .stream import StreamUpstream, _hostport, _os_reason
 
@@ -37,6 +37,8 @@ class UdpUpstream:
         self.tcp_for_polluted = tcp_for_polluted
         self.edns_grace = edns_grace
         self.edns = EdnsState()
+        # Holding OPT-less replies only serves the EDNS-marker defence.
+        self.hold_plain = filters.has(EdnsMarker)
         # Same server over TCP: for truncated replies and for names an injector targets.
         self.tcp = StreamUpstream(host, port, telemetry, name=self.name, error_prefix="tcp-")
 
@@ -83,7 +85,7 @@ class _Exchange:
                 result = await asyncio.wait_for(self.result, max(deadline - self.loop.time(), 0))
             except TimeoutError:
                 if self.held is not None:
-                    return self._accept(*self.held)
+                    return self.held  # as in _release_held: used, not learned from
                 if self.forged_plain:
                     up.edns.timed_out_with_plain_only()
                 up.telemetry.error(up.name, "timeout")
@@ -128,14 +130,16 @@ class _Exchange:
         if reply.truncated:
             self._ask_over_tcp()
             return
-        if reply.opt is None and up.edns.speaks_edns is None:
+        if reply.opt is None and up.edns.speaks_edns is None and up.hold_plain:
             # Unknown yet whether this upstream echoes OPT: the first OPT-less reply may be
-            # an injector's. Hold the latest one briefly; a genuine OPT reply overrides it.
+            # an injector's. Hold the latest one briefly and ask over TCP, whose reply
+            # settles it; a genuine OPT reply over UDP overrides it too.
             if self.held is not None:
                 self._discard("superseded", plain=True)
             self.held = (data, reply)
             if self.hold_timer is None:
                 self.hold_timer = self.loop.call_later(up.edns_grace, self._release_held)
+            self._ask_over_tcp()
             return
         self.result.set_result(self._accept(data, reply))
 
@@ -148,8 +152,10 @@ class _Exchange:
         return data, reply
 
     def _release_held(self) -> None:
+        # Nothing better came: answer with it, but learn nothing from a reply that may be
+        # forged (three such would otherwise switch the EDNS defence off for good).
         if self.held is not None and not self.result.done():
-            self.result.set_result(self._accept(*self.held))
+            self.result.set_result(self.held)
 
     def _discard(self, reason: str, plain: bool) -> None:
         self._count_forgery(reason, plain)
@@ -170,9 +176,12 @@ class _Exchange:
         self.tcp_task.add_done_callback(self._tcp_done)
 
     def _tcp_done(self, task: asyncio.Task) -> None:
-        if task.cancelled() or self.result.done():
+        if task.cancelled():
             return
-        if task.exception() is None:
+        failed = task.exception() is not None  # read even when unused: no "never retrieved"
+        if self.result.done():
+            return
+        if not failed:
             self.result.set_result(self._accept(*task.result()))
         # Otherwise TCP failed too (the stream upstream counted it as "tcp-<reason>"): keep
         # listening on UDP until the deadline.

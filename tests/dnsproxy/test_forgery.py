@@ -53,6 +53,16 @@ def test_held_forgery_is_counted_when_the_tcp_retry_answers_first(upstream, make
     assert forgeries(proxy, "forged-address") == 1
 
 
+def test_slow_upstream_cannot_be_raced_before_anything_is_learned(upstream, make_proxy):
+    """The upstream is slower than the hold (0.5 s), as far-away resolvers are: the held
+    forgery must not be released as the answer, nor teach that the upstream lacks EDNS."""
+    proxy = make_proxy("--upstream", upstream.address, "--cache-size", "0")
+    for i in range(4):
+        upstream.rule(f"slow{i}.example", forgeries=("no-edns",), delay=0.8)
+        assert addresses(ask(proxy.port, f"slow{i}.example")) == [GENUINE]
+    assert proxy.service.forwarding.forwarder.upstreams[0].edns.speaks_edns is True
+
+
 def test_known_forged_address_is_dropped(upstream, make_proxy):
     proxy = make_proxy("--upstream", upstream.address)
     upstream.rule("blocked.example", forgeries=("forged-address",), delay=0.05)
