@@ -25,8 +25,10 @@ from .conftest import (
     PORT,
     PROJECT,
     SUBNET,
+    UPSTREAM_IP,
     appliance_id,
     dig,
+    health,
     inspect,
     make,
     remove_fake_upstream,
@@ -135,6 +137,27 @@ def test_query_log_can_be_turned_off(appliance):
     name = unique_name()
     wait_for(lambda: dig("127.0.0.1", PORT, name, "A") == [FAKE_ANSWER], 20, "an answer")
     assert name not in run("docker", "logs", container).stdout
+
+
+def test_a_cdns_config_file_works_unchanged(appliance, tmp_path):
+    """A CDNS user's file, as is: it listens on 127.0.0.1:1053, which inside the container
+    would hide the server; the appliance still serves port 53, and takes the file's servers."""
+    config = tmp_path / "cdns.json"
+    config.write_text(
+        '{\n  "global": {"daemon": true, "log": "syslog:daemon", "log_debug": false},\n'
+        '  // CDNS: local listen address and the upstreams\n'
+        '  "cdns": {"listen_ip": "127.0.0.1", "listen_port": 1053, "timeout": 2,\n'
+        f'    "servers": [{{"ip_port": "{UPSTREAM_IP}:53", "hijack_threshold": 0}}]}}\n}}\n')
+    config.chmod(0o644)
+    try:
+        make("up", CONFIG=str(config), UPSTREAMS="")
+        container = appliance_id()
+        assert "DNSPROXY_UPSTREAMS=" in inspect("container", container)["Config"]["Env"]
+        wait_for(lambda: health(container) == "healthy", 60, "the appliance to become healthy")
+        name = unique_name()
+        wait_for(lambda: dig("127.0.0.1", PORT, name, "A") == [FAKE_ANSWER], 20, "an answer")
+    finally:
+        make("up")  # back to the module's settings
 
 
 def test_restarts_after_the_main_process_is_killed(appliance):
