@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 import socket
 from dataclasses import dataclass
@@ -85,7 +87,9 @@ class Service:
         self.querylog = QueryLog() if settings.query_log else NullLog()
         self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl)
         self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache)
-        self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog)
+        self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog,
+                                   allowed=lambda peer: self.forwarding.access.allowed(peer),
+                                   max_in_flight=settings.max_in_flight)
         self.transports: list = []
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = asyncio.Event()
@@ -140,8 +144,18 @@ class Service:
         await self.forwarding.forwarder.close()
 
 
+def raise_open_file_limit() -> None:
+    """Every query in flight holds a socket: 1024 files (a common soft limit) is too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 65536), hard))
+
+
 async def serve(settings: Settings, cli_overrides: dict | None = None,
                 reuse_port: bool = False) -> None:
+    raise_open_file_limit()
     service = Service(settings, cli_overrides, reuse_port)
     await service.start()
     loop = asyncio.get_running_loop()

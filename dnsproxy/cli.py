@@ -63,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp-idle-timeout", type=float, metavar="SECONDS")
     p.add_argument("--tcp-max-connections", type=int, metavar="N")
     p.add_argument("--tcp-max-per-client", type=int, metavar="N")
+    p.add_argument("--max-in-flight", type=int, metavar="N",
+                   help="queries waiting on upstreams at once; beyond, new ones are shed")
     p.add_argument("--identity", metavar="TEXT", help="answer to CHAOS TXT id.server")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p

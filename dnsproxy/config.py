@@ -46,6 +46,7 @@ class Settings:
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 256
     tcp_max_per_client: int = 32
+    max_in_flight: int = 1000  # queries waiting on upstreams at once
     identity: str = "dnsproxy"
     config: str | None = None  # the file these came from, for reloads
 
@@ -57,7 +58,8 @@ FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
 LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses_file"}
 BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted"}
 FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout"}
-INT_KEYS = {"cache_size", "max_ttl", "workers", "tcp_max_connections", "tcp_max_per_client"}
+INT_KEYS = {"cache_size", "max_ttl", "workers", "tcp_max_connections", "tcp_max_per_client",
+            "max_in_flight"}
 STR_KEYS = {"ca_file", "metrics", "identity"}
 # Environment names where the plural reads better than the setting's own name. The switch
 # `forged_addresses` (the built-in list on or off) then needs a name of its own: two settings

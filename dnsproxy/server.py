@@ -48,16 +48,26 @@ def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> so
 class Responder:
     """What both transports share: run a request through the pipeline, send, log."""
 
-    def __init__(self, pipeline: Pipeline, metrics: Metrics, querylog: QueryLog) -> None:
+    def __init__(self, pipeline: Pipeline, metrics: Metrics, querylog: QueryLog,
+                 allowed=lambda address: True, max_in_flight: int = 1000) -> None:
         self.pipeline = pipeline
         self.metrics = metrics
         self.querylog = querylog
+        self.allowed = allowed  # the access stage's verdict, for what comes before the pipeline
+        self.max_in_flight = max_in_flight
         self.tasks: set[asyncio.Task] = set()
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro) -> bool:
+        """Run `coro` unless too much is in flight already (each holds a socket and memory):
+        a flood then costs answers, never the process."""
+        if len(self.tasks) >= self.max_in_flight:
+            coro.close()
+            self.metrics.inc("dnsproxy_overload_total")
+            return False
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return True
 
     async def resolve(self, request: Request) -> Response:
         """The pipeline's answer; a bug anywhere in it costs this query a SERVFAIL, no more."""
@@ -88,7 +98,7 @@ class UdpServer(asyncio.DatagramProtocol):
         except wire.WireError:
             self.responder.metrics.inc("dnsproxy_malformed_total", transport="udp")
             reply = wire.header_error(data, wire.FORMERR)
-            if reply is not None:
+            if reply is not None and self.responder.allowed(addr[0]):
                 self.transport.sendto(reply, addr)
             return
         request = Request(query, addr, "udp", time.monotonic())
@@ -142,7 +152,8 @@ class TcpServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         metrics = self.responder.metrics
-        if not self._admit(writer, peer[0]):
+        # Strangers get no connection slot: they could otherwise crowd out the LAN's clients.
+        if not self.responder.allowed(peer[0]) or not self._admit(writer, peer[0]):
             metrics.inc("dnsproxy_tcp_connections_rejected_total")
             writer.close()
             return
@@ -170,7 +181,10 @@ class TcpServer:
                 if response is None:
                     # Pipelined: answer in any order, keep reading meanwhile (RFC 7766 6.2.1.1).
                     state[2] += 1
-                    self.responder.spawn(self._resolve(writer, request, state))
+                    if not self.responder.spawn(self._resolve(writer, request, state)):
+                        state[2] -= 1
+                        self._finish(writer, request, Response(
+                            wire.response(query, wire.SERVFAIL), "overload", wire.SERVFAIL))
                 else:
                     self._finish(writer, request, response)
         finally:
@@ -186,8 +200,11 @@ class TcpServer:
         self._finish(writer, request, response)
 
     def _finish(self, writer, request: Request, response: Response) -> None:
-        if response.wire is not None:
-            self._write(writer, response.wire[:MAX_TCP_MESSAGE])
+        message = response.wire
+        if message is not None:
+            if len(message) > MAX_TCP_MESSAGE:  # cannot be framed; cutting it would be garbage
+                message = wire.response(request.query, wire.SERVFAIL)
+            self._write(writer, message)
         self.responder.querylog.query(request, response)
 
     @staticmethod

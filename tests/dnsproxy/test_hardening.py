@@ -42,6 +42,31 @@ def test_clients_outside_the_allowed_networks_are_refused(upstream, make_proxy):
     assert proxy.metrics.get("dnsproxy_responses_total", reason="refused") == 1
 
 
+def test_strangers_get_neither_formerr_nor_a_tcp_slot(upstream, make_proxy):
+    proxy = make_proxy("--upstream", upstream.address, "--allow", "10.0.0.0/8")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        sock.sendto(b"\x12\x34\x01\x00" + b"\xff" * 20, ("127.0.0.1", proxy.port))
+        with pytest.raises(TimeoutError):
+            sock.recv(512)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as conn:
+        assert conn.recv(10) == b""  # closed at once, before a query is even read
+    assert proxy.metrics.total("dnsproxy_malformed_total") == 1
+
+
+def test_queries_beyond_the_in_flight_cap_are_shed_not_queued(upstream, make_proxy):
+    upstream.default.silent = True
+    proxy = make_proxy("--upstream", upstream.address, "--max-in-flight", "5", "--timeout", "1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(20):
+            sock.sendto(DNSRecord.question(f"hang{i}.example").pack(), ("127.0.0.1", proxy.port))
+        time.sleep(0.3)
+    assert proxy.metrics.total("dnsproxy_overload_total") == 15
+    assert upstream.count() == 5
+    reply = ask(proxy.port, "tcp.example", tcp=True)  # over TCP a shed query gets SERVFAIL
+    assert reply.header.rcode == RCODE.SERVFAIL
+
+
 def test_rate_limit_drops_over_udp_and_refuses_over_tcp(upstream, make_proxy):
     proxy = make_proxy("--upstream", upstream.address, "--rate-limit", "2")  # burst 4
     answered = 0
