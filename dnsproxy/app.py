@@ -26,6 +26,11 @@ from .upstreams import PollutedNames, Telemetry, build_upstream, client_ssl_cont
 log = logging.getLogger("dnsproxy")
 
 
+# What a reload cannot change: sockets, the log, the process layout, the TCP and load limits.
+RESTART_ONLY = ("listen", "metrics", "query_log", "workers", "tcp_idle_timeout",
+                "tcp_max_connections", "tcp_max_per_client", "max_in_flight")
+
+
 class ListenError(Exception):
     """A listen address is taken or not ours: reported in one line, exit status 1."""
 
@@ -128,8 +133,16 @@ class Service:
         old = self.forwarding
         self.forwarding = forwarding
         self.responder.pipeline = forwarding.pipeline
+        restart_only = [name for name in RESTART_ONLY
+                        if getattr(settings, name) != getattr(self.settings, name)]
+        if restart_only:
+            log.warning("changed settings that take effect only after a restart: %s",
+                        ", ".join(restart_only))
         self.settings = settings
-        asyncio.get_running_loop().create_task(old.forwarder.close())
+        # Queries in flight still use the old upstreams: close them once those are over.
+        loop = asyncio.get_running_loop()
+        loop.call_later(settings.timeout + 1,
+                        lambda: self.responder.spawn(old.forwarder.close()))
         log.info("configuration reloaded: %d upstreams", len(settings.upstreams))
 
     async def stop(self) -> None:

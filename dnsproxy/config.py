@@ -232,7 +232,10 @@ def read_file(path: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{path}: unknown setting {sorted(unknown)[0]!r}")
     if "upstream" in raw:  # [[upstream]] tables read naturally in TOML
-        raw["upstreams"] = raw.get("upstreams", []) + raw.pop("upstream")
+        tables = raw.pop("upstream")
+        listed = raw.get("upstreams", [])
+        raw["upstreams"] = ((_split(listed) if isinstance(listed, str) else list(listed))
+                            + (tables if isinstance(tables, list) else [tables]))
     return raw
 
 

@@ -335,3 +335,12 @@ def test_config_errors_name_the_setting():
         build_settings({}, {"DNSPROXY_UPSTREAMS": "127.0.0.2", "DNSPROXY_TIMEOUT": "x"})
     with pytest.raises(ConfigError, match="timeout must be above zero"):
         build_settings({}, {"DNSPROXY_UPSTREAMS": "127.0.0.2", "DNSPROXY_TIMEOUT": "0"})
+
+
+def test_toml_upstreams_as_a_string_beside_a_single_upstream_table(tmp_path):
+    config = tmp_path / "mixed.toml"
+    config.write_text('upstreams = "127.0.0.2:53"\n[upstream]\naddress = "127.0.0.3"\n'
+                      "hijack_threshold = 5\n")
+    settings = build_settings({"config": str(config)}, {})
+    assert [u.name for u in settings.upstreams] == ["127.0.0.2:53", "127.0.0.3:53"]
+    assert settings.upstreams[1].hijack_threshold == 0.005
