@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -70,12 +71,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_workers(settings, cli: dict, count: int) -> int:
-    """N processes, each with its own sockets on the same ports (SO_REUSEPORT) and own cache."""
-    from .app import run
+def _worker(settings, cli: dict) -> None:
+    from .app import ListenError, run
 
+    try:
+        run(settings, cli, True)
+    except ListenError as exc:
+        print(f"dnsproxy: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+def _run_workers(settings, cli: dict, count: int) -> int:
+    """N processes, each with its own sockets on the same ports (SO_REUSEPORT) and own cache.
+
+    Limits that are per client (rate, TCP connections) apply per worker. The first worker to
+    end ends them all: half a service that looks whole is worse than a clear failure.
+    """
     context = multiprocessing.get_context("fork")
-    children = [context.Process(target=run, args=(settings, cli, True), daemon=True)
+    children = [context.Process(target=_worker, args=(settings, cli), daemon=True)
                 for _ in range(count)]
     for child in children:
         child.start()
@@ -87,9 +102,15 @@ def _run_workers(settings, cli: dict, count: int) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    by_sentinel = {child.sentinel: child for child in children}
+    first = by_sentinel[multiprocessing.connection.wait(list(by_sentinel))[0]]
     for child in children:
-        child.join()
-    return max((child.exitcode or 0) for child in children)
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGTERM)
+    for child in children:
+        child.join(5)
+    code = first.exitcode or 0
+    return code if code >= 0 else 1  # killed by a signal: a failure all the same
 
 
 def main(argv: list[str] | None = None) -> int:
