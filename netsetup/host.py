@@ -77,7 +77,9 @@ def gather_facts(
         lan_cidr=lan.cidr,
         lan_address=lan.address,
     )
-    return facts, get_backend(iptables.value)
+    backend = get_backend(iptables.value)
+    facts = replace(facts, docker_user=backend.has_docker_user())
+    return facts, backend
 
 
 def describe(plan: Plan, backend: FirewallBackend) -> str:
@@ -146,8 +148,12 @@ def up(settings: Settings, options: Options) -> str:
             if not running:
                 undo.push("compose up", compose.down)
             deployed = deploy.wait_healthy(client, settings, options.timeout)
-            if deployed.bridge != facts.bridge:
-                facts = HostFacts(**{**facts.__dict__, "bridge": deployed.bridge})
+            # The engine may have created its chains only now (its first network).
+            deployed_facts = replace(
+                facts, bridge=deployed.bridge, docker_user=backend.has_docker_user()
+            )
+            if deployed_facts != facts:
+                facts = deployed_facts
                 plan = compute_plan(settings, facts)
             verify_network(plan, deployed)
 
@@ -251,6 +257,7 @@ def status(project: str, options: Options) -> dict:
             lan_interface=saved.lan_interface,
             lan_cidr=saved.lan_cidr,
             lan_address=saved.lan_address,
+            docker_user=backend.has_docker_user(),
         )
         plan = compute_plan(settings, facts)
         fw = backend.state(plan.firewall)

@@ -17,9 +17,9 @@ Why the rules are what they are:
   the network is ``nat-unprotected``. We accept LAN -> appliance:53 (UDP, TCP) and the replies in a
   chain of our own, jumped to from DOCKER-USER: Docker creates DOCKER-USER but never flushes it, so
   the jump survives a daemon restart (Docker re-creates DOCKER, DOCKER-FORWARD, ... but not this).
-  Where the engine manages no iptables chains (Docker 29 with the nftables firewall backend) there
-  is no DOCKER-USER; the jump goes at the top of FORWARD, and nat-unprotected keeps the engine's
-  own nftables rules from dropping the traffic.
+  Where the engine manages no iptables chains (Docker 29 with the nftables firewall backend, or
+  any engine with ``"iptables": false``) there is no DOCKER-USER; the jump goes at the top of
+  FORWARD, and nat-unprotected keeps the engine's own nftables rules from dropping the traffic.
 * The nat hook sits first in POSTROUTING, which Docker never flushes either.
 """
 
@@ -94,6 +94,9 @@ class HostFacts:
     lan_interface: str
     lan_cidr: str
     lan_address: str
+    # Whether FORWARD jumps to a DOCKER-USER chain (read from iptables-save): not so where the
+    # engine manages no iptables chains, be it the nftables backend or "iptables": false.
+    docker_user: bool = True
 
     @property
     def engine_major_minor(self) -> tuple[int, int]:
@@ -105,7 +108,7 @@ class HostFacts:
 
     @property
     def has_docker_user(self) -> bool:
-        return self.engine_firewall == "iptables"
+        return self.engine_firewall == "iptables" and self.docker_user
 
 
 @dataclass
@@ -213,9 +216,14 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
             f"Docker {facts.engine_version} drops routed traffic to containers in the raw table "
             "unless the network is nat-unprotected; verified after deployment."
         )
-    if not facts.has_docker_user:
+    if facts.engine_firewall != "iptables":
         plan.notes.append(
             f"Engine firewall backend is {facts.engine_firewall}: no DOCKER-USER chain, so the "
+            "filter hook goes first in FORWARD."
+        )
+    elif not facts.docker_user:
+        plan.notes.append(
+            "No DOCKER-USER chain in FORWARD (the engine runs with iptables disabled), so the "
             "filter hook goes first in FORWARD."
         )
     if facts.iptables is IptablesBackend.legacy and facts.engine_firewall == "nftables":

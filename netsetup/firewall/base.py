@@ -84,6 +84,10 @@ class FirewallBackend(ABC):
         """Whether the table exists; a table that does not holds nothing of ours."""
         return True
 
+    def has_docker_user(self) -> bool:
+        """Whether forwarded traffic passes DOCKER-USER (see forward_jumps_to_docker_user)."""
+        return self.loaded("filter") and forward_jumps_to_docker_user(self.save("filter"))
+
     def state(self, plan: FirewallPlan) -> FirewallState:
         chains: dict[str, bool] = {}
         hooks: dict[str, bool] = {}
@@ -113,6 +117,18 @@ def declared_chains(dump: str) -> set[str]:
 
 def rule_lines(dump: str) -> list[str]:
     return [line for line in dump.splitlines() if line.startswith("-A ")]
+
+
+def forward_jumps_to_docker_user(filter_dump: str) -> bool:
+    """Whether DOCKER-USER exists and FORWARD jumps to it, so a hook there sees forwarded
+    traffic; not so with ``"iptables": false`` or the engine's nftables backend."""
+    if "DOCKER-USER" not in declared_chains(filter_dump):
+        return False
+    for line in rule_lines(filter_dump):
+        words = shlex.split(line)
+        if words[1] == "FORWARD" and words[-2:] == ["-j", "DOCKER-USER"]:
+            return True
+    return False
 
 
 def hooks_into(dump: str, own: set[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Fixed host facts per engine version and firewall backend, for golden and backend tests.
 
 The engines are the ones the plan must serve: 20.10 (Debian bookworm), 26.1 (trixie), 28.5 (sid)
-and 29 (iptables or, experimentally, native nftables as the engine's firewall).
+and 29 (iptables or, experimentally, native nftables as the engine's firewall); "28-noiptables" is
+Docker 28 with ``"iptables": false`` in daemon.json, which creates no DOCKER-USER chain.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ ENGINES: dict[str, tuple[str, str]] = {
     "20.10": ("20.10.24+dfsg1", "iptables"),
     "26": ("26.1.5+dfsg1", "iptables"),
     "28": ("28.5.2+dfsg3", "iptables"),
+    "28-noiptables": ("28.5.2+dfsg3", "iptables"),
     "29": ("29.0.1", "iptables"),
     "29-nftables": ("29.0.1", "nftables"),
 }
@@ -29,6 +31,7 @@ def facts(engine: str = "20.10", backend: str = "nft") -> HostFacts:
         lan_interface="eth0",
         lan_cidr="192.168.1.0/24",
         lan_address="192.168.1.2",
+        docker_user=not engine.endswith("-noiptables"),
     )
 
 

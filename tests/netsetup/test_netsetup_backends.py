@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import netns_exec, normalize
 
+from netsetup.firewall.base import forward_jumps_to_docker_user
+
 DRIVER = str(Path(__file__).parent / "fw_driver.py")
 SAVE = {"nft": "iptables-nft-save", "legacy": "iptables-legacy-save"}
 CLI = {"nft": "iptables-nft", "legacy": "iptables-legacy"}
@@ -71,14 +73,26 @@ def test_apply_twice_then_remove_restores_tables(
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
-def test_nftables_engine_hooks_from_forward(netns: str, backend: str) -> None:
+@pytest.mark.parametrize("engine", ["29-nftables", "28-noiptables"])
+def test_no_docker_user_hooks_from_forward(netns: str, backend: str, engine: str) -> None:
+    """No DOCKER-USER (engine nftables backend, or "iptables": false): hook from FORWARD."""
     docker_like(netns, backend, engine_firewall="nftables")
     before = save(netns, backend)
-    driver(netns, backend, "29-nftables", "both", "apply")
+    driver(netns, backend, engine, "both", "apply")
     forward = [ln for ln in save(netns, backend)["filter"] if ln.startswith("-A FORWARD")]
     assert forward[0].endswith("-j NETSETUP-dnsapp")
-    driver(netns, backend, "29-nftables", "both", "remove")
+    driver(netns, backend, engine, "both", "remove")
     assert save(netns, backend) == before
+
+
+def test_docker_user_detected_from_the_dump() -> None:
+    with_user = "*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n-A FORWARD -j DOCKER-USER\n"
+    assert forward_jumps_to_docker_user(with_user)
+    assert not forward_jumps_to_docker_user("*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n")
+    # a chain left behind that FORWARD no longer jumps to would not see forwarded traffic
+    assert not forward_jumps_to_docker_user(
+        "*filter\n:FORWARD ACCEPT [0:0]\n:DOCKER-USER - [0:0]\n"
+    )
 
 
 def test_remove_finds_hooks_moved_by_the_engine(netns: str) -> None:
