@@ -133,19 +133,42 @@ def check_subnet_free(subnet: str, bridge: str | None) -> None:
 
 
 def check_port_free(port: int) -> None:
-    """Refuse a port some process already holds (UDP or TCP), before compose would fail on it."""
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(socket.AF_INET, kind) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """Refuse a port some process already holds, before compose would fail on it.
+
+    Docker publishes on IPv4 and, where the host has it, IPv6; each family is tried with UDP and
+    TCP by binding the wildcard address. UDP binds without SO_REUSEADDR: with it, a holder that
+    set it too (many DNS servers do) would share the port silently. TCP keeps SO_REUSEADDR, so a
+    connection in TIME_WAIT is not mistaken for a listener.
+    """
+    families = [(socket.AF_INET, "0.0.0.0", "IPv4")]
+    if socket.has_ipv6:
+        families.append((socket.AF_INET6, "::", "IPv6"))
+    for family, wildcard, family_name in families:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
             try:
-                sock.bind(("0.0.0.0", port))
+                sock = socket.socket(family, kind)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
-                    raise PortTaken(
-                        f"port {port}/{proto} is already taken on this host: choose another --port"
-                    ) from exc
+                if family == socket.AF_INET6 and exc.errno == errno.EAFNOSUPPORT:
+                    break  # no IPv6 on this host: nothing can hold the port there
                 raise
+            with sock:
+                if kind == socket.SOCK_STREAM:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # only IPv6 here: the IPv4 wildcard was tried on its own
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((wildcard, port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise PortTaken(
+                            f"port {port}/{proto} ({family_name}) is already taken on this host: "
+                            "choose another --port"
+                        ) from exc
+                    if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                        break  # IPv6 disabled
+                    raise
 
 
 def _short(exc: Exception) -> str:

@@ -125,6 +125,47 @@ def test_port_taken() -> None:
     assert host_snapshot() == before
 
 
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "address", "reuse"),
+    [
+        (socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", False),
+        (socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", True),  # hidden by SO_REUSEADDR before
+        (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", False),
+        (socket.AF_INET6, socket.SOCK_DGRAM, "::1", False),
+        (socket.AF_INET6, socket.SOCK_DGRAM, "::1", True),
+        (socket.AF_INET6, socket.SOCK_STREAM, "::1", False),
+    ],
+    ids=["udp4", "udp4-reuseaddr", "tcp4", "udp6", "udp6-reuseaddr", "tcp6"],
+)
+def test_port_taken_any_family_and_protocol(family, kind, address, reuse) -> None:
+    from netsetup.detect import check_port_free
+    from netsetup.errors import PortTaken
+
+    if family == socket.AF_INET6 and not _ipv6():
+        pytest.skip("no IPv6 on this host")
+    with socket.socket(family, kind) as holder:
+        if reuse:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            holder.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        holder.bind((address, 0))
+        if kind == socket.SOCK_STREAM:
+            holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(PortTaken, match=str(port)):
+            check_port_free(port)
+    check_port_free(port)  # released: free again
+
+
 @needs_engine
 def test_dry_run_prints_plan_and_changes_nothing() -> None:
     before = host_snapshot()
