@@ -155,6 +155,7 @@ class Service:
         for task in list(self.responder.tasks):
             task.cancel()
         await self.forwarding.forwarder.close()
+        self.querylog.flush()
 
 
 def raise_open_file_limit() -> None:

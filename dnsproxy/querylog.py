@@ -6,6 +6,7 @@ so the hot path pays one method call and builds no strings.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -26,12 +27,27 @@ def type_name(qtype: int) -> str:
 
 
 class QueryLog:
+    """Lines are written once per turn of the event loop, not once per query: under load one
+    write carries many lines, and a slow reader of stdout costs one stall, not one per query."""
+
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
+        self.buffer: list[str] = []
 
     def _write(self, record: dict) -> None:
+        self.buffer.append(json.dumps(record, separators=(",", ":")))
+        if len(self.buffer) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop running: write now
+                self.flush()
+
+    def flush(self) -> None:
+        lines, self.buffer = self.buffer, []
+        if not lines:
+            return
         try:
-            self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed stdout must not take the server down
@@ -63,9 +79,6 @@ class QueryLog:
             "type": type_name(qtype),
             "reason": reason,
         })
-
-    def message(self, text: str, **fields: object) -> None:
-        self._write({"ts": round(time.time(), 3), "event": "info", "message": text, **fields})
 
 
 class NullLog(QueryLog):
