@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +22,7 @@ from rich.table import Table
 from netsetup import check as check_mod
 from netsetup import host, routes, state
 from netsetup.errors import NetsetupError
-from netsetup.plan import Mode, Settings
+from netsetup.plan import Mode, Settings, check_settings, checked_network
 
 app = typer.Typer(
     add_completion=False,
@@ -100,16 +101,18 @@ def up(
     bridge: Annotated[str | None, typer.Option(help="override the bridge name")] = None,
 ) -> None:
     """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
-    settings = Settings(
-        mode=mode,
-        upstreams=_split(upstream),
-        lan_interface=lan_interface,
-        lan_cidr=lan_cidr,
-        subnet=subnet,
-        ip=ip,
-        port=port,
-        project=project,
-        service=service,
+    settings = check_settings(
+        Settings(
+            mode=mode,
+            upstreams=_split(upstream),
+            lan_interface=lan_interface,
+            lan_cidr=lan_cidr,
+            subnet=subnet,
+            ip=ip,
+            port=port,
+            project=project,
+            service=service,
+        )
     )
     options = host.Options(
         compose_file=compose_file, firewall=firewall, deploy=deploy, dry_run=dry_run, bridge=bridge
@@ -122,7 +125,7 @@ def up(
         host_address = saved.lan_address if saved else "this host"
         paths = []
         if settings.direct:
-            paths.append(f"{ip} port 53 (direct mode: route {settings.subnet} via "
+            paths.append(f"{settings.ip} port 53 (direct mode: route {settings.subnet} via "
                          f"{host_address}, see `netsetup routes`)")
         if settings.published:
             paths.append(f"{host_address} port {port} (port mode)")
@@ -254,6 +257,12 @@ def routes_cmd(
 
     saved = state.load(project)
     settings = saved.to_settings() if saved else Settings(project=project)
+    if subnet is not None or ip is not None:
+        given = replace(settings, subnet=subnet or settings.subnet, ip=ip or settings.ip)
+        checked = check_settings(given)
+        subnet, ip = checked.subnet, checked.ip
+    if lan_cidr is not None:
+        lan_cidr = checked_network("--lan-cidr", lan_cidr)
     if saved and not (lan_interface or lan_cidr):
         address, cidr = saved.lan_address, saved.lan_cidr
     else:

@@ -13,6 +13,10 @@ class NetsetupError(Exception):
     exit_code = 2
 
 
+class BadInput(NetsetupError):
+    """An option's value is malformed or inconsistent with another option."""
+
+
 class NotRoot(NetsetupError):
     pass
 

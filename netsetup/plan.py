@@ -26,9 +26,10 @@ Why the rules are what they are:
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from netsetup.errors import BadInput
 from netsetup.firewall.model import Chain, FirewallPlan, Rule
 
 CHAIN_PREFIX = "NETSETUP-"
@@ -81,6 +82,44 @@ class Settings:
     @property
     def published(self) -> bool:
         return self.mode in (Mode.both, Mode.port)
+
+
+def checked_network(option: str, value: str) -> str:
+    """An IPv4 network given on the command line, normalized (host bits cleared)."""
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise BadInput(f"{option} {value!r} is not an IPv4 network (like 172.31.53.0/24)") from None
+    if network.version != 4:
+        raise BadInput(f"{option} {value}: only IPv4 networks are supported")
+    return str(network)
+
+
+def check_settings(settings: Settings) -> Settings:
+    """Refuse malformed or inconsistent addresses and ports before anything is done (exit 2);
+    return the settings with networks normalized."""
+    subnet = ipaddress.ip_network(checked_network("--subnet", settings.subnet))
+    if subnet.num_addresses < 4:
+        raise BadInput(f"--subnet {subnet} is too small: it needs a gateway and the appliance")
+    try:
+        ip = ipaddress.ip_address(settings.ip)
+    except ValueError:
+        raise BadInput(f"--ip {settings.ip!r} is not an IPv4 address") from None
+    if ip.version != 4 or ip not in subnet:
+        raise BadInput(f"--ip {ip} is not inside --subnet {subnet}")
+    reserved = {
+        subnet.network_address: "the network address",
+        subnet.broadcast_address: "the broadcast address",
+        subnet.network_address + 1: "the gateway (the host's address on the bridge)",
+    }
+    if ip in reserved:
+        raise BadInput(f"--ip {ip} is {reserved[ip]} of --subnet {subnet}: choose another")
+    lan_cidr = settings.lan_cidr
+    if lan_cidr is not None:
+        lan_cidr = checked_network("--lan-cidr", lan_cidr)
+    if not 1 <= settings.port <= 65535:
+        raise BadInput(f"--port {settings.port} is not a port (1-65535)")
+    return replace(settings, subnet=str(subnet), ip=str(ip), lan_cidr=lan_cidr)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ the firewall and the engine's containers/networks before and after.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -105,8 +106,9 @@ def test_subnet_overlaps_host_route() -> None:
     if not routes:
         pytest.skip("host has no link-scope route")
     net = routes[0]
+    ip = str(ipaddress.ip_network(net).network_address + 2)  # valid in the subnet, not .1
     proc = run_cli("up", *SAFE, "--lan-interface", "lo", "--lan-cidr", "127.0.0.0/8",
-                   "--subnet", net, "--ip", net.split("/")[0])  # fmt: skip
+                   "--subnet", net, "--ip", ip)  # fmt: skip
     assert_refused(proc, "overlaps")
     assert host_snapshot() == before
 
@@ -123,6 +125,34 @@ def test_port_taken() -> None:
         )  # fmt: skip
     assert_refused(proc, "port", str(port))
     assert host_snapshot() == before
+
+
+BAD_INPUT = [
+    (["--subnet", "172.31.300.0/24"], "--subnet"),
+    (["--subnet", "fd53::/64", "--ip", "fd53::53"], "IPv4"),
+    (["--subnet", "172.31.254.0/24", "--ip", "172.31.254.999"], "--ip"),
+    (["--subnet", "172.31.254.0/24", "--ip", "172.31.99.53"], "not inside"),
+    (["--subnet", "172.31.254.0/24", "--ip", "172.31.254.0"], "network address"),
+    (["--subnet", "172.31.254.0/24", "--ip", "172.31.254.255"], "broadcast"),
+    (["--subnet", "172.31.254.0/24", "--ip", "172.31.254.1"], "gateway"),
+    (["--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", "--lan-cidr", "lan"], "--lan-cidr"),
+    (["--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", "--port", "70000"], "--port"),
+]
+
+
+@needs_engine
+@pytest.mark.parametrize(("args", "word"), BAD_INPUT, ids=[w for _, w in BAD_INPUT])
+def test_bad_input_refused(args: list[str], word: str) -> None:
+    """Malformed or inconsistent --subnet, --ip, --lan-cidr: one line, exit 2, nothing changed."""
+    before = host_snapshot()
+    assert_refused(run_cli("up", *SAFE, "--lan-interface", "lo", *args), word)
+    assert host_snapshot() == before
+
+
+def test_routes_bad_input_refused() -> None:
+    gateway = ["--gateway", "10.1.1.1"]
+    assert_refused(run_cli("routes", "--subnet", "10.0.0.0/33", *gateway), "--subnet")
+    assert_refused(run_cli("routes", "--lan-cidr", "x", *gateway), "--lan-cidr")
 
 
 def _ipv6() -> bool:
