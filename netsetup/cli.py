@@ -160,6 +160,8 @@ def status(
         return
     table = Table(title=f"netsetup status: {project}", show_header=False)
     table.add_row("up", str(info["up"]))
+    if not info["up"]:
+        table.add_row("host side", "NOT APPLIED (no rules, no state; after a reboot): run up")
     table.add_row("engine", json.dumps(info.get("engine")))
     svc = info.get("service")
     if svc:

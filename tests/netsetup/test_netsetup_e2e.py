@@ -202,6 +202,18 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
             status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
             assert status["firewall"]["complete"], status
 
+        # a host reboot: the container comes back by itself, the rules and the state do not
+        # (`down --no-deploy` takes exactly those away); status says so, `up` puts them back
+        proc = engine.run(NETSETUP, "down", "-p", project, "--no-deploy")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
+        assert not status["up"] and status["service"], status
+        proc = make(engine, "up", **variables)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
+        assert status["firewall"]["complete"] and not status["firewall"]["extra"], status
+        assert wait_answer(topo, ip, "after-reboot.example.test") == ANSWER
+
         proc = make(engine, "down", **variables)
         upped = False
         assert proc.returncode == 0, proc.stdout + proc.stderr
