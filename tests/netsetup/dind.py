@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SUITE = "sid"
+# sid carries Docker 28; NETSETUP_DIND_SUITE=trixie runs the same test on Docker 26.
+SUITE = os.environ.get("NETSETUP_DIND_SUITE", "sid")
+ENGINE_MAJOR = {"sid": "28.", "trixie": "26."}.get(SUITE, "")
 IMAGE = f"netsetup-test-dind:{SUITE}"
 PACKAGES = "docker.io,iptables,iproute2,ca-certificates,procps"
 
