@@ -6,8 +6,7 @@ SHELL := /bin/bash
 
 # ---- settings ----------------------------------------------------------------------------------
 MODE          ?= both#                    both | port | direct: how LAN clients reach the appliance
-# A real user's default: DNS over TLS to public resolvers. Tests always set their own.
-UPSTREAMS     ?= $(if $(CONFIG),,tls://1.1.1.1\#cloudflare-dns.com tls://9.9.9.9\#dns.quad9.net)
+UPSTREAMS     ?=#                         empty: the CONFIG file's, or (netsetup's default) DNS over TLS to public resolvers
 CONFIG        ?=#                         optional config file (TOML or CDNS), mounted read-only
 LAN_INTERFACE ?=#                         empty: the host tool picks the default route's interface
 LAN_CIDR      ?=#                         empty: the host tool reads it from LAN_INTERFACE

@@ -53,6 +53,11 @@ def lan_to_allow(lan_cidr: str, explicit: bool) -> str | None:
     return network if explicit or is_private(network) else None
 
 
+# A real user's upstreams when neither --upstream nor a config file names any: encrypted, so the
+# on-path injector this appliance exists to defeat cannot touch them. Tests always name their own.
+DEFAULT_UPSTREAMS = ("tls://1.1.1.1#cloudflare-dns.com", "tls://9.9.9.9#dns.quad9.net")
+
+
 def compose_env(settings: Settings) -> dict[str, str]:
     """The variables compose.yaml reads; the Makefile passes the same names."""
     env = dict(os.environ)
@@ -65,6 +70,8 @@ def compose_env(settings: Settings) -> dict[str, str]:
     )
     if settings.upstreams:
         env["UPSTREAMS"] = ",".join(settings.upstreams)
+    elif not env.get("CONFIG"):
+        env["UPSTREAMS"] = ",".join(DEFAULT_UPSTREAMS)
     if settings.lan_cidr:
         # The forwarder's default clients (loopback and private ranges) plus this LAN (set only
         # when it is to be served: see lan_to_allow).

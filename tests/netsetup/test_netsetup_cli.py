@@ -264,3 +264,15 @@ def test_routes_forms() -> None:
     assert "uci set network.@route[-1].gateway='192.168.1.2'" in text
     assert "sudo route -n add -net 172.31.53.0/24 192.168.1.2" in text
     assert "gateway 192.168.1.2, DNS 172.31.53.53" in text
+
+
+def test_upstreams_default_only_when_neither_option_nor_config_names_any(monkeypatch) -> None:
+    from netsetup.deploy import DEFAULT_UPSTREAMS
+
+    monkeypatch.setenv("CONFIG", "")
+    monkeypatch.setenv("UPSTREAMS", "")
+    assert compose_env(Settings())["UPSTREAMS"] == ",".join(DEFAULT_UPSTREAMS)
+    assert all(u.startswith("tls://") for u in DEFAULT_UPSTREAMS)  # never plain to the world
+    assert compose_env(Settings(upstreams=("192.0.2.53",)))["UPSTREAMS"] == "192.0.2.53"
+    monkeypatch.setenv("CONFIG", "/etc/dnsproxy.toml")
+    assert compose_env(Settings())["UPSTREAMS"] == ""  # the file names them
