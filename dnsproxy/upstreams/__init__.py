@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .base import PollutedNames, Telemetry, Upstream, UpstreamError
+from .base import PollutedNames, Telemetry, Upstream, UpstreamError, hostport
 from .https import HttpsUpstream
 from .stream import StreamUpstream
 from .udp import UdpUpstream
@@ -36,8 +36,8 @@ class UpstreamSpec:
     def name(self) -> str:
         if self.url:
             return self.url
-        hostport = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        return hostport if self.scheme == "udp" else f"{self.scheme}://{hostport}"
+        address = hostport(self.host, self.port)
+        return address if self.scheme == "udp" else f"{self.scheme}://{address}"
 
 
 def _split_hostport(text: str, default_port: int, spec: str) -> tuple[str, int]:

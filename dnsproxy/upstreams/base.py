@@ -32,6 +32,18 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
+def hostport(host: str, port: int) -> str:
+    """How an address is written in specs, logs and metrics: IPv6 in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def os_reason(exc: OSError) -> str:
+    """A socket error as a short label for metrics: refused, network-is-unreachable, ..."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    return (exc.strerror or type(exc).__name__).lower().replace(" ", "-")
+
+
 def matches(reply: wire.Reply, query: wire.Query) -> bool:
     """Same question, the name compared case-insensitively (resolvers may change it: 0x20)."""
     return wire.question_key(reply.question) == query.key

@@ -14,7 +14,7 @@ import time
 
 from .. import wire
 from ..forgery import EdnsState
-from .base import Telemetry, UpstreamError, matches
+from .base import Telemetry, UpstreamError, hostport, matches, os_reason
 
 MAX_PENDING = 4096  # queries in flight on one connection
 
@@ -103,7 +103,7 @@ class StreamUpstream:
         self.ssl_context = ssl_context
         self.server_name = server_name
         self.transport = "tls" if ssl_context else "tcp"
-        self.name = name or f"{self.transport}://{_hostport(host, port)}"
+        self.name = name or f"{self.transport}://{hostport(host, port)}"
         self.idle_timeout = idle_timeout
         self.hijack_threshold = hijack_threshold
         self.error_prefix = error_prefix  # "tcp-" when a UDP upstream falls back to us
@@ -126,7 +126,7 @@ class StreamUpstream:
         except ssl.SSLError as exc:
             raise UpstreamError(f"tls: {exc.reason or exc}") from None
         except OSError as exc:
-            raise UpstreamError(_os_reason(exc)) from None
+            raise UpstreamError(os_reason(exc)) from None
 
     async def _open(self) -> _Connection:
         kwargs = {}
@@ -168,12 +168,3 @@ class StreamUpstream:
             self._conn.reading.cancel()
             await asyncio.gather(self._conn.reading, return_exceptions=True)
 
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _os_reason(exc: OSError) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    return (exc.strerror or type(exc).__name__).lower().replace(" ", "-")

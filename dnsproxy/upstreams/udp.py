@@ -16,8 +16,8 @@ import time
 
 from .. import wire
 from ..forgery import EdnsMarker, EdnsState, ForgeryFilters
-from .base import PollutedNames, Telemetry, UpstreamError, matches
-from .stream import StreamUpstream, _hostport, _os_reason
+from .base import PollutedNames, Telemetry, UpstreamError, hostport, matches, os_reason
+from .stream import StreamUpstream
 
 
 class UdpUpstream:
@@ -29,7 +29,7 @@ class UdpUpstream:
                  name: str | None = None) -> None:
         self.address = (host, port)
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.name = name or _hostport(host, port)
+        self.name = name or hostport(host, port)
         self.telemetry = telemetry
         self.filters = filters
         self.polluted = polluted
@@ -76,8 +76,8 @@ class _Exchange:
                 sock.connect(up.address)
                 sock.send(wire.upstream_query(self.query, self.qid))
             except OSError as exc:
-                up.telemetry.error(up.name, _os_reason(exc))
-                raise UpstreamError(_os_reason(exc)) from None
+                up.telemetry.error(up.name, os_reason(exc))
+                raise UpstreamError(os_reason(exc)) from None
             self.sent_at = time.monotonic()
             up.telemetry.sent(up.name, "udp")
             self.loop.add_reader(sock.fileno(), self._readable)
@@ -108,8 +108,8 @@ class _Exchange:
                 return
             except OSError as exc:  # ICMP port unreachable and the like
                 if self.tcp_task is None:
-                    self.up.telemetry.error(self.up.name, _os_reason(exc))
-                    self.result.set_exception(UpstreamError(_os_reason(exc)))
+                    self.up.telemetry.error(self.up.name, os_reason(exc))
+                    self.result.set_exception(UpstreamError(os_reason(exc)))
                 return
             self._judge(data)
 
