@@ -93,11 +93,17 @@ class Service:
         self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl)
         self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache)
         self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog,
-                                   allowed=lambda peer: self.forwarding.access.allowed(peer),
+                                   allowed=self.allowed,
                                    max_in_flight=settings.max_in_flight)
         self.transports: list = []
         self.servers: list[asyncio.AbstractServer] = []
+        self.retired: list[Forwarder] = []  # replaced by a reload, closed once their queries end
+        self.closing: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
+
+    def allowed(self, address: str) -> bool:
+        """The current access control (a reload replaces it), for what precedes the pipeline."""
+        return self.forwarding.access.allowed(address)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,8 +123,7 @@ class Service:
         if s.metrics:
             host, port = parse_listen(s.metrics)
             try:
-                self.servers.append(await serve_metrics(
-                    self.metrics, host, port, lambda peer: self.forwarding.access.allowed(peer)))
+                self.servers.append(await serve_metrics(self.metrics, host, port, self.allowed))
             except OSError as exc:
                 raise ListenError(f"cannot serve metrics on {s.metrics}: {exc.strerror}") from None
 
@@ -140,10 +145,17 @@ class Service:
                         ", ".join(restart_only))
         self.settings = settings
         # Queries in flight still use the old upstreams: close them once those are over.
-        loop = asyncio.get_running_loop()
-        loop.call_later(settings.timeout + 1,
-                        lambda: self.responder.spawn(old.forwarder.close()))
+        self.retired.append(old.forwarder)
+        asyncio.get_running_loop().call_later(settings.timeout + 1, self._close_retired,
+                                              old.forwarder)
         log.info("configuration reloaded: %d upstreams", len(settings.upstreams))
+
+    def _close_retired(self, forwarder: Forwarder) -> None:
+        if forwarder in self.retired:
+            self.retired.remove(forwarder)
+            task = asyncio.get_running_loop().create_task(forwarder.close())
+            self.closing.add(task)  # a reference, so the task is not collected half-way
+            task.add_done_callback(self.closing.discard)
 
     async def stop(self) -> None:
         for transport in self.transports:
@@ -154,17 +166,20 @@ class Service:
             await asyncio.wait(list(self.responder.tasks), timeout=0.5)
         for task in list(self.responder.tasks):
             task.cancel()
-        await self.forwarding.forwarder.close()
+        for forwarder in [self.forwarding.forwarder, *self.retired]:
+            await forwarder.close()
+        if self.closing:
+            await asyncio.wait(self.closing, timeout=0.5)
         self.querylog.flush()
 
 
 def raise_open_file_limit() -> None:
     """Every query in flight holds a socket: 1024 files (a common soft limit) is too few."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 65536), hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 async def serve(settings: Settings, cli_overrides: dict | None = None,

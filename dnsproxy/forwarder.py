@@ -65,10 +65,10 @@ class Forwarder:
         deadline = loop.time() + self.timeout - (time.monotonic() - request.started)
         try:
             data, reply, upstream = await self._race(query, deadline)
-        except UpstreamError:
+            cached = wire.strip_opt(data, reply)
+        except (UpstreamError, wire.WireError):  # the latter: a reply even dnslib cannot rebuild
             self.metrics.inc("dnsproxy_responses_total", reason="servfail")
             return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)
-        cached = wire.strip_opt(data, reply)
         self.metrics.inc("dnsproxy_responses_total", reason="forwarded")
         return Response(wire.client_reply(cached, query), "forwarded", reply.rcode,
                         upstream.name, cacheable=cached)

@@ -69,6 +69,16 @@ class Responder:
         task.add_done_callback(self.tasks.discard)
         return True
 
+    def answer_now(self, request: Request) -> Response | None:
+        """The stages' answer, if any; a bug in one costs this query a SERVFAIL, no more."""
+        try:
+            return self.pipeline.answer_now(request)
+        except Exception:
+            log.exception("a stage failed on a %s query from %s", request.transport,
+                          request.client[0])
+            return Response(wire.response(request.query, wire.SERVFAIL), "servfail",
+                            wire.SERVFAIL)
+
     async def resolve(self, request: Request) -> Response:
         """The pipeline's answer; a bug anywhere in it costs this query a SERVFAIL, no more."""
         try:
@@ -102,12 +112,7 @@ class UdpServer(asyncio.DatagramProtocol):
                 self.transport.sendto(reply, addr)
             return
         request = Request(query, addr, "udp", time.monotonic())
-        try:
-            response = self.responder.pipeline.answer_now(request)
-        except Exception:  # a bug in one stage must not stop the listener
-            log.exception("stage failed on a query from %s", addr[0])
-            self.transport.sendto(wire.response(query, wire.SERVFAIL), addr)
-            return
+        response = self.responder.answer_now(request)
         if response is None:
             self.responder.spawn(self._resolve(request))
         else:
@@ -177,7 +182,7 @@ class TcpServer:
                         self._write(writer, reply)
                     break  # a stream that carried garbage cannot be trusted to be framed
                 request = Request(query, peer, "tcp", time.monotonic())
-                response = self.responder.pipeline.answer_now(request)
+                response = self.responder.answer_now(request)
                 if response is None:
                     # Pipelined: answer in any order, keep reading meanwhile (RFC 7766 6.2.1.1).
                     state[2] += 1

@@ -54,7 +54,7 @@ class Cache(PassThrough):
         self.entries.move_to_end(key)
         self.counts[self.hits] += 1
         reply = wire.client_reply(cached, query, int(age))
-        return Response(reply, "cached", cached.rcode)
+        return Response(reply, "cached", reply[3] & wire.RCODE_MASK)
 
     def observe(self, request: Request, response: Response) -> None:
         cached = response.cacheable
@@ -68,6 +68,3 @@ class Cache(PassThrough):
         self.entries.move_to_end(key)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self.entries.clear()
