@@ -77,7 +77,7 @@ class FakeUpstream:
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                upstream._serve_tcp(self.request, self.client_address)
+                upstream.serve_stream(self.request, self.client_address)
 
         server_class = type("TCPServer", (socketserver.ThreadingTCPServer,),
                             {"address_family": family, "allow_reuse_address": True,
@@ -191,7 +191,8 @@ class FakeUpstream:
         with contextlib.suppress(OSError):
             self.udp.sendto(reply, client)
 
-    def _serve_tcp(self, conn: socket.socket, client) -> None:
+    def serve_stream(self, conn: socket.socket, client, transport: str = "tcp") -> None:
+        """Length-prefixed DNS on a connected stream: plain TCP, or TLS for a DoT fake."""
         conn.settimeout(10)
         try:
             while True:
@@ -199,7 +200,7 @@ class FakeUpstream:
                 if not head:
                     return
                 data = _recv_exact(conn, struct.unpack(">H", head)[0])
-                query, b = self._record(data, client, "tcp")
+                query, b = self._record(data, client, transport)
                 if b.silent:
                     continue
                 if b.tcp_delay:

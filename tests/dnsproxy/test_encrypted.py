@@ -13,7 +13,7 @@ import threading
 import pytest
 from dnslib import RCODE
 
-from .fakes import GENUINE, FakeUpstream, _recv_exact, addresses, ask
+from .fakes import GENUINE, FakeUpstream, addresses, ask
 
 trustme = pytest.importorskip("trustme")
 
@@ -84,19 +84,8 @@ class DotServer(_Tls):
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 conn = tls.wrap(self.request)
-                if conn is None:
-                    return
-                conn.settimeout(10)
-                try:
-                    while True:
-                        head = _recv_exact(conn, 2)
-                        if not head:
-                            return
-                        data = _recv_exact(conn, struct.unpack(">H", head)[0])
-                        reply = tls.answer(data, self.client_address, "tls")
-                        conn.sendall(struct.pack(">H", len(reply)) + reply)
-                except (OSError, ValueError):
-                    return
+                if conn is not None:
+                    tls.brain.serve_stream(conn, self.client_address, "tls")
 
         server_class = type("DotTCPServer", (socketserver.ThreadingTCPServer,),
                             {"allow_reuse_address": True, "daemon_threads": True})
