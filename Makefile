@@ -18,6 +18,9 @@ BASE_IMAGE    ?= dnsproxy-base:bookworm#  or python:3.12-slim where a registry i
 BRIDGE        ?= br-dnsapp#               the bridge's interface name on the host
 PROJECT       ?= dnsapp#                  compose project name
 IMAGE         ?= dnsproxy:latest
+NETSETUP_IMAGE ?= netsetup:latest#       the host service (rules kept in place, see README)
+NETSETUP_BASE  ?= netsetup-base:bookworm
+METRICS_FROM_LAN ?= 0#                    1: the LAN may also read the metrics port (9153)
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -25,7 +28,7 @@ PYTHON ?= python3
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
 # compose.yaml reads these from the environment.
-export UPSTREAMS QUERY_LOG SUBNET DNS_IP PORT BRIDGE IMAGE
+export UPSTREAMS QUERY_LOG SUBNET DNS_IP PORT BRIDGE IMAGE NETSETUP_IMAGE
 export COMPOSE_PROJECT_NAME := $(PROJECT)
 export CONFIG := $(if $(CONFIG),$(abspath $(CONFIG)))
 
@@ -48,9 +51,10 @@ help:
 	@echo "make logs    follow the appliance's log (one JSON line per query)"
 	@echo "make check   ask the appliance through every exposed path (dig)"
 	@echo "make test    the whole test suite (needs root and Docker for parts of it)"
-	@echo "make image   build $(IMAGE) (and its base, when its recipe changed)"
+	@echo "make image   build $(IMAGE) and $(NETSETUP_IMAGE) (and their bases, when changed)"
 	@echo "make lint    ruff"
-	@echo "settings: MODE UPSTREAMS CONFIG LAN_INTERFACE LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG BASE_IMAGE"
+	@echo "settings: MODE UPSTREAMS CONFIG LAN_INTERFACE LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG"
+	@echo "          METRICS_FROM_LAN BASE_IMAGE"
 
 # ---- set-up ------------------------------------------------------------------------------------
 venv: $(VENV)/.installed
@@ -69,10 +73,11 @@ deps:
 	if [ -n "$$missing" ]; then $(APT_INSTALL); fi
 
 # ---- images ------------------------------------------------------------------------------------
-# The base is bootstrapped only when images/base/ changed since the image was built (build.sh
-# compares a hash of the recipe); code changes rebuild just the top layers, in seconds.
+# A base is bootstrapped only when its recipe changed since the image was built (bootstrap.sh
+# compares a hash of it); code changes rebuild just the top layers, in seconds.
 base:
-	@if [ "$(BASE_IMAGE)" = dnsproxy-base:bookworm ]; then images/base/build.sh $(BASE_IMAGE); fi
+	@if [ "$(BASE_IMAGE)" = dnsproxy-base:bookworm ]; then images/bootstrap.sh images/base $(BASE_IMAGE); fi
+	@images/bootstrap.sh images/netsetup $(NETSETUP_BASE)
 
 # The build context is only what the image needs, streamed as a tarball: no .dockerignore to
 # maintain, and the virtualenv and .git never travel to the engine.
@@ -80,6 +85,11 @@ image: base
 	tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml dnsproxy images/appliance/Dockerfile \
 	    | docker build --quiet -f images/appliance/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) -
 	@docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+	tar -c --exclude=__pycache__ --exclude='*.pyc' netsetup dnsproxy/__init__.py dnsproxy/defaults.py \
+	    images/netsetup/Dockerfile \
+	    | docker build --quiet -f images/netsetup/Dockerfile --build-arg BASE_IMAGE=$(NETSETUP_BASE) \
+	      -t $(NETSETUP_IMAGE) -
+	@docker image inspect -f '$(NETSETUP_IMAGE): {{.Size}} bytes' $(NETSETUP_IMAGE)
 
 # ---- deployment --------------------------------------------------------------------------------
 # up/down/check go through the host tool (netsetup/), which drives compose and the firewall.
@@ -87,7 +97,8 @@ NETSETUP      = $(VENV)/bin/netsetup
 NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 $(if $(LAN_INTERFACE),--lan-interface $(LAN_INTERFACE)) \
                 $(if $(LAN_CIDR),--lan-cidr $(LAN_CIDR)) \
-                --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT)
+                --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT) \
+                $(if $(filter 1,$(METRICS_FROM_LAN)),--metrics-from-lan)
 
 # netsetup deploys compose.yaml, writes the host's firewall and prints where LAN clients ask.
 up: venv deps image

@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .stages.access import DEFAULT_ALLOWED
+from .defaults import DEFAULT_ALLOWED
 from .upstreams import UpstreamSpec, parse_spec
 
 

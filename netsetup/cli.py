@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -95,10 +96,10 @@ def up(
     service: Annotated[str, typer.Option(help="compose service name")] = DEFAULT.service,
     compose_file: ComposeOpt = Path("compose.yaml"),
     firewall: FirewallOpt = "auto",
-    deploy: Annotated[
-        bool, typer.Option(help="run compose; --no-deploy applies the host side only")
-    ] = True,
     bridge: Annotated[str | None, typer.Option(help="override the bridge name")] = None,
+    metrics_from_lan: Annotated[
+        bool, typer.Option(help="let the LAN read the metrics port too (default: the host only)")
+    ] = False,
 ) -> None:
     """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
     settings = check_settings(
@@ -112,10 +113,11 @@ def up(
             port=port,
             project=project,
             service=service,
+            metrics_from_lan=metrics_from_lan,
         )
     )
     options = host.Options(
-        compose_file=compose_file, firewall=firewall, deploy=deploy, dry_run=dry_run, bridge=bridge
+        compose_file=compose_file, firewall=firewall, dry_run=dry_run, bridge=bridge
     )
     text = host.up(settings, options)
     if dry_run:
@@ -138,10 +140,9 @@ def down(
     project: ProjectOpt = DEFAULT.project,
     compose_file: ComposeOpt = Path("compose.yaml"),
     firewall: FirewallOpt = "auto",
-    deploy: Annotated[bool, typer.Option(help="also run compose down")] = True,
 ) -> None:
-    """Remove exactly what `up` added, and stop the service."""
-    options = host.Options(compose_file=compose_file, firewall=firewall, deploy=deploy)
+    """Stop the services; the host service removes exactly the rules it added."""
+    options = host.Options(compose_file=compose_file, firewall=firewall)
     for line in host.down(project, options):
         print(f"netsetup: {line}", file=sys.stderr)
 
@@ -161,8 +162,13 @@ def status(
     table = Table(title=f"netsetup status: {project}", show_header=False)
     table.add_row("up", str(info["up"]))
     if not info["up"]:
-        table.add_row("host side", "NOT APPLIED (no rules, no state; after a reboot): run up")
-    table.add_row("engine", json.dumps(info.get("engine")))
+        table.add_row("host side", "NOT DEPLOYED (no deployment record): run up")
+    engine = info.get("engine") or {}
+    if "error" in engine:
+        table.add_row("engine", f"unreachable: {engine['error']}")
+    else:
+        version, firewall = engine.get("version"), engine.get("firewall")
+        table.add_row("engine", f"Docker {version}, firewall {firewall}")
     svc = info.get("service")
     if svc:
         table.add_row("service", f"{svc['container_name']} {svc['ip']} {svc['health']}")
@@ -170,13 +176,19 @@ def status(
         table.add_row("published", ", ".join(svc["published"]) or "-")
     else:
         table.add_row("service", "not deployed")
+    for label, value in host_service_rows(info.get("host_service") or {}):
+        table.add_row(label, value)
+    lan = info.get("lan")
+    if lan:
+        served = lan["served"] or "not served (not private: set LAN_CIDR to serve it)"
+        table.add_row("LAN", f"{lan['interface']} {lan['cidr']}, host {lan['address']}, {served}")
     table.add_row("iptables", info["iptables"])
     fw = info.get("firewall")
     if fw:
         if not fw["complete"]:
-            verdict = "INCOMPLETE: run up again"
+            verdict = "INCOMPLETE (the host service repairs it within seconds, if it runs)"
         elif fw["extra"]:
-            verdict = "STALE pieces of ours not in the plan: run up again"
+            verdict = "STALE pieces of ours not in the plan (the host service removes them)"
         else:
             verdict = "complete"
         table.add_row("firewall", verdict)
@@ -200,6 +212,29 @@ def status(
     console.print(table)
 
 
+def host_service_rows(host_service: dict[str, Any]) -> list[tuple[str, str]]:
+    """The host service's container and its last report, as status rows."""
+    container, report = host_service.get("container"), host_service.get("report")
+    if not container:
+        return [("host service", "NOT RUNNING (no container): run up")]
+    rows = [("host service", f"{container['name']} {container['status']}, "
+                             f"{container['restarts']} restart(s)")]  # fmt: skip
+    if not report:
+        return [*rows, ("  last sync", "no report yet")]
+    age = time.time() - float(report.get("last_sync", 0))
+    verdict = "complete" if report.get("complete") else "INCOMPLETE"
+    rows.append(("  last sync", f"{age:.0f} s ago ({report.get('syncs')} syncs, {verdict})"))
+    repair = report.get("last_repair")
+    repaired = f"{report.get('repairs', 0)}"
+    if repair:
+        ago = time.time() - float(repair.get("at", 0))
+        repaired += f", last {ago:.0f} s ago: {'; '.join(repair.get('what') or [])}"
+    rows.append(("  repairs", repaired))
+    if report.get("last_error"):
+        rows.append(("  last error", str(report["last_error"])))
+    return rows
+
+
 @app.command("check")
 @one_line_errors
 def check_cmd(
@@ -215,10 +250,11 @@ def check_cmd(
     """Query the appliance on every exposed path (container IP:53, host:PORT; UDP and TCP)."""
     saved = state.load(project)
     if saved is None:
-        raise NetsetupError(f"project {project} is not up (no state): run netsetup up first")
+        raise NetsetupError(f"project {project} is not deployed: run netsetup up first")
     settings = saved.to_settings()
+    lan_hint = saved.lan_cidr if saved.lan_cidr else None
     results = [
-        check_mod.query(probe, name, qtype, qclass, timeout)
+        check_mod.query(probe, name, qtype, qclass, timeout, lan_hint)
         for probe in check_mod.probes(
             settings.ip, saved.lan_address, settings.port, settings.direct, settings.published
         )

@@ -1,14 +1,14 @@
 """Deploying the service with compose, and finding what the engine made of it.
 
-compose.yaml stays the single definition of the service and its network; netsetup only runs
-compose (v1 `docker-compose` or v2 `docker compose`, whichever this host has) with the settings
-as environment variables, waits for the container to be healthy, then reads the network (bridge
-name, subnet, options) and the container (address, health) through the Docker SDK.
+compose.yaml stays the single definition of the services (the forwarder and the host service)
+and the network; netsetup only runs compose (v1 `docker-compose` or v2 `docker compose`,
+whichever this host has) with the settings as environment variables, waits for the forwarder to
+be healthy and the host service to report its first sync, then reads the network (bridge name,
+subnet, options) and the container (address, health) through the Docker SDK.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dnsproxy.stages.access import DEFAULT_ALLOWED
+from dnsproxy.defaults import DEFAULT_ALLOWED
+from netsetup import state
 from netsetup.errors import DeployFailed
 from netsetup.plan import OPT_BRIDGE_NAME, Settings
 
@@ -33,33 +34,17 @@ def compose_command() -> list[str]:
     raise DeployFailed("neither docker-compose nor `docker compose` is installed")
 
 
-def is_private(cidr: str) -> bool:
-    """Inside the forwarder's default clients (loopback, RFC 1918, CGNAT, link-local, ULA)."""
-    network = ipaddress.ip_network(cidr, strict=False)
-    return any(
-        network.version == allowed.version and network.subnet_of(allowed)
-        for allowed in (ipaddress.ip_network(a) for a in DEFAULT_ALLOWED)
-    )
-
-
-def lan_to_allow(lan_cidr: str, explicit: bool) -> str | None:
-    """The LAN network the forwarder should serve besides its defaults, or None.
-
-    A LAN given explicitly (--lan-cidr, LAN_CIDR) is served whatever its addresses (offices do
-    number LANs publicly). A detected one only when private, where adding it changes nothing: on
-    a VPS the default route's network is the provider's subnet, whose hosts are not our clients.
-    """
-    network = str(ipaddress.ip_network(lan_cidr, strict=False))
-    return network if explicit or is_private(network) else None
-
-
 # A real user's upstreams when neither --upstream nor a config file names any: encrypted, so the
 # on-path injector this appliance exists to defeat cannot touch them. Tests always name their own.
 DEFAULT_UPSTREAMS = ("tls://1.1.1.1#cloudflare-dns.com", "tls://9.9.9.9#dns.quad9.net")
 
 
-def compose_env(settings: Settings) -> dict[str, str]:
-    """The variables compose.yaml reads; the Makefile passes the same names."""
+def compose_env(
+    settings: Settings, allow: tuple[str, ...] = (), service_config: str = ""
+) -> dict[str, str]:
+    """The variables compose.yaml reads; the Makefile passes the same names. `allow` is what the
+    forwarder serves besides its defaults (the served LAN, the host's own address);
+    `service_config` the host service's deployment record."""
     env = dict(os.environ)
     env.update(
         {
@@ -72,10 +57,10 @@ def compose_env(settings: Settings) -> dict[str, str]:
         env["UPSTREAMS"] = ",".join(settings.upstreams)
     elif not env.get("CONFIG"):
         env["UPSTREAMS"] = ",".join(DEFAULT_UPSTREAMS)
-    if settings.lan_cidr:
-        # The forwarder's default clients (loopback and private ranges) plus this LAN (set only
-        # when it is to be served: see lan_to_allow).
-        env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, settings.lan_cidr])
+    if allow:
+        env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, *allow])
+    env["NETSETUP_CONFIG"] = service_config
+    env["NETSETUP_RUN_DIR"] = str(state.run_dir())
     return env
 
 
@@ -83,6 +68,8 @@ def compose_env(settings: Settings) -> dict[str, str]:
 class Compose:
     settings: Settings
     file: Path
+    allow: tuple[str, ...] = ()
+    service_config: str = ""
 
     def _cmd(self, *args: str) -> list[str]:
         return [*compose_command(), "-p", self.settings.project, "-f", str(self.file), *args]
@@ -90,7 +77,7 @@ class Compose:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             self._cmd(*args),
-            env=compose_env(self.settings),
+            env=compose_env(self.settings, self.allow, self.service_config),
             capture_output=True,
             text=True,
             cwd=self.file.parent,
@@ -118,17 +105,31 @@ class Compose:
         self.run("down", "--remove-orphans")
 
 
-def find_container(client: Any, settings: Settings) -> Any | None:
+def find_container(client: Any, project: str, service: str) -> Any | None:
     found = client.containers.list(
         all=True,
         filters={
             "label": [
-                f"com.docker.compose.project={settings.project}",
-                f"com.docker.compose.service={settings.service}",
+                f"com.docker.compose.project={project}",
+                f"com.docker.compose.service={service}",
             ]
         },
     )
     return found[0] if found else None
+
+
+def inspect_container(client: Any, project: str, service: str) -> dict[str, Any] | None:
+    """Name, state and restart count of one service's container, for `status`."""
+    container = find_container(client, project, service)
+    if container is None:
+        return None
+    info = container.attrs["State"]
+    return {
+        "name": container.name,
+        "status": info.get("Status", "unknown"),
+        "started": info.get("StartedAt", ""),
+        "restarts": container.attrs.get("RestartCount", 0),
+    }
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Deployed:
 
 
 def inspect(client: Any, settings: Settings) -> Deployed | None:
-    container = find_container(client, settings)
+    container = find_container(client, settings.project, settings.service)
     if container is None:
         return None
     container.reload()
@@ -194,3 +195,19 @@ def wait_healthy(client: Any, settings: Settings, timeout: float = 90) -> Deploy
         time.sleep(1)
     state = last.health if last else "missing"
     raise DeployFailed(f"service {settings.service} is {state} after deployment: see docker logs")
+
+
+def wait_synced(project: str, service_config: str, timeout: float = 60) -> dict:
+    """Wait until the host service, running with this configuration, has applied the plan."""
+    deadline = time.monotonic() + timeout
+    record = None
+    while time.monotonic() < deadline:
+        record = state.load_sync(project)
+        if record and record.get("config") == service_config and record.get("complete"):
+            return record
+        time.sleep(0.5)
+    why = (record or {}).get("last_error") or "no report from it"
+    raise DeployFailed(
+        f"the host service did not apply the plan within {timeout:g} s ({why}): "
+        f"see `docker logs {project}_netsetup_1` or `{project}-netsetup-1`"
+    )

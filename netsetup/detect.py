@@ -17,7 +17,6 @@ from typing import Any
 
 from netsetup.errors import (
     InterfaceNotFound,
-    NetsetupError,
     NoEngine,
     NotRoot,
     PortTaken,
@@ -59,15 +58,44 @@ def engine_info(client: Any) -> EngineInfo:
     return EngineInfo(version=version, firewall="nftables" if "nftables" in driver else "iptables")
 
 
+# Chains the engine creates when it manages iptables: where they are is where its rules are.
+ENGINE_CHAINS = ("DOCKER", "DOCKER-USER", "DOCKER-FORWARD", "DOCKER-ISOLATION-STAGE-1")
+
+
 def iptables_backend(override: str | None = None) -> IptablesBackend:
-    """`iptables -V` prints "(nf_tables)" or "(legacy)"; Docker uses whichever `iptables` is."""
+    """The iptables flavour that holds the host's rules, chosen as kube-proxy's wrapper does.
+
+    `iptables -V` says which flavour *our* binary is, which is not the question: in the host
+    service's container it is the image's, and on a host both may be installed. What matters is
+    where the engine writes. So each flavour is asked for its rules: the one that holds the
+    engine's chains wins; failing that the one with more rules (a firewall manager's); on a
+    tie, nf_tables, the default of every current distribution.
+    """
     if override and override != "auto":
         return IptablesBackend(override)
+    scores = {}
+    for flavour in (IptablesBackend.nft, IptablesBackend.legacy):
+        dumps = [_save(flavour, table) for table in ("filter", "nat")]
+        engine = any(
+            f":{chain} " in dump for dump in dumps for chain in ENGINE_CHAINS
+        )
+        rules = sum(line.startswith("-A ") for dump in dumps for line in dump.splitlines())
+        scores[flavour] = (engine, rules)
+    if scores[IptablesBackend.legacy] > scores[IptablesBackend.nft]:
+        return IptablesBackend.legacy
+    return IptablesBackend.nft
+
+
+def _save(flavour: IptablesBackend, table: str) -> str:
+    """``iptables-<flavour>-save -t TABLE``; empty where that flavour is not installed."""
     try:
-        out = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False).stdout
-    except FileNotFoundError as exc:
-        raise NetsetupError("iptables not found: install iptables") from exc
-    return IptablesBackend.nft if "nf_tables" in out else IptablesBackend.legacy
+        proc = subprocess.run(
+            [f"iptables-{flavour.value}-save", "-t", table],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    except FileNotFoundError:
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
 
 
 @dataclass(frozen=True)

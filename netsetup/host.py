@@ -1,15 +1,15 @@
-"""`up`, `down` and `status`: detection, plan and backends put together.
+"""`up`, `down` and `status`: detection, plan, compose and the host service put together.
 
-`up` checks everything that can refuse first, then applies step by step; each applied step
-pushes its inverse on an undo stack (moby's pattern), and any failure unwinds the stack, so an
-`up` that fails midway leaves the host as it found it. A second `up` changes nothing: own chains
-are rewritten with identical contents, hooks are added only when missing, sysctls already at
-their value are not written, and compose leaves a running service alone.
+`up` checks everything that can refuse first, then deploys compose.yaml: the forwarder and the
+host service (service.py), which applies the plan and keeps it in place from then on. `up` waits
+until the service reports the plan applied, so a `make up` that returns has working rules. Each
+step pushes its inverse on an undo stack (moby's pattern), and any failure unwinds it, so an
+`up` that fails midway leaves the host as it found it. A second `up` changes nothing: the
+service's configuration is the same, so compose leaves both containers alone.
 
-Surviving restarts: the container keeps its fixed address, so the rules stay valid; a Docker
-daemon restart re-creates the engine's chains but never flushes DOCKER-USER or the built-in
-POSTROUTING, where our hooks are. Anything else that flushes the tables is repaired by running
-`up` again (`status` reports missing hooks).
+Surviving restarts is the service's job: it starts with the containers after a reboot or a
+daemon restart and repairs what a firewall reload removed. `down` is compose down; the service
+removes its rules on the way out, and `down` sweeps up after one that could not.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ from netsetup.plan import (
     render_plan,
 )
 
+# The host service's name in compose.yaml.
+HOST_SERVICE = "netsetup"
+
 
 @dataclass
 class Options:
     compose_file: Path = Path("compose.yaml")
     firewall: str = "auto"
-    deploy: bool = True
     dry_run: bool = False
     bridge: str | None = None
     timeout: float = 120
@@ -96,7 +98,8 @@ def raw_drop_lines(backend: FirewallBackend, ip: str) -> list[str]:
 
 
 def up(settings: Settings, options: Options) -> str:
-    """Deploy and apply; returns the rendered plan (printed by the CLI)."""
+    """Deploy the forwarder and the host service, wait until the plan is in place; returns the
+    rendered plan (printed by the CLI)."""
     if not options.dry_run:
         detect.require_root()
     client = detect.docker_client()
@@ -109,59 +112,51 @@ def up(settings: Settings, options: Options) -> str:
         or f"br-{settings.project}"
     )
     facts, backend = gather_facts(client, settings, options, bridge)
-    # The forwarder serves a LAN given explicitly whatever its addresses (offices do use public
-    # ranges), a detected one only when private (not a VPS provider's subnet).
-    allowed_lan = deploy.lan_to_allow(facts.lan_cidr, explicit=settings.lan_cidr is not None)
-    if allowed_lan is None:
+    plan = compute_plan(settings, facts)
+    if plan.served_lan is None:
         print(
             f"netsetup: warning: the detected LAN {facts.lan_cidr} on {facts.lan_interface} is "
-            "not a private network, so the appliance does not serve it; to serve it, set "
-            f"LAN_CIDR={facts.lan_cidr} (--lan-cidr)",
+            "not a private network (or is carrier-grade NAT), so the appliance does not serve "
+            f"it; to serve it, set LAN_CIDR={facts.lan_cidr} (--lan-cidr)",
             file=sys.stderr,
         )
-    settings = replace(settings, lan_cidr=allowed_lan)
-    compose = deploy.Compose(settings, options.compose_file.resolve())
     detect.check_subnet_free(settings.subnet, bridge)
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
-    if settings.published and not publishing and options.deploy:
+    if settings.published and not publishing:
         detect.check_port_free(settings.port)
-    plan = compute_plan(settings, facts)
     if options.dry_run:
-        served = f" and {allowed_lan}" if allowed_lan else " only"
+        served = f" and {plan.served_lan}" if plan.served_lan else " only"
         return describe(plan, backend) + f"# forwarder serves: loopback, private ranges{served}\n"
 
+    deployment = state.Deployment.of(
+        settings, facts, options.firewall, str(options.compose_file.resolve())
+    )
+    config = deployment.service_config()
+    # The host's own LAN address is the host: served even where its LAN is not (check from it).
+    own = f"{facts.lan_address}/32" if facts.lan_address else None
+    allow = tuple(n for n in (plan.served_lan, own) if n)
+    compose = deploy.Compose(settings, compose.file, allow, config)
     undo = UndoStack()
     try:
-        previous = state.load(settings.project)
-        before = dict(previous.sysctls_before) if previous else {}
-        for key, value in plan.sysctls.items():
-            old = sysctl.set_value(key, value)
-            if old != value:
-                before.setdefault(key, old)
-                undo.push(f"sysctl {key}", lambda k=key, o=old: sysctl.set_value(k, o))
-
-        if options.deploy:
-            running = existing is not None and existing.health in ("healthy", "running")
-            compose.up()
-            if not running:
-                undo.push("compose up", compose.down)
-            deployed = deploy.wait_healthy(client, settings, options.timeout)
-            # The engine may have created its chains only now (its first network).
-            deployed_facts = replace(
-                facts, bridge=deployed.bridge, docker_user=backend.has_docker_user()
+        running = existing is not None and existing.health in ("healthy", "running")
+        compose.up()
+        if not running:
+            undo.push("compose up", lambda: down_services(settings.project, compose))
+        deployed = deploy.wait_healthy(client, settings, options.timeout)
+        verify_network(plan, deployed)
+        # Only now is it certain the engine had its chance to create its chains (for its first
+        # network): none means it runs with "iptables": false and publishes nothing itself.
+        if settings.published and not backend.has_docker_user() and facts.engine_firewall == (
+            "iptables"
+        ):
+            raise VerifyFailed(
+                'the engine runs with "iptables": false, so it cannot publish port mode in a '
+                "way our rules confine (every client would look like its proxy): use "
+                "--mode direct (MODE=direct)"
             )
-            if deployed_facts != facts:
-                facts = deployed_facts
-                plan = compute_plan(settings, facts)
-            verify_network(plan, deployed)
-
-        fw_before = backend.state(plan.firewall)
-        backend.apply(plan.firewall)
-        if not fw_before.complete:
-            undo.push("firewall", lambda: backend.remove(own_chains(settings.project)))
-
+        deploy.wait_synced(settings.project, config, options.timeout)
         if plan.verify_no_raw_drop:
             drops = raw_drop_lines(backend, settings.ip)
             if drops:
@@ -169,23 +164,23 @@ def up(settings: Settings, options: Options) -> str:
                     f"the engine drops routed traffic to {settings.ip} ({drops[0]}): the network "
                     "must have gateway_mode_ipv4=nat-unprotected (recreate it: make down; make up)"
                 )
-
-        state.save(
-            settings.project,
-            state.State(
-                settings=state.settings_dict(settings),
-                lan_interface=facts.lan_interface,
-                lan_cidr=facts.lan_cidr,
-                lan_address=facts.lan_address,
-                firewall=backend.name,
-                sysctls_before=before,
-                compose_file=str(options.compose_file.resolve()),
-            ),
-        )
+        state.save(settings.project, deployment)
     except BaseException:
         undo.unwind()
         raise
     return describe(plan, backend)
+
+
+def down_services(project: str, compose: deploy.Compose) -> None:
+    """compose down, then whatever the host service left (it was killed, or never started):
+    its chains and hooks, the sysctls it changed, its record."""
+    compose.down()
+    record = state.load_sync(project) or {}
+    name = record.get("backend") or detect.iptables_backend().value
+    get_backend(name).remove(own_chains(project))
+    for key, old in (record.get("sysctls_before") or {}).items():
+        sysctl.set_value(key, old)
+    state.sync_path_for(project).unlink(missing_ok=True)
 
 
 def verify_network(plan: Plan, deployed: deploy.Deployed) -> None:
@@ -203,35 +198,31 @@ def verify_network(plan: Plan, deployed: deploy.Deployed) -> None:
         )
 
 
-def down(project: str, options: Options, settings: Settings | None = None) -> list[str]:
-    """Remove what `up` added: hooks and own chains, sysctls put back, the service stopped."""
+def down(project: str, options: Options) -> list[str]:
+    """Stop both services (the host service removes its rules and puts the sysctls back)."""
     detect.require_root()
     saved = state.load(project)
+    settings = saved.to_settings() if saved else Settings(project=project)
+    compose_file = Path(saved.compose_file) if saved and saved.compose_file else None
+    compose = deploy.Compose(settings, (compose_file or options.compose_file).resolve())
     done: list[str] = []
-    backend_name = options.firewall
-    if backend_name == "auto":
-        backend_name = saved.firewall if saved and saved.firewall else None
-    backend = get_backend(backend_name or detect.iptables_backend().value)
-    backend.remove(own_chains(project))
-    done.append(f"firewall rules removed ({backend.name})")
-    if saved:
-        for key, old in saved.sysctls_before.items():
-            sysctl.set_value(key, old)
-            done.append(f"sysctl {key} = {old} restored")
-    if options.deploy:
-        use = settings or (saved.to_settings() if saved else Settings(project=project))
-        compose_file = Path(saved.compose_file) if saved and saved.compose_file else None
-        compose = deploy.Compose(use, (compose_file or options.compose_file).resolve())
-        if compose.file.exists():
-            detect.docker_client()
-            compose.down()
-            done.append("service stopped and removed (compose down)")
+    if compose.file.exists():
+        detect.docker_client()
+        down_services(project, compose)
+        done.append("services stopped and removed (compose down); host rules removed")
+    else:
+        record = state.load_sync(project) or {}
+        get_backend(record.get("backend") or detect.iptables_backend().value).remove(
+            own_chains(project)
+        )
+        done.append(f"no compose file {compose.file}: host rules removed only")
     state.delete(project)
     return done
 
 
 def status(project: str, options: Options) -> dict:
-    """A snapshot for humans and scripts: engine, service, firewall pieces, sysctls."""
+    """A snapshot for humans and scripts: engine, services, what the host service reports,
+    which pieces of the plan are in place, sysctls, the appliance's counters."""
     saved = state.load(project)
     settings = saved.to_settings() if saved else Settings(project=project)
     out: dict[str, Any] = {"project": project, "state_file": str(state.path_for(project))}
@@ -241,24 +232,20 @@ def status(project: str, options: Options) -> dict:
         engine = detect.engine_info(client)
         out["engine"] = {"version": engine.version, "firewall": engine.firewall}
         deployed = deploy.inspect(client, settings)
+        helper = deploy.inspect_container(client, project, HOST_SERVICE)
     except Exception as exc:
         out["engine"] = {"error": str(exc)}
-        deployed = None
+        deployed, helper = None, None
     out["service"] = deployed.__dict__ if deployed else None
-    backend_name = saved.firewall if saved and saved.firewall else None
+    record = state.load_sync(project)
+    out["host_service"] = {"container": helper, "report": record}
+    backend_name = (record or {}).get("backend") or (
+        saved.firewall if saved and saved.firewall != "auto" else None
+    )
     backend = get_backend(backend_name or detect.iptables_backend(options.firewall).value)
     out["iptables"] = backend.name
     if saved:
-        facts = HostFacts(
-            engine_version=out["engine"].get("version", "0"),
-            engine_firewall=out["engine"].get("firewall", "iptables"),
-            iptables=detect.iptables_backend(backend.name),
-            bridge=deployed.bridge if deployed else f"br-{project}",
-            lan_interface=saved.lan_interface,
-            lan_cidr=saved.lan_cidr,
-            lan_address=saved.lan_address,
-            docker_user=backend.has_docker_user(),
-        )
+        facts = saved.facts(detect.IptablesBackend(backend.name), backend.has_docker_user())
         plan = compute_plan(settings, facts)
         fw = backend.state(plan.firewall)
         out["settings"] = saved.settings
@@ -266,6 +253,7 @@ def status(project: str, options: Options) -> dict:
             "interface": saved.lan_interface,
             "cidr": saved.lan_cidr,
             "address": saved.lan_address,
+            "served": plan.served_lan,
         }
         out["firewall"] = {
             "complete": fw.complete,

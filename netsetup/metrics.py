@@ -10,7 +10,8 @@ import re
 import urllib.request
 from collections import defaultdict
 
-METRICS_PORT = 9153
+from dnsproxy.defaults import METRICS_PORT
+
 _LINE = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 

@@ -12,15 +12,16 @@ Why the rules are what they are:
   then see the host's address (they have no route back to the appliance subnet), while LAN clients
   talk to the container with their own address, which the query log records. Port mode needs the
   same rule: with masquerading off the container could not reach an upstream at all.
-* Direct mode routes LAN clients to the container address through the host. Docker 20.10-26 set
-  the FORWARD policy to DROP and only open published ports; Docker 28 adds a raw-table DROP unless
-  the network is ``nat-unprotected``. We accept LAN -> appliance:53 (UDP, TCP) and the replies in a
-  chain of our own, jumped to from DOCKER-USER: Docker creates DOCKER-USER but never flushes it, so
-  the jump survives a daemon restart (Docker re-creates DOCKER, DOCKER-FORWARD, ... but not this).
-  Where the engine manages no iptables chains (Docker 29 with the nftables firewall backend, or
-  any engine with ``"iptables": false``) there is no DOCKER-USER; the jump goes at the top of
-  FORWARD, and nat-unprotected keeps the engine's own nftables rules from dropping the traffic.
+* Default deny (firewall_plan): the filter chain lets into the appliance network only the served
+  LAN's DNS and replies to the appliance's own connections, and drops the rest. Docker 20.10-26
+  set the FORWARD policy to DROP and open published ports; Docker 28 with ``nat-unprotected``
+  opens every container port to direct routing, with no port filtering of its own: our DROP is
+  what confines it. The chain is jumped to from DOCKER-USER, which Docker creates but never
+  flushes. Where the engine manages no iptables chains (Docker 29 with the nftables firewall
+  backend, or ``"iptables": false``) there is no DOCKER-USER; the jump goes first in FORWARD.
 * The nat hook sits first in POSTROUTING, which Docker never flushes either.
+* Whatever else removes the rules (a reboot, a firewall reload) is repaired by the host service
+  (service.py), which applies this same plan and re-checks it every few seconds.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
 from netsetup.errors import BadInput
 from netsetup.firewall.model import Chain, FirewallPlan, Rule
 
@@ -47,7 +49,6 @@ OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_GATEWAY_MODE = "com.docker.network.bridge.gateway_mode_ipv4"
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 
-DNS_PORT = 53
 
 
 class Mode(StrEnum):
@@ -74,6 +75,8 @@ class Settings:
     port: int = 5053
     project: str = "dnsapp"
     service: str = "dnsproxy"
+    # The appliance's metrics port is reachable from the host only, unless this is set.
+    metrics_from_lan: bool = False
 
     @property
     def direct(self) -> bool:
@@ -160,13 +163,13 @@ class Plan:
     # Checks made after deployment, against what the engine actually installed.
     verify_no_raw_drop: bool = False
     notes: list[str] = field(default_factory=list)
+    # The LAN network the forwarder serves and the firewall lets in; None when the detected LAN
+    # is not private and was not given (see lan_to_allow): then only the host reaches it.
+    served_lan: str | None = None
 
 
 def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
     """Derive sysctls, expected network options and firewall rules from settings and facts."""
-    subnet = str(ipaddress.ip_network(settings.subnet, strict=False))
-    lan = str(ipaddress.ip_network(facts.lan_cidr, strict=False))
-    ip = str(ipaddress.ip_address(settings.ip))
     plan = Plan(settings=settings, facts=facts)
     plan.sysctls["net.ipv4.ip_forward"] = "1"
     plan.network_options = {
@@ -174,80 +177,13 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
         OPT_MASQUERADE: "false",
         OPT_GATEWAY_MODE: "nat-unprotected",
     }
-
-    fw = plan.firewall
-    fw.owned = own_chains(settings.project)  # what another mode's plan may have left
-    forward_chain, nat_chain = (c.name for c in own_chains(settings.project))
-    fw.chains.append(Chain("nat", nat_chain))
-    fw.rules.append(
-        Rule(
-            table="nat",
-            chain=nat_chain,
-            source=subnet,
-            destination=lan,
-            not_destination=True,
-            out_interface=facts.bridge,
-            not_out_interface=True,
-            target="MASQUERADE",
-            comment=f"{settings.project}: appliance to upstreams, not to the LAN",
-        )
-    )
-    fw.hooks.append(
-        Rule(
-            table="nat",
-            chain="POSTROUTING",
-            target=nat_chain,
-            comment=f"{settings.project}: hook",
-            position=1,
-        )
-    )
-
-    if settings.direct:
-        fw.chains.insert(0, Chain("filter", forward_chain))
-        for proto in ("udp", "tcp"):
-            fw.rules.append(
-                Rule(
-                    table="filter",
-                    chain=forward_chain,
-                    destination=ip,
-                    in_interface=facts.lan_interface,
-                    out_interface=facts.bridge,
-                    protocol=proto,
-                    dport=DNS_PORT,
-                    target="ACCEPT",
-                    comment=f"{settings.project}: LAN to appliance DNS/{proto}",
-                )
-            )
-        fw.rules.append(
-            Rule(
-                table="filter",
-                chain=forward_chain,
-                source=ip,
-                in_interface=facts.bridge,
-                out_interface=facts.lan_interface,
-                ctstate="RELATED,ESTABLISHED",
-                target="ACCEPT",
-                comment=f"{settings.project}: appliance replies to the LAN",
-            )
-        )
-        hook_chain = "DOCKER-USER" if facts.has_docker_user else "FORWARD"
-        fw.hooks.insert(
-            0,
-            Rule(
-                table="filter",
-                chain=hook_chain,
-                target=forward_chain,
-                comment=f"{settings.project}: hook",
-                position=1,
-            ),
-        )
-
+    plan.served_lan = lan_to_allow(facts.lan_cidr, explicit=settings.lan_cidr is not None)
+    plan.firewall = firewall_plan(settings, facts, plan.served_lan)
     major_minor = facts.engine_major_minor
     if major_minor < (27, 1):
         plan.notes.append(
             f"Docker {facts.engine_version} ignores {OPT_GATEWAY_MODE}; it installs no raw-table "
-            "DROP, and routed LAN traffic passes the FORWARD DROP policy through our DOCKER-USER "
-            "accept (published ports are also accepted by the engine)."
+            "DROP; routed LAN traffic passes its FORWARD DROP policy through our accept rules."
         )
     if major_minor >= (28, 0) and settings.direct:
         plan.verify_no_raw_drop = True
@@ -272,6 +208,88 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
     return plan
 
 
+def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) -> FirewallPlan:
+    """Our chains: masquerade for upstream traffic, and the appliance network's default deny.
+
+    The filter chain sees every routed packet to or from the bridge. It lets in only replies to
+    the appliance's own connections and the served LAN's DNS (UDP and TCP) to the appliance's
+    address: that covers direct mode and port mode alike, since the engine's DNAT of the
+    published port has already turned host:PORT into DNS_IP:53 when the packet gets here. Then
+    everything else routed to the network is dropped: the metrics port, other ports (which
+    nat-unprotected leaves open to direct routing), and a WAN client that routes the subnet via
+    the host or hits the published port on the host's WAN address. The host's own traffic to
+    the container does not pass FORWARD, so `netsetup status` still reads the metrics.
+    """
+    subnet, ip, bridge, lan_if = settings.subnet, settings.ip, facts.bridge, facts.lan_interface
+    project = settings.project
+    forward_chain, nat_chain = (c.name for c in own_chains(project))
+    fw = FirewallPlan(owned=own_chains(project))
+    fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
+
+    def accept(**match: object) -> Rule:
+        return Rule(table="filter", chain=forward_chain, target="ACCEPT", **match)  # type: ignore[arg-type]
+
+    fw.rules.append(
+        accept(destination=subnet, out_interface=bridge, ctstate="RELATED,ESTABLISHED",
+               comment=f"{project}: replies to connections the appliance made")
+    )  # fmt: skip
+    if served_lan is not None:
+        lan_ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
+        if settings.metrics_from_lan:
+            lan_ports.append(("tcp", METRICS_PORT, "metrics"))
+        for proto, port, what in lan_ports:
+            fw.rules.append(
+                accept(source=served_lan, destination=ip, in_interface=lan_if,
+                       out_interface=bridge, protocol=proto, dport=port,
+                       comment=f"{project}: LAN to appliance {what}")
+            )  # fmt: skip
+    fw.rules.append(
+        accept(source=ip, in_interface=bridge, out_interface=bridge, not_out_interface=True,
+               comment=f"{project}: appliance to upstreams, and its replies")
+    )  # fmt: skip
+    fw.rules.append(
+        Rule(table="filter", chain=forward_chain, target="DROP", in_interface=bridge,
+             not_in_interface=True, out_interface=bridge,
+             comment=f"{project}: nothing else reaches the appliance network")
+    )  # fmt: skip
+    fw.rules.append(
+        Rule(table="nat", chain=nat_chain, source=subnet, destination=facts.lan_cidr,
+             not_destination=True, out_interface=bridge, not_out_interface=True,
+             target="MASQUERADE", comment=f"{project}: appliance to upstreams, not to the LAN")
+    )  # fmt: skip
+    hook_chain = "DOCKER-USER" if facts.has_docker_user else "FORWARD"
+    fw.hooks.append(
+        Rule(table="filter", chain=hook_chain, target=forward_chain,
+             comment=f"{project}: hook", position=1)
+    )  # fmt: skip
+    fw.hooks.append(
+        Rule(table="nat", chain="POSTROUTING", target=nat_chain,
+             comment=f"{project}: hook", position=1)
+    )  # fmt: skip
+    return fw
+
+
+def is_private(cidr: str) -> bool:
+    """Inside the forwarder's default clients (loopback, RFC 1918, link-local, ULA)."""
+    network = ipaddress.ip_network(cidr, strict=False)
+    return any(
+        network.version == allowed.version and network.subnet_of(allowed)
+        for allowed in (ipaddress.ip_network(a) for a in DEFAULT_ALLOWED)
+    )
+
+
+def lan_to_allow(lan_cidr: str, explicit: bool) -> str | None:
+    """The LAN network the appliance serves, or None.
+
+    A LAN given explicitly (--lan-cidr, LAN_CIDR) is served whatever its addresses (offices do
+    number LANs publicly). A detected one only when private: on a VPS the default route's
+    network is the provider's subnet, and behind carrier-grade NAT (100.64.0.0/10) it is the
+    ISP's other customers; neither are our clients.
+    """
+    network = str(ipaddress.ip_network(lan_cidr, strict=False))
+    return network if explicit or is_private(network) else None
+
+
 def render_plan(plan: Plan, firewall_text: str) -> str:
     """The human-readable plan: what `--dry-run` prints and golden files pin."""
     s, f = plan.settings, plan.facts
@@ -284,6 +302,12 @@ def render_plan(plan: Plan, firewall_text: str) -> str:
         + (f", published on port {s.port}" if s.published else ""),
         "",
     ]
+    if plan.served_lan:
+        lines.append(f"served: the host and LAN {plan.served_lan}")
+    else:
+        lines.append(
+            f"served: the host only (LAN {f.lan_cidr} is not private: give LAN_CIDR to serve it)"
+        )
     for key, value in plan.sysctls.items():
         lines.append(f"sysctl {key} = {value}")
     for key, value in plan.network_options.items():

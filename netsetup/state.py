@@ -1,72 +1,125 @@
-"""What `up` changed that cannot be read back from the host, kept for `down` and `status`.
+"""What `up` deployed, and what the host service reports, kept where each belongs.
 
-Firewall rules need no record: our chains and the hooks into them are found by name. A sysctl's
-previous value, the settings `up` ran with and whether `up` started the service can only be
-remembered. The file lives under /run, which like the firewall rules does not outlive a reboot.
+The deployment (the user's settings plus what detection found on the host) outlives a reboot as
+the containers do, so it lives under /var/lib; `up` writes it, hands the same record to the host
+service as its configuration (NETSETUP_CONFIG), and `down`, `status` and `check` read it back.
+The service's sync record (last sync, repairs, the sysctl values it replaced) describes rules
+that vanish with a reboot, so it lives under /run, which does too.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from netsetup.errors import NetsetupError
-from netsetup.plan import Mode, Settings
+from netsetup.plan import HostFacts, IptablesBackend, Mode, Settings
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("NETSETUP_STATE_DIR", "/run/netsetup"))
+    return Path(os.environ.get("NETSETUP_STATE_DIR", "/var/lib/netsetup"))
 
 
-@dataclass
-class State:
+def run_dir() -> Path:
+    return Path(os.environ.get("NETSETUP_RUN_DIR", "/run/netsetup"))
+
+
+@dataclass(frozen=True)
+class Deployment:
     settings: dict = field(default_factory=dict)
+    bridge: str = ""
     lan_interface: str = ""
     lan_cidr: str = ""
     lan_address: str = ""
-    firewall: str = ""
-    # sysctl key -> value before the first `up` changed it
-    sysctls_before: dict[str, str] = field(default_factory=dict)
+    engine_version: str = "0"
+    engine_firewall: str = "iptables"
+    firewall: str = "auto"  # iptables flavour: auto (detected by the service), nft or legacy
     compose_file: str = ""
+
+    @classmethod
+    def of(
+        cls, settings: Settings, facts: HostFacts, firewall: str, compose_file: str
+    ) -> Deployment:
+        data = asdict(settings)
+        data["mode"] = settings.mode.value
+        data["upstreams"] = list(settings.upstreams)
+        return cls(
+            settings=data, bridge=facts.bridge, lan_interface=facts.lan_interface,
+            lan_cidr=facts.lan_cidr, lan_address=facts.lan_address,
+            engine_version=facts.engine_version, engine_firewall=facts.engine_firewall,
+            firewall=firewall, compose_file=compose_file,
+        )  # fmt: skip
 
     def to_settings(self) -> Settings:
         data = dict(self.settings)
         data["mode"] = Mode(data.get("mode", "both"))
         data["upstreams"] = tuple(data.get("upstreams", ()))
-        return Settings(**data)
+        known = {f.name for f in fields(Settings)}
+        return Settings(**{k: v for k, v in data.items() if k in known})
 
+    def facts(self, iptables: IptablesBackend, docker_user: bool) -> HostFacts:
+        """Host facts for the plan: the deployment's, with what must be read live."""
+        return HostFacts(
+            engine_version=self.engine_version, engine_firewall=self.engine_firewall,
+            iptables=iptables, bridge=self.bridge, lan_interface=self.lan_interface,
+            lan_cidr=self.lan_cidr, lan_address=self.lan_address, docker_user=docker_user,
+        )  # fmt: skip
 
-def settings_dict(settings: Settings) -> dict:
-    data = asdict(settings)
-    data["mode"] = settings.mode.value
-    data["upstreams"] = list(settings.upstreams)
-    return data
+    def service_config(self) -> str:
+        """The service's configuration: deterministic, so an unchanged `up` leaves the running
+        service alone (compose recreates a container only when its environment changes)."""
+        data = asdict(self)
+        data.pop("compose_file")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Deployment:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def path_for(project: str) -> Path:
     return state_dir() / f"{project}.json"
 
 
-def load(project: str) -> State | None:
-    path = path_for(project)
+def sync_path_for(project: str) -> Path:
+    return run_dir() / f"{project}.sync.json"
+
+
+def load(project: str) -> Deployment | None:
     try:
-        return State(**json.loads(path.read_text()))
+        return Deployment.from_json(path_for(project).read_text())
     except (OSError, ValueError, TypeError):
         return None
 
 
-def save(project: str, state: State) -> None:
-    path = path_for(project)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        raise NetsetupError(f"cannot write state file {path}: {exc.strerror}") from exc
+def save(project: str, deployment: Deployment) -> None:
+    write_json(path_for(project), asdict(deployment))
 
 
 def delete(project: str) -> None:
     path_for(project).unlink(missing_ok=True)
+
+
+def load_sync(project: str) -> dict[str, Any] | None:
+    """The host service's last report, or None when it has not written one (not running)."""
+    try:
+        data = json.loads(sync_path_for(project).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader never sees half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise NetsetupError(f"cannot write state file {path}: {exc.strerror}") from exc

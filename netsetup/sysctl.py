@@ -2,14 +2,17 @@
 
 Reading /proc/sys/net from a process shows that process's namespace, so netsetup run under
 ``nsenter -n`` changes the settings of that namespace only. `set_value` returns the previous value
-so that `down` can put back exactly what was there.
+so that `down` can put back exactly what was there. The host service runs in a container whose
+/proc/sys is read-only; it gets the host's /proc/sys/net bind-mounted elsewhere and names that
+root in NETSETUP_PROC_SYS (only net.* is writable there).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-PROC_SYS = Path("/proc/sys")
+PROC_SYS = Path(os.environ.get("NETSETUP_PROC_SYS", "/proc/sys"))
 
 
 def _path(key: str) -> Path:

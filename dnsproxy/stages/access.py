@@ -8,12 +8,6 @@ from .. import wire
 from ..metrics import Metrics
 from ..pipeline import PassThrough, Request, Response
 
-# Loopback, RFC 1918, shared address space (RFC 6598), link-local and unique local (RFC 4193).
-DEFAULT_ALLOWED = (
-    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
-    "169.254.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
-)
-
 
 class AccessControl(PassThrough):
     name = "access"

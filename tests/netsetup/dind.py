@@ -82,17 +82,22 @@ def build_image(image: str = IMAGE) -> None:
 
 @dataclass
 class NestedEngine:
-    """A running nested engine: its container, socket and the pid whose netns it lives in."""
+    """A running nested engine: its container, socket and the pid whose netns it lives in.
+
+    `report_dir` is mounted at the same path inside, so the host service the nested engine runs
+    writes its report where netsetup on this host (NETSETUP_RUN_DIR) reads it.
+    """
 
     name: str
     run_dir: str
+    report_dir: str
 
     @property
     def docker_host(self) -> str:
         return f"unix://{self.run_dir}/docker.sock"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "DOCKER_HOST": self.docker_host}
+        return {**os.environ, "DOCKER_HOST": self.docker_host, "NETSETUP_RUN_DIR": self.report_dir}
 
     def docker(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", *args], env=self.env(), **kwargs)
@@ -124,11 +129,13 @@ class NestedEngine:
     def stop(self) -> None:
         subprocess.run(["docker", "rm", "-f", "-v", self.name], capture_output=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self.report_dir, ignore_errors=True)
 
 
 def start_engine(name: str, image: str = IMAGE) -> NestedEngine:
     """Run dockerd nested, restarted by a shell loop so a test can restart the daemon alone."""
     run_dir = tempfile.mkdtemp(prefix="netsetup-dind-")
+    report_dir = tempfile.mkdtemp(prefix="netsetup-dind-report-")
     subprocess.run(
         [
             "docker", "run", "-d", "--name", name,
@@ -138,6 +145,7 @@ def start_engine(name: str, image: str = IMAGE) -> NestedEngine:
             "--security-opt", "systempaths=unconfined",
             "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
             "-v", f"{run_dir}:/var/run",
+            "-v", f"{report_dir}:{report_dir}",
             "--tmpfs", "/var/lib/docker:exec,size=3g",
             image,
             "sh", "-c",
@@ -147,7 +155,7 @@ def start_engine(name: str, image: str = IMAGE) -> NestedEngine:
         check=True,
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    engine = NestedEngine(name=name, run_dir=run_dir)
+    engine = NestedEngine(name=name, run_dir=run_dir, report_dir=report_dir)
     try:
         engine.wait_ready()
     except Exception:

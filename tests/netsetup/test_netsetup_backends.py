@@ -110,31 +110,19 @@ def test_remove_finds_hooks_moved_by_the_engine(netns: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
-def test_switching_modes_removes_the_other_modes_rules(netns: str, backend: str) -> None:
-    """`up --mode port` after `--mode both` removes the direct-mode chain and its hook (whose
-    ACCEPTs would otherwise stay); before that, the port plan's state reports them as extra."""
+def test_every_mode_keeps_the_default_deny(netns: str, backend: str) -> None:
+    """Port mode needs the filter chain as much as direct mode (the published port is DNATed to
+    the container and routed like direct traffic): switching modes keeps it, whole and exact."""
     docker_like(netns, backend)
     before = save(netns, backend)
     driver(netns, backend, "28", "both", "apply")
-
-    stale = json.loads(driver(netns, backend, "28", "port", "state"))
-    assert stale["complete"]
-    assert any(e.startswith("filter/") and "NETSETUP-dnsapp" in e for e in stale["extra"])
-
-    driver(netns, backend, "28", "port", "apply")
-    now = save(netns, backend)
-    assert now["filter"] == before["filter"], "the direct-mode chain or hook is still there"
-    assert any("NETSETUP-dnsapp" in ln for ln in now["nat"])
-    state = json.loads(driver(netns, backend, "28", "port", "state"))
-    assert state["complete"] and state["extra"] == []
-    driver(netns, backend, "28", "port", "apply")
-    assert save(netns, backend) == now, "a second apply changed the tables"
-
-    # and back: direct mode gets its chain and hook again
-    driver(netns, backend, "28", "direct", "apply")
-    assert json.loads(driver(netns, backend, "28", "direct", "state"))["extra"] == []
-    user = [ln for ln in save(netns, backend)["filter"] if ln.startswith("-A DOCKER-USER")]
-    assert user[0].endswith("-j NETSETUP-dnsapp")
+    both = save(netns, backend)
+    assert any(ln.endswith("-j DROP") and "NETSETUP-dnsapp" in ln for ln in both["filter"])
+    for mode in ("port", "direct"):
+        state = json.loads(driver(netns, backend, "28", mode, "state"))
+        assert state["complete"] and state["extra"] == [], (mode, state)
+        driver(netns, backend, "28", mode, "apply")
+        assert save(netns, backend) == both, f"{mode}: the tables changed"
     driver(netns, backend, "28", "direct", "remove")
     assert save(netns, backend) == before
 

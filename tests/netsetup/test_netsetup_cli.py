@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from netsetup.deploy import compose_env, lan_to_allow
-from netsetup.plan import Settings
+from netsetup.deploy import compose_env
+from netsetup.plan import Settings, lan_to_allow
 from netsetup.routes import render_text, route_sections
 
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
@@ -205,7 +205,11 @@ def test_dry_run_prints_plan_and_changes_nothing() -> None:
         "--bridge", "br-dryrun", "--mode", "direct",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "-A NETSETUP-nsrefuse -d 172.31.254.53/32 -i lo -o br-dryrun -p udp" in proc.stdout
+    assert (
+        "-A NETSETUP-nsrefuse -s 127.0.0.0/8 -d 172.31.254.53/32 -i lo -o br-dryrun -p udp"
+        in proc.stdout
+    )
+    assert "! -i br-dryrun -o br-dryrun" in proc.stdout and "-j DROP" in proc.stdout
     assert "MASQUERADE" in proc.stdout
     assert host_snapshot() == before
 
@@ -217,11 +221,13 @@ def test_lan_to_allow_only_explicit_or_private() -> None:
     assert lan_to_allow("198.19.53.0/24", explicit=True) == "198.19.53.0/24"
     # detected and private: inside the defaults already, adding it changes nothing
     assert lan_to_allow("192.168.1.7/24", explicit=False) == "192.168.1.0/24"
-    assert lan_to_allow("100.64.3.0/24", explicit=False) == "100.64.3.0/24"
+    # detected and carrier-grade NAT: the ISP's other customers, not served
+    assert lan_to_allow("100.64.3.0/24", explicit=False) is None
     # public but overlapping no private range is not "inside": 172.32/16 is outside 172.16/12
     assert lan_to_allow("172.32.0.0/16", explicit=False) is None
-    assert "ALLOW" not in compose_env(Settings(lan_cidr=None))
-    assert compose_env(Settings(lan_cidr="198.19.53.0/24"))["ALLOW"].endswith(" 198.19.53.0/24")
+    assert "ALLOW" not in compose_env(Settings())
+    allow = compose_env(Settings(), ("198.19.53.0/24", "198.19.53.1/32"))["ALLOW"]
+    assert allow.endswith(" 198.19.53.0/24 198.19.53.1/32") and "100.64" not in allow
 
 
 @needs_engine

@@ -26,11 +26,12 @@ from pathlib import Path
 import dind
 import pytest
 from conftest import normalize
-from topology import INET_HOST, LAN_CLIENT, LAN_HOST, LAN_NET, Topology
+from topology import INET_HOST, LAN_CLIENT, LAN_HOST, LAN_NET, WAN_HOST, Topology
 
 REPO = Path(__file__).resolve().parents[2]
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
-IMAGE = "dnsproxy:latest"
+IMAGES = ("dnsproxy:latest", "netsetup:latest")
+METRICS_PORT = 9153
 ANSWER = "198.51.100.200"
 
 pytestmark = [
@@ -121,6 +122,53 @@ def wait_answer(topo: Topology, server: str, name: str, port: int = 53, tcp: boo
     return out
 
 
+def status_of(engine: Engine, project: str) -> dict:
+    proc = engine.run(NETSETUP, "status", "-p", project, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def remove_our_rules(engine: Engine, project: str) -> None:
+    """What a firewall reload or a reboot does to us: our chains and hooks are gone."""
+    code = (
+        "import sys; from netsetup.detect import iptables_backend;"
+        "from netsetup.firewall import get_backend; from netsetup.plan import own_chains;"
+        "get_backend(iptables_backend().value).remove(own_chains(sys.argv[1]))"
+    )
+    engine.run(sys.executable, "-c", code, project, check=True)
+    left = [ln for flavour in ("nft", "legacy") for rows in engine.firewall()[flavour].values()
+            for ln in rows if f"NETSETUP-{project}" in ln]  # fmt: skip
+    assert not left, left
+
+
+def assert_nothing_answers(out: str) -> None:
+    """dig got no reply at all: not REFUSED, not anything (a status line means a reply)."""
+    assert "status:" not in out and "timed out" in out or "no servers" in out, out
+
+
+def assert_exposure(topo: Topology, ip: str, port: int, metrics_from_lan: bool = False) -> None:
+    """Only the LAN reaches only DNS: packets from the WAN side get nothing back."""
+    assert "status: NOERROR" in topo.dig_full(topo.lan_ns, ip, "lan-ok.example.test")
+    # a stranger routing the appliance subnet via the host: no answer, not even REFUSED
+    assert_nothing_answers(topo.dig_full(topo.wan_ns, ip, "wan.example.test"))
+    assert_nothing_answers(topo.dig_full(topo.wan_ns, ip, "wan-tcp.example.test", tcp=True))
+    # the published port on the host's WAN address
+    assert_nothing_answers(topo.dig_full(topo.wan_ns, WAN_HOST, "wan-port.example.test", port))
+    # the metrics port: not from the WAN, from the LAN only when asked for
+    assert not topo.tcp_connects(topo.wan_ns, ip, METRICS_PORT)
+    assert topo.tcp_connects(topo.lan_ns, ip, METRICS_PORT) == metrics_from_lan
+
+
+def wait_repaired(topo: Topology, ip: str, name: str, timeout: float = 30) -> float:
+    """Seconds until a fresh name resolves from the LAN again, with no command typed."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if topo.dig(ip, name) == ANSWER:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise AssertionError(f"{name}: no answer within {timeout} s")
+
+
 def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> None:
     variables = {
         "PROJECT": project,
@@ -156,17 +204,20 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
         # ... and the upstream saw only the host (masqueraded)
         clients = topo.upstream_clients()
         assert clients and set(clients) == {INET_HOST}, clients
+        assert_exposure(topo, ip, port)
 
-        # idempotent: a second `make up` adds nothing
+        # idempotent: a second `make up` adds nothing and leaves the services alone
         after_up = engine.firewall()
+        started = status_of(engine, project)["host_service"]["container"]["started"]
         proc = make(engine, "up", **variables)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert_same_firewall(after_up, engine.firewall(), *ours)
-
-        status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
+        status = status_of(engine, project)
+        assert status["host_service"]["container"]["started"] == started, status
         assert status["firewall"]["complete"], status
         assert status["firewall"]["extra"] == [], status
         assert not status["raw_drop"], status["raw_drop"]
+        assert status["host_service"]["report"]["repairs"] == 0, status
         # the appliance's own counters, read over the bridge: the digs above were counted
         counts = status["counts"]
         assert counts["queries"] >= 4 and counts["cache_entries"] >= 1, counts
@@ -174,50 +225,51 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
         proc = engine.run(NETSETUP, "check", "-p", project)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
-        # switching to port mode removes the direct-mode chain and its hook; and back
-        proc = make(engine, "up", **(variables | {"MODE": "port"}))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        fw = engine.firewall()
-        left = [ln for flavour in ("nft", "legacy") for ln in fw[flavour].get("filter", [])
-                if f"NETSETUP-{project}" in ln]  # fmt: skip
-        assert not left, left
-        status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
-        assert status["firewall"]["complete"] and status["firewall"]["extra"] == [], status
-        proc = make(engine, "up", **variables)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        # a flush while running (a firewall reload): repaired with no command typed
+        remove_our_rules(engine, project)
+        assert topo.dig(ip, "while-flushed.example.test") != ANSWER  # the rules mattered
+        wait_repaired(topo, ip, "after-flush.example.test")
+        status = status_of(engine, project)
+        report = status["host_service"]["report"]
+        assert report["repairs"] >= 1 and report["last_repair"]["what"], report
+        assert status["firewall"]["complete"] and not status["firewall"]["extra"], status
         assert_same_firewall(after_up, engine.firewall(), *ours)
 
-        # a restart of the container keeps everything working
+        # a reboot: rules and /run gone, the containers start again; all comes back by itself
+        remove_our_rules(engine, project)
+        run_dir = engine.env.get("NETSETUP_RUN_DIR", "/run/netsetup")
+        Path(run_dir, f"{project}.sync.json").unlink(missing_ok=True)
         ids = engine.run(
             "docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"
         ).stdout.split()
-        engine.run("docker", "restart", *ids, check=True)
-        assert wait_answer(topo, ip, "after-restart.example.test") == ANSWER
-
-        # a restart of the daemon: Docker re-creates its chains, our hooks stay
         if engine.restart_daemon is not None:
-            engine.restart_daemon()
-            assert wait_answer(topo, ip, "after-daemon.example.test") == ANSWER
-            assert wait_answer(topo, LAN_HOST, "after-daemon-port.example.test", port) == ANSWER
-            status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
-            assert status["firewall"]["complete"], status
+            engine.restart_daemon()  # the nested engine: its daemon restarts the containers
+        else:
+            engine.run("docker", "restart", *ids, check=True)
+        wait_repaired(topo, ip, "after-reboot.example.test")
+        assert wait_answer(topo, LAN_HOST, "after-reboot-port.example.test", port) == ANSWER
+        status = status_of(engine, project)
+        assert status["firewall"]["complete"] and not status["firewall"]["extra"], status
+        assert_exposure(topo, ip, port)
 
-        # a host reboot: the container comes back by itself, the rules and the state do not
-        # (`down --no-deploy` takes exactly those away); status says so, `up` puts them back
-        proc = engine.run(NETSETUP, "down", "-p", project, "--no-deploy")
+        # switching to port mode and back keeps the guarantees; the metrics switch opens 9153
+        proc = make(engine, "up", **(variables | {"MODE": "port", "METRICS_FROM_LAN": "1"}))
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
-        assert not status["up"] and status["service"], status
+        assert wait_answer(topo, LAN_HOST, "port-only.example.test", port) == ANSWER
+        assert_exposure(topo, ip, port, metrics_from_lan=True)
         proc = make(engine, "up", **variables)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        status = json.loads(engine.run(NETSETUP, "status", "-p", project, "--json").stdout)
-        assert status["firewall"]["complete"] and not status["firewall"]["extra"], status
-        assert wait_answer(topo, ip, "after-reboot.example.test") == ANSWER
+        assert wait_answer(topo, ip, "back.example.test") == ANSWER
+        assert_same_firewall(after_up, engine.firewall(), *ours)
 
         proc = make(engine, "down", **variables)
         upped = False
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert_same_firewall(before, engine.firewall(), *ours)
+        left = engine.run(
+            "docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"
+        ).stdout.split()
+        assert not left, "a service was left behind"
     finally:
         if upped:
             make(engine, "down", **variables)
@@ -225,25 +277,25 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
 
 
 @pytest.fixture(scope="module")
-def appliance_image() -> str:
+def appliance_image() -> tuple[str, ...]:
     proc = subprocess.run(["make", "-o", "venv", "image"], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.fail(f"make image failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return IMAGE
+    return IMAGES
 
 
-def test_end_to_end_host_engine(appliance_image: str) -> None:
+def test_end_to_end_host_engine(appliance_image: tuple[str, ...]) -> None:
     scenario(Engine(), project="nstest", subnet="172.31.163.0/24", ip="172.31.163.53", port=5163)
 
 
 @pytest.mark.nested
-def test_end_to_end_nested_docker28(appliance_image: str) -> None:
+def test_end_to_end_nested_docker28(appliance_image: tuple[str, ...]) -> None:
     if not shutil.which("mmdebstrap") and not dind.image_exists():
         pytest.skip("mmdebstrap missing and no cached nested-engine image")
     dind.build_image()
     nested = dind.start_engine(f"netsetup-test-dind-{os.getpid()}")
     try:
-        save = subprocess.Popen(["docker", "save", appliance_image], stdout=subprocess.PIPE)
+        save = subprocess.Popen(["docker", "save", *appliance_image], stdout=subprocess.PIPE)
         nested.docker("load", stdin=save.stdout, check=True, capture_output=True)
         assert save.wait() == 0
         version = nested.docker(
@@ -258,7 +310,7 @@ def test_end_to_end_nested_docker28(appliance_image: str) -> None:
         nested.stop()
 
 
-def test_failed_up_rolls_back(appliance_image: str, tmp_path: Path) -> None:
+def test_failed_up_rolls_back(appliance_image: tuple[str, ...], tmp_path: Path) -> None:
     """A failure at the last step (the state file cannot be written) undoes every step before
     it: firewall rules applied, service deployed. The host ends as it started."""
     engine = Engine()

@@ -2,6 +2,11 @@
 
     [lan ns] client 198.19.53.10 --veth-- 198.19.53.1 [engine's netns] 198.51.100.1 --veth--
     198.51.100.53 [inet ns] fake authoritative server
+                                           [engine's netns] 203.0.113.1 --veth--
+    203.0.113.10 [wan ns] a stranger on the host's internet side
+
+The stranger routes the appliance subnet via the host, as a hostile neighbour on the WAN could:
+whatever it reaches there (no answer must come back) is exposed to the internet.
 
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
@@ -25,6 +30,7 @@ from pathlib import Path
 # it the LAN. Answers here prove it does.
 LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
+WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
 
 
@@ -47,6 +53,14 @@ class Topology:
     @property
     def inet_ns(self) -> str:
         return f"nsinet-{self.tag}"
+
+    @property
+    def wan_ns(self) -> str:
+        return f"nswan-{self.tag}"
+
+    @property
+    def wan_if(self) -> str:
+        return f"vw{self.tag}"
 
     @property
     def lan_if(self) -> str:
@@ -75,12 +89,14 @@ class Topology:
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
 
     def create(self) -> None:
-        for ns in (self.lan_ns, self.inet_ns):
+        for ns in (self.lan_ns, self.inet_ns, self.wan_ns):
             sh("ip", "netns", "add", ns)
         self._pair(self.lan_if, self.lan_ns, LAN_HOST, LAN_CLIENT)
         self._pair(self.inet_if, self.inet_ns, INET_HOST, INET_RESOLVER)
+        self._pair(self.wan_if, self.wan_ns, WAN_HOST, WAN_CLIENT)
         # the LAN's router would route the appliance subnet to the host; the client does it here
         sh("ip", "netns", "exec", self.lan_ns, "ip", "route", "add", self.subnet, "via", LAN_HOST)
+        sh("ip", "netns", "exec", self.wan_ns, "ip", "route", "add", self.subnet, "via", WAN_HOST)
         fd, self.upstream_log = tempfile.mkstemp(prefix="netsetup-upstream-", suffix=".jsonl")
         os.close(fd)
         self.upstream_proc = subprocess.Popen(
@@ -98,9 +114,9 @@ class Topology:
                 self.upstream_proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.upstream_proc.kill()
-        for ifname in (self.lan_if, self.inet_if):
+        for ifname in (self.lan_if, self.inet_if, self.wan_if):
             self.engine_sh("ip", "link", "del", ifname, check=False)
-        for ns in (self.lan_ns, self.inet_ns):
+        for ns in (self.lan_ns, self.inet_ns, self.wan_ns):
             sh("ip", "netns", "del", ns, check=False)
         if self.upstream_log:
             Path(self.upstream_log).unlink(missing_ok=True)
@@ -113,6 +129,20 @@ class Topology:
         out = sh(*cmd, check=False).stdout
         # +short still prints errors (";; communications error ..."): keep only answers
         return "\n".join(ln for ln in out.splitlines() if ln and not ln.startswith(";")).strip()
+
+    def dig_full(self, ns: str, server: str, name: str, port: int = 53, tcp: bool = False) -> str:
+        """dig's whole output from namespace `ns`, one try: a status line if anything answered."""
+        cmd = ["ip", "netns", "exec", ns, "dig", f"@{server}", "-p", str(port), name, "A",
+               "+time=2", "+tries=1", "+retry=0"]  # fmt: skip
+        if tcp:
+            cmd.append("+tcp")
+        return sh(*cmd, check=False).stdout
+
+    def tcp_connects(self, ns: str, server: str, port: int) -> bool:
+        """Whether a TCP connection from `ns` to server:port is accepted within 2 s."""
+        code = f"import socket; socket.create_connection(({server!r}, {port}), timeout=2)"
+        proc = sh("ip", "netns", "exec", ns, sys.executable, "-c", code, check=False)
+        return proc.returncode == 0
 
     def upstream_clients(self) -> list[str]:
         import json

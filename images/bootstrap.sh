@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# Build the appliance's base image from Debian packages, without any container registry:
-# mmdebstrap bootstraps a bookworm root with Python and the forwarder's dependencies, trim.py cuts
+# Build a base image from Debian packages, without any container registry: mmdebstrap bootstraps
+# a bookworm root with the packages a recipe directory lists, the recipe's trim.py (if any) cuts
 # it down to what runs, and `docker import` turns the tarball into an image.
 #
-#   images/base/build.sh [TAG]        (default dnsproxy-base:bookworm; FORCE=1 rebuilds)
+#   images/bootstrap.sh RECIPE_DIR TAG     (FORCE=1 rebuilds)
 #
-# The image carries a label with a hash of this directory. When an image with the same hash exists
-# the script does nothing, so code changes to the forwarder never pay for a new bootstrap.
+#   images/base      dnsproxy-base:bookworm   the forwarder's base: Python, dnslib, uvloop, httpx
+#   images/netsetup  netsetup-base:bookworm   the host service's: Python, iptables, python-iptables
+#
+# RECIPE_DIR/packages names the packages, comma separated. The image carries a label with a hash
+# of the recipe and of this script; when an image with the same hash exists the script does
+# nothing, so code changes never pay for a new bootstrap.
 # MIRROR=URI overrides the Debian mirror, which is otherwise read from this machine's apt sources.
 set -euo pipefail
 
-TAG=${1:-dnsproxy-base:bookworm}
+RECIPE_DIR=$(cd "${1:?usage: bootstrap.sh RECIPE_DIR TAG}" && pwd)
+TAG=${2:?usage: bootstrap.sh RECIPE_DIR TAG}
 SUITE=bookworm # trim.py's KEEP list names bookworm's packages (python3.11, gcc-12-base)
 LABEL=org.dnsproxy.base.recipe
-HERE=$(cd "$(dirname "$0")" && pwd)
-RECIPE=$(cat "$HERE"/* | sha256sum | cut -c1-16)
+shopt -s nullglob
+RECIPE=$(cat "$0" "$RECIPE_DIR"/packages "$RECIPE_DIR"/*.py | sha256sum | cut -c1-16)
+PACKAGES=$(tr -d ' \n' <"$RECIPE_DIR/packages")
+hooks=()
+if [[ -f $RECIPE_DIR/trim.py ]]; then
+    hooks+=(--customize-hook="python3 '$RECIPE_DIR/trim.py' \"\$1\"")
+fi
 
 current=$(docker image inspect -f "{{ index .Config.Labels \"$LABEL\" }}" "$TAG" 2>/dev/null || true)
 if [[ $current == "$RECIPE" && -z ${FORCE:-} ]]; then
@@ -74,16 +84,16 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # The essential variant plus the runtime packages; maintainer scripts need the essential tools,
-# trim.py removes them afterwards. Docs, manuals and translations are never unpacked.
+# a trim.py removes them afterwards. Docs, manuals and translations are never unpacked.
 mmdebstrap --variant=essential --quiet \
-    --include=python3,python3-dnslib,python3-uvloop,python3-httpx,ca-certificates \
+    --include="$PACKAGES" \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-exclude=/usr/share/lintian/*' \
-    --customize-hook="python3 '$HERE/trim.py' \"\$1\"" \
+    "${hooks[@]}" \
     "$SUITE" "$work/root.tar" "${sources[@]}"
 docker import \
     --change "LABEL $LABEL=$RECIPE" \

@@ -1,0 +1,16 @@
+"""Values both halves of the project agree on: the forwarder serves with them, the host tool
+writes firewall rules and compose settings for them. A leaf module (it imports nothing), so
+netsetup can use it without importing any stage of the forwarder.
+"""
+
+# Clients served when --allow is not given: loopback, RFC 1918, link-local and unique local
+# (RFC 4193). Not 100.64.0.0/10: shared address space (RFC 6598) is the ISP's carrier-grade NAT,
+# whose other addresses are other customers, not this household.
+DEFAULT_ALLOWED = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+    "169.254.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
+)
+
+DNS_PORT = 53
+# Prometheus counters in the container (compose.yaml), read by `netsetup status` from the host.
+METRICS_PORT = 9153

@@ -1,0 +1,172 @@
+"""The host service: applies the host plan, keeps it in place, removes it on stop.
+
+It runs in a container of its own next to the forwarder (compose.yaml: host network, NET_ADMIN
+and NET_RAW only, restart unless-stopped), so whatever brings the forwarder back after a reboot
+or a daemon restart brings this back too. Like kube-proxy it does not trust that rules stay put:
+every few seconds it compares the host with the plan (the same compute_plan and backends `up`
+uses, nothing written twice) and puts back what is missing, since a firewall reload (ufw,
+firewalld, `iptables -F`, a reboot) takes our rules away without telling anyone. Each repair is
+one log line and a count in the sync record that `netsetup status` shows.
+
+On SIGTERM (compose down, docker stop, shutdown) it removes exactly its chains and hooks and puts
+back the sysctls it changed. The sysctl values it found are kept in the sync record, so a
+restarted service (a crash, an image update) does not mistake its own "1" for the host's value.
+
+    python -m netsetup.service        (configuration: NETSETUP_CONFIG, a state.Deployment)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from netsetup import detect, state, sysctl
+from netsetup.errors import NetsetupError
+from netsetup.firewall import get_backend
+from netsetup.firewall.base import FirewallBackend, FirewallState
+from netsetup.plan import Plan, compute_plan, own_chains
+
+DEFAULT_INTERVAL = 5.0
+
+
+def log(message: str) -> None:
+    print(f"netsetup-service: {message}", flush=True)
+
+
+def missing_pieces(fw: FirewallState) -> list[str]:
+    """What a sync found out of place, in words for the log line."""
+    pieces = [f"{name} missing" for group in (fw.chains_present, fw.hooks_present)
+              for name, present in group.items() if not present]  # fmt: skip
+    rules = sum(not present for present in fw.rules_present.values())
+    if rules and not pieces:
+        pieces.append(f"{rules} rule(s) missing")
+    return pieces + [f"{name} not ours to keep" for name in fw.extra]
+
+
+@dataclass
+class HostService:
+    deployment: state.Deployment
+    backend: FirewallBackend
+    project: str
+    syncs: int = 0
+    repairs: int = 0
+    errors: int = 0
+    last_repair: dict[str, Any] | None = None
+    last_error: str = ""
+    sysctls_before: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    complete: bool = False
+
+    def plan(self) -> Plan:
+        # Whether FORWARD passes DOCKER-USER is read every time: a flush may have taken the
+        # engine's jump away, and then our hook belongs first in FORWARD until it is back.
+        facts = self.deployment.facts(
+            detect.IptablesBackend(self.backend.name), self.backend.has_docker_user()
+        )
+        return compute_plan(self.deployment.to_settings(), facts)
+
+    def sync(self) -> list[str]:
+        """Bring the host to the plan; return what had to be put back (empty: all in place)."""
+        plan = self.plan()
+        found: list[str] = []
+        for key, value in plan.sysctls.items():
+            old = sysctl.set_value(key, value)
+            if old != value:
+                self.sysctls_before.setdefault(key, old)
+                found.append(f"sysctl {key} was {old}")
+        fw = self.backend.state(plan.firewall)
+        if not fw.exact:
+            found += missing_pieces(fw)
+            self.backend.apply(plan.firewall)
+            fw = self.backend.state(plan.firewall)
+        self.complete = fw.exact
+        self.syncs += 1
+        return found
+
+    def step(self) -> None:
+        """One sync, logged and recorded; a failure is reported and retried, never fatal."""
+        first = self.syncs == 0
+        try:
+            found = self.sync()
+        except (NetsetupError, OSError) as exc:
+            self.errors += 1
+            self.last_error = str(exc)
+            self.complete = False
+            log(f"sync failed (retrying): {exc}")
+        else:
+            self.last_error = ""
+            if first:
+                log(f"applied the plan ({self.backend.name}): " + ("; ".join(found) or "in place"))
+            elif found:
+                self.repairs += 1
+                self.last_repair = {"at": time.time(), "what": found}
+                log(f"repaired: {'; '.join(found)}")
+        self.record()
+
+    def record(self) -> None:
+        state.write_json(
+            state.sync_path_for(self.project),
+            {
+                "pid": os.getpid(), "config": self.deployment.service_config(),
+                "started": self.started, "last_sync": time.time(), "syncs": self.syncs,
+                "repairs": self.repairs, "last_repair": self.last_repair,
+                "errors": self.errors, "last_error": self.last_error,
+                "complete": self.complete, "backend": self.backend.name,
+                "sysctls_before": self.sysctls_before,
+            },
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Remove exactly what the plan added; put the sysctls back as they were found."""
+        self.backend.remove(own_chains(self.project))
+        for key, old in self.sysctls_before.items():
+            sysctl.set_value(key, old)
+        state.sync_path_for(self.project).unlink(missing_ok=True)
+        log("removed the host plan")
+
+
+def load_config() -> state.Deployment:
+    text = os.environ.get("NETSETUP_CONFIG", "")
+    if not text:
+        raise NetsetupError("NETSETUP_CONFIG is not set: deploy with `make up` (netsetup up)")
+    try:
+        return state.Deployment.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise NetsetupError(f"NETSETUP_CONFIG is not a deployment record: {exc}") from None
+
+
+def main() -> int:
+    try:
+        deployment = load_config()
+        interval = float(os.environ.get("NETSETUP_SYNC_INTERVAL", DEFAULT_INTERVAL))
+        backend = get_backend(detect.iptables_backend(deployment.firewall).value)
+    except (NetsetupError, ValueError) as exc:
+        print(f"netsetup-service: error: {exc}", file=sys.stderr)
+        return 2
+    project = deployment.to_settings().project
+    service = HostService(deployment, backend, project)
+    previous = state.load_sync(project)
+    if previous:  # a restart, not a boot: keep what the host had before our first change
+        service.sysctls_before = dict(previous.get("sysctls_before") or {})
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    log(f"project {project}, iptables {backend.name}, re-checking every {interval:g} s")
+    while not stopping.is_set():
+        service.step()
+        stopping.wait(interval)
+    try:
+        service.stop()
+    except (NetsetupError, OSError) as exc:
+        print(f"netsetup-service: error: removing the host plan failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
