@@ -623,3 +623,50 @@ def test_end_to_end_hit_and_miss_agree_without_edns(upstream, make_proxy):
     assert opts(miss) == []
     assert upstream.seen[0].has_opt  # the upstream still got our OPT
     assert ask(proxy.port, "plain.example").header.rcode == RCODE.NOERROR
+
+
+# --- issue 10, item 1: where an OPT record may sit ---
+
+
+def _raw_rr(rtype: str, value: str, ttl: int) -> bytes:
+    """A record owned by the question's name (a pointer to offset 12, which stays put whatever
+    is inserted after the question), rdata uncompressed."""
+    rdata = {"A": lambda v: bytes(map(int, v.split("."))),
+             "AAAA": lambda v: bytes.fromhex(v),
+             "TXT": lambda v: bytes([len(v)]) + v.encode()}[rtype](value)
+    return b"\xc0\x0c" + struct.pack(">HHIH", getattr(QTYPE, rtype), 1, ttl, len(rdata)) + rdata
+
+
+raw_rrs = st.one_of(
+    st.tuples(st.just("A"), st.ip_addresses(v=4).map(str), ttls),
+    st.tuples(st.just("AAAA"), st.ip_addresses(v=6).map(lambda a: a.packed.hex()), ttls),
+    st.tuples(st.just("TXT"), st.text(alphabet="abc xyz", max_size=40), ttls),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sections=st.lists(st.lists(raw_rrs, max_size=3), min_size=3, max_size=3),
+       opt_section=st.integers(0, 2), opt_index=st.integers(0, 3), second_opt=st.booleans())
+def test_opt_is_accepted_once_and_in_the_additional_section_only(sections, opt_section,
+                                                                 opt_index, second_opt):
+    """Wherever the OPT sits, parse_reply accepts the reply only if it is the one OPT and in
+    the additional section; then strip_opt keeps every other record in its own section."""
+    question = wire.parse_query(query_bytes("opt.example", edns=False)).question
+    built = [[_raw_rr(*item) for item in section] for section in sections]
+    opt_rr = wire.opt_record(False)
+    built[opt_section].insert(min(opt_index, len(built[opt_section])), opt_rr)
+    if second_opt:
+        built[2].append(opt_rr)
+    counts = [len(section) for section in built]
+    data = (struct.pack(">HHHHHH", 1, wire.QR | wire.RD | wire.RA, 1, *counts) + question
+            + b"".join(b"".join(section) for section in built))
+    if opt_section != 2 or second_opt:
+        with pytest.raises(wire.WireError):
+            wire.parse_reply(data)
+        return
+    reply = wire.parse_reply(data)
+    cached = wire.strip_opt(data, reply)
+    body = wire.parse_reply(cached.body)
+    assert body.counts == (1, counts[0], counts[1], counts[2] - 1) and body.opt is None
+    assert records(cached.body) == records(data)
+    assert [off for off, _ in body.ttls] == list(cached.offsets)
