@@ -65,7 +65,8 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                                 ssl_context=ssl_context,
                                 tcp_for_polluted=settings.tcp_for_polluted)
                  for spec in settings.upstreams]
-    forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay)
+    forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
+                          max_ttl=settings.max_ttl)
     cache.size = settings.cache_size
     cache.max_ttl = settings.max_ttl
     access = AccessControl(settings.allow, metrics)

@@ -44,7 +44,7 @@ class Forwarder:
     name = "forward"
 
     def __init__(self, upstreams: list[Upstream], metrics: Metrics, timeout: float = 2.0,
-                 hedge_delay: float = 0.3) -> None:
+                 hedge_delay: float = 0.3, max_ttl: int = wire.MAX_TTL) -> None:
         if not upstreams:
             raise ValueError("no upstreams")
         self.upstreams = upstreams
@@ -52,6 +52,7 @@ class Forwarder:
         self.metrics = metrics
         self.timeout = timeout
         self.hedge_delay = hedge_delay
+        self.max_ttl = max_ttl  # the most any TTL a client sees may say
 
     def ranked(self, now: float) -> list[Upstream]:
         """Healthy upstreams in configured order, then resting ones, soonest back first."""
@@ -65,7 +66,7 @@ class Forwarder:
         deadline = loop.time() + self.timeout - (time.monotonic() - request.started)
         try:
             data, reply, upstream = await self._race(query, deadline)
-            cached = wire.strip_opt(data, reply)
+            cached = wire.strip_opt(data, reply, self.max_ttl)
         except (UpstreamError, wire.WireError):  # the latter: a reply even dnslib cannot rebuild
             self.metrics.inc("dnsproxy_responses_total", reason="servfail")
             return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)

@@ -21,12 +21,14 @@ AA = 0x0400
 TC = 0x0200
 RD = 0x0100
 RA = 0x0080
+Z = 0x0040
 AD = 0x0020
 CD = 0x0010
 OPCODE_MASK = 0x7800
 RCODE_MASK = 0x000F
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16  # an extended rcode: its upper 8 bits travel in the OPT record (RFC 6891 6.1.3)
 
 TYPE_A, TYPE_SOA, TYPE_HINFO, TYPE_TXT = 1, 6, 13, 16
 TYPE_AAAA, TYPE_OPT, TYPE_ANY = 28, 41, 255
@@ -56,6 +58,7 @@ class Query:
     edns: bool
     do: bool
     udp_size: int  # the most a UDP reply to this client may carry
+    edns_version: int = 0  # above 0 we answer BADVERS: we speak EDNS version 0 only
 
     @property
     def name(self) -> str:
@@ -164,6 +167,7 @@ def parse_query(data: bytes) -> Query:
     edns = False
     do = False
     udp_size = 512
+    version = 0
     if arcount:
         off = qend
         for _ in range(ancount + nscount + arcount):
@@ -180,9 +184,11 @@ def parse_query(data: bytes) -> Query:
                     raise WireError("malformed or repeated OPT record")
                 edns = True
                 do = bool(ttl & DO_BIT)
+                version = (ttl >> 16) & 0xFF
                 # Honour the client's buffer, but never send fragments-prone giants.
                 udp_size = min(max(512, rclass), MAX_UDP_REPLY)
-    return Query(qid, flags, question, question_key(question), qtype, qclass, edns, do, udp_size)
+    return Query(qid, flags, question, question_key(question), qtype, qclass, edns, do, udp_size,
+                 version)
 
 
 def parse_reply(data: bytes) -> Reply:
@@ -212,6 +218,10 @@ def parse_reply(data: bytes) -> Reply:
         if off > end:
             raise WireError("record data runs past the end")
         if rtype == TYPE_OPT:
+            # RFC 6891 6.1.1: at most one, in the additional section. Accepting one elsewhere
+            # would let it pass the EDNS marker and, cut out, shift a record between sections.
+            if index < authority_end:
+                raise WireError("OPT record outside the additional section")
             if reply.opt is not None:
                 raise WireError("repeated OPT record")
             reply.opt = (start, off)
@@ -238,6 +248,8 @@ def opt_record(do: bool, ext_rcode: int = 0, udp_size: int = UPSTREAM_UDP_SIZE) 
 
 
 OUR_OPT = {do: opt_record(do) for do in (False, True)}  # the usual two, built once
+OPT_SIZE = len(OUR_OPT[False])
+OPT_HEAD = OUR_OPT[False][:3]  # root owner, type OPT
 
 
 def upstream_query(query: Query, qid: int) -> bytes:
@@ -305,8 +317,11 @@ class CachedReply(bytes):
         return [(off, U32.unpack_from(body, off)[0]) for off in self.offsets]
 
 
-def strip_opt(data: bytes, reply: Reply) -> CachedReply:
+def strip_opt(data: bytes, reply: Reply, max_ttl: int = MAX_TTL) -> CachedReply:
     """Remove the upstream's OPT record: the client gets one of ours, or none if it sent none.
+
+    Every TTL is capped at `max_ttl` here, once per upstream reply, so forwarded and cached
+    replies alike show clients no more than the time we would keep the answer.
 
     Cutting bytes out is safe only when the OPT is the last record: a compression pointer in a
     later record could point past it. Replies with OPT elsewhere (rare) are rebuilt by dnslib.
@@ -315,7 +330,8 @@ def strip_opt(data: bytes, reply: Reply) -> CachedReply:
         data, ext_rcode = _rebuilt_without_opt(data), reply.ext_rcode
         reply = parse_reply(data)
         reply.ext_rcode = ext_rcode
-    body = bytearray(data)
+    # Bytes past the last record go: our OPT, appended for the client, must follow a record.
+    body = bytearray(data[:reply.end])
     offsets = [off for off, _ in reply.ttls]
     if reply.opt is not None:
         start, end = reply.opt
@@ -324,8 +340,9 @@ def strip_opt(data: bytes, reply: Reply) -> CachedReply:
         U16.pack_into(body, 10, reply.counts[3] - 1)
         offsets = [off - cut if off > start else off for off in offsets]
     for off, (_, ttl) in zip(offsets, reply.ttls, strict=True):
-        U32.pack_into(body, off, ttl)  # TTLs with the top bit set are stored as zero
-    return CachedReply.build(bytes(body), offsets, reply.ext_rcode, cache_ttl(reply), reply.rcode)
+        U32.pack_into(body, off, min(ttl, max_ttl))  # a TTL with the top bit set is stored as 0
+    return CachedReply.build(bytes(body), offsets, reply.ext_rcode,
+                             min(cache_ttl(reply), max_ttl), reply.rcode)
 
 
 def _rebuilt_without_opt(data: bytes) -> bytes:
@@ -346,9 +363,13 @@ def cache_ttl(reply: Reply) -> int:
     rcode = reply.rcode
     if reply.truncated or rcode not in (NOERROR, NXDOMAIN):
         return 0
-    if rcode == NXDOMAIN or reply.answers == 0:
-        return reply.negative_ttl or 0
-    return min(ttl for _, ttl in reply.ttls) if reply.ttls else 0
+    negative = reply.negative_ttl
+    if negative is None and (rcode == NXDOMAIN or reply.answers == 0):
+        return 0  # RFC 2308 5: a negative answer without an SOA is not cached
+    lowest = min(ttl for _, ttl in reply.ttls) if reply.ttls else 0
+    # A CNAME in front of NXDOMAIN or NODATA counts too: the SOA's negative TTL and every
+    # record's own TTL bound the time (RFC 2308 5).
+    return lowest if negative is None else min(lowest, negative)
 
 
 def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
@@ -360,7 +381,10 @@ def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
     _, _, ext_rcode, _, count = CachedReply.HEAD.unpack_from(cached)
     start = CachedReply.HEAD.size + 2 * count
     buf = bytearray(cached[start:])  # for messages this small a slice beats a memoryview
-    flags = (U16.unpack_from(buf, 2)[0] & ~RD) | (query.flags & RD)
+    # We are a recursive service and no authority: RA set, AA clear, whatever the upstream
+    # said (RFC 1035 4.1.1); RD and CD are the client's own (RFC 4035 3.2.2), Z is zero.
+    flags = ((U16.unpack_from(buf, 2)[0] & ~(AA | RD | CD | Z)) | RA
+             | (query.flags & (RD | CD)))
     if not (query.do or query.flags & AD):
         flags &= ~AD  # RFC 6840 5.8: AD only for clients that show they understand it
     struct.pack_into(">HH", buf, 0, query.id, flags)
@@ -376,37 +400,82 @@ def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
 
 
 def truncate_for(reply: bytes, query: Query) -> bytes:
-    """A UDP reply cut to the client's buffer: header with TC, the question and our OPT."""
+    """A UDP reply cut to the client's buffer: header with TC, the question and our OPT.
+
+    Every reply we send an EDNS client ends with our own option-less OPT, which carries the
+    extended rcode: that record is kept as it is, so the cut reply keeps the full rcode.
+    """
     if len(reply) <= query.udp_size:
         return reply
     flags = U16.unpack_from(reply, 2)[0] | TC
     out = HEADER.pack(query.id, flags, 1, 0, 0, 1 if query.edns else 0) + query.question
     if query.edns:
-        out += opt_record(query.do)
+        tail = reply[-OPT_SIZE:]
+        out += tail if tail[:3] == OPT_HEAD else opt_record(query.do)
     return out
+
+
+def _reply_flags(query_flags: int, rcode: int) -> int:
+    """Header flags of a reply we write: RA, RD and CD are defined for QUERY only, so a reply to
+    any other opcode carries the opcode and the rcode alone."""
+    opcode = query_flags & OPCODE_MASK
+    if opcode:
+        return QR | opcode | (rcode & RCODE_MASK)
+    return QR | RA | (query_flags & (RD | CD)) | (rcode & RCODE_MASK)
 
 
 def response(query: Query, rcode: int, answers: bytes = b"", ancount: int = 0,
              authoritative: bool = False) -> bytes:
-    """A reply we write ourselves: errors, RFC 8482 ANY answers, CHAOS identity."""
-    flags = QR | RA | (query.flags & (RD | CD | OPCODE_MASK)) | rcode
+    """A reply we write ourselves: errors, BADVERS, RFC 8482 ANY answers, CHAOS identity.
+
+    `rcode` may be extended (BADVERS): its upper bits go in the OPT record, which an EDNS
+    query always gets, of version 0 whatever the client's (RFC 6891 6.1.3).
+    """
+    flags = _reply_flags(query.flags, rcode)
     if authoritative:
         flags |= AA
     out = HEADER.pack(query.id, flags, 1, ancount, 0, 1 if query.edns else 0)
     out += query.question + answers
     if query.edns:
-        out += opt_record(query.do)
+        out += opt_record(query.do, rcode >> 4)
     return out
 
 
 def header_error(data: bytes, rcode: int) -> bytes | None:
-    """FORMERR/NOTIMP for a message whose question we could not read; None if not even a header."""
+    """`rcode` (FORMERR) for a message whose question we could not read; None if not even a
+    header. An opcode other than QUERY gets NOTIMP instead: a message of a kind we do not
+    implement is not ours to call malformed (opcode 15 has no question at all). Either reply
+    carries an OPT if the client sent one we can find (RFC 6891 7)."""
     if len(data) < 12:
         return None
     qid, flags = struct.unpack_from(">HH", data)
     if flags & QR:
         return None  # never answer a response: that is how reflection loops start
-    return HEADER.pack(qid, QR | RA | (flags & (RD | OPCODE_MASK)) | rcode, 0, 0, 0, 0)
+    if flags & OPCODE_MASK:
+        rcode = NOTIMP
+    do = _client_opt_do(data)
+    out = HEADER.pack(qid, _reply_flags(flags, rcode), 0, 0, 0, 0 if do is None else 1)
+    return out if do is None else out + opt_record(do)
+
+
+def _client_opt_do(data: bytes) -> bool | None:
+    """The DO bit of the OPT record in a message we could not otherwise read, None if it has no
+    OPT we can find: the rare error path only, never a query we answer normally."""
+    try:
+        qdcount, ancount, nscount, arcount = struct.unpack_from(">HHHH", data, 4)
+        off = 12
+        for _ in range(qdcount):
+            off = skip_name(data, off) + 4
+        for _ in range(ancount + nscount + arcount):
+            start = off
+            off = skip_name(data, off)
+            rtype, _, ttl, rdlen = RR_FIXED.unpack_from(data, off)
+            off += 10 + rdlen
+            if rtype == TYPE_OPT and data[start] == 0 and off <= len(data):
+                return bool(ttl & DO_BIT)
+    except (WireError, struct.error):
+        pass
+    return None
 
 
 def character_strings(*texts: str) -> bytes:

@@ -4,6 +4,7 @@
   container's health check uses them, so checking health never sends a packet off the host.
 - ANY (RFC 8482): a single synthesized HINFO, so the appliance is no amplifier.
 - Anything but a standard QUERY: NOTIMP.
+- EDNS above version 0: BADVERS (RFC 6891 6.1.3), before anything is asked or looked up.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class LocalAnswers(PassThrough):
         q = request.query
         if q.flags & wire.OPCODE_MASK:
             return self._reply(q, wire.NOTIMP)
+        if q.edns_version:
+            return self._reply(q, wire.BADVERS)
         if q.qclass == wire.CLASS_CH:
             name = q.key[:-4]
             if name in IDENTITY_NAMES and q.qtype in (wire.TYPE_TXT, wire.TYPE_ANY):

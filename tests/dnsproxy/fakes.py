@@ -15,6 +15,7 @@ import socketserver
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSQuestion, DNSRecord
@@ -45,6 +46,9 @@ class Behaviour:
     cname: str | None = None  # answer with a CNAME to this name, then the address
     padding: int = 0  # extra TXT answers, to make a large reply
     soa_minimum: int = 60  # the SOA MINIMUM field of negative answers (RFC 2308)
+    # The exact reply bytes, made from the query's bytes (UDP and TCP): for replies no
+    # well-behaved server writes, and header flags dnslib would set its own way.
+    craft: Callable[[bytes], bytes] | None = None
 
 
 @dataclass
@@ -178,6 +182,9 @@ class FakeUpstream:
                 continue
             if b.silent or b.silent_udp:
                 continue
+            if b.craft is not None:
+                self._send_udp(b.craft(data), client)
+                continue
             for kind in b.forgeries:
                 sock = self.spoofer if kind == "other-port" else self.udp
                 sock.sendto(self.forged(query, kind), client)
@@ -205,7 +212,7 @@ class FakeUpstream:
                     continue
                 if b.tcp_delay:
                     time.sleep(b.tcp_delay)
-                reply = self.genuine(query, b)
+                reply = b.craft(data) if b.craft is not None else self.genuine(query, b)
                 conn.sendall(struct.pack(">H", len(reply)) + reply)
         except (OSError, ValueError):
             return

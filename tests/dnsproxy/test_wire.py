@@ -241,6 +241,32 @@ def test_parse_reply_rejects_a_query_and_repeated_opt():
         wire.parse_reply(bytes(data.pack()))
 
 
+def _opt_moved(data: bytes, section: str) -> bytes:
+    """`data` (our OPT last) with the OPT moved to just after the question: the first record
+    of the answer section ("an"), or of the authority section ("ns", for a reply with no
+    answers)."""
+    qid, flags, qd, an, ns, ar = struct.unpack_from(">HHHHHH", data)
+    reply = wire.parse_reply(data)
+    start, end = reply.opt
+    qend = 12 + len(reply.question)
+    body = data[12:qend] + data[start:end] + data[qend:start] + data[end:]
+    counts = (an + 1, ns) if section == "an" else (an, ns + 1)
+    return struct.pack(">HHHHHH", qid, flags, qd, *counts, ar - 1) + body
+
+
+@pytest.mark.parametrize("section", ["an", "ns"])
+@pytest.mark.parametrize("extra", [(), (("AAAA", "2001:db8::1", 50),)])
+def test_parse_reply_rejects_opt_outside_the_additional_section(section, extra):
+    """RFC 6891 6.1.1. Accepted, it passed the EDNS marker, and strip_opt cut it out of the
+    wrong section: struct.error with ARCOUNT 0, a record moved between sections otherwise."""
+    data = upstream_reply(query_bytes(), answers=() if section == "ns" else
+                          (("A", GENUINE, 300),), extra=extra)
+    moved = _opt_moved(data, section)
+    assert DNSRecord.parse(moved).header.ar == len(extra)
+    with pytest.raises(wire.WireError):
+        wire.parse_reply(moved)
+
+
 # --- strip_opt, client_reply ---
 
 
@@ -356,6 +382,27 @@ def test_client_reply_takes_rd_from_the_client_and_keeps_the_rest():
     assert out.header.rcode == RCODE.NXDOMAIN
 
 
+def test_strip_opt_caps_every_ttl_at_max_ttl():
+    data = upstream_reply(query_bytes(), answers=(("A", GENUINE, 604800), ("A", "192.0.2.11", 5)),
+                          auth=(("SOA", 86400, 604800),))
+    cached = wire.strip_opt(data, wire.parse_reply(data), max_ttl=60)
+    assert [ttl for _, ttl in cached.ttls] == [60, 5, 60]
+    assert cached.ttl == 5
+    assert wire.strip_opt(data, wire.parse_reply(data)).ttls[0][1] == 604800  # no cap given
+
+
+def test_client_reply_flags_are_a_recursive_servers():
+    """AA clear, RA set, RD and CD the client's, Z zero: whatever the upstream set."""
+    data = bytearray(upstream_reply(query_bytes()))
+    struct.pack_into(">H", data, 2, wire.QR | wire.AA | 0x0040 | wire.CD)  # RA, RD clear
+    client = bytearray(query_bytes())
+    out = forward(bytes(data), bytes(client))
+    assert struct.unpack_from(">H", out, 2)[0] == wire.QR | wire.RA | wire.RD
+    struct.pack_into(">H", client, 2, wire.CD)
+    out = forward(bytes(data), bytes(client))
+    assert struct.unpack_from(">H", out, 2)[0] == wire.QR | wire.RA | wire.CD
+
+
 def test_client_reply_passes_the_extended_rcode_on():
     data = upstream_reply(query_bytes(), ext_rcode=1)  # BADVERS-style upper bits
     (opt,) = opts(forward(data, query_bytes()))
@@ -390,6 +437,17 @@ def test_truncate_for_cuts_to_header_question_and_opt(edns, bufsize):
         assert opts(cut) == []
 
 
+def test_truncate_for_keeps_the_extended_rcode():
+    client = query_bytes("big.example", "TXT", bufsize=512)
+    answers = tuple(("TXT", "x" * 200, 60) for _ in range(4))
+    data = forward(upstream_reply(query_bytes("big.example", "TXT"), answers=answers,
+                                  ext_rcode=1), client)
+    cut = wire.truncate_for(data, wire.parse_query(client))
+    assert DNSRecord.parse(cut).header.tc == 1
+    (opt,) = opts(cut)
+    assert opt.ttl >> 24 == 1
+
+
 # --- cache_ttl ---
 
 
@@ -404,6 +462,11 @@ def test_truncate_for_cuts_to_header_question_and_opt(edns, bufsize):
     ({"rcode": RCODE.REFUSED}, 0),
     ({"tc": True}, 0),
     ({"answers": (("A", GENUINE, 0),)}, 0),
+    # RFC 2308 5: a CNAME in front of a negative answer bounds it with its own TTL ...
+    ({"answers": (("CNAME", "gone.example.", 30),), "auth": (("SOA", 600, 300),),
+      "rcode": RCODE.NXDOMAIN}, 30),
+    # ... and NODATA behind a CNAME is bounded by the SOA's MINIMUM, not only its TTL.
+    ({"answers": (("CNAME", "alias.example.", 3000),), "auth": (("SOA", 60, 3000),)}, 60),
 ])
 def test_cache_ttl(kwargs, expected):
     data = upstream_reply(query_bytes(), **kwargs)
@@ -436,8 +499,30 @@ def test_response_and_header_error():
     assert len(opts(wire.response(q, wire.SERVFAIL))) == 1
     err = wire.header_error(query_bytes(qid=6)[:14], wire.FORMERR)
     assert DNSRecord.parse(err).header.rcode == RCODE.FORMERR
+    assert DNSRecord.parse(err).header.ra == 1
     assert wire.header_error(b"\x00" * 5, wire.FORMERR) is None
     assert wire.header_error(_with_header(query_bytes(), flags=wire.QR), wire.FORMERR) is None
+
+
+def test_response_carries_an_extended_rcode_in_a_version_0_opt():
+    raw = bytearray(query_bytes(qid=8, do=True))
+    struct.pack_into(">B", raw, len(raw) - 5, 1)  # the OPT's version byte
+    q = wire.parse_query(bytes(raw))
+    assert q.edns_version == 1
+    out = wire.response(q, wire.BADVERS)
+    (opt,) = opts(out)
+    assert (DNSRecord.parse(out).header.rcode, opt.ttl) == (0, 1 << 24 | wire.DO_BIT)
+
+
+@pytest.mark.parametrize("with_opt", [False, True])
+def test_header_error_answers_other_opcodes_notimp_without_ra(with_opt):
+    flags = 15 << 11 | wire.RD | wire.CD
+    data = struct.pack(">HHHHHH", 9, flags, 0, 0, 0, 1 if with_opt else 0)
+    if with_opt:
+        data += wire.opt_record(True)
+    out = wire.header_error(data, wire.FORMERR)
+    assert struct.unpack_from(">HH", out) == (9, wire.QR | 15 << 11 | wire.NOTIMP)
+    assert [opt.ttl for opt in opts(out)] == ([wire.DO_BIT] if with_opt else [])
 
 
 # --- issue 5: the fast path gives the slow path's bytes ---
@@ -538,3 +623,50 @@ def test_end_to_end_hit_and_miss_agree_without_edns(upstream, make_proxy):
     assert opts(miss) == []
     assert upstream.seen[0].has_opt  # the upstream still got our OPT
     assert ask(proxy.port, "plain.example").header.rcode == RCODE.NOERROR
+
+
+# --- issue 10, item 1: where an OPT record may sit ---
+
+
+def _raw_rr(rtype: str, value: str, ttl: int) -> bytes:
+    """A record owned by the question's name (a pointer to offset 12, which stays put whatever
+    is inserted after the question), rdata uncompressed."""
+    rdata = {"A": lambda v: bytes(map(int, v.split("."))),
+             "AAAA": lambda v: bytes.fromhex(v),
+             "TXT": lambda v: bytes([len(v)]) + v.encode()}[rtype](value)
+    return b"\xc0\x0c" + struct.pack(">HHIH", getattr(QTYPE, rtype), 1, ttl, len(rdata)) + rdata
+
+
+raw_rrs = st.one_of(
+    st.tuples(st.just("A"), st.ip_addresses(v=4).map(str), ttls),
+    st.tuples(st.just("AAAA"), st.ip_addresses(v=6).map(lambda a: a.packed.hex()), ttls),
+    st.tuples(st.just("TXT"), st.text(alphabet="abc xyz", max_size=40), ttls),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sections=st.lists(st.lists(raw_rrs, max_size=3), min_size=3, max_size=3),
+       opt_section=st.integers(0, 2), opt_index=st.integers(0, 3), second_opt=st.booleans())
+def test_opt_is_accepted_once_and_in_the_additional_section_only(sections, opt_section,
+                                                                 opt_index, second_opt):
+    """Wherever the OPT sits, parse_reply accepts the reply only if it is the one OPT and in
+    the additional section; then strip_opt keeps every other record in its own section."""
+    question = wire.parse_query(query_bytes("opt.example", edns=False)).question
+    built = [[_raw_rr(*item) for item in section] for section in sections]
+    opt_rr = wire.opt_record(False)
+    built[opt_section].insert(min(opt_index, len(built[opt_section])), opt_rr)
+    if second_opt:
+        built[2].append(opt_rr)
+    counts = [len(section) for section in built]
+    data = (struct.pack(">HHHHHH", 1, wire.QR | wire.RD | wire.RA, 1, *counts) + question
+            + b"".join(b"".join(section) for section in built))
+    if opt_section != 2 or second_opt:
+        with pytest.raises(wire.WireError):
+            wire.parse_reply(data)
+        return
+    reply = wire.parse_reply(data)
+    cached = wire.strip_opt(data, reply)
+    body = wire.parse_reply(cached.body)
+    assert body.counts == (1, counts[0], counts[1], counts[2] - 1) and body.opt is None
+    assert records(cached.body) == records(data)
+    assert [off for off, _ in body.ttls] == list(cached.offsets)
