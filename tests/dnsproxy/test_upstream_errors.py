@@ -12,16 +12,17 @@ from .test_forgery import forgeries, teach_edns
 # --- a polluted name whose TCP path fails ---
 
 
-@pytest.mark.parametrize("how", ["refused", "reset"])
+@pytest.mark.parametrize("how", ["refused", "reset", "silent"])
 def test_polluted_name_falls_back_to_udp_when_tcp_fails(upstream, make_proxy, how):
     """The injector forges over UDP, so the name is asked over TCP next time; TCP is blocked
-    (refused) or reset: UDP with every defence still brings the genuine answer."""
+    (refused), reset, or answers too late: UDP with every defence still brings the genuine
+    answer."""
     proxy = make_proxy("--upstream", upstream.address, "--cache-size", "0")
     teach_edns(proxy, upstream)
     if how == "refused":
         upstream.close_tcp()
     upstream.rule("blocked.example", forgeries=("forged-address",), delay=0.1,
-                  tcp_reset=how == "reset")
+                  tcp_reset=how == "reset", tcp_delay=5 if how == "silent" else 0)
     assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]  # now polluted
     assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
     assert upstream.count("blocked.example", "udp") == 2
