@@ -8,10 +8,10 @@ import logging
 import resource
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import ConfigError, Settings, build_settings, parse_listen
-from .forgery import build_filters, load_forged_addresses
+from .forgery import EdnsState, build_filters, load_forged_addresses
 from .forwarder import Forwarder
 from .metrics import Metrics, serve_metrics
 from .pipeline import Pipeline
@@ -36,6 +36,15 @@ class ListenError(Exception):
 
 
 @dataclass
+class Learned:
+    """What real traffic taught about the upstreams: a reload keeps it, or a SIGHUP would
+    reopen the window in which an OPT-less forgery is held and may be released."""
+
+    edns: dict[str, EdnsState] = field(default_factory=dict)  # by upstream name
+    polluted: PollutedNames = field(default_factory=PollutedNames)
+
+
+@dataclass
 class Forwarding:
     """The parts that a reload replaces; the cache lives outside so a reload keeps it."""
 
@@ -45,7 +54,7 @@ class Forwarding:
 
 
 def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
-                     cache: Cache) -> Forwarding:
+                     cache: Cache, learned: Learned) -> Forwarding:
     try:
         forged = load_forged_addresses(settings.forged_address, settings.forged_addresses_file,
                                        builtin=settings.forged_addresses)
@@ -54,19 +63,20 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
     # --no-forged-addresses drops the shipped list; addresses the user adds still count.
     filters = build_filters(settings.edns_marker, forged, settings.hijack_threshold)
     telemetry = Telemetry(metrics, querylog)
-    polluted = PollutedNames()
     ssl_context = None  # loading the system's CAs costs megabytes: only when encrypting
     if any(spec.scheme in ("tls", "https") for spec in settings.upstreams):
         try:
             ssl_context = client_ssl_context(settings.ca_file)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"ca_file {settings.ca_file}: {exc}") from None
-    upstreams = [build_upstream(spec, telemetry, filters=filters, polluted=polluted,
+    upstreams = [build_upstream(spec, telemetry, filters=filters, polluted=learned.polluted,
                                 ssl_context=ssl_context,
-                                tcp_for_polluted=settings.tcp_for_polluted)
+                                tcp_for_polluted=settings.tcp_for_polluted,
+                                edns=learned.edns.get(spec.name))
                  for spec in settings.upstreams]
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
                           max_ttl=settings.max_ttl)
+    learned.edns = {upstream.name: upstream.edns for upstream in upstreams}  # the gone go
     cache.size = settings.cache_size
     cache.max_ttl = settings.max_ttl
     access = AccessControl(settings.allow, metrics)
@@ -92,7 +102,9 @@ class Service:
         self.metrics = Metrics()
         self.querylog = QueryLog() if settings.query_log else NullLog()
         self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl)
-        self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache)
+        self.learned = Learned()
+        self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache,
+                                           self.learned)
         self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog,
                                    allowed=self.allowed,
                                    max_in_flight=settings.max_in_flight)
@@ -132,7 +144,8 @@ class Service:
         """Re-read the configuration; on any error keep running with the old one."""
         try:
             settings = build_settings({**self.cli_overrides, "config": self.settings.config})
-            forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache)
+            forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache,
+                                          self.learned)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return

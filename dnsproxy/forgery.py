@@ -32,34 +32,35 @@ class EdnsState:
 
     It starts unknown; one genuine reply with an OPT settles it to True. An OPT-less reply from
     an unknown upstream is held a moment while the question also goes over TCP, which an
-    injector cannot answer in-path: only genuine replies teach, and after several without an
-    OPT we conclude the upstream does not speak EDNS.
+    injector cannot answer in-path: only genuine replies teach, in either direction, and after
+    several in a row without an OPT we conclude the upstream does not speak EDNS. Timeouts and
+    discarded replies teach nothing: an injector that drops genuine replies must not be able to
+    switch the check off. One object per upstream, kept across reloads.
     """
 
     speaks_edns: bool | None = None
-    plain_replies: int = 0
-    unanswered_plain: int = 0  # queries that timed out with only OPT-less replies discarded
+    plain_replies: int = 0  # genuine OPT-less replies in a row
+    # Until then (time.monotonic()) ask without OPT: the upstream answered a query with one
+    # FORMERR or NOTIMP, over a path the defences trust (RFC 6891 section 7).
+    no_opt_until: float = 0.0
     PLAIN_REPLIES_TO_DECIDE: int = field(default=3, repr=False)
-    UNANSWERED_TO_RELEARN: int = field(default=5, repr=False)
+    NO_OPT_SECONDS: float = field(default=900.0, repr=False)  # then try OPT again
 
     def saw_genuine(self, has_opt: bool) -> None:
         if has_opt:
             self.speaks_edns = True
             self.plain_replies = 0
-        elif self.speaks_edns is None:
-            self.plain_replies += 1
-            if self.plain_replies >= self.PLAIN_REPLIES_TO_DECIDE:
-                self.speaks_edns = False
-        self.unanswered_plain = 0
+            return
+        self.plain_replies += 1
+        if self.plain_replies >= self.PLAIN_REPLIES_TO_DECIDE:
+            self.speaks_edns = False  # also a resolver replaced by one that drops OPT
 
-    def timed_out_with_plain_only(self) -> None:
-        """The upstream may have stopped sending OPT (a changed resolver): after a few timeouts
-        in a row we forget what we learned rather than refuse it forever."""
-        self.unanswered_plain += 1
-        if self.unanswered_plain >= self.UNANSWERED_TO_RELEARN:
-            self.speaks_edns = None
-            self.plain_replies = 0
-            self.unanswered_plain = 0
+    def asks_with_opt(self, now: float) -> bool:
+        return now >= self.no_opt_until
+
+    def refused_opt(self, now: float) -> None:
+        """A trusted FORMERR/NOTIMP to a query with OPT: ask without it for a while."""
+        self.no_opt_until = now + self.NO_OPT_SECONDS
 
 
 class Filter(Protocol):
@@ -110,6 +111,11 @@ class ForgeryFilters:
 
     def has(self, kind: type) -> bool:
         return any(isinstance(f, kind) for f in self.filters)
+
+    def without(self, kind: type) -> ForgeryFilters:
+        """The same filters but one kind: the EDNS marker means nothing for a query sent
+        without OPT."""
+        return ForgeryFilters([f for f in self.filters if not isinstance(f, kind)])
 
     def verdict(self, upstream: UpstreamView, reply: wire.Reply, elapsed: float) -> str | None:
         for f in self.filters:

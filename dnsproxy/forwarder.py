@@ -6,6 +6,13 @@ healthy first upstream carries all the traffic, and a dead or slow one costs a c
 hedge delay. An upstream that fails several times in a row is put to the back of the line for a
 while (growing up to a minute) and gets its place back with its first genuine reply. With no
 genuine reply by the deadline the client gets SERVFAIL, never NXDOMAIN.
+
+An upstream's SERVFAIL, REFUSED, FORMERR or NOTIMP is its own trouble, which the next may not
+share: it counts as "ask the next", and reaches the client only when every upstream says so
+(it proves the upstream reachable, so it costs no health). An upstream that answers a query
+with OPT by FORMERR or NOTIMP without one is asked again without OPT (RFC 6891 section 7), and
+remembered for a while; only a reply the forgery defences verified teaches that, so an injector
+cannot talk the forwarder out of the EDNS marker.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from dataclasses import dataclass
 from . import wire
 from .metrics import Metrics
 from .pipeline import Request, Response
-from .upstreams import Upstream, UpstreamError
+from .upstreams import Answer, Upstream, UpstreamError
 
 FAILS_BEFORE_DOWN = 3
 MAX_DOWN_SECONDS = 60.0
+REJECTIONS = frozenset({wire.SERVFAIL, wire.REFUSED, wire.FORMERR, wire.NOTIMP})
+OPT_REFUSALS = (wire.FORMERR, wire.NOTIMP)  # what a server that does not know OPT answers
 
 
 @dataclass(slots=True)
@@ -38,6 +47,15 @@ class Health:
     def succeeded(self) -> None:
         self.failures = 0
         self.down_until = 0.0
+
+
+class Rejected(UpstreamError):
+    """The upstream answered, with an error another upstream may not share."""
+
+    def __init__(self, answer: Answer, upstream: Upstream) -> None:
+        super().__init__(f"rcode-{answer.reply.rcode}")
+        self.answer = answer
+        self.upstream = upstream
 
 
 class Forwarder:
@@ -65,19 +83,32 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout - (time.monotonic() - request.started)
         try:
-            data, reply, upstream = await self._race(query, deadline)
-            cached = wire.strip_opt(data, reply, self.max_ttl)
+            answer, upstream = await self._race(query, deadline)
+            cached = wire.strip_opt(answer.data, answer.reply, self.max_ttl)
         except (UpstreamError, wire.WireError):  # the latter: a reply even dnslib cannot rebuild
             self.metrics.inc("dnsproxy_responses_total", reason="servfail")
             return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)
         self.metrics.inc("dnsproxy_responses_total", reason="forwarded")
-        return Response(wire.client_reply(cached, query), "forwarded", reply.rcode,
-                        upstream.name, cacheable=cached)
+        # Only what the defences accepted may be cached: an unverified reply serves this client.
+        return Response(wire.client_reply(cached, query), "forwarded", answer.reply.rcode,
+                        upstream.name, cacheable=cached if answer.verified else None)
 
-    async def _ask(self, upstream: Upstream, query: wire.Query, deadline: float):
+    async def _exchange(self, upstream: Upstream, query: wire.Query, deadline: float) -> Answer:
+        """One question to one upstream; again without OPT if the upstream chokes on OPT."""
+        edns = upstream.edns.asks_with_opt(time.monotonic())
+        answer = await upstream.exchange(query, deadline, edns)
+        reply = answer.reply
+        if edns and answer.verified and reply.opt is None and reply.rcode in OPT_REFUSALS:
+            answer = await upstream.exchange(query, deadline, edns=False)
+            if answer.reply.rcode not in OPT_REFUSALS:  # else OPT was not what it minded
+                upstream.edns.refused_opt(time.monotonic())
+        return answer
+
+    async def _ask(self, upstream: Upstream, query: wire.Query,
+                   deadline: float) -> tuple[Answer, Upstream]:
         health = self.health[id(upstream)]
         try:
-            data, reply = await upstream.exchange(query, deadline)
+            answer = await self._exchange(upstream, query, deadline)
         except UpstreamError:
             health.failed(time.monotonic())
             raise
@@ -87,15 +118,21 @@ class Forwarder:
             health.failed(time.monotonic())
             raise UpstreamError(type(exc).__name__) from exc
         health.succeeded()
-        return data, reply, upstream
+        if answer.reply.rcode in REJECTIONS:
+            raise Rejected(answer, upstream)
+        return answer, upstream
 
-    async def _race(self, query: wire.Query, deadline: float):
+    async def _race(self, query: wire.Query, deadline: float) -> tuple[Answer, Upstream]:
         order = self.ranked(time.monotonic())
         if len(order) == 1:
-            return await self._ask(order[0], query, deadline)
+            try:
+                return await self._ask(order[0], query, deadline)
+            except Rejected as rejected:
+                return rejected.answer, rejected.upstream
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task] = set()
         launched: dict[asyncio.Task, Upstream] = {}
+        rejections: list[Rejected] = []
         next_index = 0
 
         def launch() -> None:
@@ -122,11 +159,15 @@ class Forwarder:
                 if winners:
                     self._blame_the_silent(winners[0], pending, launched)
                     return winners[0].result()
+                rejections += [task.exception() for task in done
+                               if isinstance(task.exception(), Rejected)]
                 if next_index < len(order):
                     launch()
         finally:
             for task in pending:
                 task.cancel()
+        if len(rejections) == len(order):  # every upstream said so: pass the first one on
+            return rejections[0].answer, rejections[0].upstream
         raise UpstreamError("all upstreams failed")
 
     def _blame_the_silent(self, winner: asyncio.Task, pending: set[asyncio.Task],

@@ -57,17 +57,17 @@ class Responder:
         self.max_in_flight = max_in_flight
         self.tasks: set[asyncio.Task] = set()
 
-    def spawn(self, coro) -> bool:
+    def spawn(self, coro) -> asyncio.Task | None:
         """Run `coro` unless too much is in flight already (each holds a socket and memory):
         a flood then costs answers, never the process."""
         if len(self.tasks) >= self.max_in_flight:
             coro.close()
             self.metrics.inc("dnsproxy_overload_total")
-            return False
+            return None
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return True
+        return task
 
     def answer_now(self, request: Request) -> Response | None:
         """The stages' answer, if any; a bug in one costs this query a SERVFAIL, no more."""
@@ -142,16 +142,24 @@ class TcpServer:
 
     def _admit(self, writer: asyncio.StreamWriter, client: str) -> bool:
         mine = sum(1 for state in self.connections.values() if state[0] == client)
-        if mine >= self.max_per_client:
+        # At the client's own cap its own idle connections make room (a leak of its own must
+        # not lock it out of TCP); at the global cap anyone's do.
+        if mine >= self.max_per_client and not self._close_longest_idle(client):
             return False
-        if len(self.connections) >= self.max_connections:
-            idle = [(state[1], w) for w, state in self.connections.items() if state[2] == 0]
-            if not idle:
-                return False
-            idle.sort(key=lambda item: item[0])
-            idle[0][1].close()  # make room: the longest-idle connection goes
-            self.connections.pop(idle[0][1], None)
+        if len(self.connections) >= self.max_connections and not self._close_longest_idle():
+            return False
         self.connections[writer] = [client, time.monotonic(), 0]
+        return True
+
+    def _close_longest_idle(self, client: str | None = None) -> bool:
+        """Close the connection idle longest (of `client`, if given); False if none is idle."""
+        idle = [(state[1], w) for w, state in self.connections.items()
+                if state[2] == 0 and (client is None or state[0] == client)]
+        if not idle:
+            return False
+        _, writer = min(idle, key=lambda item: item[0])
+        writer.close()
+        self.connections.pop(writer, None)
         return True
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -163,13 +171,26 @@ class TcpServer:
             writer.close()
             return
         state = self.connections[writer]
+        in_flight: set[asyncio.Task] = set()
+        draining = False  # the client is done sending; the last answer in flight closes
+
+        def settled(task: asyncio.Task) -> None:
+            in_flight.discard(task)
+            if draining and not in_flight:
+                self._close(writer)
+
         try:
             while True:
                 try:
                     head = await asyncio.wait_for(reader.readexactly(2), self.idle_timeout)
                     (length,) = struct.unpack(">H", head)
                     data = await asyncio.wait_for(reader.readexactly(length), self.idle_timeout)
-                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                except asyncio.IncompleteReadError:
+                    # The client is done sending (a half-close is the normal end of a
+                    # pipelined batch): it still gets what is in flight, then we close.
+                    draining = bool(in_flight)
+                    break
+                except (TimeoutError, ConnectionError):
                     break
                 state[1] = time.monotonic()
                 metrics.inc("dnsproxy_queries_total", transport="tcp")
@@ -186,15 +207,23 @@ class TcpServer:
                 if response is None:
                     # Pipelined: answer in any order, keep reading meanwhile (RFC 7766 6.2.1.1).
                     state[2] += 1
-                    if not self.responder.spawn(self._resolve(writer, request, state)):
+                    task = self.responder.spawn(self._resolve(writer, request, state))
+                    if task is not None:
+                        in_flight.add(task)
+                        task.add_done_callback(settled)
+                    else:
                         state[2] -= 1
                         self._finish(writer, request, Response(
                             wire.response(query, wire.SERVFAIL), "overload", wire.SERVFAIL))
                 else:
                     self._finish(writer, request, response)
         finally:
-            self.connections.pop(writer, None)
-            writer.close()
+            if not draining:
+                self._close(writer)
+
+    def _close(self, writer: asyncio.StreamWriter) -> None:
+        self.connections.pop(writer, None)
+        writer.close()
 
     async def _resolve(self, writer, request: Request, state: list) -> None:
         try:

@@ -252,13 +252,16 @@ OPT_SIZE = len(OUR_OPT[False])
 OPT_HEAD = OUR_OPT[False][:3]  # root owner, type OPT
 
 
-def upstream_query(query: Query, qid: int) -> bytes:
-    """The query we send upstream: the client's question under our own ID, always with an OPT.
+def upstream_query(query: Query, qid: int, edns: bool = True) -> bytes:
+    """The query we send upstream: the client's question under our own ID, with an OPT.
 
     The OPT record is the EDNS marker: genuine EDNS-speaking resolvers echo one, injectors that
-    answer from a template do not.
+    answer from a template do not. `edns=False` only for an upstream that answered an OPT with
+    FORMERR or NOTIMP (RFC 6891 section 7).
     """
     flags = query.flags & (RD | CD | AD | OPCODE_MASK)
+    if not edns:
+        return HEADER.pack(qid, flags, 1, 0, 0, 0) + query.question
     return HEADER.pack(qid, flags, 1, 0, 0, 1) + query.question + opt_record(query.do)
 
 

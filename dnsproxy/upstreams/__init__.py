@@ -12,12 +12,13 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .base import PollutedNames, Telemetry, Upstream, UpstreamError, hostport
+from ..forgery import EdnsState
+from .base import Answer, PollutedNames, Telemetry, Upstream, UpstreamError, hostport
 from .https import HttpsUpstream
 from .stream import StreamUpstream
 from .udp import UdpUpstream
 
-__all__ = ["PollutedNames", "Telemetry", "Upstream", "UpstreamError", "UpstreamSpec",
+__all__ = ["Answer", "PollutedNames", "Telemetry", "Upstream", "UpstreamError", "UpstreamSpec",
            "parse_spec", "HttpsUpstream", "StreamUpstream", "UdpUpstream"]
 
 DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
@@ -94,18 +95,26 @@ def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
 
 
 def build_upstream(spec: UpstreamSpec, telemetry: Telemetry, *, filters, polluted: PollutedNames,
-                   ssl_context: ssl.SSLContext | None, tcp_for_polluted: bool = True) -> Upstream:
+                   ssl_context: ssl.SSLContext | None, tcp_for_polluted: bool = True,
+                   edns: EdnsState | None = None) -> Upstream:
+    """The upstream for `spec`; `edns` is what an earlier one of the same name learned (a reload
+    must not forget which upstreams echo OPT: that would reopen the window the hold guards)."""
+    upstream: Upstream
     if spec.scheme == "udp":
-        return UdpUpstream(spec.host, spec.port, telemetry, filters, polluted,
-                           hijack_threshold=spec.hijack_threshold,
-                           tcp_for_polluted=tcp_for_polluted, name=spec.name)
-    if spec.scheme == "tcp":
-        return StreamUpstream(spec.host, spec.port, telemetry, name=spec.name,
-                              hijack_threshold=spec.hijack_threshold)
-    if spec.scheme == "tls":
-        return StreamUpstream(spec.host, spec.port, telemetry, ssl_context=ssl_context,
-                              server_name=spec.server_name, name=spec.name)
-    return HttpsUpstream(spec.url or "", telemetry, ssl_context)
+        upstream = UdpUpstream(spec.host, spec.port, telemetry, filters, polluted,
+                               hijack_threshold=spec.hijack_threshold,
+                               tcp_for_polluted=tcp_for_polluted, name=spec.name)
+    elif spec.scheme == "tcp":
+        upstream = StreamUpstream(spec.host, spec.port, telemetry, name=spec.name,
+                                  hijack_threshold=spec.hijack_threshold)
+    elif spec.scheme == "tls":
+        upstream = StreamUpstream(spec.host, spec.port, telemetry, ssl_context=ssl_context,
+                                  server_name=spec.server_name, name=spec.name)
+    else:
+        upstream = HttpsUpstream(spec.url or "", telemetry, ssl_context)
+    if edns is not None:
+        upstream.edns = edns
+    return upstream
 
 
 def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:

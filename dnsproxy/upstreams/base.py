@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .. import wire
 from ..forgery import EdnsState
@@ -19,14 +19,28 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
+class Answer(NamedTuple):
+    """An upstream's reply to one query.
+
+    `verified` is False for a reply the forgery defences could not vouch for (an OPT-less UDP
+    reply released after the hold, before anything was learned): good enough for the client who
+    waits, never to be cached or learned from.
+    """
+
+    data: bytes
+    reply: wire.Reply
+    verified: bool = True
+
+
 class Upstream(Protocol):
     name: str
     transport: str
     hijack_threshold: float
     edns: EdnsState
 
-    async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
-        """The genuine reply to `query`, or UpstreamError; `deadline` is in loop.time()."""
+    async def exchange(self, query: wire.Query, deadline: float, edns: bool = True) -> Answer:
+        """The genuine reply to `query`, or UpstreamError; `deadline` is in loop.time().
+        `edns=False` asks without an OPT record."""
         ...
 
     async def close(self) -> None: ...

@@ -13,7 +13,7 @@ import time
 
 from .. import wire
 from ..forgery import EdnsState
-from .base import Telemetry, UpstreamError, matches
+from .base import Answer, Telemetry, UpstreamError, matches
 
 MEDIA_TYPE = "application/dns-message"
 
@@ -36,12 +36,12 @@ class HttpsUpstream:
                                         headers={"accept": MEDIA_TYPE,
                                                  "content-type": MEDIA_TYPE})
 
-    async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+    async def exchange(self, query: wire.Query, deadline: float, edns: bool = True) -> Answer:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.telemetry.sent(self.name, self.transport)
         # ID 0, as RFC 8484 recommends, so HTTP caches can share the response.
-        body = wire.upstream_query(query, 0)
+        body = wire.upstream_query(query, 0, edns)
         try:
             response = await asyncio.wait_for(self.client.post(self.url, content=body),
                                                max(deadline - loop.time(), 0))
@@ -61,7 +61,7 @@ class HttpsUpstream:
         if reply.id != 0 or not matches(reply, query):
             raise self._error("mismatch")
         self.telemetry.latency(self.name, time.monotonic() - started)
-        return data, reply
+        return Answer(data, reply)
 
     def _error(self, reason: str) -> UpstreamError:
         self.telemetry.error(self.name, reason)

@@ -1,26 +1,43 @@
 """DNS over TCP and over TLS (RFC 7766, RFC 7858): one kept-open, pipelined connection.
 
 Queries on a connection are told apart by ID, so many can be in flight at once; a connection the
-server closed while idle is replaced and the query sent again once.
+server closed while idle is replaced and the query sent again once. Opening one is bounded on
+its own (the connect, then the TLS handshake): an attempt lost in a black hole fails within
+seconds and the next query tries afresh, instead of every query waiting on the kernel's SYN
+retries or a handshake that never ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import ssl
 import struct
 import time
 
 from .. import wire
 from ..forgery import EdnsState
-from .base import Telemetry, UpstreamError, hostport, matches, os_reason
+from .base import Answer, Telemetry, UpstreamError, hostport, matches, os_reason
 
 MAX_PENDING = 4096  # queries in flight on one connection
+# Seconds an attempt to open a connection may take, each step: far beyond a sane round trip,
+# short enough that a black-holed attempt gives way to a new one soon after the path recovers.
+CONNECT_TIMEOUT = 1.0
+HANDSHAKE_TIMEOUT = 1.0
 
 
 class ConnectionLost(Exception):
     pass
+
+
+def _reason(exc: Exception) -> UpstreamError:
+    """A failed attempt to connect, as an UpstreamError with a short label."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(f"tls: {exc.reason or exc}")
+    return UpstreamError(os_reason(exc))
 
 
 class _Connection:
@@ -34,7 +51,8 @@ class _Connection:
         self.last_read = time.monotonic()
         self.reading = asyncio.get_running_loop().create_task(self._read_loop())
 
-    async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+    async def exchange(self, query: wire.Query, deadline: float,
+                       edns: bool = True) -> tuple[bytes, wire.Reply]:
         if len(self.pending) >= MAX_PENDING:
             raise UpstreamError("too-many-pending")
         loop = asyncio.get_running_loop()
@@ -43,7 +61,7 @@ class _Connection:
             qid = secrets.randbits(16)
         future = loop.create_future()
         self.pending[qid] = (future, query)
-        packet = wire.upstream_query(query, qid)
+        packet = wire.upstream_query(query, qid, edns)
         sent = time.monotonic()
         try:
             self.writer.write(struct.pack(">H", len(packet)) + packet)
@@ -112,45 +130,70 @@ class StreamUpstream:
         self._connecting: asyncio.Task | None = None
 
     async def _connection(self, deadline: float) -> _Connection:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            return conn
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.get_running_loop().create_task(self._open())
         loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._connecting),
-                                          max(deadline - loop.time(), 0))
-        except TimeoutError:
-            raise UpstreamError("connect-timeout") from None
-        except ssl.SSLError as exc:
-            raise UpstreamError(f"tls: {exc.reason or exc}") from None
-        except OSError as exc:
-            raise UpstreamError(os_reason(exc)) from None
+        while True:
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                return conn
+            ours = self._connecting is None or self._connecting.done()
+            if ours:
+                self._connecting = loop.create_task(self._open())
+                # Read its outcome even when every waiter gave up first: no "never retrieved".
+                self._connecting.add_done_callback(
+                    lambda task: task.cancelled() or task.exception())
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._connecting),
+                                              max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise UpstreamError("connect-timeout") from None
+            except (UpstreamError, OSError) as exc:
+                if ours:
+                    raise _reason(exc) from None
+                # An attempt begun for an earlier query failed: this one gets its own, as the
+                # path may have recovered meanwhile.
 
     async def _open(self) -> _Connection:
-        kwargs = {}
-        if self.ssl_context is not None:
-            kwargs = {"ssl": self.ssl_context, "server_hostname": self.server_name or self.host}
-        reader, writer = await asyncio.open_connection(self.host, self.port, **kwargs)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (self.host, self.port)),
+                                       CONNECT_TIMEOUT)
+            except TimeoutError:
+                raise UpstreamError("connect-timeout") from None
+            kwargs = {}
+            if self.ssl_context is not None:
+                kwargs = {"ssl": self.ssl_context,
+                          "server_hostname": self.server_name or self.host}
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(sock=sock, **kwargs), HANDSHAKE_TIMEOUT)
+            except TimeoutError:
+                raise UpstreamError("handshake-timeout") from None
+        except BaseException:
+            sock.close()
+            raise
         # Set here, not by the waiter: a waiter cancelled meanwhile must not orphan it.
         self._conn = _Connection(reader, writer, self)
         return self._conn
 
-    async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+    async def exchange(self, query: wire.Query, deadline: float, edns: bool = True) -> Answer:
         try:
-            return await self._exchange(query, deadline)
+            return Answer(*await self._exchange(query, deadline, edns))
         except UpstreamError as exc:
             self.telemetry.error(self.name, self.error_prefix + exc.reason)
             raise
 
-    async def _exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+    async def _exchange(self, query: wire.Query, deadline: float,
+                        edns: bool) -> tuple[bytes, wire.Reply]:
         started = time.monotonic()
         self.telemetry.sent(self.name, self.transport)
         for attempt in (1, 2):
             conn = await self._connection(deadline)
             try:
-                result = await conn.exchange(query, deadline)
+                result = await conn.exchange(query, deadline, edns)
             except ConnectionLost:
                 if attempt == 2:
                     raise UpstreamError("connection-lost") from None

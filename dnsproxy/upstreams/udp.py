@@ -4,7 +4,9 @@ Each query gets its own connected socket: the kernel picks a random source port 
 datagrams from any other address and port, and we pick a random ID. A reply that fails a check
 is discarded and we keep listening, because the injector's forgery arrives first and the
 genuine reply after it. Once a forgery is seen, the same question also goes out over TCP, which
-an injector cannot answer in-path without also forging the TCP stream.
+an injector cannot answer in-path without also forging the TCP stream; later queries for that
+name go over TCP first, and back to UDP with every defence when TCP fails (blocked or reset):
+an answer the defences accept beats a certain SERVFAIL.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 from .. import wire
 from ..forgery import EdnsMarker, EdnsState, ForgeryFilters
-from .base import PollutedNames, Telemetry, UpstreamError, hostport, matches, os_reason
+from .base import Answer, PollutedNames, Telemetry, UpstreamError, hostport, matches, os_reason
 from .stream import StreamUpstream
 
 
@@ -39,13 +41,20 @@ class UdpUpstream:
         self.edns = EdnsState()
         # Holding OPT-less replies only serves the EDNS-marker defence.
         self.hold_plain = filters.has(EdnsMarker)
+        self.filters_without_opt = filters.without(EdnsMarker)  # for queries sent without OPT
         # Same server over TCP: for truncated replies and for names an injector targets.
         self.tcp = StreamUpstream(host, port, telemetry, name=self.name, error_prefix="tcp-")
 
-    async def exchange(self, query: wire.Query, deadline: float) -> tuple[bytes, wire.Reply]:
+    async def exchange(self, query: wire.Query, deadline: float, edns: bool = True) -> Answer:
         if self.tcp_for_polluted and query.key in self.polluted:
-            return await self.tcp.exchange(query, deadline)
-        return await _Exchange(self, query).run(deadline)
+            loop = asyncio.get_running_loop()
+            # TCP gets half the time left: the other half is for UDP should TCP fail.
+            tcp_deadline = loop.time() + max(deadline - loop.time(), 0) / 2
+            try:
+                return await self.tcp.exchange(query, tcp_deadline, edns)
+            except UpstreamError:
+                pass  # counted by the stream upstream as "tcp-<reason>"
+        return await _Exchange(self, query, edns).run(deadline)
 
     async def close(self) -> None:
         await self.tcp.close()
@@ -54,9 +63,11 @@ class UdpUpstream:
 class _Exchange:
     """One query to one UDP upstream, from send to the genuine reply or the deadline."""
 
-    def __init__(self, upstream: UdpUpstream, query: wire.Query) -> None:
+    def __init__(self, upstream: UdpUpstream, query: wire.Query, edns: bool) -> None:
         self.up = upstream
         self.query = query
+        self.edns = edns  # sent with OPT: only then does the EDNS marker mean anything
+        self.filters = upstream.filters if edns else upstream.filters_without_opt
         self.loop = asyncio.get_running_loop()
         self.result: asyncio.Future = self.loop.create_future()
         self.sock: socket.socket | None = None
@@ -65,16 +76,15 @@ class _Exchange:
         self.held: tuple[bytes, wire.Reply] | None = None
         self.hold_timer: asyncio.TimerHandle | None = None
         self.tcp_task: asyncio.Task | None = None
-        self.forged_plain = False  # an OPT-less reply was discarded as forged
 
-    async def run(self, deadline: float) -> tuple[bytes, wire.Reply]:
+    async def run(self, deadline: float) -> Answer:
         up = self.up
         sock = self.sock = socket.socket(up.family, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
             try:
                 sock.connect(up.address)
-                sock.send(wire.upstream_query(self.query, self.qid))
+                sock.send(wire.upstream_query(self.query, self.qid, self.edns))
             except OSError as exc:
                 up.telemetry.error(up.name, os_reason(exc))
                 raise UpstreamError(os_reason(exc)) from None
@@ -85,9 +95,8 @@ class _Exchange:
                 result = await asyncio.wait_for(self.result, max(deadline - self.loop.time(), 0))
             except TimeoutError:
                 if self.held is not None:
-                    return self.held  # as in _release_held: used, not learned from
-                if self.forged_plain:
-                    up.edns.timed_out_with_plain_only()
+                    return Answer(*self.held, verified=False)  # as in _release_held
+                # Learn nothing from a timeout: an injector can drop genuine replies.
                 up.telemetry.error(up.name, "timeout")
                 raise UpstreamError("timeout") from None
             up.telemetry.latency(up.name, time.monotonic() - self.sent_at)
@@ -123,19 +132,19 @@ class _Exchange:
         if reply.id != self.qid or not matches(reply, query):
             up.telemetry.forgery(up.name, query, "mismatch")
             return
-        reason = up.filters.verdict(up, reply, time.monotonic() - self.sent_at)
+        reason = self.filters.verdict(up, reply, time.monotonic() - self.sent_at)
         if reason:
-            self._discard(reason, plain=reply.opt is None)
+            self._discard(reason)
             return
         if reply.truncated:
             self._ask_over_tcp()
             return
-        if reply.opt is None and up.edns.speaks_edns is None and up.hold_plain:
+        if reply.opt is None and up.edns.speaks_edns is None and up.hold_plain and self.edns:
             # Unknown yet whether this upstream echoes OPT: the first OPT-less reply may be
             # an injector's. Hold the latest one briefly and ask over TCP, whose reply
             # settles it; a genuine OPT reply over UDP overrides it too.
             if self.held is not None:
-                self._discard("superseded", plain=True)
+                self._discard("superseded")
             self.held = (data, reply)
             if self.hold_timer is None:
                 self.hold_timer = self.loop.call_later(up.edns_grace, self._release_held)
@@ -143,36 +152,39 @@ class _Exchange:
             return
         self.result.set_result(self._accept(data, reply))
 
-    def _accept(self, data: bytes, reply: wire.Reply) -> tuple[bytes, wire.Reply]:
+    def _accept(self, data: bytes, reply: wire.Reply) -> Answer:
         """The genuine reply (over UDP or the TCP retry): it also settles what was held."""
         if self.held is not None and reply is not self.held[1] and reply.opt is not None:
             # The upstream does echo OPT: the OPT-less reply we held was forged.
-            self._count_forgery("no-edns", plain=True)
-        self.up.edns.saw_genuine(reply.opt is not None)
-        return data, reply
+            self._count_forgery("no-edns")
+        if self.edns:  # a query without OPT gets a reply without one: that teaches nothing
+            self.up.edns.saw_genuine(reply.opt is not None)
+        return Answer(data, reply)
 
     def _release_held(self) -> None:
-        # Nothing better came: answer with it, but learn nothing from a reply that may be
-        # forged (three such would otherwise switch the EDNS defence off for good).
+        # Nothing better came: answer with it, but neither learn from nor cache a reply that
+        # may be forged (three such would otherwise switch the EDNS defence off for good).
         if self.held is not None and not self.result.done():
-            self.result.set_result(self.held)
+            self.result.set_result(Answer(*self.held, verified=False))
 
-    def _discard(self, reason: str, plain: bool) -> None:
-        self._count_forgery(reason, plain)
-        if self.up.tcp_for_polluted:
+    def _discard(self, reason: str) -> None:
+        self._count_forgery(reason)
+        # An OPT-less reply discarded always gets checked over TCP, the defence switch aside:
+        # only a genuine reply can tell that the upstream has stopped echoing OPT.
+        if self.up.tcp_for_polluted or reason == EdnsMarker.reason:
             self._ask_over_tcp()
 
-    def _count_forgery(self, reason: str, plain: bool) -> None:
+    def _count_forgery(self, reason: str) -> None:
         up = self.up
         up.telemetry.forgery(up.name, self.query, reason)
-        self.forged_plain = self.forged_plain or plain
         up.polluted.add(self.query.key)
 
     def _ask_over_tcp(self) -> None:
         if self.tcp_task is not None:
             return
         deadline = self.loop.time() + 3600  # bounded by the caller's wait, which cancels us
-        self.tcp_task = self.loop.create_task(self.up.tcp.exchange(self.query, deadline))
+        self.tcp_task = self.loop.create_task(
+            self.up.tcp.exchange(self.query, deadline, self.edns))
         self.tcp_task.add_done_callback(self._tcp_done)
 
     def _tcp_done(self, task: asyncio.Task) -> None:
@@ -182,6 +194,7 @@ class _Exchange:
         if self.result.done():
             return
         if not failed:
-            self.result.set_result(self._accept(*task.result()))
+            answer = task.result()
+            self.result.set_result(self._accept(answer.data, answer.reply))
         # Otherwise TCP failed too (the stream upstream counted it as "tcp-<reason>"): keep
         # listening on UDP until the deadline.

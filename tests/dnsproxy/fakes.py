@@ -49,6 +49,8 @@ class Behaviour:
     # The exact reply bytes, made from the query's bytes (UDP and TCP): for replies no
     # well-behaved server writes, and header flags dnslib would set its own way.
     craft: Callable[[bytes], bytes] | None = None
+    formerr_on_opt: bool = False  # an old server: FORMERR without OPT to a query with OPT
+    tcp_reset: bool = False  # reset the TCP connection instead of answering (a middlebox)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class FakeUpstream:
         self.threads = [threading.Thread(target=self._serve_udp, daemon=True),
                         threading.Thread(target=self.tcp.serve_forever, args=(0.05,), daemon=True)]
         self.running = True
+        self.tcp_open = True
         for thread in self.threads:
             thread.start()
 
@@ -109,10 +112,16 @@ class FakeUpstream:
 
     def close(self) -> None:
         self.running = False
-        self.tcp.shutdown()
-        self.tcp.server_close()
+        self.close_tcp()
         self.udp.close()
         self.spoofer.close()
+
+    def close_tcp(self) -> None:
+        """Stop listening on TCP: connections are refused from now on (TCP/53 blocked)."""
+        if self.tcp_open:
+            self.tcp_open = False
+            self.tcp.shutdown()
+            self.tcp.server_close()
 
     # --- building replies ---
 
@@ -133,6 +142,9 @@ class FakeUpstream:
         reply = query.reply()
         reply.header.rcode = b.rcode
         qname = query.q.qname
+        if b.formerr_on_opt and any(r.rtype == QTYPE.OPT for r in query.ar):
+            reply.header.rcode = RCODE.FORMERR
+            return reply.pack()
         if truncated:
             reply.header.tc = 1
         elif b.rcode == RCODE.NXDOMAIN or not b.answers:
@@ -158,6 +170,9 @@ class FakeUpstream:
     @staticmethod
     def forged(query: DNSRecord, kind: str) -> bytes:
         reply = query.reply()
+        if kind == "formerr":  # posing as a server that does not know EDNS
+            reply.header.rcode = RCODE.FORMERR
+            return reply.pack()
         address = FORGED_LISTED if kind == "forged-address" else FORGED_UNLISTED
         reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=3600, rdata=A(address)))
         if kind == "wrong-id":
@@ -210,6 +225,10 @@ class FakeUpstream:
                 query, b = self._record(data, client, transport)
                 if b.silent:
                     continue
+                if b.tcp_reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()  # linger 0: an RST, not a FIN
+                    return
                 if b.tcp_delay:
                     time.sleep(b.tcp_delay)
                 reply = b.craft(data) if b.craft is not None else self.genuine(query, b)

@@ -79,10 +79,15 @@ class DotServer(_Tls):
 
     def __init__(self, context: ssl.SSLContext, brain: FakeUpstream) -> None:
         super().__init__(context, brain)
+        self.stall = False  # accept, then never answer the handshake (a broken middlebox)
         tls = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
+                if tls.stall:
+                    while self.request.recv(4096):  # until the client gives up
+                        pass
+                    return
                 conn = tls.wrap(self.request)
                 if conn is not None:
                     tls.brain.serve_stream(conn, self.client_address, "tls")
@@ -217,6 +222,20 @@ def test_dot_that_cannot_be_verified_gives_servfail(dot, upstream, make_proxy, c
     errors = upstream_errors(proxy, f"tls://127.0.0.1:{dot.port}")
     assert sum(errors.values()) >= 1
     assert all(reason.startswith("tls") for reason in errors), errors
+
+
+def test_dot_handshake_that_never_ends_is_given_up_and_retried(dot, upstream, make_proxy,
+                                                               ca_file):
+    """The server accepts but never completes the handshake, then the path recovers: the
+    stuck attempt is given up on its own bound, and the next query connects afresh (it used
+    to wait on the stuck one for a minute)."""
+    dot.stall = True
+    proxy = make_proxy("--upstream", f"tls://127.0.0.1:{dot.port}#{SERVER_NAME}",
+                       "--ca-file", ca_file, "--timeout", "1")
+    assert ask(proxy.port, "stuck.example").header.rcode == RCODE.SERVFAIL
+    dot.stall = False
+    assert addresses(ask(proxy.port, "recovered.example")) == [GENUINE]
+    assert dot.handshakes == 1
 
 
 # --- DNS over HTTPS ---

@@ -153,6 +153,23 @@ def test_tcp_pipelined_queries_are_answered_on_one_connection(upstream, make_pro
     assert addresses(first) == addresses(second) == [GENUINE]
 
 
+def test_half_closed_tcp_client_gets_every_answer_in_flight(upstream, make_proxy):
+    """A client pipelines three queries and shuts its sending side: the answers still being
+    resolved arrive all the same, then the server closes."""
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("slow.example", delay=0.3)
+    upstream.rule("slower.example", delay=0.5)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as conn:
+        _tcp_query(conn, "slower.example", 1)
+        _tcp_query(conn, "slow.example", 2)
+        _tcp_query(conn, "fast.example", 3)
+        conn.shutdown(socket.SHUT_WR)
+        replies = [_tcp_read(conn) for _ in range(3)]
+        assert conn.recv(10) == b""  # and then the server closes
+    assert sorted(reply.header.id for reply in replies) == [1, 2, 3]
+    assert all(addresses(reply) == [GENUINE] for reply in replies)
+
+
 def test_idle_tcp_connections_do_not_starve_others(upstream, make_proxy):
     proxy = make_proxy("--upstream", upstream.address, "--tcp-max-connections", "20",
                        "--tcp-max-per-client", "100", "--tcp-idle-timeout", "30")
@@ -169,10 +186,37 @@ def test_idle_tcp_connections_do_not_starve_others(upstream, make_proxy):
             conn.close()
 
 
-def test_one_client_cannot_hold_more_than_its_share(upstream, make_proxy):
+def test_at_its_own_cap_a_clients_longest_idle_connection_makes_room(upstream, make_proxy):
+    """A client holding its whole share idle (a leak) can still ask over TCP: its own oldest
+    idle connection is closed for the new one, the others stay open."""
     proxy = make_proxy("--upstream", upstream.address, "--tcp-max-per-client", "3")
+    held = []
+    for _ in range(3):
+        held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+        time.sleep(0.05)  # an order of idleness
+    try:
+        assert addresses(ask(proxy.port, "fourth.example", tcp=True)) == [GENUINE]
+        assert held[0].recv(10) == b""  # closed by the server
+        for conn in held[1:]:
+            conn.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                conn.recv(10)  # still open
+        assert proxy.metrics.total("dnsproxy_tcp_connections_rejected_total") == 0
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_one_client_cannot_hold_more_than_its_share(upstream, make_proxy):
+    """Busy connections are not given up: with its share all waiting on answers, a client's
+    next connection is turned away."""
+    upstream.rule("hang.example", silent=True)
+    proxy = make_proxy("--upstream", upstream.address, "--tcp-max-per-client", "3",
+                       "--timeout", "3")
     held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
     try:
+        for i, conn in enumerate(held):
+            _tcp_query(conn, "hang.example", i)
         time.sleep(0.2)
         with pytest.raises((ConnectionError, OSError, struct.error)):
             ask(proxy.port, "fourth.example", tcp=True, timeout=2)
