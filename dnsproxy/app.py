@@ -67,6 +67,7 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                  for spec in settings.upstreams]
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay)
     cache.size = settings.cache_size
+    cache.max_bytes = settings.cache_bytes
     cache.max_ttl = settings.max_ttl
     access = AccessControl(settings.allow, metrics)
     # The order of the chain, and why:
@@ -90,7 +91,8 @@ class Service:
         self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.querylog = QueryLog() if settings.query_log else NullLog()
-        self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl)
+        self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl,
+                           max_bytes=settings.cache_bytes)
         self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache)
         self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog,
                                    allowed=self.allowed,

@@ -21,6 +21,7 @@ HELP = {
     "dnsproxy_malformed_total": "Messages from clients that were not a usable query.",
     "dnsproxy_tcp_connections_rejected_total": "TCP connections closed for exceeding a limit.",
     "dnsproxy_cache_entries": "Replies held in the cache.",
+    "dnsproxy_cache_bytes": "Bytes the cached replies take (keys and stored messages).",
     "dnsproxy_overload_total": "Queries not taken on because too many were in flight.",
 }
 
