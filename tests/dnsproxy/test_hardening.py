@@ -319,3 +319,62 @@ def test_metrics_are_closed_to_clients_outside_the_allowed_networks(upstream, ma
                "--allow", "10.0.0.0/8")
     with pytest.raises(OSError):  # closed without a response
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+
+
+def _udp_flood(port: int, source: str, names: list[str], wait: float = 0.3) -> int:
+    """Send every name from `source` at once; how many replies came back."""
+    replies = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        for name in names:
+            sock.sendto(DNSRecord.question(name).pack(), ("127.0.0.1", port))
+        sock.settimeout(wait)
+        try:
+            while True:
+                sock.recv(4096)
+                replies += 1
+        except TimeoutError:
+            pass
+    return replies
+
+
+def test_one_client_cannot_take_the_whole_in_flight_budget(upstream, make_proxy):
+    """A greedy client asking slow names the upstream never answers holds at most its share
+    (a quarter of 40 here); another client's miss is still answered."""
+    upstream.default.silent = True
+    upstream.rule("other.example")  # answered
+    proxy = make_proxy("--upstream", upstream.address, "--max-in-flight", "40",
+                       "--timeout", "3")
+    greedy = [f"slow{i}.example" for i in range(60)]
+    assert _udp_flood(proxy.port, "127.0.0.5", greedy, wait=0.3) == 0
+    assert addresses(ask(proxy.port, "other.example", timeout=2)) == [GENUINE]
+    assert sum(1 for seen in upstream.seen if seen.name.startswith("slow")) == 10
+    assert proxy.metrics.get("dnsproxy_overload_total", limit="client") == 50
+
+
+def test_refused_to_strangers_is_rate_limited_per_network(upstream, make_proxy):
+    """REFUSED is as large as the query: a flood from a forged stranger source gets a burst
+    of them, then silence, so the appliance reflects nothing worth aiming."""
+    proxy = make_proxy("--upstream", upstream.address, "--allow", "10.0.0.0/8")
+    names = [f"r{i}.example" for i in range(100)]
+    assert 20 <= _udp_flood(proxy.port, "127.0.0.1", names) <= 25  # the burst, then silence
+    assert _udp_flood(proxy.port, "127.0.0.9", names[:30]) <= 6  # same /24: its budget is spent
+    assert _udp_flood(proxy.port, "127.0.1.1", names[:5]) == 5  # another network is told
+    assert upstream.count() == 0
+    assert proxy.metrics.get("dnsproxy_responses_total", reason="ratelimited") >= 75
+
+
+def test_tcp_pipelining_is_capped_per_connection_with_backpressure(upstream, make_proxy):
+    """Beyond 16 queries in flight on one connection the server stops reading it (no
+    disconnect); each answer that goes out lets one more in."""
+    upstream.default.silent = True
+    proxy = make_proxy("--upstream", upstream.address, "--timeout", "1")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as conn:
+        for qid in range(1, 21):
+            _tcp_query(conn, f"p{qid}.example", qid)
+        time.sleep(0.4)
+        assert upstream.count() == 16  # the other four wait unread in the socket
+        answers = [_tcp_read(conn) for _ in range(20)]  # all 20, on the same connection
+    assert sorted(a.header.id for a in answers) == list(range(1, 21))
+    assert {a.header.rcode for a in answers} == {RCODE.SERVFAIL}
+    assert upstream.count() == 20
