@@ -3,6 +3,8 @@ amplifier, and tells its operator what happened."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -378,3 +380,41 @@ def test_tcp_pipelining_is_capped_per_connection_with_backpressure(upstream, mak
     assert sorted(a.header.id for a in answers) == list(range(1, 21))
     assert {a.header.rcode for a in answers} == {RCODE.SERVFAIL}
     assert upstream.count() == 20
+
+
+def test_metrics_listener_caps_its_connections(upstream, make_proxy):
+    port = free_port()
+    proxy = make_proxy("--upstream", upstream.address, "--metrics", f"127.0.0.1:{port}")
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+    try:
+        time.sleep(0.3)
+        closed = 0
+        for conn in held:
+            conn.settimeout(0.05)
+            with contextlib.suppress(TimeoutError):  # one the listener keeps: no answer yet
+                closed += conn.recv(10) == b""
+        assert closed == 40 - 16
+        assert proxy.metrics.get("dnsproxy_metrics_connections_rejected_total") == 24
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.2)  # once they are gone, a scrape gets its answer again
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    assert b"dnsproxy_metrics_connections_rejected_total 24" in text
+
+
+def test_metrics_listener_closes_idle_connections():
+    from dnsproxy.metrics import Metrics, serve_metrics
+
+    async def main() -> float:
+        server = await serve_metrics(Metrics(), "127.0.0.1", 0, timeout=0.3)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n")  # the headers never end
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        server.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 3
