@@ -22,6 +22,7 @@ from .stages.cache import Cache
 from .stages.local import LocalAnswers
 from .stages.ratelimit import RateLimit
 from .upstreams import PollutedNames, Telemetry, build_upstream, client_ssl_context
+from .upstreams.bootstrap import Bootstrap
 
 log = logging.getLogger("dnsproxy")
 
@@ -65,6 +66,12 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                                 ssl_context=ssl_context,
                                 tcp_for_polluted=settings.tcp_for_polluted)
                  for spec in settings.upstreams]
+    # DoH servers by host name are looked up through the upstreams that need no look-up.
+    pairs = list(zip(upstreams, settings.upstreams, strict=True))
+    trusted = [upstream for upstream, spec in pairs if not spec.needs_bootstrap]
+    for upstream, spec in pairs:
+        if spec.needs_bootstrap:
+            upstream.bootstrap = Bootstrap(spec.host, trusted)
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay)
     cache.size = settings.cache_size
     cache.max_bytes = settings.cache_bytes

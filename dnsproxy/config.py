@@ -310,6 +310,11 @@ def validate(settings: Settings) -> None:
         raise ConfigError("no upstream: give --upstream (or DNSPROXY_UPSTREAMS, or a config file)")
     if not settings.listen:
         raise ConfigError("no listen address")
+    if all(spec.needs_bootstrap for spec in settings.upstreams):
+        # Not the system resolver: in a polluted network it is the injector's path.
+        spec = settings.upstreams[0]
+        raise ConfigError(f"upstream {spec.url}: no other upstream can look up {spec.host}; "
+                          f"give its address as {spec.url}#IP")
     settings.listen_addresses()
     for network in settings.allow:
         try:

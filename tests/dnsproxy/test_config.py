@@ -418,3 +418,31 @@ def test_cdns_file_with_a_json_error_shows_where(tmp_path, safe_listen):
     column = lines[row + 1].index('"') + 1
     assert f"line {expected_row} column {column}" in line, line
     assert "delimiter" in line and "TOML" not in line
+
+
+# --- DoH by host name: a bootstrap address, or the other upstreams; never the system ---
+
+
+@pytest.mark.parametrize(("spec", "address"), [
+    ("https://dns.example/dns-query#203.0.113.5", "203.0.113.5"),
+    ("https://dns.example:8443/q#[2001:db8::5]", "2001:db8::5"),
+    ("https://dns.example/dns-query", None),
+    ("https://192.0.2.5/dns-query", None),
+])
+def test_doh_bootstrap_address_in_the_spec(spec, address):
+    settings = build_settings(cli("--upstream", spec, "--upstream", "127.0.0.2"), {})
+    doh = settings.upstreams[0]
+    assert doh.bootstrap == address
+    assert "#" not in doh.url and doh.name == doh.url
+    assert doh.needs_bootstrap == (address is None and doh.host == "dns.example")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--upstream", "https://dns.example/dns-query"], "no other upstream can look up"),
+    (["--upstream", "https://dns.example/dns-query",
+      "--upstream", "https://dns2.example/dns-query"], "#IP"),
+    (["--upstream", "https://dns.example/dns-query#dns.other"], "not an IP address"),
+    (["--upstream", "https://192.0.2.5/dns-query#192.0.2.6"], "for a host name"),
+])
+def test_doh_by_name_that_cannot_be_located_is_refused(args, fragment, safe_listen):
+    expect_usage_error(run_dnsproxy("--listen", safe_listen, *args), fragment)
