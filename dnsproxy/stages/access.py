@@ -25,7 +25,7 @@ REFUSED_BURST = 20.0
 
 def network_of(address: str) -> str:
     """The stranger's network a REFUSED budget is kept for: its /24, or /56 for IPv6."""
-    if ":" not in address or address.startswith("::ffff:") and "." in address:
+    if ":" not in address or (address.startswith("::ffff:") and "." in address):
         return address.rpartition(".")[0]  # IPv4, or IPv4-mapped: cheap, no parsing
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     return str(ipaddress.ip_network((ip, 56), strict=False))

@@ -10,7 +10,6 @@ extension) and in the Host header.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import ipaddress
 import ssl
@@ -35,9 +34,11 @@ class HttpsUpstream:
         self.name = url
         self._url = httpx.URL(url)
         self.address = address  # where the named server is, when the spec says
-        self.by_name = True
-        with contextlib.suppress(ValueError):
-            self.by_name = not ipaddress.ip_address(self._url.host)
+        try:
+            ipaddress.ip_address(self._url.host)
+            self.by_name = False
+        except ValueError:
+            self.by_name = True  # needs an address or a bootstrap: never the system resolver
         self.bootstrap: Bootstrap | None = None  # how to find it otherwise (set by the caller)
         self.telemetry = telemetry
         self.hijack_threshold = hijack_threshold
@@ -62,7 +63,8 @@ class HttpsUpstream:
         except UpstreamError as exc:
             raise self._error(exc.reason) from None
         except self._httpx.HTTPError as exc:
-            if self.bootstrap is not None and isinstance(exc, self._httpx.TransportError):
+            connect_failed = (self._httpx.ConnectError, self._httpx.ConnectTimeout)
+            if self.bootstrap is not None and isinstance(exc, connect_failed):
                 self.bootstrap.forget()  # the address may have moved: look it up again
             raise self._error(type(exc).__name__.lower()) from None
         except (OSError, ssl.SSLError) as exc:
@@ -82,7 +84,7 @@ class HttpsUpstream:
     async def _post(self, body: bytes, deadline: float):
         if self.address is None and self.bootstrap is None:
             if self.by_name:
-                raise UpstreamError("no-bootstrap")  # never through the system resolver
+                raise UpstreamError("no-bootstrap")
             return await self.client.post(self.url, content=body)  # the URL holds an address
         address = self.address or await self.bootstrap.locate(deadline)
         host = self._url.host

@@ -418,3 +418,12 @@ def test_metrics_listener_closes_idle_connections():
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 3
+
+
+@pytest.mark.parametrize(("address", "network"), [
+    ("198.51.100.7", "198.51.100"), ("::ffff:198.51.100.7", "::ffff:198.51.100"),
+    ("2001:db8:1:2::5", "2001:db8:1::/56"), ("2001:db8:1:2ff::9", "2001:db8:1:200::/56"),
+])
+def test_refused_budget_is_kept_per_network(address, network):
+    from dnsproxy.stages.access import network_of
+    assert network_of(address) == network
