@@ -22,6 +22,7 @@ from .stages.cache import Cache
 from .stages.local import LocalAnswers
 from .stages.ratelimit import RateLimit
 from .upstreams import PollutedNames, Telemetry, build_upstream, client_ssl_context
+from .upstreams.bootstrap import Bootstrap
 
 log = logging.getLogger("dnsproxy")
 
@@ -74,10 +75,17 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                                 tcp_for_polluted=settings.tcp_for_polluted,
                                 edns=learned.edns.get(spec.name))
                  for spec in settings.upstreams]
+    # DoH servers by host name are looked up through the upstreams that need no look-up.
+    pairs = list(zip(upstreams, settings.upstreams, strict=True))
+    trusted = [upstream for upstream, spec in pairs if not spec.needs_bootstrap]
+    for upstream, spec in pairs:
+        if spec.needs_bootstrap:
+            upstream.bootstrap = Bootstrap(spec.host, trusted)
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
                           max_ttl=settings.max_ttl)
     learned.edns = {upstream.name: upstream.edns for upstream in upstreams}  # the gone go
     cache.size = settings.cache_size
+    cache.max_bytes = settings.cache_bytes
     cache.max_ttl = settings.max_ttl
     access = AccessControl(settings.allow, metrics)
     # The order of the chain, and why:
@@ -101,7 +109,8 @@ class Service:
         self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.querylog = QueryLog() if settings.query_log else NullLog()
-        self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl)
+        self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl,
+                           max_bytes=settings.cache_bytes)
         self.learned = Learned()
         self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache,
                                            self.learned)

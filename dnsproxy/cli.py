@@ -35,7 +35,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML settings, or a CDNS config file")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="deadline per query, then SERVFAIL (default 2)")
-    p.add_argument("--cache-size", type=int, metavar="N", help="replies cached (default 10000)")
+    p.add_argument("--cache-size", type=int, metavar="N",
+                   help="replies cached, 0 for none (default 10000)")
+    p.add_argument("--cache-bytes", type=int, metavar="BYTES",
+                   help="bytes the cached replies may take in all (default 32 MiB)")
     p.add_argument("--max-ttl", type=int, metavar="SECONDS", help="cap on cached TTLs")
     p.add_argument("--query-log", action=argparse.BooleanOptionalAction,
                    help="one JSON line per query and per discarded forgery on stdout")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -28,7 +29,8 @@ class Settings:
     listen: list[str] = field(default_factory=lambda: ["0.0.0.0:53"])
     upstreams: list[UpstreamSpec] = field(default_factory=list)
     timeout: float = 2.0
-    cache_size: int = 10000
+    cache_size: int = 10000  # replies; 0 turns the cache off
+    cache_bytes: int = 32 * 1024 * 1024  # what the cached replies may take in all
     max_ttl: int = 86400
     query_log: bool = False
     ca_file: str | None = None
@@ -58,8 +60,14 @@ FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
 LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses_file"}
 BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted"}
 FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout"}
-INT_KEYS = {"cache_size", "max_ttl", "workers", "tcp_max_connections", "tcp_max_per_client",
-            "max_in_flight"}
+INT_KEYS = {"cache_size", "cache_bytes", "max_ttl", "workers", "tcp_max_connections",
+            "tcp_max_per_client", "max_in_flight"}
+# Limits where zero would mean "nothing at all" rather than "off": a server that sheds every
+# query (max_in_flight = 0) or accepts no TCP connection is a misconfiguration, not a setting.
+# The others take 0 as documented: cache_size (cache off), rate_limit (no limit), hedge_delay
+# (ask every upstream at once).
+ABOVE_ZERO = {"timeout", "tcp_idle_timeout", "max_ttl", "workers", "tcp_max_connections",
+              "tcp_max_per_client", "max_in_flight", "cache_bytes"}
 STR_KEYS = {"ca_file", "metrics", "identity"}
 # Environment names where the plural reads better than the setting's own name. The switch
 # `forged_addresses` (the built-in list on or off) then needs a name of its own: two settings
@@ -112,24 +120,32 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     if key in BOOL_KEYS:
         return _bool(key, value)
-    try:
-        if key in FLOAT_KEYS:
-            number = float(value)
-            if number < 0:
-                raise ValueError
-            return number
-        if key in INT_KEYS:
-            if isinstance(value, (float, bool)):
-                raise ValueError
-            number = int(value)
-            if number < 0:
-                raise ValueError
-            return number
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected a non-negative number, got {value!r}") from None
+    if key in FLOAT_KEYS or key in INT_KEYS:
+        return _number(key, value)
     if key in STR_KEYS:
         return None if value in (None, "") else str(value)
     raise ConfigError(f"unknown setting {key!r}")
+
+
+def _number(key: str, value: Any) -> float | int:
+    """A number within its limits: never negative, nan or infinite; above zero where zero
+    would disable the server rather than a feature (ABOVE_ZERO)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if key in INT_KEYS:
+            if isinstance(value, float):
+                raise ValueError
+            number: float | int = int(value)
+        else:
+            number = float(value)
+        if not math.isfinite(number) or number < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a non-negative number, got {value!r}") from None
+    if key in ABOVE_ZERO and number <= 0:
+        raise ConfigError(f"{key} must be above zero, got {value!r}")
+    return number
 
 
 def _upstream(item: Any, origin: str) -> UpstreamSpec:
@@ -142,8 +158,11 @@ def _upstream(item: Any, origin: str) -> UpstreamSpec:
         address = item["address"]
         try:
             hijack_ms = float(item.get("hijack_threshold", 0))
+            if not math.isfinite(hijack_ms) or hijack_ms < 0:
+                raise ValueError
         except (TypeError, ValueError):
-            raise ConfigError(f"{origin}: hijack_threshold must be a number of ms") from None
+            raise ConfigError(f"{origin}: hijack_threshold must be a non-negative number of ms, "
+                              f"got {item.get('hijack_threshold')!r}") from None
     else:
         address = item
     if not isinstance(address, str):
@@ -155,7 +174,11 @@ def _upstream(item: Any, origin: str) -> UpstreamSpec:
 
 
 def strip_json_comments(text: str) -> str:
-    """CDNS files are JSON with // and /* */ comments; strings may contain either."""
+    """CDNS files are JSON with // and /* */ comments; strings may contain either.
+
+    Comments become spaces (newlines stay), so a JSON error's line and column still point
+    into the file as the user wrote it.
+    """
     out = []
     i, n = 0, len(text)
     in_string = False
@@ -171,13 +194,15 @@ def strip_json_comments(text: str) -> str:
         elif ch == '"':
             in_string = True
             out.append(ch)
-        elif text.startswith("//", i):
-            while i < n and text[i] != "\n":
-                i += 1
-            continue
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            i = n if end < 0 else end + 2
+        elif text.startswith("//", i) or text.startswith("/*", i):
+            if text[i + 1] == "/":
+                end = text.find("\n", i)
+                end = n if end < 0 else end
+            else:
+                end = text.find("*/", i + 2)
+                end = n if end < 0 else end + 2
+            out.append("".join(c if c == "\n" else " " for c in text[i:end]))
+            i = end
             continue
         else:
             out.append(ch)
@@ -219,9 +244,12 @@ def read_file(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as toml_error:
         try:
             doc = json.loads(strip_json_comments(text))
-        except json.JSONDecodeError:
-            raise ConfigError(
-                f"{path}: neither TOML ({toml_error}) nor a CDNS JSON file") from None
+        except json.JSONDecodeError as json_error:
+            where = f"{json_error.msg} at line {json_error.lineno} column {json_error.colno}"
+            if text.lstrip()[:1] in ("{", "[", "/"):  # meant as JSON: TOML's view is noise
+                raise ConfigError(f"{path}: not valid JSON: {where}") from None
+            raise ConfigError(f"{path}: neither TOML ({toml_error}) nor a CDNS JSON file "
+                              f"({where})") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: not a CDNS configuration") from None
         return from_cdns(doc, path)
@@ -282,6 +310,11 @@ def validate(settings: Settings) -> None:
         raise ConfigError("no upstream: give --upstream (or DNSPROXY_UPSTREAMS, or a config file)")
     if not settings.listen:
         raise ConfigError("no listen address")
+    if all(spec.needs_bootstrap for spec in settings.upstreams):
+        # Not the system resolver: in a polluted network it is the injector's path.
+        spec = settings.upstreams[0]
+        raise ConfigError(f"upstream {spec.url}: no other upstream can look up {spec.host}; "
+                          f"give its address as {spec.url}#IP")
     settings.listen_addresses()
     for network in settings.allow:
         try:
@@ -290,9 +323,5 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"allow: {network!r} is not a network") from None
     if settings.metrics:
         parse_listen(settings.metrics)
-    if settings.timeout <= 0:
-        raise ConfigError("timeout must be above zero")
-    if settings.workers < 1:
-        raise ConfigError("workers must be at least 1")
     if settings.ca_file and not os.path.isfile(settings.ca_file):
         raise ConfigError(f"ca_file: no such file {settings.ca_file}")

@@ -20,7 +20,9 @@ HELP = {
     "dnsproxy_upstream_latency_seconds_count": "Genuine upstream replies timed.",
     "dnsproxy_malformed_total": "Messages from clients that were not a usable query.",
     "dnsproxy_tcp_connections_rejected_total": "TCP connections closed for exceeding a limit.",
+    "dnsproxy_metrics_connections_rejected_total": "Metrics connections closed at the cap.",
     "dnsproxy_cache_entries": "Replies held in the cache.",
+    "dnsproxy_cache_bytes": "Bytes the cached replies take (keys and stored messages).",
     "dnsproxy_overload_total": "Queries not taken on because too many were in flight.",
 }
 
@@ -68,21 +70,32 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int,
-                        allowed=lambda address: True) -> asyncio.AbstractServer:
+MAX_METRICS_CONNECTIONS = 16  # a scraper needs one; more are someone holding sockets
+METRICS_TIMEOUT = 5.0  # seconds for a request to arrive, and again for its answer to leave
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int, allowed=lambda address: True,
+                        max_connections: int = MAX_METRICS_CONNECTIONS,
+                        timeout: float = METRICS_TIMEOUT) -> asyncio.AbstractServer:
     """A minimal HTTP endpoint: every GET gets the current counters.
 
     `allowed(address)` is the resolver's own access control: whoever may not ask us names may
-    not read what others asked either.
+    not read what others asked either. At most `max_connections` are open at once (others
+    are closed at once) and none stays longer than `timeout` idle, so open sockets cannot
+    pile up on this port.
     """
+    active: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("",)
-        if not allowed(peer[0]):
+        if not allowed(peer[0]) or len(active) >= max_connections:
+            if len(active) >= max_connections:
+                metrics.inc("dnsproxy_metrics_connections_rejected_total")
             writer.close()
             return
+        active.add(writer)
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
             if request.startswith(b"GET "):
                 body = metrics.render().encode()
                 head = ("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
@@ -92,11 +105,12 @@ async def serve_metrics(metrics: Metrics, host: str, port: int,
                 head = ("HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n"
                         "Connection: close\r\n\r\n")
             writer.write(head.encode() + body)
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), timeout)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError):
             pass
         finally:
+            active.discard(writer)
             writer.close()
 
     return await asyncio.start_server(handle, host, port)

@@ -2,7 +2,9 @@
 
 Nothing a client sends may stop or stall the server: undecodable messages get FORMERR (or
 nothing, if not even the header is there), TCP connections have an idle timeout, a cap in total
-and per client, and at the cap the connection idle longest is closed to make room.
+and per client, and at the cap the connection idle longest is closed to make room. One client
+may hold only a share of the queries in flight, and one TCP connection at most MAX_PIPELINED:
+beyond that the server stops reading it until answers have gone out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ log = logging.getLogger("dnsproxy")
 
 MAX_TCP_MESSAGE = 65535
 MAX_UNREAD_BYTES = 256 * 1024
+MAX_PIPELINED = 16  # queries in flight on one TCP connection
+# A client may hold at most a quarter of the in-flight budget, and never less than
+# MIN_CLIENT_SHARE (nor more than the whole budget): one host asking slow names the upstreams
+# never answer then cannot shed everyone else's misses.
+CLIENT_SHARE = 4
+MIN_CLIENT_SHARE = 8
+
+
+def client_share(max_in_flight: int) -> int:
+    return min(max_in_flight, max(max_in_flight // CLIENT_SHARE, MIN_CLIENT_SHARE))
 
 
 def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
@@ -55,19 +67,31 @@ class Responder:
         self.querylog = querylog
         self.allowed = allowed  # the access stage's verdict, for what comes before the pipeline
         self.max_in_flight = max_in_flight
+        self.client_share = client_share(max_in_flight)
         self.tasks: set[asyncio.Task] = set()
+        self.held: dict[str, int] = {}  # client address -> its tasks in flight
 
-    def spawn(self, coro) -> asyncio.Task | None:
-        """Run `coro` unless too much is in flight already (each holds a socket and memory):
-        a flood then costs answers, never the process."""
-        if len(self.tasks) >= self.max_in_flight:
+    def spawn(self, coro, client: str) -> asyncio.Task | None:
+        """Run `coro` for `client` unless too much is in flight already, in all or for that
+        client (each holds a socket and memory): a flood then costs its sender answers,
+        never the process nor the other clients."""
+        held = self.held.get(client, 0)
+        if held >= self.client_share or len(self.tasks) >= self.max_in_flight:
             coro.close()
-            self.metrics.inc("dnsproxy_overload_total")
+            limit = "client" if held >= self.client_share else "total"
+            self.metrics.inc("dnsproxy_overload_total", limit=limit)
             return None
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.held[client] = held + 1
+        task.add_done_callback(lambda done: self._release(done, client))
         return task
+
+    def _release(self, task: asyncio.Task, client: str) -> None:
+        self.tasks.discard(task)
+        left = self.held.pop(client) - 1
+        if left:
+            self.held[client] = left
 
     def answer_now(self, request: Request) -> Response | None:
         """The stages' answer, if any; a bug in one costs this query a SERVFAIL, no more."""
@@ -114,7 +138,7 @@ class UdpServer(asyncio.DatagramProtocol):
         request = Request(query, addr, "udp", time.monotonic())
         response = self.responder.answer_now(request)
         if response is None:
-            self.responder.spawn(self._resolve(request))
+            self.responder.spawn(self._resolve(request), addr[0])
         else:
             self._send(request, response)
 
@@ -139,6 +163,8 @@ class TcpServer:
         self.max_per_client = max_per_client
         # writer -> [client address, last activity, queries in flight]
         self.connections: dict[asyncio.StreamWriter, list] = {}
+        # Connections not read until one of their MAX_PIPELINED queries is answered.
+        self.waiting: dict[asyncio.StreamWriter, asyncio.Future] = {}
 
     def _admit(self, writer: asyncio.StreamWriter, client: str) -> bool:
         mine = sum(1 for state in self.connections.values() if state[0] == client)
@@ -181,6 +207,8 @@ class TcpServer:
 
         try:
             while True:
+                while state[2] >= MAX_PIPELINED:  # backpressure: the client waits, not us
+                    await self._room(writer)
                 try:
                     head = await asyncio.wait_for(reader.readexactly(2), self.idle_timeout)
                     (length,) = struct.unpack(">H", head)
@@ -207,7 +235,7 @@ class TcpServer:
                 if response is None:
                     # Pipelined: answer in any order, keep reading meanwhile (RFC 7766 6.2.1.1).
                     state[2] += 1
-                    task = self.responder.spawn(self._resolve(writer, request, state))
+                    task = self.responder.spawn(self._resolve(writer, request, state), peer[0])
                     if task is not None:
                         in_flight.add(task)
                         task.add_done_callback(settled)
@@ -231,7 +259,17 @@ class TcpServer:
         finally:
             state[2] -= 1
             state[1] = time.monotonic()
+            waiter = self.waiting.get(writer)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)  # runs after the answer below is written
         self._finish(writer, request, response)
+
+    async def _room(self, writer: asyncio.StreamWriter) -> None:
+        self.waiting[writer] = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiting[writer]
+        finally:
+            self.waiting.pop(writer, None)
 
     def _finish(self, writer, request: Request, response: Response) -> None:
         message = response.wire

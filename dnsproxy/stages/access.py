@@ -1,4 +1,9 @@
-"""Access control: serve the local networks only, so the appliance is never an open resolver."""
+"""Access control: serve the local networks only, so the appliance is never an open resolver.
+
+Strangers get REFUSED, but only so many per second from one network (a /24, or a /56 for
+IPv6), then nothing: a REFUSED is as large as the query, and a flood with a forged source
+must not turn the appliance into a reflector aimed at that source.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,18 @@ import ipaddress
 from .. import wire
 from ..metrics import Metrics
 from ..pipeline import PassThrough, Request, Response
+from .ratelimit import TokenBuckets
+
+REFUSED_RATE = 10.0  # REFUSED per second to one stranger network
+REFUSED_BURST = 20.0
+
+
+def network_of(address: str) -> str:
+    """The stranger's network a REFUSED budget is kept for: its /24, or /56 for IPv6."""
+    if ":" not in address or (address.startswith("::ffff:") and "." in address):
+        return address.rpartition(".")[0]  # IPv4, or IPv4-mapped: cheap, no parsing
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return str(ipaddress.ip_network((ip, 56), strict=False))
 
 
 class AccessControl(PassThrough):
@@ -16,6 +33,7 @@ class AccessControl(PassThrough):
         self.networks = [ipaddress.ip_network(n, strict=False) for n in allowed]
         self.metrics = metrics
         self.verdicts: dict[str, bool] = {}  # client address -> allowed; a plain dict is fastest
+        self.refusals = TokenBuckets(REFUSED_RATE, REFUSED_BURST)  # per stranger network
 
     def allowed(self, address: str) -> bool:
         verdict = self.verdicts.get(address)
@@ -32,5 +50,8 @@ class AccessControl(PassThrough):
     def answer(self, request: Request) -> Response | None:
         if self.allowed(request.client[0]):
             return None
+        if not self.refusals.allow(network_of(request.client[0]), request.started):
+            self.metrics.inc("dnsproxy_responses_total", reason="ratelimited")
+            return Response(None, "ratelimited", wire.REFUSED)
         self.metrics.inc("dnsproxy_responses_total", reason="refused")
         return Response(wire.response(request.query, wire.REFUSED), "refused", wire.REFUSED)

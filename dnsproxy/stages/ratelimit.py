@@ -14,25 +14,25 @@ from ..metrics import Metrics
 from ..pipeline import PassThrough, Request, Response
 
 
-class RateLimit(PassThrough):
-    name = "ratelimit"
+class TokenBuckets:
+    """One token bucket per key (a client, a network); beyond `max_keys` the least recently
+    seen key is forgotten, so a scan of many sources cannot grow the table without bound."""
 
-    def __init__(self, rate: float, burst: float, metrics: Metrics, max_clients: int = 65536):
+    def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
         self.rate = rate
         self.burst = burst
-        self.metrics = metrics
-        self.max_clients = max_clients
-        self.buckets: OrderedDict[str, list[float]] = OrderedDict()  # client -> [tokens, stamp]
+        self.max_keys = max_keys
+        self.buckets: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, stamp]
 
-    def allow(self, client: str, now: float | None = None) -> bool:
+    def allow(self, key: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        bucket = self.buckets.get(client)
+        bucket = self.buckets.get(key)
         if bucket is None:
-            if len(self.buckets) >= self.max_clients:
+            if len(self.buckets) >= self.max_keys:
                 self.buckets.popitem(last=False)
-            bucket = self.buckets[client] = [self.burst, now]
+            bucket = self.buckets[key] = [self.burst, now]
         else:
-            self.buckets.move_to_end(client)
+            self.buckets.move_to_end(key)
             bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
             bucket[1] = now
         if bucket[0] >= 1:
@@ -40,8 +40,16 @@ class RateLimit(PassThrough):
             return True
         return False
 
+
+class RateLimit(PassThrough):
+    name = "ratelimit"
+
+    def __init__(self, rate: float, burst: float, metrics: Metrics, max_clients: int = 65536):
+        self.metrics = metrics
+        self.buckets = TokenBuckets(rate, burst, max_clients)
+
     def answer(self, request: Request) -> Response | None:
-        if self.allow(request.client[0], request.started):
+        if self.buckets.allow(request.client[0], request.started):
             return None
         self.metrics.inc("dnsproxy_responses_total", reason="ratelimited")
         if request.transport == "tcp":

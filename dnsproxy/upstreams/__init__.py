@@ -2,7 +2,7 @@
 
 Spec forms: `IP`, `IP:PORT`, `[IPv6]:PORT` and `udp://...` (UDP with every forgery defence and a
 TCP retry), `tcp://IP[:PORT]`, `tls://IP[:853][#server-name]` (RFC 7858), `https://HOST[:PORT]/PATH`
-(RFC 8484).
+(RFC 8484), `https://NAME[:PORT]/PATH#IP` (connect to IP, verify the certificate for NAME).
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ class UpstreamSpec:
     server_name: str | None = None  # tls: the name to verify; https: unused
     url: str | None = None  # https only
     hijack_threshold: float = 0.0  # seconds
+    bootstrap: str | None = None  # https by host name: the address to connect to
+
+    @property
+    def needs_bootstrap(self) -> bool:
+        """DoH by host name with no address given: looked up through the other upstreams."""
+        return self.scheme == "https" and self.bootstrap is None and not _is_ip(self.host)
 
     @property
     def name(self) -> str:
@@ -39,6 +45,27 @@ class UpstreamSpec:
             return self.url
         address = hostport(self.host, self.port)
         return address if self.scheme == "udp" else f"{self.scheme}://{address}"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _bootstrap(text: str, host: str, spec: str) -> str | None:
+    """The `#IP` or `#[IPv6]` after a DoH URL: where the server named in it is reached."""
+    if not text:
+        return None
+    address = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not _is_ip(address):
+        raise ValueError(f"bad upstream {spec!r}: {text!r} after '#' is not an IP address")
+    if _is_ip(host):
+        raise ValueError(f"bad upstream {spec!r}: '#address' is for a host name, "
+                         f"and {host!r} is an address already")
+    return str(ipaddress.ip_address(address))
 
 
 def _split_hostport(text: str, default_port: int, spec: str) -> tuple[str, int]:
@@ -77,6 +104,7 @@ def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
                              "(use udp, tcp, tls or https)")
     threshold = hijack_threshold_ms / 1000
     if scheme == "https":
+        text, _, bootstrap = text.partition("#")
         parts = urlsplit("https://" + text)
         if not parts.hostname:
             raise ValueError(f"bad upstream {spec!r}: no host")
@@ -85,7 +113,8 @@ def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
         except ValueError:
             raise ValueError(f"bad upstream {spec!r}: bad port") from None
         url = f"https://{text}" if parts.path else f"https://{text}/dns-query"
-        return UpstreamSpec("https", parts.hostname, port, url=url, hijack_threshold=threshold)
+        return UpstreamSpec("https", parts.hostname, port, url=url, hijack_threshold=threshold,
+                            bootstrap=_bootstrap(bootstrap, parts.hostname, spec))
     text, _, server_name = text.partition("#")
     text = text.rstrip("/")
     host, port = _split_hostport(text, DEFAULT_PORTS[scheme], spec)
@@ -111,7 +140,7 @@ def build_upstream(spec: UpstreamSpec, telemetry: Telemetry, *, filters, pollute
         upstream = StreamUpstream(spec.host, spec.port, telemetry, ssl_context=ssl_context,
                                   server_name=spec.server_name, name=spec.name)
     else:
-        upstream = HttpsUpstream(spec.url or "", telemetry, ssl_context)
+        upstream = HttpsUpstream(spec.url or "", telemetry, ssl_context, address=spec.bootstrap)
     if edns is not None:
         upstream.edns = edns
     return upstream

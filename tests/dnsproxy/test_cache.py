@@ -149,3 +149,41 @@ def test_cache_size_zero_disables_the_cache(upstream, make_proxy):
         assert addresses(ask(proxy.port, "nocache.example")) == [GENUINE]
     assert upstream.count("nocache.example") == 3
     assert "cached" not in reasons(proxy)
+
+
+BIG_PADDING = 400  # TXT records of 140 characters: a reply of about 61 KB, only over TCP
+
+
+def _big(upstream, *names: str) -> None:
+    for name in names:  # large answers come over TCP, as they do in life
+        upstream.rule(name, padding=BIG_PADDING, truncate_udp=True)
+
+
+def test_cache_is_bounded_in_bytes_as_well_as_entries(upstream, make_proxy):
+    _big(upstream, "big0.example", "big1.example", "big2.example")
+    proxy = make_proxy("--upstream", upstream.address, "--cache-bytes", "150000")  # two fit
+    for name in ("big0.example", "big1.example", "big0.example", "big2.example"):
+        reply = ask(proxy.port, name, "TXT", tcp=True)
+        assert len(reply.rr) == BIG_PADDING
+    # big1 was the least recently used when big2 came: it went, big0 and big2 stayed.
+    before = {n: upstream.count(n, "tcp") for n in ("big0.example", "big1.example",
+                                                     "big2.example")}
+    for name in ("big0.example", "big2.example", "big1.example"):
+        ask(proxy.port, name, "TXT", tcp=True)
+    after = {n: upstream.count(n, "tcp") for n in before}
+    assert after == {**before, "big1.example": before["big1.example"] + 1}
+    held = proxy.metrics.gauges["dnsproxy_cache_bytes"]()
+    assert 2 * 60000 < held <= 150000  # a 61 KB answer counts as 61 KB
+    assert proxy.metrics.gauges["dnsproxy_cache_entries"]() == 2
+
+
+def test_reply_larger_than_the_byte_budget_is_not_cached(upstream, make_proxy):
+    _big(upstream, "huge.example")
+    proxy = make_proxy("--upstream", upstream.address, "--cache-bytes", "50000")
+    ask(proxy.port, "small.example")
+    for _ in range(2):
+        assert len(ask(proxy.port, "huge.example", "TXT", tcp=True).rr) == BIG_PADDING
+    assert upstream.count("huge.example", "tcp") == 2  # asked again: never kept
+    ask(proxy.port, "small.example")
+    assert upstream.count("small.example", "udp") == 1  # and it evicted nothing
+    assert proxy.metrics.gauges["dnsproxy_cache_bytes"]() < 1000

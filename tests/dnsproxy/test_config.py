@@ -344,3 +344,105 @@ def test_toml_upstreams_as_a_string_beside_a_single_upstream_table(tmp_path):
     settings = build_settings({"config": str(config)}, {})
     assert [u.name for u in settings.upstreams] == ["127.0.0.2:53", "127.0.0.3:53"]
     assert settings.upstreams[1].hijack_threshold == 0.005
+
+
+# --- limits: zero, negative or not finite is refused where 0 does not mean "off" ---
+
+# (setting, refused value): every limit whose zero would disable the server, not a feature.
+BAD_LIMITS = [
+    ("max_in_flight", "0"), ("max_in_flight", "-3"), ("tcp_max_per_client", "0"),
+    ("tcp_max_connections", "0"), ("tcp_idle_timeout", "0"), ("timeout", "-1"),
+    ("timeout", "nan"), ("timeout", "inf"), ("hedge_delay", "-0.1"), ("hedge_delay", "nan"),
+    ("cache_bytes", "0"), ("max_ttl", "0"), ("workers", "0"), ("rate_limit", "-5"),
+    ("cache_size", "-1"),
+]
+
+
+def _toml_value(value: str) -> str:
+    return {"nan": "nan", "inf": "inf"}.get(value, value)
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_LIMITS)
+def test_bad_limits_are_refused_from_every_layer(tmp_path, key, value):
+    option = "--" + key.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"command line: {key}"):
+        build_settings(cli("--upstream", "127.0.0.2", option, value), {})
+    with pytest.raises(ConfigError, match=f"environment: {key}"):
+        build_settings({}, {"DNSPROXY_UPSTREAMS": "127.0.0.2", "DNSPROXY_" + key.upper(): value})
+    path = tmp_path / "limits.toml"
+    path.write_text(f'upstreams = ["127.0.0.2"]\n{key} = {_toml_value(value)}\n')
+    with pytest.raises(ConfigError, match=f"{path}: {key}"):
+        build_settings(cli("--config", str(path)), {})
+
+
+@pytest.mark.parametrize("layer", ["command line", "environment", "toml"])
+@pytest.mark.parametrize("key", ["max_in_flight", "tcp_max_per_client"])
+def test_zero_limit_is_one_line_and_exit_2(tmp_path, safe_listen, layer, key):
+    env = clean_env(DNSPROXY_UPSTREAMS="127.0.0.2", DNSPROXY_LISTEN=safe_listen)
+    args: list[str] = []
+    if layer == "command line":
+        args = ["--" + key.replace("_", "-"), "0"]
+    elif layer == "environment":
+        env["DNSPROXY_" + key.upper()] = "0"
+    else:
+        path = tmp_path / "zero.toml"
+        path.write_text(f"{key} = 0\n")
+        args = ["--config", str(path)]
+    expect_usage_error(run_dnsproxy(*args, env=env, timeout=5), key, "above zero")
+
+
+def test_zero_stays_allowed_where_it_means_off():
+    settings = build_settings(cli("--upstream", "127.0.0.2", "--cache-size", "0",
+                                  "--rate-limit", "0", "--hedge-delay", "0"), {})
+    assert (settings.cache_size, settings.rate_limit, settings.hedge_delay) == (0, 0.0, 0.0)
+
+
+def test_negative_hijack_threshold_is_refused(tmp_path):
+    path = tmp_path / "neg.toml"
+    path.write_text('[[upstream]]\naddress = "127.0.0.2"\nhijack_threshold = -5\n')
+    with pytest.raises(ConfigError, match="hijack_threshold"):
+        build_settings(cli("--config", str(path)), {})
+
+
+def test_cdns_file_with_a_json_error_shows_where(tmp_path, safe_listen):
+    path = tmp_path / "cdns.json"
+    text = CDNS_TEMPLATE % {"listen_port": 5353, "first": "127.0.0.2"}
+    # A missing comma after `"timeout": 2`, below a multi-line comment and // comments.
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if '"timeout": 2,' in line)
+    lines[row] = lines[row].replace("2,", "2")
+    path.write_text("/* an old\n   file */\n" + "\n".join(lines) + "\n")
+    line = expect_usage_error(run_dnsproxy("--config", str(path), "--listen", safe_listen))
+    # The error is the JSON parser's, pointing at the next key in the file as written.
+    expected_row = row + 2 + 1 + 1  # two comment lines, 1-based, the line after the timeout
+    column = lines[row + 1].index('"') + 1
+    assert f"line {expected_row} column {column}" in line, line
+    assert "delimiter" in line and "TOML" not in line
+
+
+# --- DoH by host name: a bootstrap address, or the other upstreams; never the system ---
+
+
+@pytest.mark.parametrize(("spec", "address"), [
+    ("https://dns.example/dns-query#203.0.113.5", "203.0.113.5"),
+    ("https://dns.example:8443/q#[2001:db8::5]", "2001:db8::5"),
+    ("https://dns.example/dns-query", None),
+    ("https://192.0.2.5/dns-query", None),
+])
+def test_doh_bootstrap_address_in_the_spec(spec, address):
+    settings = build_settings(cli("--upstream", spec, "--upstream", "127.0.0.2"), {})
+    doh = settings.upstreams[0]
+    assert doh.bootstrap == address
+    assert "#" not in doh.url and doh.name == doh.url
+    assert doh.needs_bootstrap == (address is None and doh.host == "dns.example")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--upstream", "https://dns.example/dns-query"], "no other upstream can look up"),
+    (["--upstream", "https://dns.example/dns-query",
+      "--upstream", "https://dns2.example/dns-query"], "#IP"),
+    (["--upstream", "https://dns.example/dns-query#dns.other"], "not an IP address"),
+    (["--upstream", "https://192.0.2.5/dns-query#192.0.2.6"], "for a host name"),
+])
+def test_doh_by_name_that_cannot_be_located_is_refused(args, fragment, safe_listen):
+    expect_usage_error(run_dnsproxy("--listen", safe_listen, *args), fragment)

@@ -104,12 +104,18 @@ class DotServer(_Tls):
 
 
 class DohServer(_Tls):
-    """DNS over HTTPS on 127.0.0.1, HTTP/1.1 with keep-alive. Its context offers only http/1.1
-    in ALPN, so httpx (which offers h2 too when the h2 package is installed) must fall back."""
+    """DNS over HTTPS on 127.0.0.1 (or `host`), HTTP/1.1 with keep-alive. Its context offers
+    only http/1.1 in ALPN, so httpx (which offers h2 too when the h2 package is installed) must
+    fall back. `hosts` holds the Host header of every request, `sni` the name of every TLS
+    handshake."""
 
-    def __init__(self, context: ssl.SSLContext, brain: FakeUpstream) -> None:
+    def __init__(self, context: ssl.SSLContext, brain: FakeUpstream,
+                 host: str = "127.0.0.1") -> None:
         super().__init__(context, brain)
         self.requests: list[dict] = []
+        self.hosts: list[str | None] = []
+        self.sni: list[str | None] = []
+        context.sni_callback = lambda _conn, name, _context: self.sni.append(name)
         tls = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -128,6 +134,7 @@ class DohServer(_Tls):
                     tls.requests.append({"path": self.path, "version": self.request_version,
                                          "type": self.headers.get("content-type"),
                                          "id": struct.unpack(">H", body[:2])[0]})
+                    tls.hosts.append(self.headers.get("host"))
                 if self.path != "/dns-query":
                     self.send_error(404)
                     return
@@ -143,11 +150,12 @@ class DohServer(_Tls):
 
         class Server(http.server.ThreadingHTTPServer):
             daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
             def handle_error(self, request, client_address) -> None:
                 pass  # failed handshakes are counted, not printed
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server((host, 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -242,8 +250,8 @@ def test_dot_handshake_that_never_ends_is_given_up_and_retried(dot, upstream, ma
 
 
 def test_doh_answers(doh, upstream, make_proxy, ca_file):
-    url = f"https://localhost:{doh.port}/dns-query"
-    proxy = make_proxy("--upstream", url, "--ca-file", ca_file)
+    url = f"https://{SERVER_NAME}:{doh.port}/dns-query"
+    proxy = make_proxy("--upstream", url + "#127.0.0.1", "--ca-file", ca_file)
     reply = ask(proxy.port, "web.example", do=True)
     assert addresses(reply) == [GENUINE]
     assert upstream.count("web.example", "https") == 1
@@ -255,7 +263,7 @@ def test_doh_answers(doh, upstream, make_proxy, ca_file):
 
 
 def test_doh_reuses_one_connection(doh, upstream, make_proxy, ca_file):
-    proxy = make_proxy("--upstream", f"https://localhost:{doh.port}/dns-query",
+    proxy = make_proxy("--upstream", f"https://{SERVER_NAME}:{doh.port}/dns-query#127.0.0.1",
                        "--ca-file", ca_file, "--cache-size", "0")
     for i in range(5):
         assert addresses(ask(proxy.port, f"w{i}.example")) == [GENUINE]
@@ -264,16 +272,66 @@ def test_doh_reuses_one_connection(doh, upstream, make_proxy, ca_file):
 
 
 def test_doh_with_untrusted_ca_gives_servfail(doh, upstream, make_proxy, other_ca_file):
-    url = f"https://localhost:{doh.port}/dns-query"
-    proxy = make_proxy("--upstream", url, "--ca-file", other_ca_file, "--timeout", "1")
+    url = f"https://{SERVER_NAME}:{doh.port}/dns-query"
+    proxy = make_proxy("--upstream", url + "#127.0.0.1", "--ca-file", other_ca_file,
+                       "--timeout", "1")
     assert ask(proxy.port, "web.example").header.rcode == RCODE.SERVFAIL
     assert doh.requests == []
     assert sum(upstream_errors(proxy, url).values()) >= 1
 
 
 def test_doh_http_error_gives_servfail(doh, upstream, make_proxy, ca_file):
-    url = f"https://localhost:{doh.port}/wrong-path"
-    proxy = make_proxy("--upstream", url, "--ca-file", ca_file, "--timeout", "1")
+    url = f"https://{SERVER_NAME}:{doh.port}/wrong-path"
+    proxy = make_proxy("--upstream", url + "#127.0.0.1", "--ca-file", ca_file, "--timeout", "1")
     assert ask(proxy.port, "web.example").header.rcode == RCODE.SERVFAIL
     assert proxy.metrics.get("dnsproxy_upstream_errors_total", upstream=url,
                              reason="http-404") == 1
+
+
+# --- DNS over HTTPS by host name: never through the system resolver ---
+
+DOH_NAME = "dns.example"  # resolvable nowhere but through the forwarder's own upstreams
+
+
+@pytest.fixture(params=["127.0.0.1", "::1"])
+def doh_by_name(request, ca, upstream):
+    """A DoH server whose certificate names only DOH_NAME: reached by address, it verifies
+    only if the client sends and checks the name."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(DOH_NAME).configure_cert(context)
+    context.set_alpn_protocols(["http/1.1"])
+    server = DohServer(context, upstream, host=request.param)
+    server.address = request.param
+    yield server
+    server.close()
+
+
+def test_doh_by_name_connects_to_the_bootstrap_address(doh_by_name, upstream, make_proxy,
+                                                       ca_file):
+    doh = doh_by_name
+    url = f"https://{DOH_NAME}:{doh.port}/dns-query"
+    bootstrap = f"[{doh.address}]" if ":" in doh.address else doh.address
+    proxy = make_proxy("--upstream", f"{url}#{bootstrap}", "--ca-file", ca_file)
+    assert addresses(ask(proxy.port, "web.example")) == [GENUINE]
+    assert addresses(ask(proxy.port, "web2.example")) == [GENUINE]
+    assert doh.hosts == [f"{DOH_NAME}:{doh.port}"] * 2  # Host: the name, not the address
+    assert doh.sni == [DOH_NAME]  # one connection, verified for the name
+    assert proxy.log_lines()[-1]["upstream"] == url
+
+
+def test_doh_by_name_is_looked_up_through_the_other_upstreams(doh, upstream, second_upstream,
+                                                              make_proxy, ca_file):
+    """No address given: the plain upstream (with its defences) says where the DoH server's
+    name is; the system resolver, which knows nothing of it, is never asked."""
+    second_upstream.default.silent = True  # only the DoH server answers the client's names
+    second_upstream.rule(SERVER_NAME, answers=["127.0.0.1"])
+    url = f"https://{SERVER_NAME}:{doh.port}/dns-query"
+    proxy = make_proxy("--upstream", url, "--upstream", second_upstream.address,
+                       "--ca-file", ca_file, "--hedge-delay", "1")
+    for name in ("web.example", "web2.example"):
+        assert addresses(ask(proxy.port, name)) == [GENUINE]
+    assert second_upstream.count(SERVER_NAME) == 1  # looked up once, then kept for its TTL
+    assert second_upstream.count("web.example") == 0  # the DoH server answered at once
+    assert doh.hosts == [f"{SERVER_NAME}:{doh.port}"] * 2
+    assert doh.sni == [SERVER_NAME]
+    assert [line["upstream"] for line in proxy.log_lines()] == [url, url]

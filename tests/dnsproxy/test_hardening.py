@@ -3,6 +3,8 @@ amplifier, and tells its operator what happened."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -363,3 +365,109 @@ def test_metrics_are_closed_to_clients_outside_the_allowed_networks(upstream, ma
                "--allow", "10.0.0.0/8")
     with pytest.raises(OSError):  # closed without a response
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+
+
+def _udp_flood(port: int, source: str, names: list[str], wait: float = 0.3) -> int:
+    """Send every name from `source` at once; how many replies came back."""
+    replies = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        for name in names:
+            sock.sendto(DNSRecord.question(name).pack(), ("127.0.0.1", port))
+        sock.settimeout(wait)
+        try:
+            while True:
+                sock.recv(4096)
+                replies += 1
+        except TimeoutError:
+            pass
+    return replies
+
+
+def test_one_client_cannot_take_the_whole_in_flight_budget(upstream, make_proxy):
+    """A greedy client asking slow names the upstream never answers holds at most its share
+    (a quarter of 40 here); another client's miss is still answered."""
+    upstream.default.silent = True
+    upstream.rule("other.example")  # answered
+    proxy = make_proxy("--upstream", upstream.address, "--max-in-flight", "40",
+                       "--timeout", "3")
+    greedy = [f"slow{i}.example" for i in range(60)]
+    assert _udp_flood(proxy.port, "127.0.0.5", greedy, wait=0.3) == 0
+    assert addresses(ask(proxy.port, "other.example", timeout=2)) == [GENUINE]
+    assert sum(1 for seen in upstream.seen if seen.name.startswith("slow")) == 10
+    assert proxy.metrics.get("dnsproxy_overload_total", limit="client") == 50
+
+
+def test_refused_to_strangers_is_rate_limited_per_network(upstream, make_proxy):
+    """REFUSED is as large as the query: a flood from a forged stranger source gets a burst
+    of them, then silence, so the appliance reflects nothing worth aiming."""
+    proxy = make_proxy("--upstream", upstream.address, "--allow", "10.0.0.0/8")
+    names = [f"r{i}.example" for i in range(100)]
+    assert 20 <= _udp_flood(proxy.port, "127.0.0.1", names) <= 25  # the burst, then silence
+    assert _udp_flood(proxy.port, "127.0.0.9", names[:30]) <= 6  # same /24: its budget is spent
+    assert _udp_flood(proxy.port, "127.0.1.1", names[:5]) == 5  # another network is told
+    assert upstream.count() == 0
+    assert proxy.metrics.get("dnsproxy_responses_total", reason="ratelimited") >= 75
+
+
+def test_tcp_pipelining_is_capped_per_connection_with_backpressure(upstream, make_proxy):
+    """Beyond 16 queries in flight on one connection the server stops reading it (no
+    disconnect); each answer that goes out lets one more in."""
+    upstream.default.silent = True
+    proxy = make_proxy("--upstream", upstream.address, "--timeout", "1")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as conn:
+        for qid in range(1, 21):
+            _tcp_query(conn, f"p{qid}.example", qid)
+        time.sleep(0.4)
+        assert upstream.count() == 16  # the other four wait unread in the socket
+        answers = [_tcp_read(conn) for _ in range(20)]  # all 20, on the same connection
+    assert sorted(a.header.id for a in answers) == list(range(1, 21))
+    assert {a.header.rcode for a in answers} == {RCODE.SERVFAIL}
+    assert upstream.count() == 20
+
+
+def test_metrics_listener_caps_its_connections(upstream, make_proxy):
+    port = free_port()
+    proxy = make_proxy("--upstream", upstream.address, "--metrics", f"127.0.0.1:{port}")
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+    try:
+        time.sleep(0.3)
+        closed = 0
+        for conn in held:
+            conn.settimeout(0.05)
+            with contextlib.suppress(TimeoutError):  # one the listener keeps: no answer yet
+                closed += conn.recv(10) == b""
+        assert closed == 40 - 16
+        assert proxy.metrics.get("dnsproxy_metrics_connections_rejected_total") == 24
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.2)  # once they are gone, a scrape gets its answer again
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    assert b"dnsproxy_metrics_connections_rejected_total 24" in text
+
+
+def test_metrics_listener_closes_idle_connections():
+    from dnsproxy.metrics import Metrics, serve_metrics
+
+    async def main() -> float:
+        server = await serve_metrics(Metrics(), "127.0.0.1", 0, timeout=0.3)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n")  # the headers never end
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        server.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 3
+
+
+@pytest.mark.parametrize(("address", "network"), [
+    ("198.51.100.7", "198.51.100"), ("::ffff:198.51.100.7", "::ffff:198.51.100"),
+    ("2001:db8:1:2::5", "2001:db8:1::/56"), ("2001:db8:1:2ff::9", "2001:db8:1:200::/56"),
+])
+def test_refused_budget_is_kept_per_network(address, network):
+    from dnsproxy.stages.access import network_of
+    assert network_of(address) == network
