@@ -83,9 +83,7 @@ class Compose:
             cwd=self.file.parent,
         )
         if check and proc.returncode != 0:
-            lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
-            last = lines[-1] if lines else f"exit {proc.returncode}"
-            raise DeployFailed(f"compose {args[0]} failed: {last}")
+            raise DeployFailed(f"compose {args[0]} failed: {last_line(proc)}")
         return proc
 
     def configured_bridge(self) -> str | None:
@@ -99,10 +97,22 @@ class Compose:
     def up(self) -> None:
         if not self.file.exists():
             raise DeployFailed(f"compose file {self.file} not found")
-        self.run("up", "-d")
+        proc = self.run("up", "-d", check=False)
+        if proc.returncode != 0 and "ContainerConfig" in proc.stderr + proc.stdout:
+            # docker-compose 1.29 cannot recreate a container on engines 25+ (their image
+            # inspect lacks ContainerConfig): remove the services' containers, then create them.
+            self.run("rm", "--stop", "--force")
+            proc = self.run("up", "-d", check=False)
+        if proc.returncode != 0:
+            raise DeployFailed(f"compose up failed: {last_line(proc)}")
 
     def down(self) -> None:
         self.run("down", "--remove-orphans")
+
+
+def last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit {proc.returncode}"
 
 
 def find_container(client: Any, project: str, service: str) -> Any | None:
