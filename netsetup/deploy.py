@@ -40,11 +40,11 @@ DEFAULT_UPSTREAMS = ("tls://1.1.1.1#cloudflare-dns.com", "tls://9.9.9.9#dns.quad
 
 
 def compose_env(
-    settings: Settings, allow: tuple[str, ...] = (), service_config: str = ""
+    settings: Settings, allow: tuple[str, ...] = (), publish_address: str = ""
 ) -> dict[str, str]:
     """The variables compose.yaml reads; the Makefile passes the same names. `allow` is what the
     forwarder serves besides its defaults (the served LAN, the host's own address);
-    `service_config` the host service's deployment record."""
+    `publish_address` the host's LAN address, the only one port mode listens on."""
     env = dict(os.environ)
     env.update(
         {
@@ -59,7 +59,10 @@ def compose_env(
         env["UPSTREAMS"] = ",".join(DEFAULT_UPSTREAMS)
     if allow:
         env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, *allow])
-    env["NETSETUP_CONFIG"] = service_config
+    if publish_address:
+        env["PUBLISH_ADDRESS"] = publish_address
+    env["NETSETUP_PROJECT"] = settings.project
+    env["NETSETUP_STATE_DIR"] = str(state.state_dir())
     env["NETSETUP_RUN_DIR"] = str(state.run_dir())
     return env
 
@@ -69,7 +72,7 @@ class Compose:
     settings: Settings
     file: Path
     allow: tuple[str, ...] = ()
-    service_config: str = ""
+    publish_address: str = ""
 
     def _cmd(self, *args: str) -> list[str]:
         return [*compose_command(), "-p", self.settings.project, "-f", str(self.file), *args]
@@ -77,7 +80,7 @@ class Compose:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             self._cmd(*args),
-            env=compose_env(self.settings, self.allow, self.service_config),
+            env=compose_env(self.settings, self.allow, self.publish_address),
             capture_output=True,
             text=True,
             cwd=self.file.parent,
@@ -207,13 +210,16 @@ def wait_healthy(client: Any, settings: Settings, timeout: float = 90) -> Deploy
     raise DeployFailed(f"service {settings.service} is {state} after deployment: see docker logs")
 
 
-def wait_synced(project: str, service_config: str, timeout: float = 60) -> dict:
-    """Wait until the host service, running with this configuration, has applied the plan."""
+def wait_synced(project: str, fingerprint: str, since: float, timeout: float = 60) -> dict:
+    """Wait until the host service, reading this deployment record, has applied the plan in a
+    sync after `since` (a time.time()): a report left by a service that was killed says
+    nothing about now."""
     deadline = time.monotonic() + timeout
     record = None
     while time.monotonic() < deadline:
         record = state.load_sync(project)
-        if record and record.get("config") == service_config and record.get("complete"):
+        if (record and record.get("config") == fingerprint and record.get("complete")
+                and float(record.get("last_sync", 0)) > since):  # fmt: skip
             return record
         time.sleep(0.5)
     why = (record or {}).get("last_error") or "no report from it"

@@ -75,22 +75,21 @@ def iptables_backend(override: str | None = None) -> IptablesBackend:
         return IptablesBackend(override)
     scores = {}
     for flavour in (IptablesBackend.nft, IptablesBackend.legacy):
-        dumps = [_save(flavour, table) for table in ("filter", "nat")]
-        engine = any(
-            f":{chain} " in dump for dump in dumps for chain in ENGINE_CHAINS
-        )
-        rules = sum(line.startswith("-A ") for dump in dumps for line in dump.splitlines())
+        dump = _save(flavour)
+        engine = any(f":{chain} " in dump for chain in ENGINE_CHAINS)
+        rules = sum(line.startswith("-A ") for line in dump.splitlines())
         scores[flavour] = (engine, rules)
     if scores[IptablesBackend.legacy] > scores[IptablesBackend.nft]:
         return IptablesBackend.legacy
     return IptablesBackend.nft
 
 
-def _save(flavour: IptablesBackend, table: str) -> str:
-    """``iptables-<flavour>-save -t TABLE``; empty where that flavour is not installed."""
+def _save(flavour: IptablesBackend) -> str:
+    """``iptables-<flavour>-save``; empty where that flavour is not installed. Without ``-t``:
+    naming a table makes the kernel create it, and looking must change nothing."""
     try:
         proc = subprocess.run(
-            [f"iptables-{flavour.value}-save", "-t", table],
+            [f"iptables-{flavour.value}-save"],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
     except FileNotFoundError:

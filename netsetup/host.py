@@ -15,6 +15,7 @@ removes its rules on the way out, and `down` sweeps up after one that could not.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -133,17 +134,21 @@ def up(settings: Settings, options: Options) -> str:
     deployment = state.Deployment.of(
         settings, facts, options.firewall, str(options.compose_file.resolve())
     )
-    config = deployment.service_config()
     # The host's own LAN address is the host: served even where its LAN is not (check from it).
     own = f"{facts.lan_address}/32" if facts.lan_address else None
     allow = tuple(n for n in (plan.served_lan, own) if n)
-    compose = deploy.Compose(settings, compose.file, allow, config)
+    compose = deploy.Compose(settings, compose.file, allow, facts.lan_address)
     undo = UndoStack()
     try:
+        # The record first: the host service reads it (a change reaches a running service).
+        previous = state.load(settings.project)
+        state.save(settings.project, deployment)
+        undo.push("deployment record", lambda: restore_record(settings.project, previous))
         running = existing is not None and existing.health in ("healthy", "running")
-        compose.up()
-        if not running:
+        if not running:  # before, so that a compose up failing halfway is undone too
             undo.push("compose up", lambda: down_services(settings.project, compose))
+        compose.up()
+        deployed_at = time.time()
         deployed = deploy.wait_healthy(client, settings, options.timeout)
         verify_network(plan, deployed)
         # Only now is it certain the engine had its chance to create its chains (for its first
@@ -156,7 +161,7 @@ def up(settings: Settings, options: Options) -> str:
                 "way our rules confine (every client would look like its proxy): use "
                 "--mode direct (MODE=direct)"
             )
-        deploy.wait_synced(settings.project, config, options.timeout)
+        deploy.wait_synced(settings.project, deployment.fingerprint(), deployed_at, options.timeout)
         if plan.verify_no_raw_drop:
             drops = raw_drop_lines(backend, settings.ip)
             if drops:
@@ -164,11 +169,17 @@ def up(settings: Settings, options: Options) -> str:
                     f"the engine drops routed traffic to {settings.ip} ({drops[0]}): the network "
                     "must have gateway_mode_ipv4=nat-unprotected (recreate it: make down; make up)"
                 )
-        state.save(settings.project, deployment)
     except BaseException:
         undo.unwind()
         raise
     return describe(plan, backend)
+
+
+def restore_record(project: str, previous: state.Deployment | None) -> None:
+    if previous is None:
+        state.delete(project)
+    else:
+        state.save(project, previous)
 
 
 def down_services(project: str, compose: deploy.Compose) -> None:

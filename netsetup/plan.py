@@ -243,10 +243,13 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
                        out_interface=bridge, protocol=proto, dport=port,
                        comment=f"{project}: LAN to appliance {what}")
             )  # fmt: skip
-    fw.rules.append(
-        accept(source=ip, in_interface=bridge, out_interface=bridge, not_out_interface=True,
-               comment=f"{project}: appliance to upstreams, and its replies")
-    )  # fmt: skip
+    if not facts.has_docker_user:
+        # Hooked from FORWARD, no engine rules follow ours to let the appliance out; from
+        # DOCKER-USER its traffic falls through to the engine's (isolation between networks).
+        fw.rules.append(
+            accept(source=ip, in_interface=bridge, out_interface=bridge, not_out_interface=True,
+                   comment=f"{project}: appliance to upstreams, and its replies")
+        )  # fmt: skip
     fw.rules.append(
         Rule(table="filter", chain=forward_chain, target="DROP", in_interface=bridge,
              not_in_interface=True, out_interface=bridge,

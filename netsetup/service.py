@@ -12,7 +12,7 @@ On SIGTERM (compose down, docker stop, shutdown) it removes exactly its chains a
 back the sysctls it changed. The sysctl values it found are kept in the sync record, so a
 restarted service (a crash, an image update) does not mistake its own "1" for the host's value.
 
-    python -m netsetup.service        (configuration: NETSETUP_CONFIG, a state.Deployment)
+    python -m netsetup.service     (NETSETUP_PROJECT names the deployment record to read)
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def missing_pieces(fw: FirewallState) -> list[str]:
 
 @dataclass
 class HostService:
-    deployment: state.Deployment
     backend: FirewallBackend
     project: str
+    deployment: state.Deployment | None = None
     syncs: int = 0
     repairs: int = 0
     errors: int = 0
@@ -62,17 +62,23 @@ class HostService:
     started: float = field(default_factory=time.time)
     complete: bool = False
 
-    def plan(self) -> Plan:
+    def plan(self, deployment: state.Deployment) -> Plan:
         # Whether FORWARD passes DOCKER-USER is read every time: a flush may have taken the
         # engine's jump away, and then our hook belongs first in FORWARD until it is back.
-        facts = self.deployment.facts(
+        facts = deployment.facts(
             detect.IptablesBackend(self.backend.name), self.backend.has_docker_user()
         )
-        return compute_plan(self.deployment.to_settings(), facts)
+        return compute_plan(deployment.to_settings(), facts)
 
     def sync(self) -> list[str]:
         """Bring the host to the plan; return what had to be put back (empty: all in place)."""
-        plan = self.plan()
+        deployment = state.load(self.project)
+        if deployment is None:
+            raise NetsetupError(
+                f"no deployment record {state.path_for(self.project)}: deploy with `make up`"
+            )
+        self.deployment = deployment
+        plan = self.plan(deployment)
         found: list[str] = []
         for key, value in plan.sysctls.items():
             old = sysctl.set_value(key, value)
@@ -93,7 +99,7 @@ class HostService:
         first = self.syncs == 0
         try:
             found = self.sync()
-        except (NetsetupError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a sync hits, the loop goes on
             self.errors += 1
             self.last_error = str(exc)
             self.complete = False
@@ -112,7 +118,8 @@ class HostService:
         state.write_json(
             state.sync_path_for(self.project),
             {
-                "pid": os.getpid(), "config": self.deployment.service_config(),
+                "pid": os.getpid(),
+                "config": self.deployment.fingerprint() if self.deployment else None,
                 "started": self.started, "last_sync": time.time(), "syncs": self.syncs,
                 "repairs": self.repairs, "last_repair": self.last_repair,
                 "errors": self.errors, "last_error": self.last_error,
@@ -130,26 +137,17 @@ class HostService:
         log("removed the host plan")
 
 
-def load_config() -> state.Deployment:
-    text = os.environ.get("NETSETUP_CONFIG", "")
-    if not text:
-        raise NetsetupError("NETSETUP_CONFIG is not set: deploy with `make up` (netsetup up)")
-    try:
-        return state.Deployment.from_json(text)
-    except (ValueError, TypeError) as exc:
-        raise NetsetupError(f"NETSETUP_CONFIG is not a deployment record: {exc}") from None
-
-
 def main() -> int:
+    project = os.environ.get("NETSETUP_PROJECT", "dnsapp")
     try:
-        deployment = load_config()
         interval = float(os.environ.get("NETSETUP_SYNC_INTERVAL", DEFAULT_INTERVAL))
-        backend = get_backend(detect.iptables_backend(deployment.firewall).value)
+        deployment = state.load(project)
+        override = deployment.firewall if deployment else "auto"
+        backend = get_backend(detect.iptables_backend(override).value)
     except (NetsetupError, ValueError) as exc:
         print(f"netsetup-service: error: {exc}", file=sys.stderr)
         return 2
-    project = deployment.to_settings().project
-    service = HostService(deployment, backend, project)
+    service = HostService(backend, project)
     previous = state.load_sync(project)
     if previous:  # a restart, not a boot: keep what the host had before our first change
         service.sysctls_before = dict(previous.get("sysctls_before") or {})

@@ -1,14 +1,17 @@
 """What `up` deployed, and what the host service reports, kept where each belongs.
 
 The deployment (the user's settings plus what detection found on the host) outlives a reboot as
-the containers do, so it lives under /var/lib; `up` writes it, hands the same record to the host
-service as its configuration (NETSETUP_CONFIG), and `down`, `status` and `check` read it back.
+the containers do, so it lives under /var/lib; `up` writes it, the host service reads it (the
+directory is mounted read-only into its container) at every sync, and `down`, `status` and
+`check` read it too. So a service started by hand (`docker compose up`) or after a reboot
+keeps the plan `up` decided, and a changed setting reaches it without recreating it.
 The service's sync record (last sync, repairs, the sysctl values it replaced) describes rules
 that vanish with a reboot, so it lives under /run, which does too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -68,12 +71,11 @@ class Deployment:
             lan_cidr=self.lan_cidr, lan_address=self.lan_address, docker_user=docker_user,
         )  # fmt: skip
 
-    def service_config(self) -> str:
-        """The service's configuration: deterministic, so an unchanged `up` leaves the running
-        service alone (compose recreates a container only when its environment changes)."""
-        data = asdict(self)
-        data.pop("compose_file")
-        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+    def fingerprint(self) -> str:
+        """Names this record in the service's report, so `up` can tell when the service runs
+        with what it just wrote."""
+        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @classmethod
     def from_json(cls, text: str) -> Deployment:

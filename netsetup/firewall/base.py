@@ -102,6 +102,12 @@ class FirewallBackend(ABC):
             extra += [f"{table}/{line}" for line in stale_hooks]
             for chain in plan.chains_in(table):
                 chains[f"{table}/{chain.name}"] = chain.name in declared_chains(dump)
+                # Our chain must hold the plan's rules in order and nothing else: a rule left
+                # from other settings, or one another tool slipped in, is repaired too.
+                actual = [ln for ln in rule_lines(dump) if ln.split()[1] == chain.name]
+                planned = [r.render_append() for r in plan.rules_in(table) if r.chain == chain.name]
+                if chain.name in declared_chains(dump) and actual != planned:
+                    extra.append(f"{table}/{chain.name}: rules differ from the plan")
             lines = set(rule_lines(dump))
             for hook in plan.hooks_in(table):
                 hooks[f"{table}/{hook.chain} -> {hook.target}"] = hook.render_append() in lines

@@ -85,7 +85,8 @@ class NestedEngine:
     """A running nested engine: its container, socket and the pid whose netns it lives in.
 
     `report_dir` is mounted at the same path inside, so the host service the nested engine runs
-    writes its report where netsetup on this host (NETSETUP_RUN_DIR) reads it.
+    reads its deployment record and writes its report where netsetup on this host
+    (NETSETUP_STATE_DIR, NETSETUP_RUN_DIR) writes and reads them.
     """
 
     name: str
@@ -97,7 +98,12 @@ class NestedEngine:
         return f"unix://{self.run_dir}/docker.sock"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "DOCKER_HOST": self.docker_host, "NETSETUP_RUN_DIR": self.report_dir}
+        return {
+            **os.environ,
+            "DOCKER_HOST": self.docker_host,
+            "NETSETUP_RUN_DIR": self.report_dir,
+            "NETSETUP_STATE_DIR": f"{self.report_dir}/state",
+        }
 
     def docker(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", *args], env=self.env(), **kwargs)

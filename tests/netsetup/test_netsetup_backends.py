@@ -141,3 +141,19 @@ def test_apply_replaces_a_hook_from_the_wrong_chain(netns: str) -> None:
     assert len(hooks) == 1 and hooks[0].startswith("-A DOCKER-USER"), hooks
     driver(netns, "nft", "28", "both", "remove")
     assert save(netns, "nft") == before
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_a_rule_slipped_into_our_chain_is_reported_and_removed(netns: str, backend: str) -> None:
+    """Our chain holds the plan's rules and nothing else: an ACCEPT another tool inserted
+    ahead of our DROP (or a rule of earlier settings) makes the state inexact, and the next
+    apply rewrites the chain as planned."""
+    docker_like(netns, backend)
+    driver(netns, backend, "28", "both", "apply")
+    planned = save(netns, backend)
+    netns_exec(netns, CLI[backend], "-I", "NETSETUP-dnsapp", "1", "-j", "ACCEPT")
+    state = json.loads(driver(netns, backend, "28", "both", "state"))
+    assert state["complete"]
+    assert state["extra"] == ["filter/NETSETUP-dnsapp: rules differ from the plan"]
+    driver(netns, backend, "28", "both", "apply")
+    assert save(netns, backend) == planned

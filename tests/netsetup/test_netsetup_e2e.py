@@ -99,8 +99,9 @@ def make(engine: Engine, target: str, **variables: str):
 
 def container_logs(engine: Engine, project: str) -> list[dict]:
     ids = engine.run(
-        "docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"
-    ).stdout.split()
+        "docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+        "--filter", "label=com.docker.compose.service=dnsproxy",
+    ).stdout.split()  # fmt: skip
     assert ids, "appliance container not found"
     out = engine.run("docker", "logs", ids[0])
     records = []
@@ -143,7 +144,7 @@ def remove_our_rules(engine: Engine, project: str) -> None:
 
 def assert_nothing_answers(out: str) -> None:
     """dig got no reply at all: not REFUSED, not anything (a status line means a reply)."""
-    assert "status:" not in out and "timed out" in out or "no servers" in out, out
+    assert "status:" not in out and ("timed out" in out or "no servers" in out), out
 
 
 def assert_exposure(topo: Topology, ip: str, port: int, metrics_from_lan: bool = False) -> None:
@@ -152,8 +153,9 @@ def assert_exposure(topo: Topology, ip: str, port: int, metrics_from_lan: bool =
     # a stranger routing the appliance subnet via the host: no answer, not even REFUSED
     assert_nothing_answers(topo.dig_full(topo.wan_ns, ip, "wan.example.test"))
     assert_nothing_answers(topo.dig_full(topo.wan_ns, ip, "wan-tcp.example.test", tcp=True))
-    # the published port on the host's WAN address
+    # the published port, on the host's WAN address and (routed to it) on its LAN address
     assert_nothing_answers(topo.dig_full(topo.wan_ns, WAN_HOST, "wan-port.example.test", port))
+    assert_nothing_answers(topo.dig_full(topo.wan_ns, LAN_HOST, "wan-lan.example.test", port))
     # the metrics port: not from the WAN, from the LAN only when asked for
     assert not topo.tcp_connects(topo.wan_ns, ip, METRICS_PORT)
     assert topo.tcp_connects(topo.lan_ns, ip, METRICS_PORT) == metrics_from_lan

@@ -97,6 +97,9 @@ class Topology:
         # the LAN's router would route the appliance subnet to the host; the client does it here
         sh("ip", "netns", "exec", self.lan_ns, "ip", "route", "add", self.subnet, "via", LAN_HOST)
         sh("ip", "netns", "exec", self.wan_ns, "ip", "route", "add", self.subnet, "via", WAN_HOST)
+        # and the LAN too: the host's LAN address is reachable from its WAN side (Linux answers
+        # for any of its addresses on any interface) unless a rule says otherwise
+        sh("ip", "netns", "exec", self.wan_ns, "ip", "route", "add", LAN_NET, "via", WAN_HOST)
         fd, self.upstream_log = tempfile.mkstemp(prefix="netsetup-upstream-", suffix=".jsonl")
         os.close(fd)
         self.upstream_proc = subprocess.Popen(
