@@ -1,8 +1,8 @@
 """Firewall backends: one rule model (model.py), one backend per way of writing it.
 
-iptables_nft writes through the nf_tables-backed ``iptables-restore`` (where Docker's own rules
-live when ``iptables -V`` says nf_tables); iptables_legacy writes with python-iptables, which only
-sees the legacy tables. `get_backend` picks one by name.
+iptables_nft writes through the nf_tables-backed ``iptables-restore``; iptables_legacy writes with
+python-iptables, which only sees the legacy tables. Which one a host needs is where its engine's
+rules are (detect.iptables_backend); `get_backend` picks one by name.
 """
 
 from __future__ import annotations
