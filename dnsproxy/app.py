@@ -10,6 +10,7 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
+from . import cachefile
 from .config import ConfigError, Settings, build_settings, parse_listen
 from .forgery import EdnsState, build_filters, load_forged_addresses
 from .forwarder import Forwarder
@@ -29,7 +30,8 @@ log = logging.getLogger("dnsproxy")
 
 # What a reload cannot change: sockets, the log, the process layout, the TCP and load limits.
 RESTART_ONLY = ("listen", "metrics", "query_log", "workers", "tcp_idle_timeout",
-                "tcp_max_connections", "tcp_max_per_client", "max_in_flight")
+                "tcp_max_connections", "tcp_max_per_client", "max_in_flight", "state_dir",
+                "cache_save_interval")
 
 
 class ListenError(Exception):
@@ -52,6 +54,16 @@ class Forwarding:
     pipeline: Pipeline
     forwarder: Forwarder
     access: AccessControl  # also guards the metrics endpoint
+
+
+def configure_cache(cache: Cache, settings: Settings) -> None:
+    cache.size = settings.cache_size
+    cache.max_bytes = settings.cache_bytes
+    cache.max_ttl = settings.max_ttl
+    cache.serve_stale = settings.serve_stale
+    cache.stale_ttl = settings.stale_ttl
+    cache.max_stale = settings.max_stale
+    cache.prefetch = settings.prefetch
 
 
 def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
@@ -84,9 +96,8 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
                           max_ttl=settings.max_ttl)
     learned.edns = {upstream.name: upstream.edns for upstream in upstreams}  # the gone go
-    cache.size = settings.cache_size
-    cache.max_bytes = settings.cache_bytes
-    cache.max_ttl = settings.max_ttl
+    configure_cache(cache, settings)
+    cache.refresher = forwarder.refresh  # refreshes started from now on use the new upstreams
     access = AccessControl(settings.allow, metrics)
     # The order of the chain, and why:
     stages = [
@@ -109,11 +120,15 @@ class Service:
         self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.querylog = QueryLog() if settings.query_log else NullLog()
-        self.cache = Cache(settings.cache_size, self.metrics, settings.max_ttl,
-                           max_bytes=settings.cache_bytes)
+        self.cache = Cache(settings.cache_size, self.metrics)
         self.learned = Learned()
         self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache,
                                            self.learned)
+        self.cache_file = cachefile.path_in(settings.state_dir) if settings.state_dir else None
+        if self.cache_file:
+            kept = cachefile.load(self.cache, self.cache_file)  # after the cache's settings
+            log.info("cache: %d entries read from %s", kept, self.cache_file)
+        self.saver: asyncio.Task | None = None
         self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog,
                                    allowed=self.allowed,
                                    max_in_flight=settings.max_in_flight)
@@ -142,12 +157,28 @@ class Service:
                 lambda: UdpServer(self.responder), sock=udp_sock)
             self.transports.append(transport)
             self.servers.append(await asyncio.start_server(tcp.handle, sock=tcp_sock))
+        if self.cache_file:
+            self.saver = loop.create_task(self._save_every(s.cache_save_interval))
         if s.metrics:
             host, port = parse_listen(s.metrics)
             try:
                 self.servers.append(await serve_metrics(self.metrics, host, port, self.allowed))
             except OSError as exc:
                 raise ListenError(f"cannot serve metrics on {s.metrics}: {exc.strerror}") from None
+
+    async def _save_every(self, interval: float) -> None:
+        """A crash or a kill loses at most `interval` of what the cache learned."""
+        while True:
+            await asyncio.sleep(interval)
+            self.save_cache()
+
+    def save_cache(self) -> None:
+        try:
+            count = cachefile.save(self.cache, self.cache_file)
+        except OSError as exc:
+            log.warning("cannot save the cache to %s: %s", self.cache_file, exc.strerror)
+            return
+        log.debug("cache: %d entries saved to %s", count, self.cache_file)
 
     def reload(self) -> None:
         """Re-read the configuration; on any error keep running with the old one."""
@@ -189,6 +220,11 @@ class Service:
             await asyncio.wait(list(self.responder.tasks), timeout=0.5)
         for task in list(self.responder.tasks):
             task.cancel()
+        self.cache.close()
+        if self.saver is not None:
+            self.saver.cancel()
+        if self.cache_file:
+            self.save_cache()  # after the last answers: what they taught is kept too
         for forwarder in [self.forwarding.forwarder, *self.retired]:
             await forwarder.close()
         if self.closing:

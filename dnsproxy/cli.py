@@ -40,6 +40,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-bytes", type=int, metavar="BYTES",
                    help="bytes the cached replies may take in all (default 32 MiB)")
     p.add_argument("--max-ttl", type=int, metavar="SECONDS", help="cap on cached TTLs")
+    p.add_argument("--serve-stale", action=argparse.BooleanOptionalAction,
+                   help="answer expired entries at once while refreshing them (default on)")
+    p.add_argument("--stale-ttl", type=int, metavar="SECONDS",
+                   help="TTL of a stale answer (default 30)")
+    p.add_argument("--max-stale", type=int, metavar="SECONDS",
+                   help="how long past expiry an entry may be served stale (default 86400)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction,
+                   help="refresh entries asked for in the last tenth of their TTL (default on)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep the cache here across restarts (default: nowhere)")
+    p.add_argument("--cache-save-interval", type=float, metavar="SECONDS",
+                   help="save the cache to --state-dir this often, and on exit (default 300)")
     p.add_argument("--query-log", action=argparse.BooleanOptionalAction,
                    help="one JSON line per query and per discarded forgery on stdout")
     p.add_argument("--ca-file", metavar="FILE", help="trust only this CA for tls:// and https://")

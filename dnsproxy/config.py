@@ -32,6 +32,12 @@ class Settings:
     cache_size: int = 10000  # replies; 0 turns the cache off
     cache_bytes: int = 32 * 1024 * 1024  # what the cached replies may take in all
     max_ttl: int = 86400
+    serve_stale: bool = True  # answer expired entries while refreshing them (RFC 8767)
+    stale_ttl: int = 30  # the TTL a stale answer shows
+    max_stale: int = 86400  # how long past its expiry an entry may still be served
+    prefetch: bool = True  # refresh an entry asked for in the last tenth of its TTL
+    state_dir: str | None = None  # where the cache is kept across restarts
+    cache_save_interval: float = 300.0  # seconds between saves of the cache to state_dir
     query_log: bool = False
     ca_file: str | None = None
     allow: list[str] = field(default_factory=lambda: list(DEFAULT_ALLOWED))
@@ -58,17 +64,21 @@ class Settings:
 
 FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
 LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses_file"}
-BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted"}
-FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout"}
+BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted",
+             "serve_stale", "prefetch"}
+FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout", "cache_save_interval"}
 INT_KEYS = {"cache_size", "cache_bytes", "max_ttl", "workers", "tcp_max_connections",
-            "tcp_max_per_client", "max_in_flight"}
+            "tcp_max_per_client", "max_in_flight", "stale_ttl", "max_stale"}
 # Limits where zero would mean "nothing at all" rather than "off": a server that sheds every
 # query (max_in_flight = 0) or accepts no TCP connection is a misconfiguration, not a setting.
 # The others take 0 as documented: cache_size (cache off), rate_limit (no limit), hedge_delay
-# (ask every upstream at once).
+# (ask every upstream at once), max_stale (an entry is served stale only while its refresh is
+# being decided: never, in effect). A stale TTL of 0 would tell clients not to keep the answer
+# and ask again at once, which is what serving stale is meant to spare.
 ABOVE_ZERO = {"timeout", "tcp_idle_timeout", "max_ttl", "workers", "tcp_max_connections",
-              "tcp_max_per_client", "max_in_flight", "cache_bytes"}
-STR_KEYS = {"ca_file", "metrics", "identity"}
+              "tcp_max_per_client", "max_in_flight", "cache_bytes", "stale_ttl",
+              "cache_save_interval"}
+STR_KEYS = {"ca_file", "metrics", "identity", "state_dir"}
 # Environment names where the plural reads better than the setting's own name. The switch
 # `forged_addresses` (the built-in list on or off) then needs a name of its own: two settings
 # read from one variable would make either unusable from the environment.
@@ -325,3 +335,11 @@ def validate(settings: Settings) -> None:
         parse_listen(settings.metrics)
     if settings.ca_file and not os.path.isfile(settings.ca_file):
         raise ConfigError(f"ca_file: no such file {settings.ca_file}")
+    if settings.state_dir:
+        path = settings.state_dir
+        try:
+            os.makedirs(path, exist_ok=True)  # a fresh volume may not have it yet
+        except OSError as exc:
+            raise ConfigError(f"state_dir {path}: {exc.strerror}") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"state_dir {path}: not writable")

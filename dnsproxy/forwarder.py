@@ -80,11 +80,8 @@ class Forwarder:
 
     async def resolve(self, request: Request) -> Response:
         query = request.query
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout - (time.monotonic() - request.started)
         try:
-            answer, upstream = await self._race(query, deadline)
-            cached = wire.strip_opt(answer.data, answer.reply, self.max_ttl)
+            answer, upstream, cached = await self._fetch(query, request.started)
         except (UpstreamError, wire.WireError):  # the latter: a reply even dnslib cannot rebuild
             self.metrics.inc("dnsproxy_responses_total", reason="servfail")
             return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)
@@ -92,6 +89,23 @@ class Forwarder:
         # Only what the defences accepted may be cached: an unverified reply serves this client.
         return Response(wire.client_reply(cached, query), "forwarded", answer.reply.rcode,
                         upstream.name, cacheable=cached if answer.verified else None)
+
+    async def refresh(self, query: wire.Query) -> wire.CachedReply | None:
+        """A cache entry fetched anew for no waiting client (serve-stale, prefetch): the reply
+        if the defences verified it and it may be cached, else None, and no response counted,
+        since none is sent."""
+        try:
+            answer, _, cached = await self._fetch(query, time.monotonic())
+        except (UpstreamError, wire.WireError):
+            return None
+        return cached if answer.verified else None
+
+    async def _fetch(self, query: wire.Query,
+                     started: float) -> tuple[Answer, Upstream, wire.CachedReply]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout - (time.monotonic() - started)
+        answer, upstream = await self._race(query, deadline)
+        return answer, upstream, wire.strip_opt(answer.data, answer.reply, self.max_ttl)
 
     async def _exchange(self, upstream: Upstream, query: wire.Query, deadline: float) -> Answer:
         """One question to one upstream; again without OPT if the upstream chokes on OPT."""

@@ -10,8 +10,11 @@ from collections import defaultdict
 
 HELP = {
     "dnsproxy_queries_total": "Queries received, by transport.",
-    "dnsproxy_responses_total": "Responses sent, by how they were produced.",
-    "dnsproxy_cache_hits_total": "Queries answered from the cache.",
+    "dnsproxy_responses_total": "Responses sent, by how they were produced (cache hits: "
+                                "only the stale ones).",
+    "dnsproxy_cache_hits_total": "Queries answered from the cache, stale answers included.",
+    "dnsproxy_cache_refreshes_total": "Cache entries fetched anew before or after expiry, "
+                                      "by kind (prefetch, stale) and result (stored, failed).",
     "dnsproxy_cache_misses_total": "Queries the cache could not answer.",
     "dnsproxy_forgeries_total": "Forged replies discarded, by upstream and reason.",
     "dnsproxy_upstream_queries_total": "Queries sent upstream, by upstream and transport.",

@@ -67,7 +67,7 @@ class QueryLog:
             "rcode": RCODES.get(response.rcode, str(response.rcode)),
             "reason": response.reason,
             "upstream": response.upstream,
-            "cached": response.reason == "cached",
+            "cached": response.reason in ("cached", "stale"),  # reason says which
             "latency_ms": round((time.monotonic() - request.started) * 1000, 3),
         })
 

@@ -375,11 +375,12 @@ def cache_ttl(reply: Reply) -> int:
     return lowest if negative is None else min(lowest, negative)
 
 
-def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
+def client_reply(cached: CachedReply, query: Query, age: int = 0, stale_ttl: int = 0) -> bytes:
     """The cached reply as this client must see it: its ID, its question's case, aged TTLs, OPT.
 
     The one function both the cache-hit path and the forwarded path use, so both give the same
-    bytes.
+    bytes. A record whose TTL has run out by `age` shows `stale_ttl` (RFC 8767 4: an expired
+    entry served while it is refreshed); on a fresh hit every TTL is above the age anyway.
     """
     _, _, ext_rcode, _, count = CachedReply.HEAD.unpack_from(cached)
     start = CachedReply.HEAD.size + 2 * count
@@ -395,7 +396,7 @@ def client_reply(cached: CachedReply, query: Query, age: int = 0) -> bytes:
     if age:
         for (off,) in U16.iter_unpack(memoryview(cached)[CachedReply.HEAD.size:start]):
             ttl = U32.unpack_from(buf, off)[0]
-            U32.pack_into(buf, off, ttl - age if ttl > age else 0)
+            U32.pack_into(buf, off, ttl - age if ttl > age else stale_ttl)
     if query.edns:
         U16.pack_into(buf, 10, U16.unpack_from(buf, 10)[0] + 1)
         buf += OUR_OPT[query.do] if ext_rcode == 0 else opt_record(query.do, ext_rcode)

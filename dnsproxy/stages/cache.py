@@ -9,33 +9,60 @@ aged TTLs for each hit, the same function the miss path uses, so both give the s
 Two bounds hold at once, evicting the least recently used first: the number of entries, and
 their bytes (key and stored reply), so a few 64 KiB TCP answers weigh what they really cost.
 A reply larger than the whole byte budget is not kept at all.
+
+Popular names should never miss (RFC 8767 style, as unbound and dnsmasq do it):
+- serve stale: an expired entry is answered at once, its run-out TTLs showing `stale_ttl`,
+  while one refresh goes upstream; it is kept up to `max_stale` past its expiry, and a refresh
+  that fails leaves it in place until then;
+- prefetch: a hit in the last tenth of an entry's TTL refreshes it before it expires.
+Refreshes are deduplicated per key, bounded in number, and go through `refresher` (the
+forwarder), which returns only replies the forgery defences verified: as with what `observe`
+keeps, nothing else ever enters the cache, so nothing else can be served stale.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 from .. import wire
 from ..metrics import Metrics
 from ..pipeline import PassThrough, Request, Response
+
+# Refreshes in flight at once: beyond, an expired entry is still served stale, just not
+# refreshed by this query (the next one tries again), so a burst cannot flood the upstreams.
+MAX_REFRESHES = 100
+PREFETCH_AT = 0.9  # of the TTL: the last tenth
+
+Refresher = Callable[[wire.Query], Awaitable["wire.CachedReply | None"]]
 
 
 class Cache(PassThrough):
     name = "cache"
 
     def __init__(self, size: int, metrics: Metrics, max_ttl: int = 86400,
-                 clock=time.monotonic, max_bytes: int = 32 * 1024 * 1024) -> None:
+                 clock=time.monotonic, max_bytes: int = 32 * 1024 * 1024,
+                 serve_stale: bool = True, stale_ttl: int = 30, max_stale: int = 86400,
+                 prefetch: bool = True) -> None:
         self.size = size
         self.max_bytes = max_bytes
         self.bytes = 0  # len(key) + len(entry) over all entries
         self.max_ttl = max_ttl
+        self.serve_stale = serve_stale
+        self.stale_ttl = stale_ttl
+        self.max_stale = max_stale
+        self.prefetch = prefetch
+        self.refresher: Refresher | None = None  # set once the forwarder is built
+        self.refreshing: dict[bytes, asyncio.Task] = {}  # by key: one refresh each at most
         self.metrics = metrics
         self.clock = clock
         self.entries: OrderedDict[bytes, wire.CachedReply] = OrderedDict()  # stamped replies
         self.counts = metrics.values
         self.hits = metrics.key("dnsproxy_cache_hits_total")
         self.misses = metrics.key("dnsproxy_cache_misses_total")
+        self.stale = metrics.key("dnsproxy_responses_total", reason="stale")
         metrics.gauge("dnsproxy_cache_entries", lambda: len(self.entries))
         metrics.gauge("dnsproxy_cache_bytes", lambda: self.bytes)
 
@@ -54,32 +81,74 @@ class Cache(PassThrough):
             return None
         stored, ttl = wire.CachedReply.STAMP.unpack_from(cached)
         age = self.clock() - stored
-        if age >= ttl or age >= self.max_ttl:
+        if age < ttl * PREFETCH_AT and age < self.max_ttl:  # the common case, kept short
+            self.entries.move_to_end(key)
+            self.counts[self.hits] += 1
+            reply = wire.client_reply(cached, query, int(age))
+            return Response(reply, "cached", reply[3] & wire.RCODE_MASK)
+        return self._ageing(request, key, cached, min(ttl, self.max_ttl), age)
+
+    def _ageing(self, request: Request, key: bytes, cached: wire.CachedReply, ttl: int,
+                age: float) -> Response | None:
+        """An entry near or past its expiry: prefetched, served stale, or dropped."""
+        query = request.query
+        if age < ttl:
+            if self.prefetch:
+                self._refresh(key, query, "prefetch")
+            reason, stale_ttl = "cached", 0
+        elif self.serve_stale and age < ttl + self.max_stale:
+            self._refresh(key, query, "stale")
+            self.counts[self.stale] += 1
+            reason, stale_ttl = "stale", self.stale_ttl
+        else:
             self._drop(key)
             self.counts[self.misses] += 1
             return None
         self.entries.move_to_end(key)
         self.counts[self.hits] += 1
-        reply = wire.client_reply(cached, query, int(age))
-        return Response(reply, "cached", reply[3] & wire.RCODE_MASK)
+        reply = wire.client_reply(cached, query, int(age), stale_ttl)
+        return Response(reply, reason, reply[3] & wire.RCODE_MASK)
+
+    def _refresh(self, key: bytes, query: wire.Query, kind: str) -> None:
+        if (self.refresher is None or key in self.refreshing
+                or len(self.refreshing) >= MAX_REFRESHES):
+            return
+        task = asyncio.get_running_loop().create_task(self._fetch(key, query, kind))
+        self.refreshing[key] = task
+        task.add_done_callback(lambda _: self.refreshing.pop(key, None))
+
+    async def _fetch(self, key: bytes, query: wire.Query, kind: str) -> None:
+        cached = await self.refresher(query)
+        # A failure (or a reply not to be cached) leaves the old entry to serve stale.
+        stored = cached is not None and self.store(key, cached)
+        self.metrics.inc("dnsproxy_cache_refreshes_total", kind=kind,
+                         result="stored" if stored else "failed")
+
+    def close(self) -> None:
+        """Cancel the refreshes in flight: the forwarder they use is closing."""
+        for task in list(self.refreshing.values()):
+            task.cancel()
 
     def observe(self, request: Request, response: Response) -> None:
         cached = response.cacheable
-        if cached is None or self.size <= 0:
-            return
+        if cached is not None:
+            self.store(self.key(request.query), cached)
+
+    def store(self, key: bytes, cached: wire.CachedReply, stored: float | None = None) -> bool:
+        """Keep a verified reply (stamped `stored`, by default now); False if it may not be."""
         ttl = min(cached.ttl, self.max_ttl)
-        if ttl <= 0:
-            return
-        key = self.key(request.query)
+        if self.size <= 0 or ttl <= 0:
+            return False
         self._drop(key)  # a newer reply replaces the old, whatever their sizes
         weight = len(key) + len(cached)
         if weight > self.max_bytes:
-            return  # it would evict everything else and still not fit
-        self.entries[key] = cached.stamped(self.clock())
+            return False  # it would evict everything else and still not fit
+        self.entries[key] = cached.stamped(self.clock() if stored is None else stored)
         self.bytes += weight
         while len(self.entries) > self.size or self.bytes > self.max_bytes:
             old_key, old = self.entries.popitem(last=False)
             self.bytes -= len(old_key) + len(old)
+        return True
 
     def _drop(self, key: bytes) -> None:
         entry = self.entries.pop(key, None)

@@ -29,7 +29,7 @@ def test_hit_counts_ttl_down(upstream, make_proxy):
 
 def test_entry_expires_after_its_ttl(upstream, make_proxy):
     upstream.rule("short.example", ttl=1)
-    proxy = make_proxy("--upstream", upstream.address)
+    proxy = make_proxy("--upstream", upstream.address, "--no-serve-stale")
     ask(proxy.port, "short.example")
     ask(proxy.port, "short.example")
     assert upstream.count("short.example") == 1
@@ -40,7 +40,7 @@ def test_entry_expires_after_its_ttl(upstream, make_proxy):
 
 def test_max_ttl_caps_how_long_an_entry_is_kept(upstream, make_proxy):
     upstream.rule("long.example", ttl=3600)
-    proxy = make_proxy("--upstream", upstream.address, "--max-ttl", "1")
+    proxy = make_proxy("--upstream", upstream.address, "--max-ttl", "1", "--no-serve-stale")
     ask(proxy.port, "long.example")
     time.sleep(1.2)
     ask(proxy.port, "long.example")
@@ -68,7 +68,7 @@ def test_nxdomain_is_cached_for_min_of_soa_ttl_and_minimum(upstream, make_proxy,
     """RFC 2308 5: the negative TTL is the lesser of the SOA's TTL and its MINIMUM; either
     way round, the entry lives one second, not 300."""
     upstream.rule("missing.example", rcode=RCODE.NXDOMAIN, ttl=soa_ttl, soa_minimum=minimum)
-    proxy = make_proxy("--upstream", upstream.address)
+    proxy = make_proxy("--upstream", upstream.address, "--no-serve-stale")
     for _ in range(2):
         reply = ask(proxy.port, "missing.example")
         assert reply.header.rcode == RCODE.NXDOMAIN
@@ -187,3 +187,90 @@ def test_reply_larger_than_the_byte_budget_is_not_cached(upstream, make_proxy):
     ask(proxy.port, "small.example")
     assert upstream.count("small.example", "udp") == 1  # and it evicted nothing
     assert proxy.metrics.gauges["dnsproxy_cache_bytes"]() < 1000
+
+
+# --- serve stale, refresh behind; prefetch ---
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    """Refreshes run behind the answer: wait for what they do, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def refreshes(proxy, kind: str, result: str) -> float:
+    return proxy.metrics.get("dnsproxy_cache_refreshes_total", kind=kind, result=result)
+
+
+def test_stale_entry_is_answered_with_the_stale_ttl_and_refreshed_once(upstream, make_proxy):
+    upstream.rule("stale.example", ttl=1)
+    proxy = make_proxy("--upstream", upstream.address, "--stale-ttl", "7", "--no-prefetch")
+    assert [rr.ttl for rr in ask(proxy.port, "stale.example").rr] == [1]
+    time.sleep(1.2)
+    upstream.rule("stale.example", ttl=1, delay=0.5)  # the refresh takes a while to answer
+    for _ in range(4):  # all while the one refresh is on its way
+        reply = ask(proxy.port, "stale.example")
+        assert addresses(reply) == [GENUINE]
+        assert [rr.ttl for rr in reply.rr] == [7]
+    wait_for(lambda: refreshes(proxy, "stale", "stored") == 1)
+    assert upstream.count("stale.example") == 2  # the first miss, and one refresh
+    refreshed = ask(proxy.port, "stale.example")  # fresh again, from the refresh
+    assert [rr.ttl for rr in refreshed.rr] == [1]
+    assert upstream.count("stale.example") == 2
+    assert reasons(proxy) == ["forwarded", *["stale"] * 4, "cached"]
+    assert [line["cached"] for line in proxy.log_lines() if "rcode" in line][1] is True
+    assert proxy.metrics.get("dnsproxy_responses_total", reason="stale") == 4
+
+
+def test_failing_refresh_keeps_the_stale_answer(upstream, make_proxy):
+    upstream.rule("down.example", ttl=1)
+    proxy = make_proxy("--upstream", upstream.address, "--timeout", "0.5")
+    ask(proxy.port, "down.example")
+    time.sleep(1.2)
+    upstream.rule("down.example", silent=True)  # the upstream is gone
+    for attempt in range(1, 3):
+        reply = ask(proxy.port, "down.example")
+        assert addresses(reply) == [GENUINE] and [rr.ttl for rr in reply.rr] == [30]
+        wait_for(lambda attempt=attempt: refreshes(proxy, "stale", "failed") == attempt)
+    assert upstream.count("down.example") == 3
+    assert reasons(proxy) == ["forwarded", "stale", "stale"]
+
+
+def test_entry_is_not_served_past_max_stale(upstream, make_proxy):
+    upstream.rule("old.example", ttl=1)
+    proxy = make_proxy("--upstream", upstream.address, "--max-stale", "1", "--timeout", "0.5")
+    ask(proxy.port, "old.example")
+    upstream.rule("old.example", silent=True)
+    time.sleep(2.2)  # expired a second ago, and as long past max_stale
+    assert ask(proxy.port, "old.example").header.rcode == RCODE.SERVFAIL
+    assert reasons(proxy) == ["forwarded", "servfail"]
+
+
+def test_no_serve_stale_asks_upstream_and_waits(upstream, make_proxy):
+    upstream.rule("plain.example", ttl=1)
+    proxy = make_proxy("--upstream", upstream.address, "--no-serve-stale")
+    ask(proxy.port, "plain.example")
+    time.sleep(1.2)
+    assert [rr.ttl for rr in ask(proxy.port, "plain.example").rr] == [1]
+    assert upstream.count("plain.example") == 2
+    assert reasons(proxy) == ["forwarded", "forwarded"]
+
+
+def test_prefetch_refreshes_once_in_the_last_tenth_of_the_ttl(upstream, make_proxy):
+    upstream.rule("popular.example", ttl=2)
+    proxy = make_proxy("--upstream", upstream.address, "--no-serve-stale")
+    ask(proxy.port, "popular.example")
+    ask(proxy.port, "popular.example")  # early in its TTL: no prefetch
+    assert upstream.count("popular.example") == 1
+    time.sleep(1.85)  # in the last tenth
+    upstream.rule("popular.example", ttl=2, delay=0.1)
+    for _ in range(3):  # answered from the cache, one prefetch for them all
+        assert addresses(ask(proxy.port, "popular.example")) == [GENUINE]
+    wait_for(lambda: refreshes(proxy, "prefetch", "stored") == 1)
+    assert upstream.count("popular.example") == 2
+    time.sleep(0.3)  # the first answer's TTL is over: the prefetched one serves
+    assert [rr.ttl for rr in ask(proxy.port, "popular.example").rr] in ([1], [2])
+    assert upstream.count("popular.example") == 2
+    assert reasons(proxy) == ["forwarded", *["cached"] * 5]

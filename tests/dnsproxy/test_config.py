@@ -354,7 +354,8 @@ BAD_LIMITS = [
     ("tcp_max_connections", "0"), ("tcp_idle_timeout", "0"), ("timeout", "-1"),
     ("timeout", "nan"), ("timeout", "inf"), ("hedge_delay", "-0.1"), ("hedge_delay", "nan"),
     ("cache_bytes", "0"), ("max_ttl", "0"), ("workers", "0"), ("rate_limit", "-5"),
-    ("cache_size", "-1"),
+    ("cache_size", "-1"), ("stale_ttl", "0"), ("stale_ttl", "-1"), ("max_stale", "-1"),
+    ("cache_save_interval", "0"), ("cache_save_interval", "nan"),
 ]
 
 
@@ -446,3 +447,30 @@ def test_doh_bootstrap_address_in_the_spec(spec, address):
 ])
 def test_doh_by_name_that_cannot_be_located_is_refused(args, fragment, safe_listen):
     expect_usage_error(run_dnsproxy("--listen", safe_listen, *args), fragment)
+
+
+def test_cache_settings_from_every_layer(tmp_path):
+    path = tmp_path / "cache.toml"
+    state = tmp_path / "state"
+    path.write_text(f'upstreams = ["127.0.0.2"]\nserve_stale = false\nstale_ttl = 5\n'
+                    f'state_dir = "{state}"\n')
+    settings = build_settings(cli("--config", str(path), "--max-stale", "60"),
+                              {"DNSPROXY_PREFETCH": "0", "DNSPROXY_CACHE_SAVE_INTERVAL": "9"})
+    assert (settings.serve_stale, settings.stale_ttl, settings.max_stale, settings.prefetch,
+            settings.state_dir, settings.cache_save_interval) == (False, 5, 60, False,
+                                                                   str(state), 9.0)
+    assert state.is_dir()  # created: a fresh volume may be empty
+    defaults = build_settings(cli("--upstream", "127.0.0.2"), {})
+    assert (defaults.serve_stale, defaults.stale_ttl, defaults.max_stale, defaults.prefetch,
+            defaults.state_dir, defaults.cache_save_interval) == (True, 30, 86400, True,
+                                                                   None, 300.0)
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"DNSPROXY_SERVE_STALE": "sometimes"}, "serve_stale"),
+    ({"DNSPROXY_STALE_TTL": "soon"}, "stale_ttl"),
+    ({"DNSPROXY_STATE_DIR": "/dev/null"}, "state_dir"),
+])
+def test_bad_cache_setting_is_one_line_and_exit_2(env, fragment, safe_listen):
+    env = clean_env(DNSPROXY_UPSTREAMS="127.0.0.2", DNSPROXY_LISTEN=safe_listen, **env)
+    expect_usage_error(run_dnsproxy(env=env, timeout=5), fragment)

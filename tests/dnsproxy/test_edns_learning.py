@@ -78,3 +78,15 @@ def test_sighup_keeps_what_was_learned(upstream, tmp_path):
         code, _ = proc.terminate()
     assert code == 0
     assert "configuration reloaded" in proc.stderr
+
+
+def test_released_opt_less_reply_is_never_served_stale(upstream, make_proxy):
+    """The released, unverified reply is not in the cache, so when the upstream falls silent
+    there is nothing stale to serve: the client gets SERVFAIL, not the forgery again."""
+    proxy = make_proxy("--upstream", upstream.address, "--timeout", "1.2")
+    rule_probe(upstream)
+    assert probe_hold(proxy.port) == [FORGED_UNLISTED]
+    upstream.rule("probe.example", silent=True)
+    assert ask(proxy.port, "probe.example").header.rcode == 2  # SERVFAIL
+    assert proxy.metrics.get("dnsproxy_responses_total", reason="stale") == 0
+    assert not proxy.service.cache.entries

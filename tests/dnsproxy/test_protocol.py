@@ -118,7 +118,7 @@ def test_negative_answer_behind_a_cname_is_kept_no_longer_than_either(
         flags=wire.QR | wire.RD | wire.RA | rcode,
         an=(rr(PTR, QTYPE.CNAME, cname_ttl, name("gone.example")),),
         ns=(soa("example", soa_ttl, minimum),)))
-    proxy = make_proxy("--upstream", upstream.address)
+    proxy = make_proxy("--upstream", upstream.address, "--no-serve-stale")
     first = DNSRecord.parse(send_raw(proxy.port, client_query("alias.example")))
     assert first.header.rcode == rcode and len(first.rr) == 1
     send_raw(proxy.port, client_query("alias.example"))

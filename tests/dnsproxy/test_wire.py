@@ -574,7 +574,7 @@ def test_cache_hit_bytes_equal_forwarded_bytes(name, answers, auth, extra, rcode
     # The forwarded reply is the upstream's, record for record.
     assert records(forwarded) == records(data)
     now = [100.0]
-    cache = Cache(16, Metrics(), max_ttl=2**31, clock=lambda: now[0])
+    cache = Cache(16, Metrics(), max_ttl=2**31, clock=lambda: now[0], serve_stale=False)
     cache.observe(Request(q1, ("127.0.0.1", 5300), "udp", 0.0),
                   Response(forwarded, "forwarded", reply.rcode, "up", cacheable=cached))
     hit = cache_hit(cache, second)
