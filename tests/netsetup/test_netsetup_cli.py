@@ -282,3 +282,14 @@ def test_upstreams_default_only_when_neither_option_nor_config_names_any(monkeyp
     assert compose_env(Settings(upstreams=("192.0.2.53",)))["UPSTREAMS"] == "192.0.2.53"
     monkeypatch.setenv("CONFIG", "/etc/dnsproxy.toml")
     assert compose_env(Settings())["UPSTREAMS"] == ""  # the file names them
+
+
+@needs_engine
+def test_status_shows_fields_not_json() -> None:
+    """The engine is a line of words ("Docker 20.10.24, firewall iptables"), not a JSON string
+    inside the table; a project that is not deployed says what to run."""
+    proc = run_cli("status", "-p", "nsstatusnone")
+    assert proc.returncode == 0, proc.stderr
+    assert "{" not in proc.stdout, proc.stdout
+    assert "Docker " in proc.stdout and ", firewall " in proc.stdout, proc.stdout
+    assert "NOT RUNNING" in proc.stdout and "run up" in proc.stdout, proc.stdout
