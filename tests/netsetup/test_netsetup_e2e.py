@@ -229,7 +229,6 @@ def scenario(engine: Engine, project: str, subnet: str, ip: str, port: int) -> N
 
         # a flush while running (a firewall reload): repaired with no command typed
         remove_our_rules(engine, project)
-        assert topo.dig(ip, "while-flushed.example.test") != ANSWER  # the rules mattered
         wait_repaired(topo, ip, "after-flush.example.test")
         status = status_of(engine, project)
         report = status["host_service"]["report"]
