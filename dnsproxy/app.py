@@ -59,7 +59,7 @@ class Forwarding:
 def configure_cache(cache: Cache, settings: Settings) -> None:
     cache.size = settings.cache_size
     cache.max_bytes = settings.cache_bytes
-    cache.max_ttl = settings.max_ttl
+    cache.cap_ttls(settings.max_ttl)
     cache.serve_stale = settings.serve_stale
     cache.stale_ttl = settings.stale_ttl
     cache.max_stale = settings.max_stale

@@ -144,6 +144,6 @@ def load(cache: Cache, path: str) -> int:
     kept = 0
     for key, entry in entries:  # least recently used first, as they were
         age = max(wall - entry.stored, 0.0)  # a clock set back makes nothing younger
-        if age < min(entry.ttl, cache.max_ttl) + grace:
+        if age < entry.ttl + grace:
             kept += cache.store(key, entry, stored=mono - age)
     return kept

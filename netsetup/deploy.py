@@ -218,7 +218,7 @@ def wait_synced(project: str, fingerprint: str, since: float, timeout: float = 6
     record = None
     while time.monotonic() < deadline:
         record = state.load_sync(project)
-        if (record and record.get("config") == fingerprint and record.get("complete")
+        if (record and record.get("deployment") == fingerprint and record.get("complete")
                 and float(record.get("last_sync", 0)) > since):  # fmt: skip
             return record
         time.sleep(0.5)

@@ -5,7 +5,7 @@ host service (service.py), which applies the plan and keeps it in place from the
 until the service reports the plan applied, so a `make up` that returns has working rules. Each
 step pushes its inverse on an undo stack (moby's pattern), and any failure unwinds it, so an
 `up` that fails midway leaves the host as it found it. A second `up` changes nothing: the
-service's configuration is the same, so compose leaves both containers alone.
+deployment record is rewritten the same, and compose leaves both containers alone.
 
 Surviving restarts is the service's job: it starts with the containers after a reboot or a
 daemon restart and repairs what a firewall reload removed. `down` is compose down; the service
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netsetup import deploy, detect, state, sysctl
+from netsetup import deploy, detect, service, state, sysctl
 from netsetup import metrics as appliance_metrics
 from netsetup.errors import VerifyFailed
 from netsetup.firewall import get_backend
@@ -32,7 +32,6 @@ from netsetup.plan import (
     Plan,
     Settings,
     compute_plan,
-    own_chains,
     render_plan,
 )
 
@@ -183,15 +182,16 @@ def restore_record(project: str, previous: state.Deployment | None) -> None:
 
 
 def down_services(project: str, compose: deploy.Compose) -> None:
-    """compose down, then whatever the host service left (it was killed, or never started):
-    its chains and hooks, the sysctls it changed, its record."""
     compose.down()
+    sweep(project)
+
+
+def sweep(project: str) -> None:
+    """What a host service left behind (it was killed, or never started): its chains and
+    hooks, the sysctls it changed (from its report), the report."""
     record = state.load_sync(project) or {}
-    name = record.get("backend") or detect.iptables_backend().value
-    get_backend(name).remove(own_chains(project))
-    for key, old in (record.get("sysctls_before") or {}).items():
-        sysctl.set_value(key, old)
-    state.sync_path_for(project).unlink(missing_ok=True)
+    backend = get_backend(record.get("backend") or detect.iptables_backend().value)
+    service.remove_host_plan(backend, project, record.get("sysctls_before") or {})
 
 
 def verify_network(plan: Plan, deployed: deploy.Deployed) -> None:
@@ -222,10 +222,7 @@ def down(project: str, options: Options) -> list[str]:
         down_services(project, compose)
         done.append("services stopped and removed (compose down); host rules removed")
     else:
-        record = state.load_sync(project) or {}
-        get_backend(record.get("backend") or detect.iptables_backend().value).remove(
-            own_chains(project)
-        )
+        sweep(project)
         done.append(f"no compose file {compose.file}: host rules removed only")
     state.delete(project)
     return done

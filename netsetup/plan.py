@@ -223,7 +223,7 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
     subnet, ip, bridge, lan_if = settings.subnet, settings.ip, facts.bridge, facts.lan_interface
     project = settings.project
     forward_chain, nat_chain = (c.name for c in own_chains(project))
-    fw = FirewallPlan(owned=own_chains(project))
+    fw = FirewallPlan()
     fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
 
     def accept(**match: object) -> Rule:

@@ -45,7 +45,7 @@ def missing_pieces(fw: FirewallState) -> list[str]:
     rules = sum(not present for present in fw.rules_present.values())
     if rules and not pieces:
         pieces.append(f"{rules} rule(s) missing")
-    return pieces + [f"{name} not ours to keep" for name in fw.extra]
+    return pieces + [f"{name} (stale)" for name in fw.extra]
 
 
 @dataclass
@@ -119,7 +119,7 @@ class HostService:
             state.sync_path_for(self.project),
             {
                 "pid": os.getpid(),
-                "config": self.deployment.fingerprint() if self.deployment else None,
+                "deployment": self.deployment.fingerprint() if self.deployment else None,
                 "started": self.started, "last_sync": time.time(), "syncs": self.syncs,
                 "repairs": self.repairs, "last_repair": self.last_repair,
                 "errors": self.errors, "last_error": self.last_error,
@@ -129,12 +129,19 @@ class HostService:
         )  # fmt: skip
 
     def stop(self) -> None:
-        """Remove exactly what the plan added; put the sysctls back as they were found."""
-        self.backend.remove(own_chains(self.project))
-        for key, old in self.sysctls_before.items():
-            sysctl.set_value(key, old)
-        state.sync_path_for(self.project).unlink(missing_ok=True)
+        remove_host_plan(self.backend, self.project, self.sysctls_before)
         log("removed the host plan")
+
+
+def remove_host_plan(
+    backend: FirewallBackend, project: str, sysctls_before: dict[str, str]
+) -> None:
+    """Remove exactly what the plan added, put the sysctls back as they were found, drop the
+    report: the service on its way out, or `netsetup down` for a service that could not."""
+    backend.remove(own_chains(project))
+    for key, old in sysctls_before.items():
+        sysctl.set_value(key, old)
+    state.sync_path_for(project).unlink(missing_ok=True)
 
 
 def main() -> int:

@@ -81,12 +81,12 @@ class Cache(PassThrough):
             return None
         stored, ttl = wire.CachedReply.STAMP.unpack_from(cached)
         age = self.clock() - stored
-        if age < ttl * PREFETCH_AT and age < self.max_ttl:  # the common case, kept short
+        if age < ttl * PREFETCH_AT:  # the common case, kept short
             self.entries.move_to_end(key)
             self.counts[self.hits] += 1
             reply = wire.client_reply(cached, query, int(age))
             return Response(reply, "cached", reply[3] & wire.RCODE_MASK)
-        return self._ageing(request, key, cached, min(ttl, self.max_ttl), age)
+        return self._ageing(request, key, cached, ttl, age)
 
     def _ageing(self, request: Request, key: bytes, cached: wire.CachedReply, ttl: int,
                 age: float) -> Response | None:
@@ -136,8 +136,9 @@ class Cache(PassThrough):
 
     def store(self, key: bytes, cached: wire.CachedReply, stored: float | None = None) -> bool:
         """Keep a verified reply (stamped `stored`, by default now); False if it may not be."""
-        ttl = min(cached.ttl, self.max_ttl)
-        if self.size <= 0 or ttl <= 0:
+        # The forwarder capped every TTL at max_ttl already; what exceeds it comes from an older
+        # configuration (a reload, a cache file) and would show clients more than they may see.
+        if self.size <= 0 or not 0 < cached.ttl <= self.max_ttl:
             return False
         self._drop(key)  # a newer reply replaces the old, whatever their sizes
         weight = len(key) + len(cached)
@@ -149,6 +150,12 @@ class Cache(PassThrough):
             old_key, old = self.entries.popitem(last=False)
             self.bytes -= len(old_key) + len(old)
         return True
+
+    def cap_ttls(self, max_ttl: int) -> None:
+        """A new --max-ttl (a reload): drop the entries that would exceed it."""
+        self.max_ttl = max_ttl
+        for key in [key for key, entry in self.entries.items() if entry.ttl > max_ttl]:
+            self._drop(key)
 
     def _drop(self, key: bytes) -> None:
         entry = self.entries.pop(key, None)

@@ -24,8 +24,8 @@ class FirewallState:
     chains_present: dict[str, bool]
     hooks_present: dict[str, bool]
     rules_present: dict[str, bool]
-    # Pieces of ours the plan does not have (a chain of another mode, a hook from the wrong
-    # chain): `apply` removes them.
+    # What of ours differs from the plan (a hook from the wrong chain or twice, rules in our
+    # chain the plan does not have or in another order): `apply` puts it right.
     extra: list[str] = field(default_factory=list)
 
     @property
@@ -64,8 +64,8 @@ class FirewallBackend(ABC):
 
     @abstractmethod
     def apply(self, plan: FirewallPlan) -> None:
-        """Rewrite our chains, add missing hooks and remove our chains and hooks the plan does
-        not have (`plan.owned`), all or nothing per table; a re-run changes nothing."""
+        """Rewrite our chains, add missing hooks and remove hooks into them the plan does not
+        have, all or nothing per table; a re-run changes nothing."""
 
     @abstractmethod
     def remove(self, chains: list[Chain]) -> None:
@@ -93,13 +93,9 @@ class FirewallBackend(ABC):
         hooks: dict[str, bool] = {}
         rules: dict[str, bool] = {}
         extra: list[str] = []
-        for table in plan.all_tables():
-            if table not in plan.tables() and not self.loaded(table):
-                continue
+        for table in plan.tables():
             dump = self.save(table)
-            stale_chains, stale_hooks = stale_pieces(plan, table, dump)
-            extra += [f"{table}/{name}" for name in stale_chains]
-            extra += [f"{table}/{line}" for line in stale_hooks]
+            extra += [f"{table}/{line}" for line in stale_hooks(plan, table, dump)]
             for chain in plan.chains_in(table):
                 chains[f"{table}/{chain.name}"] = chain.name in declared_chains(dump)
                 # Our chain must hold the plan's rules in order and nothing else: a rule left
@@ -150,12 +146,9 @@ def hooks_into(dump: str, own: set[str]) -> list[str]:
     return found
 
 
-def stale_pieces(plan: FirewallPlan, table: str, dump: str) -> tuple[list[str], list[str]]:
-    """What of ours in `table` the plan does not have: chains present but not planned (another
-    mode's), and hook lines into any chain of ours other than the planned hooks (a hook into a
-    stale chain, from a chain the plan no longer hooks from, or a duplicate)."""
-    existing = declared_chains(dump)
-    chains = sorted(name for name in plan.stale_names(table) if name in existing)
+def stale_hooks(plan: FirewallPlan, table: str, dump: str) -> list[str]:
+    """Hook lines into our chains in `table` other than the planned hooks: from a chain the plan
+    no longer hooks from (the engine's firewall changed), or a duplicate."""
     wanted = {hook.render_append() for hook in plan.hooks_in(table)}
     kept: set[str] = set()
     hooks = []
@@ -164,7 +157,7 @@ def stale_pieces(plan: FirewallPlan, table: str, dump: str) -> tuple[list[str], 
             kept.add(line)
         else:
             hooks.append(line)
-    return chains, hooks
+    return hooks
 
 
 def run(cmd: list[str], stdin: str | None = None) -> str:

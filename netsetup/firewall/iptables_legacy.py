@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from netsetup.errors import FirewallFailed
-from netsetup.firewall.base import FirewallBackend, stale_pieces
+from netsetup.firewall.base import FirewallBackend
 from netsetup.firewall.model import COMMENT_TAG, Chain, FirewallPlan, Rule
 
 
@@ -102,14 +102,9 @@ class LegacyBackend(FirewallBackend):
             return False
         return table in names
 
-    def _has_stale(self, plan: FirewallPlan, table: str) -> bool:
-        return self.loaded(table) and any(stale_pieces(plan, table, self.save(table)))
-
     def apply(self, plan: FirewallPlan) -> None:
         iptc = _iptc()
-        for table_name in plan.all_tables():
-            if table_name not in plan.tables() and not self._has_stale(plan, table_name):
-                continue  # only stale pieces of ours could be here, and there are none
+        for table_name in plan.tables():
             own = plan.own_names(table_name)
             wanted = {
                 (hook.chain, hook.target, f"{COMMENT_TAG}: {hook.comment}")
@@ -144,10 +139,6 @@ class LegacyBackend(FirewallBackend):
                         chain.append_rule(to_iptc(hook))
                     else:
                         chain.insert_rule(to_iptc(hook), position=hook.position - 1)
-                for name in sorted(plan.stale_names(table_name)):
-                    if table.is_chain(name):
-                        iptc.Chain(table, name).flush()
-                        table.delete_chain(name)
 
     def remove(self, chains: list[Chain]) -> None:
         iptc = _iptc()

@@ -17,7 +17,7 @@ from netsetup.firewall.base import (
     hooks_into,
     rule_lines,
     run,
-    stale_pieces,
+    stale_hooks,
 )
 from netsetup.firewall.model import Chain, FirewallPlan
 
@@ -38,29 +38,19 @@ class NftBackend(FirewallBackend):
     def apply_script(self, plan: FirewallPlan, dumps: dict[str, str] | None = None) -> str:
         """The restore script that brings the tables from `dumps` (current state) to the plan.
 
-        Without dumps (describe), a host where nothing of ours is in place yet. With them, our
-        chains and hooks the plan does not have are removed in the same transaction: flushed by
-        declaring them, their hooks deleted, then the chains.
+        Without dumps (describe), a host where nothing of ours is in place yet. With them,
+        hooks into our chains the plan does not have are deleted in the same transaction.
         """
         out: list[str] = []
-        tables = plan.all_tables() if dumps else plan.tables()
-        for table in tables:
+        for table in plan.tables():
             dump = dumps.get(table, "") if dumps else ""
             lines = set(rule_lines(dump))
-            stale_chains, stale_hooks = stale_pieces(plan, table, dump)
-            body: list[str] = []
-            for chain in plan.chains_in(table):
-                body.append(f":{chain.name} - [0:0]")
-            body += [f":{name} - [0:0]" for name in stale_chains]
-            for rule in plan.rules_in(table):
-                body.append(rule.render_append())
-            body += ["-D" + line[2:] for line in stale_hooks]
-            for hook in plan.hooks_in(table):
-                if hook.render_append() not in lines:
-                    body.append(hook.render_add())
-            body += [f"-X {name}" for name in stale_chains]
-            if body or table in plan.tables():
-                out += [f"*{table}", *body, "COMMIT"]
+            body = [f":{chain.name} - [0:0]" for chain in plan.chains_in(table)]
+            body += [rule.render_append() for rule in plan.rules_in(table)]
+            body += ["-D" + line[2:] for line in stale_hooks(plan, table, dump)]
+            body += [hook.render_add() for hook in plan.hooks_in(table)
+                     if hook.render_append() not in lines]  # fmt: skip
+            out += [f"*{table}", *body, "COMMIT"]
         return "\n".join(out) + "\n"
 
     def describe(self, plan: FirewallPlan) -> str:
@@ -68,7 +58,7 @@ class NftBackend(FirewallBackend):
         return header + "\n" + self.apply_script(plan) + "EOF\n"
 
     def apply(self, plan: FirewallPlan) -> None:
-        dumps = {table: self.save(table) for table in plan.all_tables()}
+        dumps = {table: self.save(table) for table in plan.tables()}
         run(self.restore_command, stdin=self.apply_script(plan, dumps))
 
     def remove_script(self, chains: list[Chain]) -> str:

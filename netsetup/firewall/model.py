@@ -96,9 +96,6 @@ class FirewallPlan:
     chains: list[Chain] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     hooks: list[Rule] = field(default_factory=list)
-    # Every chain the project may own, planned or not (all modes): `apply` removes those of them
-    # that are present but not planned, with their hooks, so switching modes leaves nothing stale.
-    owned: list[Chain] = field(default_factory=list)
 
     def tables(self) -> list[str]:
         seen: list[str] = []
@@ -107,18 +104,8 @@ class FirewallPlan:
                 seen.append(item.table)
         return seen
 
-    def all_tables(self) -> list[str]:
-        """The planned tables, then those where only an unplanned chain of ours may be."""
-        seen = self.tables()
-        return seen + [t for t in dict.fromkeys(c.table for c in self.owned) if t not in seen]
-
     def own_names(self, table: str) -> set[str]:
-        """Names of our chains in `table`: planned ones and every other one the project owns."""
-        return {c.name for c in [*self.chains, *self.owned] if c.table == table}
-
-    def stale_names(self, table: str) -> set[str]:
-        """Chains of ours in `table` that the plan does not have (to be removed if present)."""
-        return self.own_names(table) - {c.name for c in self.chains_in(table)}
+        return {c.name for c in self.chains_in(table)}
 
     def chains_in(self, table: str) -> list[Chain]:
         return [c for c in self.chains if c.table == table]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+from dnsproxy import wire
+from dnsproxy.metrics import Metrics
+from dnsproxy.stages.cache import Cache
 
 from .fakes import GENUINE, addresses, ask, send_raw
 
@@ -274,3 +278,22 @@ def test_prefetch_refreshes_once_in_the_last_tenth_of_the_ttl(upstream, make_pro
     assert [rr.ttl for rr in ask(proxy.port, "popular.example").rr] in ([1], [2])
     assert upstream.count("popular.example") == 2
     assert reasons(proxy) == ["forwarded", *["cached"] * 5]
+
+
+def test_lowered_max_ttl_drops_what_would_exceed_it():
+    """The forwarder caps TTLs when it stores; an entry from an older --max-ttl (a reload, a
+    cache file) must not show clients more than the new cap allows: it is dropped, not kept."""
+    def cached(name: str, ttl: int) -> tuple[bytes, wire.CachedReply]:
+        query = DNSRecord.question(name)
+        reply = query.reply()
+        reply.add_answer(RR(name, rdata=A(GENUINE), ttl=ttl))
+        data = reply.pack()
+        key = Cache.key(wire.parse_query(query.pack()))
+        return key, wire.strip_opt(data, wire.parse_reply(data))
+
+    cache = Cache(16, Metrics(), max_ttl=86400)
+    for name, ttl in (("long.example", 3600), ("short.example", 30)):
+        assert cache.store(*cached(name, ttl))
+    cache.cap_ttls(60)
+    assert [e.ttl for e in cache.entries.values()] == [30]
+    assert not cache.store(*cached("long.example", 3600))  # nor does it come back in

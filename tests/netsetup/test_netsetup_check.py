@@ -65,50 +65,43 @@ def closes_mid_frame() -> Iterator[int]:
     yield from serve_tcp(handler)
 
 
+def serve_udp(handler: Callable[[socket.socket, bytes, tuple], None]) -> Iterator[int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+
+    def loop() -> None:
+        while True:
+            try:
+                data, client = sock.recvfrom(4096)
+            except OSError:
+                return
+            handler(sock, data, client)
+
+    threading.Thread(target=loop, daemon=True).start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
 @pytest.fixture
 def udp_with_a_forgery_first() -> Iterator[int]:
     """Answers each query twice: first from another port (as an off-path spoofer might, with
     the right ID), then from the port that was asked."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    other.bind(("127.0.0.1", 0))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.bind(("127.0.0.1", 0))
 
-    def loop() -> None:
-        while True:
-            try:
-                data, client = sock.recvfrom(4096)
-            except OSError:
-                return
+        def handler(sock: socket.socket, data: bytes, client: tuple) -> None:
             other.sendto(reply_to(data, "203.0.113.66"), client)
             sock.sendto(reply_to(data), client)
 
-    threading.Thread(target=loop, daemon=True).start()
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
-        other.close()
+        yield from serve_udp(handler)
 
 
 @pytest.fixture
 def refuses() -> Iterator[int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-
-    def loop() -> None:
-        while True:
-            try:
-                data, client = sock.recvfrom(4096)
-            except OSError:
-                return
-            sock.sendto(reply_to(data, rcode=RCODE.REFUSED), client)
-
-    threading.Thread(target=loop, daemon=True).start()
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
+    yield from serve_udp(lambda sock, data, client: sock.sendto(
+        reply_to(data, rcode=RCODE.REFUSED), client))
 
 
 def probe(port: int, transport: str) -> Probe:
