@@ -324,27 +324,30 @@ class ProxyThread:
 
 def ask(port: int, name: str, qtype: str = "A", host: str = "127.0.0.1", tcp: bool = False,
         edns: bool = True, do: bool = False, bufsize: int = 1232, timeout: float = 5.0,
-        qclass: str = "IN") -> DNSRecord:
-    """A client query, the way a stub resolver sends one."""
+        qclass: str = "IN", source: str | None = None) -> DNSRecord:
+    """A client query, the way a stub resolver sends one (from `source`, if given)."""
     query = DNSRecord.question(name, qtype, qclass)
     if edns:
         query.add_ar(EDNS0(udp_len=bufsize, flags="do" if do else ""))
-    raw = send_raw(port, query.pack(), host=host, tcp=tcp, timeout=timeout)
+    raw = send_raw(port, query.pack(), host=host, tcp=tcp, timeout=timeout, source=source)
     reply = DNSRecord.parse(raw)
     assert reply.header.id == query.header.id
     return reply
 
 
 def send_raw(port: int, data: bytes, host: str = "127.0.0.1", tcp: bool = False,
-             timeout: float = 5.0) -> bytes:
+             timeout: float = 5.0, source: str | None = None) -> bytes:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    bind = None if source is None else (source, 0)
     if tcp:
-        with socket.create_connection((host, port), timeout=timeout) as conn:
+        with socket.create_connection((host, port), timeout=timeout, source_address=bind) as conn:
             conn.sendall(struct.pack(">H", len(data)) + data)
             length = struct.unpack(">H", _recv_exact(conn, 2))[0]
             return _recv_exact(conn, length)
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
+        if bind is not None:
+            sock.bind(bind)
         sock.sendto(data, (host, port))
         return sock.recv(65535)
 
