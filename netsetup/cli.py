@@ -224,6 +224,11 @@ def host_service_rows(host_service: dict[str, Any]) -> list[tuple[str, str]]:
     age = time.time() - float(report.get("last_sync", 0))
     verdict = "complete" if report.get("complete") else "INCOMPLETE"
     rows.append(("  last sync", f"{age:.0f} s ago ({report.get('syncs')} syncs, {verdict})"))
+    first = report.get("first_sync")
+    if first:
+        ago = time.time() - float(first.get("at", 0))
+        found = "; ".join(first.get("found") or []) or "all in place"
+        rows.append(("  at start", f"{ago:.0f} s ago, found: {found}"))
     repair = report.get("last_repair")
     repaired = f"{report.get('repairs', 0)}"
     if repair:

@@ -136,7 +136,10 @@ def up(settings: Settings, options: Options) -> str:
     # The host's own LAN address is the host: served even where its LAN is not (check from it).
     own = f"{facts.lan_address}/32" if facts.lan_address else None
     allow = tuple(n for n in (plan.served_lan, own) if n)
-    compose = deploy.Compose(settings, compose.file, allow, facts.lan_address)
+    # Direct mode publishes on loopback only (the host's own checks): a port on the LAN
+    # address would be one more way in, and through an engine's userland proxy an open one.
+    publish = facts.lan_address if settings.published else ""
+    compose = deploy.Compose(settings, compose.file, allow, publish)
     undo = UndoStack()
     try:
         # The record first: the host service reads it (a change reaches a running service).

@@ -6,7 +6,8 @@ or a daemon restart brings this back too. Like kube-proxy it does not trust that
 every few seconds it compares the host with the plan (the same compute_plan and backends `up`
 uses, nothing written twice) and puts back what is missing, since a firewall reload (ufw,
 firewalld, `iptables -F`, a reboot) takes our rules away without telling anyone. Each repair is
-one log line and a count in the sync record that `netsetup status` shows.
+one log line and a count in the sync record that `netsetup status` shows. What the first sync
+found is recorded too: after a reboot or a daemon restart that is the repair that mattered.
 
 On SIGTERM (compose down, docker stop, shutdown) it removes exactly its chains and hooks and puts
 back the sysctls it changed. The sysctl values it found are kept in the sync record, so a
@@ -57,6 +58,7 @@ class HostService:
     repairs: int = 0
     errors: int = 0
     last_repair: dict[str, Any] | None = None
+    first_sync: dict[str, Any] | None = None
     last_error: str = ""
     sysctls_before: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
@@ -107,6 +109,7 @@ class HostService:
         else:
             self.last_error = ""
             if first:
+                self.first_sync = {"at": time.time(), "found": found}
                 log(f"applied the plan ({self.backend.name}): " + ("; ".join(found) or "in place"))
             elif found:
                 self.repairs += 1
@@ -121,6 +124,7 @@ class HostService:
                 "pid": os.getpid(),
                 "deployment": self.deployment.fingerprint() if self.deployment else None,
                 "started": self.started, "last_sync": time.time(), "syncs": self.syncs,
+                "first_sync": self.first_sync,
                 "repairs": self.repairs, "last_repair": self.last_repair,
                 "errors": self.errors, "last_error": self.last_error,
                 "complete": self.complete, "backend": self.backend.name,

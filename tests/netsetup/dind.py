@@ -138,8 +138,11 @@ class NestedEngine:
         shutil.rmtree(self.report_dir, ignore_errors=True)
 
 
-def start_engine(name: str, image: str = IMAGE) -> NestedEngine:
-    """Run dockerd nested, restarted by a shell loop so a test can restart the daemon alone."""
+def start_engine(name: str, image: str = IMAGE, dockerd_args: str = "") -> NestedEngine:
+    """Run dockerd nested, restarted by a shell loop so a test can restart the daemon alone.
+
+    `dockerd_args` are daemon options, e.g. ``--iptables=false`` for an engine that leaves the
+    firewall alone."""
     run_dir = tempfile.mkdtemp(prefix="netsetup-dind-")
     report_dir = tempfile.mkdtemp(prefix="netsetup-dind-report-")
     subprocess.run(
@@ -156,7 +159,7 @@ def start_engine(name: str, image: str = IMAGE) -> NestedEngine:
             image,
             "sh", "-c",
             "mount -t tmpfs none /tmp; "
-            "while true; do dockerd >>/tmp/dockerd.log 2>&1; sleep 1; done",
+            f"while true; do dockerd {dockerd_args} >>/tmp/dockerd.log 2>&1; sleep 1; done",
         ],
         check=True,
         stdout=subprocess.DEVNULL,
