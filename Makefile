@@ -123,6 +123,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 clean: down
+	-docker volume rm $(PROJECT)_cache
 	-docker image rm $(IMAGE)
 
 # ---- benchmark ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ SUBNET = "172.31.233.0/24"
 DNS_IP = "172.31.233.53"
 BRIDGE = "br-dnsapp-t"
 NETWORK = f"{PROJECT}_dnsnet"  # compose names networks <project>_<name> (v1 and v2)
+CACHE_VOLUME = f"{PROJECT}_cache"  # and volumes likewise
 UPSTREAM_IP = "172.31.233.10"
 UPSTREAM_NAME = f"{PROJECT}-upstream"
 FAKE_ANSWER = "198.51.100.7"  # what fake_upstream.py answers for *.appliance.test
@@ -125,6 +126,7 @@ def appliance(image) -> Iterator[str]:
     """`make up` with the fake upstream; yields the appliance's container id once it is healthy."""
     remove_fake_upstream()
     make("down")  # leftovers of an interrupted run
+    run("docker", "volume", "rm", CACHE_VOLUME, check=False)
     make("up")
     # The fake joins the appliance's network (which `make up` made) at the address the appliance
     # was told to forward to. It runs in the appliance image: that has Python and dnslib already.
@@ -140,6 +142,7 @@ def appliance(image) -> Iterator[str]:
     finally:
         remove_fake_upstream()
         make("down")
+        run("docker", "volume", "rm", CACHE_VOLUME, check=False)
 
 
 def upstream_log() -> str:

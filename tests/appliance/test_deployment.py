@@ -19,6 +19,7 @@ import pytest
 
 from .conftest import (
     BRIDGE,
+    CACHE_VOLUME,
     DNS_IP,
     FAKE_ANSWER,
     NETWORK,
@@ -26,6 +27,7 @@ from .conftest import (
     PROJECT,
     SUBNET,
     UPSTREAM_IP,
+    UPSTREAM_NAME,
     appliance_id,
     dig,
     health,
@@ -191,6 +193,24 @@ def test_stops_within_two_seconds_on_sigterm(appliance):
     run("docker", "start", container)
 
 
+def test_the_cache_survives_a_restart(appliance):
+    """Names asked before a restart are answered after it with the upstream unreachable: the
+    cache went to the named volume on SIGTERM and came back at start."""
+    container = appliance_id()
+    mounts = {m["Destination"]: m for m in inspect("container", container)["Mounts"]}
+    assert mounts["/var/lib/dnsproxy"]["Type"] == "volume", mounts
+    name = unique_name()
+    wait_for(lambda: dig(DNS_IP, 53, name, "A") == [FAKE_ANSWER], 20, "an answer")
+    run("docker", "pause", UPSTREAM_NAME)  # still there, answering nothing
+    try:
+        run("docker", "restart", "--time", "10", container)
+        wait_for(lambda: health(container) == "healthy", 60, "healthy after the restart")
+        assert dig(DNS_IP, 53, name, "A") == [FAKE_ANSWER]
+        assert dig(DNS_IP, 53, unique_name(), "A") == []  # the upstream is really out of reach
+    finally:
+        run("docker", "unpause", UPSTREAM_NAME)
+
+
 def test_make_down_removes_container_and_network(appliance):
     remove_fake_upstream()  # not part of the deployment; it would keep the network in use
     make("down")
@@ -199,3 +219,5 @@ def test_make_down_removes_container_and_network(appliance):
     assert subprocess.run(["docker", "network", "inspect", NETWORK],
                           capture_output=True).returncode != 0
     assert not Path("/sys/class/net", BRIDGE).exists()
+    # the cache stays for the next `make up`, as across a reboot; `make clean` would remove it
+    assert run("docker", "volume", "inspect", CACHE_VOLUME, check=False).returncode == 0
