@@ -6,7 +6,8 @@ bootstrapped with mmdebstrap from the mirror the host's apt already uses, import
 and run with enough capabilities, gives a real Docker 28 engine without any registry. The image is
 cached under a fixed tag and bootstrapped only when missing, since bootstrapping downloads ~400 MB.
 
-Usable as a script: ``python tests/netsetup/dind.py`` builds the cached image ahead of a test run.
+Usable as a script: ``python tests/netsetup/dind.py [SUITE...]`` builds the cached images ahead
+of a test run.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# sid carries Docker 28; NETSETUP_DIND_SUITE=trixie runs the same test on Docker 26.
-SUITE = os.environ.get("NETSETUP_DIND_SUITE", "sid")
-ENGINE_MAJOR = {"sid": "28.", "trixie": "26."}.get(SUITE, "")
-IMAGE = f"netsetup-test-dind:{SUITE}"
+# The Debian suite whose docker.io gives each engine version the plan must hold for.
+ENGINES = {"sid": "28.", "trixie": "26."}
 PACKAGES = "docker.io,iptables,iproute2,ca-certificates,procps"
 
 
@@ -50,33 +50,33 @@ def apt_mirror() -> str:
     raise RuntimeError("no Debian mirror found in the apt sources")
 
 
-def image_exists(image: str = IMAGE) -> bool:
+def image_for(suite: str) -> str:
+    return f"netsetup-test-dind:{suite}"
+
+
+def image_exists(image: str) -> bool:
     return (
         subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
     )
 
 
-def build_image(image: str = IMAGE) -> None:
-    """Bootstrap the rootfs with mmdebstrap and import it; a no-op when the image is cached."""
+def build_image(suite: str) -> None:
+    """Bootstrap the suite's rootfs with mmdebstrap and import it; a no-op when it is cached."""
+    image = image_for(suite)
     if image_exists(image):
         return
     if shutil.which("mmdebstrap") is None:
         raise RuntimeError("mmdebstrap is not installed (apt-get install mmdebstrap)")
     with tempfile.TemporaryDirectory() as tmp:
         tar = os.path.join(tmp, "dind.tar")
-        subprocess.run(
-            [
-                "mmdebstrap",
-                "--variant=apt",
-                '--aptopt=Acquire::Check-Valid-Until "false"',
-                f"--include={PACKAGES}",
-                SUITE,
-                tar,
-                apt_mirror(),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        command = [
+            "mmdebstrap", "--variant=apt", '--aptopt=Acquire::Retries "3"',
+            '--aptopt=Acquire::Check-Valid-Until "false"', f"--include={PACKAGES}",
+            suite, tar, apt_mirror(),
+        ]  # fmt: skip
+        # sid and trixie move daily: a mirror caught mid-sync fails once, then works.
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["docker", "import", tar, image], check=True, stdout=subprocess.DEVNULL)
 
 
@@ -138,7 +138,7 @@ class NestedEngine:
         shutil.rmtree(self.report_dir, ignore_errors=True)
 
 
-def start_engine(name: str, image: str = IMAGE, dockerd_args: str = "") -> NestedEngine:
+def start_engine(name: str, suite: str, dockerd_args: str = "") -> NestedEngine:
     """Run dockerd nested, restarted by a shell loop so a test can restart the daemon alone.
 
     `dockerd_args` are daemon options, e.g. ``--iptables=false`` for an engine that leaves the
@@ -156,7 +156,7 @@ def start_engine(name: str, image: str = IMAGE, dockerd_args: str = "") -> Neste
             "-v", f"{run_dir}:/var/run",
             "-v", f"{report_dir}:{report_dir}",
             "--tmpfs", "/var/lib/docker:exec,size=3g",
-            image,
+            image_for(suite),
             "sh", "-c",
             "mount -t tmpfs none /tmp; "
             f"while true; do dockerd {dockerd_args} >>/tmp/dockerd.log 2>&1; sleep 1; done",
@@ -174,5 +174,6 @@ def start_engine(name: str, image: str = IMAGE, dockerd_args: str = "") -> Neste
 
 
 if __name__ == "__main__":
-    build_image()
-    print(IMAGE)
+    for suite in sys.argv[1:] or ENGINES:
+        build_image(suite)
+        print(image_for(suite))

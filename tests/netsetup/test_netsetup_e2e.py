@@ -2,9 +2,9 @@
 
 The topology (topology.py) has a LAN client and an "internet" resolver in namespaces of their own;
 the resolver cannot route back to the appliance subnet, so answers arrive only if the host
-masquerades the appliance's queries. Run against this host's engine and against a nested Docker
-28 engine (dind.py), where netsetup runs in the nested engine's network namespace
-(``nsenter -t PID -n``) and talks to its socket (DOCKER_HOST).
+masquerades the appliance's queries. Run against this host's engine and against nested Docker 28
+and 26 engines (dind.py; 28 also with `"iptables": false`), where netsetup runs in the nested
+engine's network namespace (``nsenter -t PID -n``) and talks to its socket (DOCKER_HOST).
 
 `make` runs with ``-o venv -o deps -o image``: the test runs inside the virtualenv it would
 rebuild, and the image is built (host) or loaded (nested) once by a fixture beforehand.
@@ -327,13 +327,14 @@ def test_end_to_end_host_engine(appliance_image: tuple[str, ...]) -> None:
     scenario(Engine(), project="nstest", subnet="172.31.163.0/24", ip="172.31.163.53", port=5163)
 
 
-def nested_scenario(dockerd_args: str = "", port_mode: bool = True) -> None:
-    """The scenario on a nested engine of the suite's version (dind.py), started with
+def nested_scenario(suite: str, dockerd_args: str = "", port_mode: bool = True) -> None:
+    """The scenario on the nested engine of a Debian suite (dind.py), started with
     `dockerd_args`."""
-    if not shutil.which("mmdebstrap") and not dind.image_exists():
+    if not shutil.which("mmdebstrap") and not dind.image_exists(dind.image_for(suite)):
         pytest.skip("mmdebstrap missing and no cached nested-engine image")
-    dind.build_image()
-    nested = dind.start_engine(f"netsetup-test-dind-{os.getpid()}", dockerd_args=dockerd_args)
+    dind.build_image(suite)
+    name = f"netsetup-test-dind-{os.getpid()}"
+    nested = dind.start_engine(name, suite, dockerd_args=dockerd_args)
     try:
         save = subprocess.Popen(["docker", "save", *IMAGES], stdout=subprocess.PIPE)
         nested.docker("load", stdin=save.stdout, check=True, capture_output=True)
@@ -341,7 +342,7 @@ def nested_scenario(dockerd_args: str = "", port_mode: bool = True) -> None:
         version = nested.docker(
             "version", "--format", "{{.Server.Version}}", capture_output=True, text=True
         ).stdout
-        assert version.startswith(dind.ENGINE_MAJOR), version
+        assert version.startswith(dind.ENGINES[suite]), version
         engine = Engine(
             pid=nested.dockerd_pid(), env=nested.env(), restart_daemon=nested.restart_daemon
         )
@@ -354,14 +355,15 @@ def nested_scenario(dockerd_args: str = "", port_mode: bool = True) -> None:
 
 
 @pytest.mark.nested
-def test_end_to_end_nested_engine(appliance_image: tuple[str, ...]) -> None:
-    nested_scenario()
+@pytest.mark.parametrize("suite", list(dind.ENGINES), ids=lambda s: f"docker{dind.ENGINES[s][:-1]}")
+def test_end_to_end_nested_engine(appliance_image: tuple[str, ...], suite: str) -> None:
+    nested_scenario(suite)
 
 
 @pytest.mark.nested
 def test_end_to_end_nested_engine_without_iptables(appliance_image: tuple[str, ...]) -> None:
     """`"iptables": false`: the engine writes no rule; ours alone route, confine, masquerade."""
-    nested_scenario(dockerd_args="--iptables=false", port_mode=False)
+    nested_scenario("sid", dockerd_args="--iptables=false", port_mode=False)
 
 
 def test_failed_up_rolls_back(appliance_image: tuple[str, ...], tmp_path: Path) -> None:
