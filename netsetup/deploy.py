@@ -40,11 +40,13 @@ DEFAULT_UPSTREAMS = ("tls://1.1.1.1#cloudflare-dns.com", "tls://9.9.9.9#dns.quad
 
 
 def compose_env(
-    settings: Settings, allow: tuple[str, ...] = (), publish_address: str = ""
+    settings: Settings, allow: tuple[str, ...] = (), publish_address: str = "",
+    xtables_lock: str = "",
 ) -> dict[str, str]:
     """The variables compose.yaml reads; the Makefile passes the same names. `allow` is what the
     forwarder serves besides its defaults (the served LAN, the host's own address);
-    `publish_address` the host's LAN address, the only one port mode listens on."""
+    `publish_address` the host's LAN address, the only one port mode listens on; `xtables_lock`
+    the host's iptables lock file, for a host service writing legacy tables beside the engine."""
     env = dict(os.environ)
     env.update(
         {
@@ -61,6 +63,8 @@ def compose_env(
         env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, *allow])
     if publish_address:
         env["PUBLISH_ADDRESS"] = publish_address
+    if xtables_lock:
+        env["XTABLES_LOCK"] = xtables_lock
     env["NETSETUP_PROJECT"] = settings.project
     env["NETSETUP_STATE_DIR"] = str(state.state_dir())
     env["NETSETUP_RUN_DIR"] = str(state.run_dir())
@@ -73,6 +77,7 @@ class Compose:
     file: Path
     allow: tuple[str, ...] = ()
     publish_address: str = ""
+    xtables_lock: str = ""
 
     def _cmd(self, *args: str) -> list[str]:
         return [*compose_command(), "-p", self.settings.project, "-f", str(self.file), *args]
@@ -80,7 +85,7 @@ class Compose:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             self._cmd(*args),
-            env=compose_env(self.settings, self.allow, self.publish_address),
+            env=compose_env(self.settings, self.allow, self.publish_address, self.xtables_lock),
             capture_output=True,
             text=True,
             cwd=self.file.parent,

@@ -26,6 +26,7 @@ from netsetup import metrics as appliance_metrics
 from netsetup.errors import VerifyFailed
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, rule_lines
+from netsetup.firewall.iptables_legacy import XTABLES_LOCK
 from netsetup.plan import (
     OPT_MASQUERADE,
     HostFacts,
@@ -139,7 +140,13 @@ def up(settings: Settings, options: Options) -> str:
     # Direct mode publishes on loopback only (the host's own checks): a port on the LAN
     # address would be one more way in, and through an engine's userland proxy an open one.
     publish = facts.lan_address if settings.published else ""
-    compose = deploy.Compose(settings, compose.file, allow, publish)
+    # Legacy tables beside an engine that writes them: share its lock (see iptables_legacy). The
+    # engine creates the file at start, before its containers, so the mount finds it after a boot.
+    shared_lock = backend.name == "legacy" and facts.has_docker_user
+    lock = XTABLES_LOCK if shared_lock else ""
+    if lock:
+        Path(lock).touch(exist_ok=True)  # as iptables would: a missing source becomes a directory
+    compose = deploy.Compose(settings, compose.file, allow, publish, lock)
     undo = UndoStack()
     try:
         # The record first: the host service reads it (a change reaches a running service).

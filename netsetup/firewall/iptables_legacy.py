@@ -3,10 +3,18 @@
 libiptc works on a copy of a whole table and commits it in one call, so with autocommit off each
 table changes all or nothing, like the nft backend's restore. It sees only the legacy tables,
 which is where Docker writes when the host's `iptables` is iptables-legacy.
+
+A legacy commit replaces the whole table, so two writers at once lose one's change: the engine
+adding a container's rules at boot while the host service puts ours back would lose the engine's.
+iptables itself serializes writers with flock on /run/xtables.lock (`iptables --wait`, as Docker
+calls it); libiptc does not, so the read-modify-commit below holds the same lock.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +31,38 @@ def _iptc() -> Any:
     except Exception as exc:  # pragma: no cover - depends on the host's libraries
         raise FirewallFailed(f"python-iptables unavailable: {exc}") from exc
     return iptc
+
+
+# iptables' own default and variable; the host service's container has the host's file mounted.
+XTABLES_LOCK = "/run/xtables.lock"
+LOCK_WAIT = 10.0  # seconds; iptables --wait waits forever, a sync rather retries later
+
+
+@contextmanager
+def xtables_lock(wait: float = LOCK_WAIT) -> Iterator[None]:
+    """Hold the lock iptables writers share, as `iptables --wait` does."""
+    path = os.environ.get("XTABLES_LOCKFILE", XTABLES_LOCK)
+    try:
+        # A directory stands in where a bind mount found no file: flock works on it too.
+        flags = os.O_RDONLY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise FirewallFailed(f"cannot open the xtables lock {path}: {exc.strerror}") from exc
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FirewallFailed(
+                        f"another program has held the xtables lock {path} for {wait:g} s"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _neg(value: str, negate: bool) -> str:
@@ -70,17 +110,18 @@ class LegacyBackend(FirewallBackend):
     def _table(self, name: str) -> Iterator[Any]:
         """A table with autocommit off: changes are committed together, or dropped on error."""
         iptc = _iptc()
-        table = iptc.Table(name)
-        table.autocommit = False
-        table.refresh()
-        try:
-            yield table
-            table.commit()
-        except Exception as exc:
-            table.refresh()  # discard the uncommitted copy
-            raise FirewallFailed(f"python-iptables, table {name}: {exc}") from exc
-        finally:
-            table.autocommit = True
+        with xtables_lock():
+            table = iptc.Table(name)
+            table.autocommit = False
+            table.refresh()  # read under the lock: what we commit is what was there
+            try:
+                yield table
+                table.commit()
+            except Exception as exc:
+                table.refresh()  # discard the uncommitted copy
+                raise FirewallFailed(f"python-iptables, table {name}: {exc}") from exc
+            finally:
+                table.autocommit = True
 
     def describe(self, plan: FirewallPlan) -> str:
         out = ["# firewall: python-iptables, one commit per table"]

@@ -138,11 +138,19 @@ class NestedEngine:
         shutil.rmtree(self.report_dir, ignore_errors=True)
 
 
-def start_engine(name: str, suite: str, dockerd_args: str = "") -> NestedEngine:
+def start_engine(
+    name: str, suite: str, dockerd_args: str = "", legacy_iptables: bool = False
+) -> NestedEngine:
     """Run dockerd nested, restarted by a shell loop so a test can restart the daemon alone.
 
     `dockerd_args` are daemon options, e.g. ``--iptables=false`` for an engine that leaves the
-    firewall alone."""
+    firewall alone; `legacy_iptables` makes iptables-legacy the engine's (and the host
+    service's) iptables. Each start begins without /run/xtables.lock, as after a boot."""
+    legacy = (
+        "update-alternatives --set iptables /usr/sbin/iptables-legacy >/dev/null; "
+        "update-alternatives --set ip6tables /usr/sbin/ip6tables-legacy >/dev/null; "
+        if legacy_iptables else ""
+    )  # fmt: skip
     run_dir = tempfile.mkdtemp(prefix="netsetup-dind-")
     report_dir = tempfile.mkdtemp(prefix="netsetup-dind-report-")
     subprocess.run(
@@ -158,8 +166,9 @@ def start_engine(name: str, suite: str, dockerd_args: str = "") -> NestedEngine:
             "--tmpfs", "/var/lib/docker:exec,size=3g",
             image_for(suite),
             "sh", "-c",
-            "mount -t tmpfs none /tmp; "
-            f"while true; do dockerd {dockerd_args} >>/tmp/dockerd.log 2>&1; sleep 1; done",
+            f"mount -t tmpfs none /tmp; {legacy}"
+            "while true; do rm -rf /run/xtables.lock; "
+            f"dockerd {dockerd_args} >>/tmp/dockerd.log 2>&1; sleep 1; done",
         ],
         check=True,
         stdout=subprocess.DEVNULL,

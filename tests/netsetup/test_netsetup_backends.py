@@ -8,7 +8,11 @@ before. Every rule touched lives in the namespace and disappears with it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,3 +161,30 @@ def test_a_rule_slipped_into_our_chain_is_reported_and_removed(netns: str, backe
     assert state["extra"] == ["filter/NETSETUP-dnsapp: rules differ from the plan"]
     driver(netns, backend, "28", "both", "apply")
     assert save(netns, backend) == planned
+
+
+def test_legacy_writes_wait_for_the_xtables_lock(netns: str, tmp_path) -> None:
+    """A legacy commit replaces the whole table: while another writer (`iptables --wait`, as
+    the engine runs it) holds the lock, ours waits, and goes on once it is released."""
+    docker_like(netns, "legacy")
+    before = save(netns, "legacy")
+    lock = tmp_path / "xtables.lock"
+    env = os.environ | {"XTABLES_LOCKFILE": str(lock)}
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        writer = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, DRIVER, "legacy", "28", "both", "apply"],
+            env=env,
+        )  # fmt: skip
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            writer.wait(1.5)
+        assert writer.poll() is None, "applied while another writer held the lock"
+        assert save(netns, "legacy") == before
+        # the lock is iptables' own: iptables-legacy --wait gives up on it the same way
+        proc = netns_exec(netns, "iptables-legacy", "-w", "1", "-N", "PROBE", env=env, check=False)
+        assert proc.returncode != 0 and "holding the xtables lock" in proc.stderr, proc.stderr
+    finally:
+        os.close(held)  # the other writer is done
+    assert writer.wait(10) == 0
+    assert save(netns, "legacy") != before

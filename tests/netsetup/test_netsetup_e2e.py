@@ -189,12 +189,14 @@ def wait_repaired(topo: Topology, ip: str, name: str, timeout: float = 30) -> fl
 
 
 def scenario(
-    engine: Engine, project: str, subnet: str, ip: str, port: int, port_mode: bool = True
-) -> None:
+    engine: Engine, project: str, subnet: str, ip: str, port: int, port_mode: bool = True,
+    after_reboot: Callable[[], None] | None = None,
+) -> None:  # fmt: skip
     """The household's life: up, both modes answer, reload, reboot, mode switch, down.
 
     Without `port_mode` (an engine with `"iptables": false`) it runs direct mode alone, after
     checking that the default (both modes) is refused with one line and changes nothing.
+    `after_reboot` checks more once everything came back.
     """
     variables = {
         "PROJECT": project,
@@ -288,6 +290,8 @@ def scenario(
         # the restarted service says what it put back when it started
         assert status["host_service"]["report"]["first_sync"]["found"], status
         assert_exposure(topo, ip, port)
+        if after_reboot is not None:
+            after_reboot()
 
         # switching to port mode and back keeps the guarantees; the metrics switch opens 9153
         switched = {"MODE": "port"} if port_mode else {}
@@ -327,14 +331,30 @@ def test_end_to_end_host_engine(appliance_image: tuple[str, ...]) -> None:
     scenario(Engine(), project="nstest", subnet="172.31.163.0/24", ip="172.31.163.53", port=5163)
 
 
-def nested_scenario(suite: str, dockerd_args: str = "", port_mode: bool = True) -> None:
+def nested_scenario(
+    suite: str, dockerd_args: str = "", port_mode: bool = True, legacy_iptables: bool = False
+) -> None:
     """The scenario on the nested engine of a Debian suite (dind.py), started with
-    `dockerd_args`."""
+    `dockerd_args` (and iptables-legacy)."""
     if not shutil.which("mmdebstrap") and not dind.image_exists(dind.image_for(suite)):
         pytest.skip("mmdebstrap missing and no cached nested-engine image")
     dind.build_image(suite)
     name = f"netsetup-test-dind-{os.getpid()}"
-    nested = dind.start_engine(name, suite, dockerd_args=dockerd_args)
+    nested = dind.start_engine(name, suite, dockerd_args, legacy_iptables)
+
+    def shares_the_lock() -> None:
+        """The daemon restarted without /run/xtables.lock (dind.py): it made the file before it
+        started the containers, so the host service's mount found a file (a missing source
+        would have become a directory, and iptables would fail on it), and that mount is it."""
+        lock = subprocess.run(["docker", "exec", name, "stat", "-c", "%F", "/run/xtables.lock"],
+                              capture_output=True, text=True)  # fmt: skip
+        assert lock.stdout.strip() == "regular empty file", lock
+        ids = nested.docker("ps", "-q", "--filter", "label=com.docker.compose.service=netsetup",
+                            capture_output=True, text=True).stdout.split()  # fmt: skip
+        mounts = json.loads(nested.docker("inspect", "-f", "{{json .Mounts}}", *ids,
+                                          capture_output=True, text=True).stdout)  # fmt: skip
+        sources = {m["Destination"]: m["Source"] for m in mounts}
+        assert sources.get("/run/xtables.lock") == "/run/xtables.lock", sources
     try:
         save = subprocess.Popen(["docker", "save", *IMAGES], stdout=subprocess.PIPE)
         nested.docker("load", stdin=save.stdout, check=True, capture_output=True)
@@ -348,7 +368,7 @@ def nested_scenario(suite: str, dockerd_args: str = "", port_mode: bool = True) 
         )
         scenario(
             engine, project="nsnested", subnet="172.31.53.0/24", ip="172.31.53.53", port=5053,
-            port_mode=port_mode,
+            port_mode=port_mode, after_reboot=shares_the_lock if legacy_iptables else None,
         )  # fmt: skip
     finally:
         nested.stop()
@@ -358,6 +378,12 @@ def nested_scenario(suite: str, dockerd_args: str = "", port_mode: bool = True) 
 @pytest.mark.parametrize("suite", list(dind.ENGINES), ids=lambda s: f"docker{dind.ENGINES[s][:-1]}")
 def test_end_to_end_nested_engine(appliance_image: tuple[str, ...], suite: str) -> None:
     nested_scenario(suite)
+
+
+@pytest.mark.nested
+def test_end_to_end_nested_engine_legacy_iptables(appliance_image: tuple[str, ...]) -> None:
+    """Legacy tables: the host service shares the engine's xtables lock, from boot on."""
+    nested_scenario("sid", legacy_iptables=True)
 
 
 @pytest.mark.nested
