@@ -85,6 +85,23 @@ def gather_facts(
     return facts, backend
 
 
+def warn_if_forwarding_opens(facts: HostFacts, backend: FirewallBackend) -> None:
+    """Turning IPv4 forwarding on makes the host a router between all its interfaces. An engine
+    that manages iptables sets FORWARD's policy to DROP when it does so; where none does and
+    the policy is ACCEPT, that is a change beyond the appliance the user should know of."""
+    if facts.has_docker_user or sysctl.get("net.ipv4.ip_forward") == "1":
+        return
+    policies = [ln.split()[1] for ln in backend.save("filter").splitlines()
+                if ln.startswith(":FORWARD ")]  # fmt: skip
+    if policies == ["ACCEPT"]:
+        print(
+            "netsetup: warning: IPv4 forwarding is off and the FORWARD policy is ACCEPT: turning "
+            "forwarding on for the appliance makes this host route between all its networks; "
+            "set the policy to DROP (iptables -P FORWARD DROP) unless it should",
+            file=sys.stderr,
+        )
+
+
 def describe(plan: Plan, backend: FirewallBackend) -> str:
     return render_plan(plan, backend.describe(plan.firewall))
 
@@ -113,6 +130,7 @@ def up(settings: Settings, options: Options) -> str:
         or f"br-{settings.project}"
     )
     facts, backend = gather_facts(client, settings, options, bridge)
+    warn_if_forwarding_opens(facts, backend)
     plan = compute_plan(settings, facts)
     if plan.served_lan is None:
         print(

@@ -188,3 +188,26 @@ def test_legacy_writes_wait_for_the_xtables_lock(netns: str, tmp_path) -> None:
         os.close(held)  # the other writer is done
     assert writer.wait(10) == 0
     assert save(netns, "legacy") != before
+
+
+@pytest.mark.parametrize(
+    ("engine", "policy", "warned"),
+    [("28-noiptables", "ACCEPT", True), ("28-noiptables", "DROP", False), ("28", "ACCEPT", False)],
+)
+def test_warns_when_forwarding_would_route_everything(
+    netns: str, engine: str, policy: str, warned: bool
+) -> None:
+    """Forwarding off, no engine to set FORWARD to DROP, policy ACCEPT: `up` says what turning
+    forwarding on would open."""
+    netns_exec(netns, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
+    netns_exec(netns, CLI["nft"], "-P", "FORWARD", policy)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from netsetup_facts import facts; from netsetup.firewall import get_backend;"
+        "from netsetup.host import warn_if_forwarding_opens;"
+        "warn_if_forwarding_opens(facts(sys.argv[2]), get_backend('nft'))"
+    )
+    here = str(Path(__file__).parent)
+    proc = netns_exec(netns, sys.executable, "-c", code, here, engine)
+    assert ("FORWARD policy is ACCEPT" in proc.stderr) == warned, proc.stderr
+    assert netns_exec(netns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0"
