@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # Build a base image from Debian packages, without any container registry: mmdebstrap bootstraps
-# a bookworm root with the packages a recipe directory lists, the recipe's trim.py (if any) cuts
-# it down to what runs, and `docker import` turns the tarball into an image.
+# a bookworm root with the packages a recipe directory lists, images/trim.py cuts it down to the
+# packages the recipe keeps (if it has a keep file), and `docker import` turns the tarball into
+# an image.
 #
 #   images/bootstrap.sh RECIPE_DIR TAG     (FORCE=1 rebuilds)
 #
 #   images/base      dnsproxy-base:bookworm   the forwarder's base: Python, dnslib, uvloop, httpx
 #   images/netsetup  netsetup-base:bookworm   the host service's: Python, iptables, python-iptables
 #
-# RECIPE_DIR/packages names the packages, comma separated. The image carries a label with a hash
-# of the recipe and of this script; when an image with the same hash exists the script does
-# nothing, so code changes never pay for a new bootstrap.
+# RECIPE_DIR/packages names the packages, comma separated; RECIPE_DIR/keep and smoke.py tell
+# trim.py what stays. The image carries a label with a hash of the recipe, of this script and of
+# trim.py; when an image with the same hash exists the script does nothing, so code changes never
+# pay for a new bootstrap.
 # MIRROR=URI overrides the Debian mirror, which is otherwise read from this machine's apt sources.
 set -euo pipefail
 
 RECIPE_DIR=$(cd "${1:?usage: bootstrap.sh RECIPE_DIR TAG}" && pwd)
 TAG=${2:?usage: bootstrap.sh RECIPE_DIR TAG}
-SUITE=bookworm # trim.py's KEEP list names bookworm's packages (python3.11, gcc-12-base)
+SUITE=bookworm # the keep lists name bookworm's packages (python3.11, gcc-12-base)
 LABEL=org.dnsproxy.base.recipe
 shopt -s nullglob
-RECIPE=$(cat "$0" "$RECIPE_DIR"/packages "$RECIPE_DIR"/*.py | sha256sum | cut -c1-16)
+TRIM=$(cd "$(dirname "$0")" && pwd)/trim.py
+RECIPE=$(cat "$0" "$TRIM" "$RECIPE_DIR"/packages "$RECIPE_DIR"/keep "$RECIPE_DIR"/*.py \
+    | sha256sum | cut -c1-16)
 PACKAGES=$(tr -d ' \n' <"$RECIPE_DIR/packages")
 hooks=()
-if [[ -f $RECIPE_DIR/trim.py ]]; then
-    hooks+=(--customize-hook="python3 '$RECIPE_DIR/trim.py' \"\$1\"")
+if [[ -f $RECIPE_DIR/keep ]]; then
+    hooks+=(--customize-hook="python3 '$TRIM' \"\$1\" '$RECIPE_DIR'")
 fi
 
 current=$(docker image inspect -f "{{ index .Config.Labels \"$LABEL\" }}" "$TAG" 2>/dev/null || true)

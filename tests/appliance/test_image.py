@@ -18,6 +18,13 @@ def test_image_is_at_most_60_mb(image):
     assert image["Size"] <= MAX_SIZE, f"{image['Size'] / 1e6:.1f} MB"
 
 
+def test_host_service_image_is_trimmed_too(image):
+    """Its base keeps Python, both iptables flavours and python-iptables only (images/netsetup)."""
+    netsetup = inspect("image", "netsetup:latest")
+    assert netsetup["Size"] <= MAX_SIZE, f"{netsetup['Size'] / 1e6:.1f} MB"
+    assert netsetup["Config"]["Entrypoint"] == ["python3", "-m", "netsetup.service"]
+
+
 def test_image_runs_the_forwarder_as_an_unprivileged_user(image):
     config = image["Config"]
     assert config["Entrypoint"] == ["python3", "-m", "dnsproxy"]

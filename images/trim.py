@@ -1,15 +1,19 @@
-"""Trim a freshly bootstrapped Debian root down to what the appliance needs at run time.
+"""Trim a freshly bootstrapped Debian root down to what one image needs at run time.
 
-mmdebstrap calls this as a customize hook with the root directory as the only argument; it runs on
-the build host (not in the chroot), so it can remove the shell, dpkg and coreutils the packages'
-maintainer scripts needed during installation.
+    trim.py ROOT RECIPE_DIR
 
-The image keeps exactly the packages in KEEP. Everything else that the "essential" variant and the
-dependencies of python3-httpx pulled in (perl, debconf, coreutils, util-linux, pygments, rich...)
-is deleted file by file from dpkg's own file lists, and its entry is dropped from
-/var/lib/dpkg/status so the database stays truthful for image scanners. Then build-only leftovers
-(caches, test suites, docs) go. Last, a smoke test imports what the forwarder imports, so a Debian
-dependency change that breaks the trimmed image fails the build instead of the container.
+mmdebstrap calls this as a customize hook (images/bootstrap.sh); it runs on the build host, not
+in the chroot, so it can remove the shell, dpkg and coreutils the packages' maintainer scripts
+needed during installation. The recipe says what stays: RECIPE_DIR/keep lists the packages
+(names separated by spaces or lines, `#` comments), RECIPE_DIR/smoke.py is what the image's
+program loads.
+
+The image keeps exactly the packages in keep. Everything else that the "essential" variant and
+the dependencies pulled in (perl, debconf, coreutils, util-linux, pygments, rich...) is deleted
+file by file from dpkg's own file lists, and its entry is dropped from /var/lib/dpkg/status so the
+database stays truthful for image scanners. Then build-only leftovers (caches, test suites, docs)
+go. Last, smoke.py runs in the trimmed root, so a Debian dependency change that breaks the image
+fails the build instead of the container.
 """
 
 from __future__ import annotations
@@ -18,29 +22,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-# Packages the running appliance needs. Shared libraries are listed explicitly (rather than derived
-# from Depends) because the point is to cut dependencies that only matter at install time.
-KEEP = {
-    # identity of the system: /etc/os-release, /etc/passwd and /etc/group
-    "base-files", "base-passwd",
-    # a tiny /bin/sh: RUN steps of the appliance Dockerfile and `docker exec ... sh` for debugging
-    "dash",
-    # the C runtime and the libraries CPython's stdlib modules link against
-    "libc6", "libgcc-s1", "gcc-12-base", "zlib1g", "libssl3", "libffi8", "libexpat1",
-    "libbz2-1.0", "liblzma5", "libcrypt1", "libdb5.3", "libgdbm6", "libncursesw6", "libtinfo6",
-    "libnsl2", "libtirpc3", "libtirpc-common", "libgssapi-krb5-2", "libkrb5-3", "libk5crypto3",
-    "libkrb5support0", "libkeyutils1", "libcom-err2", "libreadline8", "readline-common",
-    "libsqlite3-0", "libuuid1", "media-types",
-    # Python and the forwarder's dependencies
-    "python3", "python3-minimal", "python3.11", "python3.11-minimal", "libpython3-stdlib",
-    "libpython3.11-minimal", "libpython3.11-stdlib",
-    "python3-dnslib", "python3-uvloop", "libuv1",
-    "python3-httpx", "python3-httpcore", "python3-h11", "python3-anyio", "python3-sniffio",
-    "python3-idna", "python3-certifi", "python3-rfc3986",
-    # /etc/ssl/certs/ca-certificates.crt, for DoT/DoH to public resolvers
-    "ca-certificates",
-}
 
 # Paths (relative to the root) removed after the packages: build-time state and parts of the
 # Python stdlib a DNS forwarder never imports. apt's and dpkg's configuration stays: mmdebstrap
@@ -54,21 +35,6 @@ DROP_PATHS = [
 ]
 # Files matched anywhere under usr/lib/python3*: CPython's own test extension modules.
 DROP_GLOBS = ["_test*.cpython-*.so", "_xxtestfuzz*.so", "xxlimited*.so", "_ctypes_test*.so"]
-
-# What the forwarder imports at start-up (httpx only for https:// upstreams, but it must work).
-# Keep this list in step with dnsproxy/: it also decides which byte code stays (prune_bytecode).
-SMOKE_TEST = (
-    "import argparse, asyncio, collections, contextlib, dataclasses, enum, functools, importlib,"
-    " importlib.resources, importlib.util, ipaddress, json, logging, os, re, secrets, signal,"
-    " socket, ssl, struct, time, tomllib, typing, urllib.parse;"
-    "import dnslib, uvloop, httpx;"
-    "ctx = ssl.create_default_context(cafile='/etc/ssl/certs/ca-certificates.crt');"
-    "assert ctx.cert_store_stats()['x509_ca'] > 50, 'CA bundle is empty';"
-    # Report the byte code files that start-up used (see prune_bytecode).
-    "import sys; print(*(m.__cached__ for m in list(sys.modules.values())"
-    " if getattr(m, '__cached__', None)), sep='\\n')"
-)
-
 
 def read_status(root: Path) -> list[str]:
     return (root / "var/lib/dpkg/status").read_text().strip().split("\n\n")
@@ -98,16 +64,23 @@ def listed_paths(info: Path, package: str, arch: str) -> list[str]:
     return []
 
 
-def remove_packages(root: Path) -> list[str]:
+def read_keep(path: Path) -> tuple[set[str], set[str]]:
+    """The packages to keep, and the paths (words starting with /) to spare from DROP_PATHS."""
+    words = {word for line in path.read_text().splitlines()
+             for word in line.split("#", 1)[0].split()}  # fmt: skip
+    return {w for w in words if not w.startswith("/")}, {w[1:] for w in words if w.startswith("/")}
+
+
+def remove_packages(root: Path, keep: set[str]) -> list[str]:
     info = root / "var/lib/dpkg/info"
     stanzas = read_status(root)
     packages = {field(s, "Package"): field(s, "Architecture") for s in stanzas}
-    drop = sorted(set(packages) - KEEP)
-    missing = sorted(KEEP - set(packages))
+    drop = sorted(set(packages) - keep)
+    missing = sorted(keep - set(packages))
     if missing:
         sys.exit(f"trim: packages to keep were not installed: {' '.join(missing)}")
 
-    kept_paths = {p for name in KEEP for p in listed_paths(info, name, packages[name])}
+    kept_paths = {p for name in keep for p in listed_paths(info, name, packages[name])}
     dirs = set()
     for name in drop:
         arch = packages[name]
@@ -130,13 +103,13 @@ def remove_packages(root: Path) -> list[str]:
         # is_dir again: /lib/x and /usr/lib/x are the same directory on a merged-/usr system.
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
-    kept = [s for s in stanzas if field(s, "Package") in KEEP]
+    kept = [s for s in stanzas if field(s, "Package") in keep]
     (root / "var/lib/dpkg/status").write_text("\n\n".join(kept) + "\n")
     return drop
 
 
-def remove_leftovers(root: Path) -> None:
-    for rel in DROP_PATHS:
+def remove_leftovers(root: Path, spared: set[str]) -> None:
+    for rel in (rel for rel in DROP_PATHS if rel not in spared):
         path = root / rel
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -169,15 +142,26 @@ def prune_bytecode(root: Path, used: set[str]) -> None:
             cache.rmdir()
 
 
+# Appended to smoke.py: report the byte code files it used (see prune_bytecode).
+REPORT_BYTECODE = (
+    "\nimport sys\nprint(*(m.__cached__ for m in list(sys.modules.values())"
+    " if getattr(m, '__cached__', None)), sep='\\n')\n"
+)
+
+
 def main() -> None:
-    root = Path(sys.argv[1])
-    dropped = remove_packages(root)
-    remove_leftovers(root)
+    root, recipe = Path(sys.argv[1]), Path(sys.argv[2])
+    packages, spared = read_keep(recipe / "keep")
+    dropped = remove_packages(root, packages)
+    remove_leftovers(root, spared)
     print(f"trim: removed {len(dropped)} packages: {' '.join(dropped)}", file=sys.stderr)
     smoke = subprocess.run(
-        ["chroot", str(root), "/usr/bin/python3", "-c", SMOKE_TEST],
-        check=True, capture_output=True, text=True,
-    )
+        ["chroot", str(root), "/usr/bin/python3", "-c",
+         (recipe / "smoke.py").read_text() + REPORT_BYTECODE],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if smoke.returncode != 0:
+        sys.exit(f"trim: the smoke test failed in the trimmed root:\n{smoke.stderr}")
     prune_bytecode(root, set(smoke.stdout.split()))
 
 
