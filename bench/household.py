@@ -563,8 +563,14 @@ class HouseholdPass:
         threads = [threading.Thread(target=one, args=(x,)) for x in servers]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:
+            # Let the restarts finish, so that the caller's clean-up stops the new processes.
+            for thread in threads:
+                thread.join()
+            raise
         for name, result in outcome.items():
             if isinstance(result, tuple):
                 say(f"  {name} answering again after {result[1] - result[0]:.2f} s")

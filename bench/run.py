@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"dnsmasq-base unbound)", file=sys.stderr)
             return 2
     signal.signal(signal.SIGTERM, _terminate)
+    # Also when started with SIGINT ignored (a background job of a script): Ctrl-C or kill -INT
+    # must still remove the namespace and stop the servers.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out = report.Report()
     with tempfile.TemporaryDirectory(prefix="dnsbench-") as tmp:
         fleet = Fleet(Path(tmp))
