@@ -636,8 +636,9 @@ def describe(s: Settings, servers: list[str], notes: list[str], kernel_stamps: b
         "- Servers: dnsproxy (defaults, so serve-stale and prefetch; `--rate-limit 0 "
         "--no-query-log --state-dir`), dnsmasq `--use-stale-cache --cache-size="
         f"{s.cache_size}`, unbound (`prefetch: yes`, `serve-expired: yes`, one thread), smartdns "
-        f"(`prefetch-domain yes`, `serve-expired yes`, `cache-persist yes`, `speed-check-mode "
-        f"none`, `cache-size {s.cache_size}`). Running: {', '.join(servers) or 'none'}.",
+        f"(`prefetch-domain yes`, `serve-expired yes`, `cache-persist yes`, `rr-ttl-min 1` so "
+        f"that it keeps the upstream's TTLs, `speed-check-mode none`, `cache-size "
+        f"{s.cache_size}`). Running: {', '.join(servers) or 'none'}. Not pinned to CPUs.",
     ]
     lines += [f"- {note}" for note in notes]
     return lines + [""]
@@ -659,7 +660,7 @@ def run(settings: Settings, delays: list[float], fleet: Fleet, emit,
     if reason or not servers:
         why = reason or "no server to run"
         say(f"household part skipped: {why}")
-        emit(*describe(settings, servers, notes, False, None)[:-1], "", f"Skipped: {why}.", "")
+        emit("## Household", "", f"Skipped: {why}.", *[f"- {note}" for note in notes], "")
         return []
     for note in notes:
         say(note)
