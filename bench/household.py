@@ -556,7 +556,7 @@ class HouseholdPass:
         def one(server: Server) -> None:
             try:
                 outcome[server.name] = server.restart(home, PROBE)
-            except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+            except Exception as exc:  # reported in the table; the run goes on
                 outcome[server.name] = str(exc).splitlines()[0][:120]
 
         say(f"  restarting {', '.join(x.name for x in servers)}")
