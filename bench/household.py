@@ -331,6 +331,7 @@ class Window:
     upstream: int = 0  # queries the server sent the upstream meanwhile
     first_asks: int = 0  # queries for a name never asked before in the stream
     max_lag: float = 0.0  # seconds the client sent a query after its time, at most
+    repeat_mean: float = float("nan")  # ms, over the queries for names asked before
 
 
 def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: float,
@@ -340,6 +341,7 @@ def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: fl
     latencies: list[float] = []
     answered = timeouts = errors = stale = waited = first = 0
     lag = 0
+    repeats: list[float] = []
     limit_ms = timeout * 1000
     seen: set[int] = set()
     for seq in range(len(rec.send_ns)):
@@ -356,8 +358,12 @@ def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: fl
         if latency is None or latency > limit_ms:
             timeouts += 1
             latencies.append(limit_ms)
+            if not new:
+                repeats.append(limit_ms)
             continue
         latencies.append(max(latency, 0.0))
+        if not new:
+            repeats.append(max(latency, 0.0))
         answered += 1
         if rec.rcode[seq] != 0:
             errors += 1
@@ -371,7 +377,7 @@ def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: fl
                 stale += 1
     upstream = bisect.bisect_left(arrivals, end) - bisect.bisect_left(arrivals, start)
     return Window(Summary.of(latencies), latencies, answered, timeouts, errors, stale, waited,
-                  upstream, first, lag / 1e9)
+                  upstream, first, lag / 1e9, Summary.of(repeats).mean)
 
 
 def unanswered(rec: Records, start: float, end: float) -> int:

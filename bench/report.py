@@ -188,13 +188,14 @@ def throughput_table(rows: dict[str, dict[str, Row]], reference: str | None) -> 
 
 def household_table(result: PassResult) -> list[str]:
     """One row per server over the measured window (after the warm-up, before the restart)."""
-    out = ["| server | queries | mean ms | p50 ms | p95 ms | p99 ms | waited on upstream "
-           "| stale answers | timeouts | errors | upstream queries | server CPU |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| server | queries | mean ms | mean ms, names asked before | p50 ms | p95 ms "
+           "| p99 ms | waited on upstream | stale answers | timeouts | errors "
+           "| upstream queries | server CPU |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in result.servers:
         w = s.steady
         out.append(f"| {s.name} | {w.summary.count:,} | {fmt_ms(w.summary.mean)} | "
-                   f"{fmt_ms(w.summary.p50)} | {fmt_ms(w.summary.p95)} | "
+                   f"{fmt_ms(w.repeat_mean)} | {fmt_ms(w.summary.p50)} | {fmt_ms(w.summary.p95)} | "
                    f"{fmt_ms(w.summary.p99)} | {fmt_share(w.waited, w.answered)} | "
                    f"{fmt_share(w.stale, w.answered)} | {fmt_share(w.timeouts, w.summary.count)} | "
                    f"{fmt_share(w.errors, w.answered)} | {w.upstream:,} | "
@@ -233,6 +234,12 @@ def targets(result: PassResult, ours: str = "dnsproxy") -> list[str]:
         lines.append(f"- mean {fmt_ms(mine.steady.summary.mean)} ms against the best peer's "
                      f"({best.name}) {fmt_ms(best.steady.summary.mean)} ms: {ratio:.2f}× "
                      f"(target <= 0.5×: {'meets' if ratio <= 0.5 else 'MISSES'})")
+        again = min(peers, key=lambda s: s.steady.repeat_mean)
+        if again.steady.repeat_mean > 0:
+            lines.append(f"- without first asks (which no cache can answer): "
+                         f"{fmt_ms(mine.steady.repeat_mean)} ms against {again.name}'s "
+                         f"{fmt_ms(again.steady.repeat_mean)} ms: "
+                         f"{mine.steady.repeat_mean / again.steady.repeat_mean:.2f}×")
     p95 = mine.steady.summary.p95
     verdict = "meets" if p95 < 1.0 else "MISSES"
     if result.delay_ms <= 40:

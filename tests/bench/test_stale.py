@@ -80,6 +80,8 @@ def test_analysis_counts_stale_waited_timeouts_first_asks_and_upstream():
     assert (window.waited, window.first_asks, window.upstream) == (1, 1, 2)
     assert window.latencies[-1] == 2000.0  # a timeout counts as the timeout
     assert abs(window.summary.p50 - 0.2) < 1e-6
+    # names asked before: the two hits (0.2 ms each) and the timeout of name 1 (2000 ms)
+    assert abs(window.repeat_mean - (0.2 + 0.2 + 2000.0) / 3) < 1e-6
     assert household.unanswered(rec, 1010.0, 1020.0) == 1
     assert abs(window.max_lag - 1e-6) < 1e-9
 
