@@ -127,14 +127,34 @@ clean: down
 	-docker image rm $(IMAGE)
 
 # ---- benchmark ---------------------------------------------------------------------------------
-# dnsproxy against dnsmasq and unbound on this machine, all on 127.0.0.1 (see bench/README.md);
-# the table goes to bench/results/latest.md. BENCH_ARGS=--quick for a smoke run.
+# dnsproxy against its peers on this machine (see bench/README.md): saturation on 127.0.0.1, and
+# the household run through a network namespace (root). The report goes to bench/results/latest.md,
+# the plots beside it. BENCH_ARGS=--quick for a smoke run, e.g. BENCH_ARGS='--workloads household'.
 BENCH_TOOLS := dnsperf:dnsperf dnsmasq:dnsmasq-base unbound:unbound
+# smartdns's package enables a system service on port 53 and starts it: install it with service
+# starts refused (policy-rc.d) and the boot-time start disabled, as the benchmark runs its own
+# process with its own config.
+SMARTDNS_INSTALL = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: smartdns (its service is not started)"; \
+	    guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=/usr/sbin/policy-rc.d; \
+	        printf '\043!/bin/sh\nexit 101\n' > $$guard; chmod +x $$guard; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq --no-install-recommends smartdns; \
+	    [ -z "$$guard" ] || rm -f "$$guard"; \
+	    if [ -d /run/systemd/system ]; then systemctl disable smartdns >/dev/null 2>&1 || true; fi; \
+	else \
+	    echo "note: smartdns is not installed; the household run skips it (apt-get install smartdns)"; \
+	fi
 .PHONY: bench
-bench: venv
+bench: venv $(VENV)/.bench-installed
 	@missing=""; \
 	for pair in $(BENCH_TOOLS); do \
 	    command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then $(APT_INSTALL); fi
+	@command -v smartdns >/dev/null || { $(SMARTDNS_INSTALL); }
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml | venv
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	touch $@

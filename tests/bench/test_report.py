@@ -1,0 +1,100 @@
+"""The report's statistics and household tables, from made-up measurements."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import household, report
+from bench.report import Summary
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 11))
+    assert report.percentile(values, 50) == 5
+    assert report.percentile(values, 95) == 10
+    assert report.percentile(values, 10) == 1
+    assert report.percentile(list(range(1, 101)), 99) == 99
+    assert report.percentile([7.0], 99) == 7.0
+    assert math.isnan(report.percentile([], 50))
+    assert report.percentile([3, 1, 2], 50) == 2  # unsorted input
+
+
+def test_summary_counts_everything_it_is_given():
+    s = Summary.of([0.1, 0.2, 0.3, 2000.0])
+    assert s.count == 4 and s.p50 == 0.2 and s.p99 == 2000.0
+    assert s.mean == pytest.approx(500.15)
+    assert math.isnan(Summary.of([]).mean)
+
+
+def test_number_formats():
+    assert report.fmt_ms(0.12345) == "0.123"
+    assert report.fmt_ms(41.66) == "41.7"
+    assert report.fmt_ms(2000.0) == "2,000"
+    assert report.fmt_ms(float("nan")) == "-"
+    assert report.fmt_share(0, 10) == "0"
+    assert report.fmt_share(1, 8) == "1 (12.5%)"
+    assert report.fmt_share(3, 0) == "-"
+
+
+def window(mean, p50, p95, *, count=1000, stale=0, waited=0, upstream=0, first=0,
+           repeat=None):
+    return household.Window(Summary(count, mean, p50, p95, p95), [p50] * 10, answered=count,
+                            stale=stale, waited=waited, upstream=upstream, first_asks=first,
+                            repeat_mean=mean / 2 if repeat is None else repeat)
+
+
+def result(delay, servers):
+    return household.PassResult(delay, 120, 60, servers, other_load=0.1, max_lag=0.001,
+                                kernel_stamps=True, netem=True)
+
+
+def test_household_table_has_a_row_per_server():
+    r = result(40, [household.ServerResult("dnsproxy", "a file", window(0.5, 0.1, 0.4,
+                                                                        stale=20, waited=5,
+                                                                        upstream=321), 0.05),
+                    household.ServerResult("dnsmasq", "none", window(2.0, 0.08, 40.0), 0.02)])
+    table = report.household_table(r)
+    assert table[0].startswith("| server | queries | mean ms | mean ms, names asked before |")
+    assert len(table) == 4
+    assert table[2] == ("| dnsproxy | 1,000 | 0.500 | 0.250 | 0.100 | 0.400 | 0.400 | 5 (0.5%) | "
+                        "20 (2.0%) | 0 | 0 | 321 | 5.0% |")
+
+
+def test_targets_are_judged_against_the_best_peer():
+    mine = household.ServerResult("dnsproxy", "a file", window(0.9, 0.1, 0.8), 0.05,
+                                  restart=window(0.5, 0.3, 0.9))
+    peers = [household.ServerResult("unbound", "dump", window(2.0, 0.1, 40.0), 0.02),
+             household.ServerResult("dnsmasq", "none", window(3.0, 0.1, 41.0), 0.02)]
+    text = "\n".join(report.targets(result(40, [mine, *peers])))
+    assert "best peer's (unbound) 2.000 ms: 0.45× (target <= 0.5×: meets)" in text
+    assert "without first asks (which no cache can answer): 0.450 ms against unbound's " \
+        "1.000 ms: 0.45×" in text
+    assert "p95 0.800 ms (target < 1 ms at 40 ms: meets)" in text
+    assert "p50 0.300 ms" in text and "MISSES" not in text
+    slow = household.ServerResult("dnsproxy", "a file", window(1.5, 0.1, 1.2), 0.05,
+                                  restart=window(3.0, 1.5, 41.0))
+    text = "\n".join(report.targets(result(40, [slow, *peers])))
+    assert text.count("MISSES") == 3
+    assert "set at 40 ms" in "\n".join(report.targets(result(150, [slow, *peers])))
+
+
+def test_restart_table_says_when_a_restart_failed():
+    ok = household.ServerResult("dnsproxy", "a file", window(1, 1, 1), 0.0,
+                                restart=window(0.4, 0.2, 0.6, upstream=12), downtime=0.7,
+                                unanswered=130)
+    bad = household.ServerResult("smartdns", "cache-persist", window(1, 1, 1), 0.0,
+                                 restart_error="does not answer")
+    table = report.restart_table(result(40, [ok, bad]))
+    assert "| dnsproxy | a file | 0.70 s | 130 | 1,000 | 0.400 | 0.200 | 0.600 |" in table[2]
+    assert "failed: does not answer" in table[3]
+
+
+def test_the_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = result(40, [household.ServerResult("dnsproxy", "a file", window(1, 0.1, 1), 0.0,
+                                           restart=window(1, 0.2, 1))])
+    path = tmp_path / "plot.png"
+    assert report.plot_household(r, path) is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
