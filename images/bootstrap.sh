@@ -88,17 +88,21 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # The essential variant plus the runtime packages; maintainer scripts need the essential tools,
-# a trim.py removes them afterwards. Docs, manuals and translations are never unpacked.
-mmdebstrap --variant=essential --quiet \
-    --include="$PACKAGES" \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/info/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --dpkgopt='path-exclude=/usr/share/lintian/*' \
-    "${hooks[@]}" \
-    "$SUITE" "$work/root.tar" "${sources[@]}"
+# trim.py removes them afterwards. Docs, manuals and translations are never unpacked. A mirror
+# caught mid-sync fails `apt-get update` once in a while: one more try before giving up.
+bootstrap() {
+    mmdebstrap --variant=essential --quiet --aptopt='Acquire::Retries "3"' \
+        --include="$PACKAGES" \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/info/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --dpkgopt='path-exclude=/usr/share/lintian/*' \
+        "${hooks[@]}" \
+        "$SUITE" "$work/root.tar" "${sources[@]}"
+}
+bootstrap || { echo "bootstrap failed; trying once more" >&2; bootstrap; }
 docker import \
     --change "LABEL $LABEL=$RECIPE" \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
