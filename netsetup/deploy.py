@@ -123,6 +123,20 @@ def last_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1] if lines else f"exit {proc.returncode}"
 
 
+def cache_volume(project: str) -> str:
+    """The forwarder's cache across restarts (compose.yaml's `cache`, named as compose does)."""
+    return f"{project}_cache"
+
+
+def volume_exists(client: Any, name: str) -> bool:
+    return bool(client.volumes.list(filters={"name": f"^{name}$"}))
+
+
+def remove_volume(client: Any, name: str) -> None:
+    for volume in client.volumes.list(filters={"name": f"^{name}$"}):
+        volume.remove(force=True)
+
+
 def find_container(client: Any, project: str, service: str) -> Any | None:
     found = client.containers.list(
         all=True,

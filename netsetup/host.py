@@ -173,6 +173,9 @@ def up(settings: Settings, options: Options) -> str:
         undo.push("deployment record", lambda: restore_record(settings.project, previous))
         running = existing is not None and existing.health in ("healthy", "running")
         if not running:  # before, so that a compose up failing halfway is undone too
+            cache = deploy.cache_volume(settings.project)
+            if not deploy.volume_exists(client, cache):  # a cache kept by `down` stays
+                undo.push("cache volume", lambda: deploy.remove_volume(client, cache))
             undo.push("compose up", lambda: down_services(settings.project, compose))
         compose.up()
         deployed_at = time.time()

@@ -212,6 +212,9 @@ def scenario(
     variables |= {"LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET}
     before = engine.firewall()
     ours = (variables["BRIDGE"], subnet.rsplit(".", 1)[0] + ".", topo.lan_if, f"{port}")
+    # `make down` keeps the cache, as a reboot does: an earlier run's would answer the names
+    # this one needs resolved through the upstream (after a flush, say) without it.
+    engine.run("docker", "volume", "rm", "-f", f"{project}_cache")
     upped = False
     try:
         if not port_mode:
@@ -316,6 +319,7 @@ def scenario(
     finally:
         if upped:
             make(engine, "down", **variables)
+        engine.run("docker", "volume", "rm", "-f", f"{project}_cache")
         topo.destroy()
 
 
@@ -416,6 +420,8 @@ def test_failed_up_rolls_back(appliance_image: tuple[str, ...], tmp_path: Path) 
         assert not left, "the service was not removed on rollback"
         nets = engine.run("docker", "network", "ls", "-q", "--filter", "name=nsrollback").stdout
         assert not nets.split(), "the network was not removed on rollback"
+        volumes = engine.run("docker", "volume", "ls", "-q", "--filter", "name=nsrollback").stdout
+        assert not volumes.split(), "the cache volume was not removed on rollback"
     finally:
         engine.run(NETSETUP, "down", "-p", "nsrollback")
         topo.destroy()
