@@ -23,7 +23,7 @@ from rich.table import Table
 from netsetup import check as check_mod
 from netsetup import host, routes, state
 from netsetup.errors import NetsetupError
-from netsetup.plan import Mode, Settings, check_settings, checked_network
+from netsetup.plan import Settings, check_settings, checked_network, parse_modes
 
 app = typer.Typer(
     add_completion=False,
@@ -78,7 +78,12 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 @app.command()
 @one_line_errors
 def up(
-    mode: Annotated[Mode, typer.Option(help="both, port or direct")] = Mode.both,
+    mode: Annotated[
+        str, typer.Option(help="comma list of port, direct, lan (both = port,direct)")
+    ] = "both",
+    lan_ip: Annotated[
+        str | None, typer.Option(help="lan mode: a free LAN address the appliance answers on")
+    ] = None,
     upstream: Annotated[
         list[str] | None, typer.Option(help="upstream resolver (repeat, or comma-separated)")
     ] = None,
@@ -104,7 +109,8 @@ def up(
     """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
     settings = check_settings(
         Settings(
-            mode=mode,
+            modes=parse_modes(mode),
+            lan_ip=lan_ip,
             upstreams=_split(upstream),
             lan_interface=lan_interface,
             lan_cidr=lan_cidr,
@@ -131,6 +137,8 @@ def up(
                          f"{host_address}, see `netsetup routes`)")
         if settings.published:
             paths.append(f"{host_address} port {port} (port mode)")
+        if settings.lan:
+            paths.append(f"{settings.lan_ip} port 53 (LAN address mode: no route needed)")
         print(f"netsetup: up: LAN clients ask {' or '.join(paths)}", file=sys.stderr)
 
 
