@@ -23,7 +23,7 @@ from typing import Any
 
 from netsetup import deploy, detect, service, state, sysctl
 from netsetup import metrics as appliance_metrics
-from netsetup.errors import VerifyFailed
+from netsetup.errors import BadInput, VerifyFailed
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, rule_lines
 from netsetup.firewall.iptables_legacy import XTABLES_LOCK
@@ -139,7 +139,17 @@ def up(settings: Settings, options: Options) -> str:
             f"it; to serve it, set LAN_CIDR={facts.lan_cidr} (--lan-cidr)",
             file=sys.stderr,
         )
+    if settings.lan and plan.served_lan is None:
+        raise BadInput(
+            f"--mode lan serves the LAN, but the detected LAN {facts.lan_cidr} is not private: "
+            f"set LAN_CIDR={facts.lan_cidr} (--lan-cidr) to serve it"
+        )
     detect.check_subnet_free(settings.subnet, bridge)
+    if settings.lan and settings.lan_ip:
+        # Before anything is claimed; a dry run sends no probe (it would not change the host,
+        # but a plan is printed from what is known).
+        detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr,
+                            probe=not options.dry_run)  # fmt: skip
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
@@ -219,7 +229,9 @@ def sweep(project: str) -> None:
     hooks, the sysctls it changed (from its report), the report."""
     record = state.load_sync(project) or {}
     backend = get_backend(record.get("backend") or detect.iptables_backend().value)
-    service.remove_host_plan(backend, project, record.get("sysctls_before") or {})
+    service.remove_host_plan(
+        backend, project, record.get("sysctls_before") or {}, state.load(project)
+    )
 
 
 def verify_network(plan: Plan, deployed: deploy.Deployed) -> None:
