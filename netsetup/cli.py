@@ -23,7 +23,7 @@ from rich.table import Table
 from netsetup import check as check_mod
 from netsetup import host, routes, state
 from netsetup.errors import NetsetupError
-from netsetup.plan import Settings, check_settings, checked_network, parse_modes
+from netsetup.plan import Mode, Settings, check_settings, checked_network, parse_modes
 
 app = typer.Typer(
     add_completion=False,
@@ -269,7 +269,8 @@ def check_cmd(
     results = [
         check_mod.query(probe, name, qtype, qclass, timeout, lan_hint)
         for probe in check_mod.probes(
-            settings.ip, saved.lan_address, settings.port, settings.direct, settings.published
+            settings.ip, saved.lan_address, settings.port, settings.direct, settings.published,
+            settings.lan_ip if settings.lan else None,
         )
     ]
     if as_json:
@@ -302,8 +303,12 @@ def routes_cmd(
     port: Annotated[int | None, typer.Option(help="published port (port mode)")] = None,
     lan_interface: Annotated[str | None, typer.Option()] = None,
     lan_cidr: Annotated[str | None, typer.Option()] = None,
+    lan_ip: Annotated[
+        str | None, typer.Option(help="lan mode's address (default: the deployed one)")
+    ] = None,
 ) -> None:
-    """Print what to set where so LAN clients reach the appliance's own address."""
+    """Print what to set where so LAN clients reach the appliance: the DNS server to hand out
+    (lan mode), or the routes to its own address (direct mode)."""
     from netsetup import detect
 
     saved = state.load(project)
@@ -319,18 +324,17 @@ def routes_cmd(
     else:
         lan = detect.lan(lan_interface, lan_cidr)
         address, cidr = lan.address, lan.cidr
-    print(
-        routes.render_text(
-            routes.route_sections(
-                subnet or settings.subnet,
-                gateway or address,
-                ip or settings.ip,
-                cidr,
-                port or settings.port,
-            )
-        ),
-        end="",
-    )
+    sections = routes.route_sections(
+        subnet or settings.subnet, gateway or address, ip or settings.ip, cidr,
+        port or settings.port,
+    )  # fmt: skip
+    if lan_ip is not None:
+        given = replace(settings, modes=(Mode.lan,), lan_ip=lan_ip, lan_cidr=cidr)
+        lan_ip = check_settings(given).lan_ip
+    if lan_ip or (settings.lan and settings.lan_ip):
+        # lan mode needs no route: what to set comes first, the routed alternatives after
+        sections = routes.lan_sections(lan_ip or str(settings.lan_ip), cidr) + sections
+    print(routes.render_text(sections), end="")
 
 
 def main() -> None:

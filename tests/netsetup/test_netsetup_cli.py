@@ -372,3 +372,21 @@ def _facts():
 
     return HostFacts("28.5.2", "iptables", IptablesBackend.nft, "br-x", "eth0",
                      "192.168.1.0/24", "192.168.1.2")  # fmt: skip
+
+
+def test_routes_in_lan_mode_name_the_dns_server_to_hand_out() -> None:
+    proc = run_cli("routes", "--project", "nsnone", "--gateway", "192.168.1.2",
+                   "--lan-interface", "lo", "--lan-cidr", "192.168.1.0/24",
+                   "--lan-ip", "192.168.1.53")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "DNS server (DHCP option 6): 192.168.1.53" in text
+    assert "uci add_list dhcp.lan.dhcp_option='6,192.168.1.53'" in text
+    assert "[find address=192.168.1.0/24] dns-server=192.168.1.53" in text
+    assert 'networksetup -setdnsservers "Wi-Fi" 192.168.1.53' in text
+    assert 'set dnsservers name="Ethernet" static 192.168.1.53 primary' in text
+    assert text.index("LAN address mode") < text.index("Router (generic)")
+    outside = run_cli("routes", "--project", "nsnone", "--gateway", "192.168.1.2",
+                      "--lan-interface", "lo", "--lan-cidr", "192.168.1.0/24",
+                      "--lan-ip", "192.168.2.53")  # fmt: skip
+    assert_refused(outside, "outside the LAN")
