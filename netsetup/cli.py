@@ -204,6 +204,8 @@ def status(
             table.add_row(f"  {name}", "present" if present else "MISSING")
         for name in fw["extra"]:
             table.add_row(f"  {name}", "EXTRA")
+    for entry, present in (info.get("lan_address") or {}).items():
+        table.add_row("  lan mode", f"{entry}: {'present' if present else 'MISSING'}")
     if info.get("raw_drop"):
         table.add_row("raw DROP", info["raw_drop"][0])
     table.add_row("ip_forward", info["sysctl"]["net.ipv4.ip_forward"])

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netsetup import deploy, detect, service, state, sysctl
+from netsetup import deploy, detect, hostnet, service, state, sysctl
 from netsetup import metrics as appliance_metrics
 from netsetup.errors import BadInput, VerifyFailed
 from netsetup.firewall import get_backend
@@ -311,6 +311,8 @@ def status(project: str, options: Options) -> dict:
             "rules": fw.rules_present,
         }
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)
+        if plan.neighbours or plan.routes:
+            out["lan_address"] = hostnet.state(plan.neighbours, plan.routes)
     out["sysctl"] = {"net.ipv4.ip_forward": sysctl.get("net.ipv4.ip_forward")}
     if deployed and deployed.ip:
         out["counts"] = appliance_metrics.fetch(deployed.ip)
