@@ -368,6 +368,9 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
         Rule(table="nat", chain="POSTROUTING", target=nat_chain,
              comment=f"{project}: hook", position=1)
     )  # fmt: skip
+    # Declared in every mode, empty but for lan mode: a switch away from lan then flushes it and
+    # deletes its hooks (no DNAT of LAN_IP is left behind) with the same apply.
+    fw.chains.append(Chain("nat", lan_chain(project)))
     if settings.lan and settings.lan_ip:
         lan_nat(fw, settings)
     return fw
@@ -381,7 +384,6 @@ def lan_nat(fw: FirewallPlan, settings: Settings) -> None:
     is translated, so it follows the /32 route into the bridge and meets the default deny.
     A chain of its own: MASQUERADE (the other nat chain) is valid in POSTROUTING only."""
     chain, project = lan_chain(settings.project), settings.project
-    fw.chains.append(Chain("nat", chain))
     for proto in ("udp", "tcp"):
         fw.rules.append(
             Rule(table="nat", chain=chain, destination=settings.lan_ip, protocol=proto,

@@ -56,6 +56,19 @@ class Lan:
         out = netns_exec(ns, *cmd, *(["+tcp"] if tcp else []), check=False).stdout
         return "\n".join(ln for ln in out.splitlines() if ln and not ln.startswith(";"))
 
+    def getent(self, ns: str) -> str:
+        """`getent ahosts` through glibc's stub resolver; `ip netns exec` puts
+        /etc/netns/NS/resolv.conf in place of /etc/resolv.conf for the command."""
+        conf = Path("/etc/netns") / ns
+        conf.mkdir(parents=True, exist_ok=True)
+        try:
+            (conf / "resolv.conf").write_text(f"nameserver {LAN_IP}\noptions timeout:2\n")
+            out = netns_exec(ns, "getent", "ahostsv4", NAME, check=False).stdout
+        finally:
+            (conf / "resolv.conf").unlink(missing_ok=True)
+            conf.rmdir()
+        return sorted({line.split()[0] for line in out.splitlines()} or {""})[0]
+
     def clients(self) -> list[str]:
         lines = self.log.read_text().splitlines() if self.log.exists() else []
         return [json.loads(line)["client"] for line in lines]
@@ -121,9 +134,10 @@ def lan(tmp_path: Path) -> Iterator[Lan]:
             subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def deployment() -> state.Deployment:
+def deployment(modes: str = "lan") -> state.Deployment:
     settings = Settings(
-        modes=parse_modes("lan"), lan_ip=LAN_IP, upstreams=("198.51.100.53",), lan_cidr=LAN,
+        modes=parse_modes(modes), lan_ip=LAN_IP if "lan" in modes else None,
+        upstreams=("198.51.100.53",), lan_cidr=LAN,
         subnet=SUBNET, ip=DNS_IP, project="dnsapp",
     )  # fmt: skip
     facts = HostFacts(
@@ -167,6 +181,19 @@ def test_lan_address_serves_the_lan_and_the_host_and_goes_away(
         assert any("proxy" in what for what in report["last_repair"]["what"]), report
         netns_exec(lan.client, "ip", "neigh", "flush", "dev", "eth0")
         assert lan.dig(lan.client) == ANSWER
+        # the client's system resolver (glibc) with LAN_IP as its only name server
+        assert lan.getent(lan.client) == ANSWER
+
+        # a switch to direct mode takes LAN_IP away whole: entry, route, DNAT and its hooks
+        syncs = service.report()["syncs"]
+        state.save("dnsapp", deployment("direct"))
+        service.wait(lambda r: r["syncs"] > syncs + 1 and r["complete"])
+        assert netns_exec(lan.host, "ip", "neigh", "show", "proxy").stdout == ""
+        assert LAN_IP not in netns_exec(lan.host, "ip", "route").stdout
+        nat = netns_exec(lan.host, "iptables-nft-save", "-t", "nat").stdout
+        assert "DNAT" not in nat and "-j NETSETUP-dnsapp-LAN" not in nat, nat
+        netns_exec(lan.client, "ip", "neigh", "flush", "dev", "eth0")
+        assert lan.dig(lan.client) == ""
     finally:
         code, out = service.stop()
     assert code == 0, out
