@@ -132,17 +132,17 @@ def up(settings: Settings, options: Options) -> str:
     facts, backend = gather_facts(client, settings, options, bridge)
     warn_if_forwarding_opens(facts, backend)
     plan = compute_plan(settings, facts)
+    if settings.lan and plan.served_lan is None:
+        raise BadInput(
+            f"--mode lan serves the LAN, but the detected LAN {facts.lan_cidr} is not private: "
+            f"set LAN_CIDR={facts.lan_cidr} (--lan-cidr) to serve it"
+        )
     if plan.served_lan is None:
         print(
             f"netsetup: warning: the detected LAN {facts.lan_cidr} on {facts.lan_interface} is "
             "not a private network (or is carrier-grade NAT), so the appliance does not serve "
             f"it; to serve it, set LAN_CIDR={facts.lan_cidr} (--lan-cidr)",
             file=sys.stderr,
-        )
-    if settings.lan and plan.served_lan is None:
-        raise BadInput(
-            f"--mode lan serves the LAN, but the detected LAN {facts.lan_cidr} is not private: "
-            f"set LAN_CIDR={facts.lan_cidr} (--lan-cidr) to serve it"
         )
     detect.check_subnet_free(settings.subnet, bridge)
     if settings.lan and settings.lan_ip:
