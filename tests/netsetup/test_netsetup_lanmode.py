@@ -225,3 +225,27 @@ def test_addresses_in_use_are_refused(lan: Lan) -> None:
         proc = check_lan_ip(lan.host, address)
         assert proc.returncode == 1 and words in proc.stderr, (address, proc.stderr)
     assert check_lan_ip(lan.host, LAN_IP).returncode == 0
+
+
+def test_down_sweeps_after_a_killed_service(
+    lan: Lan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service that could not clean up (killed): `down`'s sweep removes the proxy entry, the
+    route and the chains from what the deployment record says, and puts proxy_delay back."""
+    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
+    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
+    before = lan.snapshot()
+    state.save("dnsapp", deployment())
+    service = Service(lan.host)
+    try:
+        service.wait(lambda r: r["complete"])
+    finally:
+        service.proc.kill()
+        service.proc.wait()
+    assert lan.snapshot() != before  # the kill left everything in place
+    code = "from netsetup.host import sweep; sweep('dnsapp')"
+    netns_exec(lan.host, sys.executable, "-c", code)
+    after = lan.snapshot()
+    for what, was, now in zip(("tables", "proxy entries", "routes", "sysctls"), before, after,
+                              strict=True):  # fmt: skip
+        assert now == was, f"{what} differ after the sweep"
