@@ -175,10 +175,19 @@ def remove_host_plan(
     """Remove exactly what the plan added, put the sysctls back as they were found, drop the
     report: the service on its way out, or `netsetup down` for a service that could not. Proxy
     entries and routes are found from the deployment record; firewall pieces by name."""
-    hostnet.remove(*host_entries(deployment))
-    backend.remove(own_chains(project))
+    # A netlink failure must not keep the firewall and sysctls from being put back: every step
+    # runs, and the first failure is raised at the end (the report stays for a later sweep).
+    failed: list[Exception] = []
+    for step in (lambda: hostnet.remove(*host_entries(deployment)),
+                 lambda: backend.remove(own_chains(project))):  # fmt: skip
+        try:
+            step()
+        except (NetsetupError, OSError) as exc:
+            failed.append(exc)
     for key, old in sysctls_before.items():
         sysctl.set_value(key, old)
+    if failed:
+        raise failed[0]
     state.sync_path_for(project).unlink(missing_ok=True)
 
 
