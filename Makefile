@@ -5,7 +5,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # ---- settings ----------------------------------------------------------------------------------
-MODE          ?= both#                    both | port | direct: how LAN clients reach the appliance
+MODE          ?= both#                    comma list of port, direct, lan (both = port,direct): how LAN clients reach the appliance
+LAN_IP        ?=#                         lan mode: a free address on the LAN, answered by the host (port 53)
 UPSTREAMS     ?=#                         empty: the CONFIG file's, or (netsetup's default) DNS over TLS to public resolvers
 CONFIG        ?=#                         optional config file (TOML or CDNS), mounted read-only
 LAN_INTERFACE ?=#                         empty: the host tool picks the default route's interface
@@ -53,7 +54,7 @@ help:
 	@echo "make test    the whole test suite (needs root and Docker for parts of it)"
 	@echo "make image   build $(IMAGE) and $(NETSETUP_IMAGE) (and their bases, when changed)"
 	@echo "make lint    ruff"
-	@echo "settings: MODE UPSTREAMS CONFIG LAN_INTERFACE LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG"
+	@echo "settings: MODE LAN_IP UPSTREAMS CONFIG LAN_INTERFACE LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG"
 	@echo "          METRICS_FROM_LAN BASE_IMAGE"
 
 # ---- set-up ------------------------------------------------------------------------------------
@@ -97,6 +98,7 @@ NETSETUP      = $(VENV)/bin/netsetup
 NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 $(if $(LAN_INTERFACE),--lan-interface $(LAN_INTERFACE)) \
                 $(if $(LAN_CIDR),--lan-cidr $(LAN_CIDR)) \
+                $(if $(LAN_IP),--lan-ip $(LAN_IP)) \
                 --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT) \
                 $(if $(filter 1,$(METRICS_FROM_LAN)),--metrics-from-lan)
 

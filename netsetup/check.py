@@ -47,10 +47,15 @@ class Result:
 
 
 def probes(
-    direct_ip: str | None, host_ip: str | None, port: int, direct: bool, published: bool
+    direct_ip: str | None, host_ip: str | None, port: int, direct: bool, published: bool,
+    lan_ip: str | None = None,
 ) -> list[Probe]:
+    """Every path the modes expose; LAN_IP (lan mode) is asked through the host's own nat
+    OUTPUT hook, the same translation LAN clients get in PREROUTING."""
     out: list[Probe] = []
     for transport in ("udp", "tcp"):
+        if lan_ip:
+            out.append(Probe("lan", lan_ip, 53, transport))
         if direct and direct_ip:
             out.append(Probe("direct", direct_ip, 53, transport))
         if published and host_ip:

@@ -23,7 +23,7 @@ from rich.table import Table
 from netsetup import check as check_mod
 from netsetup import host, routes, state
 from netsetup.errors import NetsetupError
-from netsetup.plan import Mode, Settings, check_settings, checked_network
+from netsetup.plan import Mode, Settings, check_settings, checked_network, parse_modes
 
 app = typer.Typer(
     add_completion=False,
@@ -78,7 +78,12 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 @app.command()
 @one_line_errors
 def up(
-    mode: Annotated[Mode, typer.Option(help="both, port or direct")] = Mode.both,
+    mode: Annotated[
+        str, typer.Option(help="comma list of port, direct, lan (both = port,direct)")
+    ] = "both",
+    lan_ip: Annotated[
+        str | None, typer.Option(help="lan mode: a free LAN address the appliance answers on")
+    ] = None,
     upstream: Annotated[
         list[str] | None, typer.Option(help="upstream resolver (repeat, or comma-separated)")
     ] = None,
@@ -104,7 +109,8 @@ def up(
     """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
     settings = check_settings(
         Settings(
-            mode=mode,
+            modes=parse_modes(mode),
+            lan_ip=lan_ip,
             upstreams=_split(upstream),
             lan_interface=lan_interface,
             lan_cidr=lan_cidr,
@@ -131,6 +137,8 @@ def up(
                          f"{host_address}, see `netsetup routes`)")
         if settings.published:
             paths.append(f"{host_address} port {port} (port mode)")
+        if settings.lan:
+            paths.append(f"{settings.lan_ip} port 53 (LAN address mode: no route needed)")
         print(f"netsetup: up: LAN clients ask {' or '.join(paths)}", file=sys.stderr)
 
 
@@ -196,6 +204,8 @@ def status(
             table.add_row(f"  {name}", "present" if present else "MISSING")
         for name in fw["extra"]:
             table.add_row(f"  {name}", "EXTRA")
+    for entry, present in (info.get("lan_address") or {}).items():
+        table.add_row("  lan mode", f"{entry}: {'present' if present else 'MISSING'}")
     if info.get("raw_drop"):
         table.add_row("raw DROP", info["raw_drop"][0])
     table.add_row("ip_forward", info["sysctl"]["net.ipv4.ip_forward"])
@@ -261,7 +271,8 @@ def check_cmd(
     results = [
         check_mod.query(probe, name, qtype, qclass, timeout, lan_hint)
         for probe in check_mod.probes(
-            settings.ip, saved.lan_address, settings.port, settings.direct, settings.published
+            settings.ip, saved.lan_address, settings.port, settings.direct, settings.published,
+            settings.lan_ip if settings.lan else None,
         )
     ]
     if as_json:
@@ -294,8 +305,12 @@ def routes_cmd(
     port: Annotated[int | None, typer.Option(help="published port (port mode)")] = None,
     lan_interface: Annotated[str | None, typer.Option()] = None,
     lan_cidr: Annotated[str | None, typer.Option()] = None,
+    lan_ip: Annotated[
+        str | None, typer.Option(help="lan mode's address (default: the deployed one)")
+    ] = None,
 ) -> None:
-    """Print what to set where so LAN clients reach the appliance's own address."""
+    """Print what to set where so LAN clients reach the appliance: the DNS server to hand out
+    (lan mode), or the routes to its own address (direct mode)."""
     from netsetup import detect
 
     saved = state.load(project)
@@ -311,18 +326,17 @@ def routes_cmd(
     else:
         lan = detect.lan(lan_interface, lan_cidr)
         address, cidr = lan.address, lan.cidr
-    print(
-        routes.render_text(
-            routes.route_sections(
-                subnet or settings.subnet,
-                gateway or address,
-                ip or settings.ip,
-                cidr,
-                port or settings.port,
-            )
-        ),
-        end="",
-    )
+    sections = routes.route_sections(
+        subnet or settings.subnet, gateway or address, ip or settings.ip, cidr,
+        port or settings.port,
+    )  # fmt: skip
+    if lan_ip is not None:
+        given = replace(settings, modes=(Mode.lan,), lan_ip=lan_ip, lan_cidr=cidr)
+        lan_ip = check_settings(given).lan_ip
+    if lan_ip or (settings.lan and settings.lan_ip):
+        # lan mode needs no route: what to set comes first, the routed alternatives after
+        sections = routes.lan_sections(lan_ip or str(settings.lan_ip), cidr) + sections
+    print(routes.render_text(sections), end="")
 
 
 def main() -> None:

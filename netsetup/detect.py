@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from netsetup.errors import (
+    AddressTaken,
     InterfaceNotFound,
     NoEngine,
     NotRoot,
     PortTaken,
     SubnetOverlap,
 )
-from netsetup.plan import IptablesBackend
+from netsetup.plan import IptablesBackend, check_lan_ip_in
 
 
 def require_root() -> None:
@@ -157,6 +158,32 @@ def check_subnet_free(subnet: str, bridge: str | None) -> None:
                     f"appliance subnet {wanted} overlaps the host route {network} dev {dev}: "
                     "choose another --subnet"
                 )
+
+
+def host_addresses() -> set[str]:
+    """Every IPv4 address of this host (of its network namespace), on any interface."""
+    with _ipr() as ipr:
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+
+
+def check_lan_ip(lan_ip: str, interface: str, lan_cidr: str, probe: bool = True) -> None:
+    """Refuse a LAN_IP the host must not claim: outside the LAN, its network or broadcast
+    address, one of the host's own, or one a device on the LAN answers ARP for (a probe, which
+    sends a few ARP frames and changes nothing). A repeated `up` finds our own proxy entry and
+    skips the probe: the host itself would answer it."""
+    from netsetup import arpprobe, hostnet  # noqa: PLC0415
+
+    check_lan_ip_in(ipaddress.IPv4Address(lan_ip), ipaddress.IPv4Network(lan_cidr))
+    if lan_ip in host_addresses():
+        raise AddressTaken(f"--lan-ip {lan_ip} is an address of this host: choose a free one")
+    if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip, interface)):
+        return
+    claim = arpprobe.in_use(interface, lan_ip)
+    if claim is not None:
+        raise AddressTaken(
+            f"--lan-ip {lan_ip} is in use on {interface}: {claim} answered an ARP probe; "
+            "choose a free address (outside the DHCP pool)"
+        )
 
 
 def check_port_free(port: int) -> None:

@@ -47,3 +47,7 @@ class FirewallFailed(NetsetupError):
 
 class VerifyFailed(NetsetupError):
     pass
+
+
+class AddressTaken(NetsetupError):
+    """LAN address mode: the address is the host's own, or a device on the LAN answers for it."""

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netsetup import deploy, detect, service, state, sysctl
+from netsetup import deploy, detect, hostnet, service, state, sysctl
 from netsetup import metrics as appliance_metrics
-from netsetup.errors import VerifyFailed
+from netsetup.errors import BadInput, VerifyFailed
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, rule_lines
 from netsetup.firewall.iptables_legacy import XTABLES_LOCK
@@ -132,6 +132,11 @@ def up(settings: Settings, options: Options) -> str:
     facts, backend = gather_facts(client, settings, options, bridge)
     warn_if_forwarding_opens(facts, backend)
     plan = compute_plan(settings, facts)
+    if settings.lan and plan.served_lan is None:
+        raise BadInput(
+            f"--mode lan serves the LAN, but the detected LAN {facts.lan_cidr} is not private: "
+            f"set LAN_CIDR={facts.lan_cidr} (--lan-cidr) to serve it"
+        )
     if plan.served_lan is None:
         print(
             f"netsetup: warning: the detected LAN {facts.lan_cidr} on {facts.lan_interface} is "
@@ -140,6 +145,11 @@ def up(settings: Settings, options: Options) -> str:
             file=sys.stderr,
         )
     detect.check_subnet_free(settings.subnet, bridge)
+    if settings.lan and settings.lan_ip:
+        # Before anything is claimed; a dry run sends no probe (it would not change the host,
+        # but a plan is printed from what is known).
+        detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr,
+                            probe=not options.dry_run)  # fmt: skip
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
@@ -222,7 +232,9 @@ def sweep(project: str) -> None:
     hooks, the sysctls it changed (from its report), the report."""
     record = state.load_sync(project) or {}
     backend = get_backend(record.get("backend") or detect.iptables_backend().value)
-    service.remove_host_plan(backend, project, record.get("sysctls_before") or {})
+    service.remove_host_plan(
+        backend, project, record.get("sysctls_before") or {}, state.load(project)
+    )
 
 
 def verify_network(plan: Plan, deployed: deploy.Deployed) -> None:
@@ -302,6 +314,8 @@ def status(project: str, options: Options) -> dict:
             "rules": fw.rules_present,
         }
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)
+        if plan.neighbours or plan.routes:
+            out["lan_address"] = hostnet.state(plan.neighbours, plan.routes)
     out["sysctl"] = {"net.ipv4.ip_forward": sysctl.get("net.ipv4.ip_forward")}
     if deployed and deployed.ip:
         out["counts"] = appliance_metrics.fetch(deployed.ip)

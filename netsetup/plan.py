@@ -33,16 +33,26 @@ from enum import StrEnum
 from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
 from netsetup.errors import BadInput
 from netsetup.firewall.model import Chain, FirewallPlan, Rule
+from netsetup.hostnet import HostRoute, ProxyNeighbour
 
 CHAIN_PREFIX = "NETSETUP-"
 MAX_CHAIN = 28  # iptables' limit on chain names
 
 
+LAN_SUFFIX = "-LAN"  # upper case: compose project names are lower case, so no project's own
+
+
 def own_chains(project: str) -> list[Chain]:
     """Our chains for one project: the same name in filter and nat, so that `down` of one
-    project never touches another's rules."""
+    project never touches another's rules; plus the nat chain of LAN address mode (listed
+    whatever the modes, so `down` removes it after a switch away from lan)."""
     name = (CHAIN_PREFIX + project)[:MAX_CHAIN]
-    return [Chain("filter", name), Chain("nat", name)]
+    return [Chain("filter", name), Chain("nat", name), Chain("nat", lan_chain(project))]
+
+
+def lan_chain(project: str) -> str:
+    """The nat chain that translates LAN_IP:53 to the appliance (within iptables' name limit)."""
+    return (CHAIN_PREFIX + project)[: MAX_CHAIN - len(LAN_SUFFIX)] + LAN_SUFFIX
 
 
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
@@ -52,9 +62,37 @@ OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 
 
 class Mode(StrEnum):
-    both = "both"
-    port = "port"
-    direct = "direct"
+    """How LAN clients reach the appliance; any combination may be asked for."""
+
+    port = "port"  # the host's LAN address, port PORT (published by the engine)
+    direct = "direct"  # the container's own address, routed via the host
+    lan = "lan"  # a LAN address of its own (LAN_IP), port 53: proxy ARP plus DNAT
+
+
+DEFAULT_MODES: tuple[Mode, ...] = (Mode.port, Mode.direct)
+MODE_ALIASES = {"both": DEFAULT_MODES}
+
+
+def parse_modes(text: str) -> tuple[Mode, ...]:
+    """``port,direct,lan`` (any subset, comma separated; ``both`` = port,direct), in a fixed
+    order so equal sets compare and render the same."""
+    wanted: set[Mode] = set()
+    for word in (w.strip().lower() for w in text.split(",")):
+        if word in MODE_ALIASES:
+            wanted.update(MODE_ALIASES[word])
+            continue
+        try:
+            wanted.add(Mode(word))
+        except ValueError:
+            raise BadInput(
+                f"--mode {text!r}: {word!r} is not a mode (a comma list of port, direct, lan; "
+                "both = port,direct)"
+            ) from None
+    return tuple(m for m in Mode if m in wanted)
+
+
+def modes_text(modes: tuple[Mode, ...]) -> str:
+    return "both" if modes == DEFAULT_MODES else ",".join(m.value for m in modes)
 
 
 class IptablesBackend(StrEnum):
@@ -66,7 +104,7 @@ class IptablesBackend(StrEnum):
 class Settings:
     """What the user asked for (CLI options / Makefile variables)."""
 
-    mode: Mode = Mode.both
+    modes: tuple[Mode, ...] = DEFAULT_MODES
     upstreams: tuple[str, ...] = ()
     lan_interface: str | None = None
     lan_cidr: str | None = None
@@ -77,14 +115,24 @@ class Settings:
     service: str = "dnsproxy"
     # The appliance's metrics port is reachable from the host only, unless this is set.
     metrics_from_lan: bool = False
+    # LAN address mode: the address on the LAN the host answers ARP for and DNATs to the appliance.
+    lan_ip: str | None = None
 
     @property
     def direct(self) -> bool:
-        return self.mode in (Mode.both, Mode.direct)
+        return Mode.direct in self.modes
 
     @property
     def published(self) -> bool:
-        return self.mode in (Mode.both, Mode.port)
+        return Mode.port in self.modes
+
+    @property
+    def lan(self) -> bool:
+        return Mode.lan in self.modes
+
+    @property
+    def mode_text(self) -> str:
+        return modes_text(self.modes)
 
 
 def checked_network(option: str, value: str) -> str:
@@ -122,7 +170,44 @@ def check_settings(settings: Settings) -> Settings:
         lan_cidr = checked_network("--lan-cidr", lan_cidr)
     if not 1 <= settings.port <= 65535:
         raise BadInput(f"--port {settings.port} is not a port (1-65535)")
-    return replace(settings, subnet=str(subnet), ip=str(ip), lan_cidr=lan_cidr)
+    if not settings.modes:
+        raise BadInput("--mode is empty: give a comma list of port, direct, lan")
+    lan_ip = check_lan_ip_syntax(settings, subnet, lan_cidr)
+    return replace(settings, subnet=str(subnet), ip=str(ip), lan_cidr=lan_cidr, lan_ip=lan_ip)
+
+
+def check_lan_ip_syntax(
+    settings: Settings, subnet: ipaddress.IPv4Network, lan_cidr: str | None
+) -> str | None:
+    """What can be said of --lan-ip before looking at the host (see check_lan_ip for the rest)."""
+    if settings.lan_ip is None:
+        if settings.lan:
+            raise BadInput("--mode lan needs --lan-ip (LAN_IP): a free address on the LAN")
+        return None
+    if not settings.lan:
+        raise BadInput(f"--lan-ip {settings.lan_ip} is given but lan is not in --mode")
+    try:
+        lan_ip = ipaddress.ip_address(settings.lan_ip)
+    except ValueError:
+        raise BadInput(f"--lan-ip {settings.lan_ip!r} is not an IPv4 address") from None
+    if lan_ip.version != 4:
+        raise BadInput(f"--lan-ip {lan_ip}: only IPv4 is supported")
+    if lan_ip in subnet:
+        raise BadInput(f"--lan-ip {lan_ip} is inside the appliance --subnet {subnet}: "
+                       "it must be an address on the LAN")  # fmt: skip
+    if lan_cidr is not None:
+        check_lan_ip_in(lan_ip, ipaddress.ip_network(lan_cidr))
+    return str(lan_ip)
+
+
+def check_lan_ip_in(lan_ip: ipaddress.IPv4Address, lan: ipaddress.IPv4Network) -> None:
+    """LAN_IP must be a host address of the LAN: clients reach it with no route of their own."""
+    if lan_ip not in lan:
+        raise BadInput(f"--lan-ip {lan_ip} is outside the LAN {lan}: clients could not reach it "
+                       "without a route")  # fmt: skip
+    if lan.prefixlen < 31 and lan_ip in (lan.network_address, lan.broadcast_address):
+        what = "network" if lan_ip == lan.network_address else "broadcast"
+        raise BadInput(f"--lan-ip {lan_ip} is the {what} address of the LAN {lan}")
 
 
 @dataclass(frozen=True)
@@ -166,6 +251,13 @@ class Plan:
     # The LAN network the forwarder serves and the firewall lets in; None when the detected LAN
     # is not private and was not given (see lan_to_allow): then only the host reaches it.
     served_lan: str | None = None
+    # LAN address mode: the host answers ARP for LAN_IP and routes it into the bridge (hostnet.py).
+    neighbours: list[ProxyNeighbour] = field(default_factory=list)
+    routes: list[HostRoute] = field(default_factory=list)
+
+
+def proxy_delay_key(interface: str) -> str:
+    return f"net.ipv4.neigh.{interface}.proxy_delay"
 
 
 def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
@@ -179,6 +271,13 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
     }
     plan.served_lan = lan_to_allow(facts.lan_cidr, explicit=settings.lan_cidr is not None)
     plan.firewall = firewall_plan(settings, facts, plan.served_lan)
+    if settings.lan and settings.lan_ip:
+        # Proxy ARP replies wait a random 0-0.8 s (proxy_delay) by default: a client's first
+        # query would too. The proxy entry answers for LAN_IP only because the /32 route
+        # leaves by the bridge (the kernel's condition for proxying).
+        plan.sysctls[proxy_delay_key(facts.lan_interface)] = "0"
+        plan.neighbours.append(ProxyNeighbour(settings.lan_ip, facts.lan_interface))
+        plan.routes.append(HostRoute(f"{settings.lan_ip}/32", facts.bridge))
     major_minor = facts.engine_major_minor
     if major_minor < (27, 1):
         plan.notes.append(
@@ -222,7 +321,7 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
     """
     subnet, ip, bridge, lan_if = settings.subnet, settings.ip, facts.bridge, facts.lan_interface
     project = settings.project
-    forward_chain, nat_chain = (c.name for c in own_chains(project))
+    forward_chain, nat_chain = (c.name for c in own_chains(project)[:2])
     fw = FirewallPlan()
     fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
 
@@ -269,7 +368,33 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
         Rule(table="nat", chain="POSTROUTING", target=nat_chain,
              comment=f"{project}: hook", position=1)
     )  # fmt: skip
+    # Declared in every mode, empty but for lan mode: a switch away from lan then flushes it and
+    # deletes its hooks (no DNAT of LAN_IP is left behind) with the same apply.
+    fw.chains.append(Chain("nat", lan_chain(project)))
+    if settings.lan and settings.lan_ip:
+        lan_nat(fw, settings)
     return fw
+
+
+def lan_nat(fw: FirewallPlan, settings: Settings) -> None:
+    """LAN address mode: LAN_IP:53 is translated to the appliance, from the LAN (PREROUTING)
+    and from the host itself (OUTPUT). The client's address is kept, so the appliance logs and
+    limits it; conntrack undoes the translation on the replies. The filter chain's LAN DNS
+    rules (present in every mode) then let the translated queries in; nothing else to LAN_IP
+    is translated, so it follows the /32 route into the bridge and meets the default deny.
+    A chain of its own: MASQUERADE (the other nat chain) is valid in POSTROUTING only."""
+    chain, project = lan_chain(settings.project), settings.project
+    for proto in ("udp", "tcp"):
+        fw.rules.append(
+            Rule(table="nat", chain=chain, destination=settings.lan_ip, protocol=proto,
+                 dport=DNS_PORT, target="DNAT", to_destination=f"{settings.ip}:{DNS_PORT}",
+                 comment=f"{project}: LAN address to appliance DNS/{proto}")
+        )  # fmt: skip
+    for hook_chain in ("PREROUTING", "OUTPUT"):
+        fw.hooks.append(
+            Rule(table="nat", chain=hook_chain, target=chain,
+                 comment=f"{project}: LAN address hook", position=1)
+        )  # fmt: skip
 
 
 def is_private(cidr: str) -> bool:
@@ -297,12 +422,16 @@ def render_plan(plan: Plan, firewall_text: str) -> str:
     """The human-readable plan: what `--dry-run` prints and golden files pin."""
     s, f = plan.settings, plan.facts
     lines = [
-        f"# netsetup plan: mode {s.mode.value}, project {s.project}",
+        f"# netsetup plan: mode {s.mode_text}, project {s.project}",
         f"# engine: Docker {f.engine_version}, engine firewall {f.engine_firewall}, "
         f"host iptables {f.iptables.value}",
         f"# LAN: {f.lan_interface} {f.lan_cidr} (host {f.lan_address})",
         f"# appliance: {s.ip} in {s.subnet} on {f.bridge}"
         + (f", published on port {s.port}" if s.published else ""),
+    ]
+    if s.lan:
+        lines.append(f"# LAN address: {s.lan_ip} port 53 (answered by the host, DNATed)")
+    lines += [
         "",
     ]
     if plan.served_lan:
@@ -315,6 +444,8 @@ def render_plan(plan: Plan, firewall_text: str) -> str:
         lines.append(f"sysctl {key} = {value}")
     for key, value in plan.network_options.items():
         lines.append(f"network option {key} = {value}")
+    for item in [*plan.neighbours, *plan.routes]:
+        lines.append(f"host: {item.render()}")
     if plan.verify_no_raw_drop:
         lines.append(f"verify: no raw PREROUTING DROP for {s.ip}/32")
     for note in plan.notes:

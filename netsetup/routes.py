@@ -88,6 +88,48 @@ def route_sections(
     ]
 
 
+def lan_sections(lan_ip: str, lan_cidr: str) -> list[Section]:
+    """Lan mode: LAN_IP is on the clients' own subnet, so the only setting is the DNS server,
+    best handed out by the LAN's DHCP server (option 6), else set on each client."""
+    return [
+        Section(
+            "LAN address mode: DHCP (generic)",
+            "the router's DHCP settings: every client gets it with its next lease",
+            [f"DNS server (DHCP option 6): {lan_ip}  (only this one: a second would be asked "
+             "too, and would bypass the appliance)"],
+        ),  # fmt: skip
+        Section(
+            "LAN address mode: OpenWrt (uci)",
+            "ssh to the router",
+            [
+                f"uci add_list dhcp.lan.dhcp_option='6,{lan_ip}'",
+                "uci commit dhcp && /etc/init.d/dnsmasq reload",
+            ],
+        ),
+        Section(
+            "LAN address mode: MikroTik RouterOS",
+            "RouterOS terminal",
+            [f"/ip dhcp-server network set [find address={lan_cidr}] dns-server={lan_ip}"],
+        ),
+        Section(
+            "LAN address mode: Linux client",
+            "systemd-resolved (per link; IF is the client's LAN interface), or resolv.conf",
+            [f"resolvectl dns IF {lan_ip}", f"or in /etc/resolv.conf: nameserver {lan_ip}"],
+        ),
+        Section(
+            "LAN address mode: Windows client",
+            "elevated command prompt (the adapter's name as `netsh interface show interface` "
+            "prints it)",
+            [f'netsh interface ipv4 set dnsservers name="Ethernet" static {lan_ip} primary'],
+        ),
+        Section(
+            "LAN address mode: macOS client",
+            "Terminal (the service's name as `networksetup -listallnetworkservices` prints it)",
+            [f'networksetup -setdnsservers "Wi-Fi" {lan_ip}'],
+        ),
+    ]
+
+
 def render_text(sections: list[Section]) -> str:
     out: list[str] = []
     for section in sections:

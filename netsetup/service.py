@@ -26,11 +26,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from netsetup import detect, state, sysctl
+from netsetup import detect, hostnet, state, sysctl
 from netsetup.errors import NetsetupError
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, FirewallState
-from netsetup.plan import Plan, compute_plan, own_chains
+from netsetup.hostnet import HostRoute, ProxyNeighbour
+from netsetup.plan import IptablesBackend, Plan, compute_plan, own_chains
 
 DEFAULT_INTERVAL = 5.0
 
@@ -63,6 +64,10 @@ class HostService:
     sysctls_before: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     complete: bool = False
+    # Neighbour proxy entries and routes of the last plan: those a new plan drops (a switch
+    # away from lan mode, another LAN_IP) are removed at the next sync.
+    neighbours: list[ProxyNeighbour] = field(default_factory=list)
+    routes: list[HostRoute] = field(default_factory=list)
 
     def plan(self, deployment: state.Deployment) -> Plan:
         # Whether FORWARD passes DOCKER-USER is read every time: a flush may have taken the
@@ -92,8 +97,20 @@ class HostService:
             found += missing_pieces(fw)
             self.backend.apply(plan.firewall)
             fw = self.backend.state(plan.firewall)
+        found += self.sync_host_entries(plan)
         self.complete = fw.exact
         self.syncs += 1
+        return found
+
+    def sync_host_entries(self, plan: Plan) -> list[str]:
+        """Put back missing proxy entries and routes (a flush, an interface that went down and
+        up); remove those the plan no longer has."""
+        dropped_n = [n for n in self.neighbours if n not in plan.neighbours]
+        dropped_r = [r for r in self.routes if r not in plan.routes]
+        found = [f"{item.render()} (stale)" for item in [*dropped_n, *dropped_r]]
+        hostnet.remove(dropped_n, dropped_r)
+        self.neighbours, self.routes = list(plan.neighbours), list(plan.routes)
+        found += [f"{what} missing" for what in hostnet.apply(plan.neighbours, plan.routes)]
         return found
 
     def step(self) -> None:
@@ -133,18 +150,44 @@ class HostService:
         )  # fmt: skip
 
     def stop(self) -> None:
-        remove_host_plan(self.backend, self.project, self.sysctls_before)
+        deployment = state.load(self.project) or self.deployment
+        remove_host_plan(self.backend, self.project, self.sysctls_before, deployment)
+        hostnet.remove(self.neighbours, self.routes)
         log("removed the host plan")
 
 
+def host_entries(
+    deployment: state.Deployment | None,
+) -> tuple[list[ProxyNeighbour], list[HostRoute]]:
+    """The proxy entries and routes a deployment's plan holds (they depend on no live fact)."""
+    if deployment is None:
+        return [], []
+    plan = compute_plan(deployment.to_settings(), deployment.facts(IptablesBackend.nft, True))
+    return plan.neighbours, plan.routes
+
+
 def remove_host_plan(
-    backend: FirewallBackend, project: str, sysctls_before: dict[str, str]
+    backend: FirewallBackend,
+    project: str,
+    sysctls_before: dict[str, str],
+    deployment: state.Deployment | None = None,
 ) -> None:
     """Remove exactly what the plan added, put the sysctls back as they were found, drop the
-    report: the service on its way out, or `netsetup down` for a service that could not."""
-    backend.remove(own_chains(project))
+    report: the service on its way out, or `netsetup down` for a service that could not. Proxy
+    entries and routes are found from the deployment record; firewall pieces by name."""
+    # A netlink failure must not keep the firewall and sysctls from being put back: every step
+    # runs, and the first failure is raised at the end (the report stays for a later sweep).
+    failed: list[Exception] = []
+    for step in (lambda: hostnet.remove(*host_entries(deployment)),
+                 lambda: backend.remove(own_chains(project))):  # fmt: skip
+        try:
+            step()
+        except (NetsetupError, OSError) as exc:
+            failed.append(exc)
     for key, old in sysctls_before.items():
         sysctl.set_value(key, old)
+    if failed:
+        raise failed[0]
     state.sync_path_for(project).unlink(missing_ok=True)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from netsetup.errors import NetsetupError
-from netsetup.plan import HostFacts, IptablesBackend, Mode, Settings
+from netsetup.plan import HostFacts, IptablesBackend, Settings, parse_modes
 
 
 def state_dir() -> Path:
@@ -47,7 +47,10 @@ class Deployment:
         cls, settings: Settings, facts: HostFacts, firewall: str, compose_file: str
     ) -> Deployment:
         data = asdict(settings)
-        data["mode"] = settings.mode.value
+        del data["modes"]
+        # "mode" as a comma list ("both" for the default): a record older than lan mode reads
+        # the same way, and an older netsetup still reads a record of the old modes.
+        data["mode"] = settings.mode_text
         data["upstreams"] = list(settings.upstreams)
         return cls(
             settings=data, bridge=facts.bridge, lan_interface=facts.lan_interface,
@@ -58,7 +61,7 @@ class Deployment:
 
     def to_settings(self) -> Settings:
         data = dict(self.settings)
-        data["mode"] = Mode(data.get("mode", "both"))
+        data["modes"] = parse_modes(str(data.pop("mode", "both")))
         data["upstreams"] = tuple(data.get("upstreams", ()))
         known = {f.name for f in fields(Settings)}
         return Settings(**{k: v for k, v in data.items() if k in known})

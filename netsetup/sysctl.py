@@ -16,7 +16,12 @@ PROC_SYS = Path(os.environ.get("NETSETUP_PROC_SYS", "/proc/sys"))
 
 
 def _path(key: str) -> Path:
-    return PROC_SYS / key.replace(".", "/")
+    """The file of a dotted key. Per-interface keys (net.ipv4.conf.IF.x, net.ipv4.neigh.IF.x)
+    keep the dots of the interface name: a VLAN is eth0.100, whose directory is "eth0.100"."""
+    parts = key.split(".")
+    if len(parts) > 5 and parts[0] == "net" and parts[2] in ("conf", "neigh"):
+        parts = [*parts[:3], ".".join(parts[3:-1]), parts[-1]]
+    return PROC_SYS.joinpath(*parts)
 
 
 def get(key: str) -> str:

@@ -92,6 +92,8 @@ def to_iptc(rule: Rule) -> Any:
     match = r.create_match("comment")
     match.comment = f"{COMMENT_TAG}: {rule.comment}"
     r.target = iptc.Target(r, rule.target)
+    if rule.to_destination:
+        r.target.to_destination = rule.to_destination
     return r
 
 

@@ -43,6 +43,8 @@ class Rule:
     protocol: str | None = None
     dport: int | None = None
     ctstate: str | None = None
+    # DNAT's --to-destination (ADDRESS:PORT), printed after the target as iptables-save does.
+    to_destination: str | None = None
     # Position for rules in chains we do not own (hooks): 1 means "first", None means append.
     position: int | None = None
 
@@ -69,6 +71,8 @@ class Rule:
             args += ["-m", "conntrack", "--ctstate", self.ctstate]
         args += ["-m", "comment", "--comment", _quote(f"{COMMENT_TAG}: {self.comment}")]
         args += ["-j", self.target]
+        if self.to_destination:
+            args += ["--to-destination", self.to_destination]
         return args
 
     def render_append(self) -> str:

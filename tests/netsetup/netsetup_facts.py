@@ -7,7 +7,7 @@ Docker 28 with ``"iptables": false`` in daemon.json, which creates no DOCKER-USE
 
 from __future__ import annotations
 
-from netsetup.plan import HostFacts, IptablesBackend, Mode, Settings
+from netsetup.plan import HostFacts, IptablesBackend, Settings, parse_modes
 
 ENGINES: dict[str, tuple[str, str]] = {
     "20.10": ("20.10.24+dfsg1", "iptables"),
@@ -35,9 +35,14 @@ def facts(engine: str = "20.10", backend: str = "nft") -> HostFacts:
     )
 
 
+LAN_IP = "192.168.1.53"  # LAN address mode's address in the facts' LAN
+
+
 def settings(mode: str = "both") -> Settings:
+    modes = parse_modes(mode)
     return Settings(
-        mode=Mode(mode),
+        modes=modes,
+        lan_ip=LAN_IP if "lan" in modes else None,
         upstreams=("198.51.100.53",),
         subnet="172.31.53.0/24",
         ip="172.31.53.53",

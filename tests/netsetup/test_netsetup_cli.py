@@ -7,6 +7,7 @@ the firewall and the engine's containers/networks before and after.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -293,3 +294,99 @@ def test_status_shows_fields_not_json() -> None:
     assert "{" not in proc.stdout, proc.stdout
     assert "Docker " in proc.stdout and ", firewall " in proc.stdout, proc.stdout
     assert "NOT RUNNING" in proc.stdout and "run up" in proc.stdout, proc.stdout
+
+
+LAN_MODE_BAD = [
+    (["--mode", "port,bogus"], "not a mode"),
+    (["--mode", ""], "--mode"),
+    (["--mode", "lan"], "needs --lan-ip"),
+    (["--lan-ip", "192.168.1.53"], "lan is not in --mode"),
+    (["--mode", "lan", "--lan-ip", "192.168.1.300"], "not an IPv4 address"),
+    (["--mode", "lan", "--lan-ip", "fd00::53"], "only IPv4"),
+    (["--mode", "lan", "--lan-ip", "172.31.254.60"], "inside the appliance --subnet"),
+    (["--mode", "lan", "--lan-ip", "10.9.9.9", "--lan-cidr", "192.168.1.0/24"], "outside the LAN"),
+    (["--mode", "port,lan", "--lan-ip", "192.168.1.255", "--lan-cidr", "192.168.1.0/24"],
+     "broadcast address"),
+    (["--mode", "lan", "--lan-ip", "192.168.1.0", "--lan-cidr", "192.168.1.0/24"],
+     "network address"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "word"), LAN_MODE_BAD, ids=[w for _, w in LAN_MODE_BAD])
+def test_mode_list_and_lan_ip_refused(args: list[str], word: str) -> None:
+    """Malformed mode lists and LAN_IP values are refused before the host is looked at."""
+    proc = run_cli("up", *SAFE, "--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", *args)
+    assert_refused(proc, word)
+
+
+@needs_engine
+@pytest.mark.parametrize(
+    ("lan_ip", "word"), [("127.0.0.1", "address of this host"), ("10.9.9.9", "outside the LAN")]
+)
+def test_lan_ip_checked_against_the_host(lan_ip: str, word: str) -> None:
+    """What only the host can tell: the detected LAN (lo's 127.0.0.0/8) and its own addresses."""
+    before = host_snapshot()
+    proc = run_cli("up", *SAFE, "--lan-interface", "lo", "--subnet", "172.31.254.0/24",
+                   "--ip", "172.31.254.53", "--mode", "lan", "--lan-ip", lan_ip)  # fmt: skip
+    assert_refused(proc, word)
+    assert host_snapshot() == before
+
+
+@needs_engine
+def test_dry_run_in_lan_mode_shows_the_lan_address_pieces() -> None:
+    before = host_snapshot()
+    proc = run_cli(
+        "up", *SAFE, "--dry-run", "--lan-interface", "lo", "--lan-cidr", "127.0.0.0/8",
+        "--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", "--bridge", "br-dryrun",
+        "--mode", "direct,lan", "--lan-ip", "127.0.0.77",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "# netsetup plan: mode direct,lan" in proc.stdout
+    assert "host: ip neigh add proxy 127.0.0.77 dev lo" in proc.stdout
+    assert "host: ip route add 127.0.0.77/32 dev br-dryrun" in proc.stdout
+    assert "sysctl net.ipv4.neigh.lo.proxy_delay = 0" in proc.stdout
+    assert "-j DNAT --to-destination 172.31.254.53:53" in proc.stdout
+    assert "-I PREROUTING 1" in proc.stdout and "-I OUTPUT 1" in proc.stdout
+    assert host_snapshot() == before
+
+
+def test_modes_parse_render_and_old_records_load() -> None:
+    from netsetup.plan import Mode, parse_modes
+    from netsetup.state import Deployment
+
+    assert parse_modes("both") == parse_modes("direct,port") == (Mode.port, Mode.direct)
+    assert parse_modes("lan, port") == (Mode.port, Mode.lan)
+    assert Settings(modes=parse_modes("port,direct")).mode_text == "both"
+    assert Settings(modes=parse_modes("lan,direct")).mode_text == "direct,lan"
+    # a record written before lan mode: "mode" was one word and there was no lan_ip
+    old = Deployment.from_json('{"settings": {"mode": "direct", "ip": "172.31.53.53"}}')
+    assert old.to_settings().modes == (Mode.direct,) and old.to_settings().lan_ip is None
+    settings = Settings(modes=parse_modes("port,lan"), lan_ip="192.168.1.53")
+    again = Deployment.from_json(json.dumps({"settings": Deployment.of(
+        settings, _facts(), "auto", "").settings}))  # fmt: skip
+    assert again.to_settings() == settings
+
+
+def _facts():
+    from netsetup.plan import HostFacts, IptablesBackend
+
+    return HostFacts("28.5.2", "iptables", IptablesBackend.nft, "br-x", "eth0",
+                     "192.168.1.0/24", "192.168.1.2")  # fmt: skip
+
+
+def test_routes_in_lan_mode_name_the_dns_server_to_hand_out() -> None:
+    proc = run_cli("routes", "--project", "nsnone", "--gateway", "192.168.1.2",
+                   "--lan-interface", "lo", "--lan-cidr", "192.168.1.0/24",
+                   "--lan-ip", "192.168.1.53")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "DNS server (DHCP option 6): 192.168.1.53" in text
+    assert "uci add_list dhcp.lan.dhcp_option='6,192.168.1.53'" in text
+    assert "[find address=192.168.1.0/24] dns-server=192.168.1.53" in text
+    assert 'networksetup -setdnsservers "Wi-Fi" 192.168.1.53' in text
+    assert 'set dnsservers name="Ethernet" static 192.168.1.53 primary' in text
+    assert text.index("LAN address mode") < text.index("Router (generic)")
+    outside = run_cli("routes", "--project", "nsnone", "--gateway", "192.168.1.2",
+                      "--lan-interface", "lo", "--lan-cidr", "192.168.1.0/24",
+                      "--lan-ip", "192.168.2.53")  # fmt: skip
+    assert_refused(outside, "outside the LAN")

@@ -21,7 +21,14 @@ UPDATE = os.environ.get("NETSETUP_UPDATE_GOLDEN") == "1"
 
 CASES = [(engine, backend, "both") for engine in ENGINES for backend in BACKENDS] + [
     (engine, "nft", mode) for engine in ("20.10", "28") for mode in ("port", "direct")
+] + [
+    # LAN address mode: alone, and with the others, on both firewall backends
+    ("28", "nft", "lan"), ("28", "legacy", "port,direct,lan"), ("20.10", "nft", "direct,lan"),
 ]
+
+
+def golden_name(engine: str, backend: str, mode: str) -> str:
+    return f"plan-docker{engine}-{backend}-{mode.replace(',', '+')}.txt"
 
 
 def rendered(engine: str, backend: str, mode: str) -> str:
@@ -31,7 +38,7 @@ def rendered(engine: str, backend: str, mode: str) -> str:
 
 @pytest.mark.parametrize(("engine", "backend", "mode"), CASES)
 def test_plan_matches_golden(engine: str, backend: str, mode: str) -> None:
-    path = GOLDEN / f"plan-docker{engine}-{backend}-{mode}.txt"
+    path = GOLDEN / golden_name(engine, backend, mode)
     text = rendered(engine, backend, mode)
     if UPDATE:
         path.write_text(text)
@@ -40,5 +47,5 @@ def test_plan_matches_golden(engine: str, backend: str, mode: str) -> None:
 
 
 def test_no_stale_golden_files() -> None:
-    expected = {f"plan-docker{e}-{b}-{m}.txt" for e, b, m in CASES}
+    expected = {golden_name(e, b, m) for e, b, m in CASES}
     assert {p.name for p in GOLDEN.glob("plan-*.txt")} == expected
