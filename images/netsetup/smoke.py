@@ -1,10 +1,12 @@
-# What the host service loads, run inside the trimmed root: its stdlib modules, python-iptables
-# with every match and target the plan uses (each loads an xtables extension), and both
-# iptables flavours. The byte code of what it loads is all that stays (trim.py, prune_bytecode).
+# What the host service loads, run inside the trimmed root: its stdlib modules, pyroute2,
+# python-iptables with every match and target the plan uses (each loads an xtables extension),
+# and both iptables flavours. The byte code of what it loads is all that stays (trim.py,
+# prune_bytecode).
 import importlib
 import subprocess
 
 import iptc
+import pyroute2  # noqa: F401 - the LAN address mode's netlink
 
 for name in (
     "contextlib", "dataclasses", "enum", "fcntl", "hashlib", "ipaddress", "json", "os", "re",
