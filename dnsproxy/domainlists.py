@@ -19,14 +19,15 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 
 DOMESTIC = "domestic"
 FOREIGN = "foreign"
 
-LABEL = re.compile(rb"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\Z")  # one match per name, not one per label
 DNSMASQ_KEYS = ("server", "ipset", "nftset")  # the ones domain lists ship as
 GFWLIST_HEADER = "[AutoProxy"
 
@@ -40,23 +41,17 @@ def to_wire(name: str) -> bytes:
     text = name.strip().rstrip(".").lower()
     if not text:
         raise ValueError("empty name")
-    try:
-        raw = text.encode("ascii")
-    except UnicodeEncodeError:
+    if not text.isascii():
         try:
-            raw = text.encode("idna")
+            text = text.encode("idna").decode("ascii")
         except UnicodeError:
             raise ValueError(f"not a domain name: {name!r}") from None
-    out = bytearray()
-    for label in raw.split(b"."):
-        if not LABEL.match(label):
-            raise ValueError(f"not a domain name: {name!r}")
-        out.append(len(label))
-        out += label
-    out.append(0)
-    if len(out) > 255:
+    if not NAME.match(text):
+        raise ValueError(f"not a domain name: {name!r}")
+    wire = "".join([chr(len(label)) + label for label in text.split(".")]).encode("latin-1")
+    if len(wire) > 254:
         raise ValueError(f"name longer than 255 bytes: {name!r}")
-    return bytes(out)
+    return wire + b"\0"
 
 
 @dataclass
@@ -158,7 +153,8 @@ def domain_lines(path: str, text: str) -> tuple[list[tuple[int, str]], int]:
         line = raw.strip()
         if gfwlist and line.startswith(("!", "[")):
             continue  # AutoProxy comments and header: "#" is not a comment there
-        line = line.split("#", 1)[0].strip() if not gfwlist else line
+        if "#" in line and not gfwlist:
+            line = line.split("#", 1)[0].strip()
         if not line:
             continue
         key, sep, value = line.partition("=")
@@ -188,6 +184,27 @@ def _read(path: str, what: str) -> str:
         raise ListError(f"cannot read {what} file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ListError(f"{path}: not UTF-8 text") from None
+
+
+def parse_range(text: str) -> tuple[int, int, int]:
+    """`ADDRESS[/PREFIX]` -> (first, last, IP version); host bits set are allowed, as in most
+    published range lists. inet_pton rather than ipaddress: ten times faster per line."""
+    address, _, prefix = text.partition("/")
+    try:
+        packed, bits, version = socket.inet_pton(socket.AF_INET, address), 32, 4
+    except OSError:
+        try:
+            packed, bits, version = socket.inet_pton(socket.AF_INET6, address), 128, 6
+        except OSError:
+            raise ValueError(text) from None
+    length = bits
+    if prefix:
+        if not prefix.isdigit() or int(prefix) > bits:
+            raise ValueError(text)
+        length = int(prefix)
+    host = (1 << (bits - length)) - 1
+    start = int.from_bytes(packed, "big") & ~host
+    return start, start | host, version
 
 
 def _merged(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -230,11 +247,10 @@ def load(domestic_domains: list[str] = (), foreign_domains: list[str] = (),
             if not line:
                 continue
             try:
-                network = ipaddress.ip_network(line, strict=False)
+                start, end, version = parse_range(line)
             except ValueError:
                 raise ListError(f"{path}:{number}: not an address range: {line!r}") from None
-            pair = (int(network.network_address), int(network.broadcast_address))
-            (v4 if network.version == 4 else v6).append(pair)
+            (v4 if version == 4 else v6).append((start, end))
             loaded.ranges += 1
     lists.v4 = _merged(v4)
     lists.v6 = _merged(v6)
