@@ -49,6 +49,7 @@ class Deployment:
         data = asdict(settings)
         data["mode"] = settings.mode.value
         data["upstreams"] = list(settings.upstreams)
+        data["domestic_upstreams"] = list(settings.domestic_upstreams)
         return cls(
             settings=data, bridge=facts.bridge, lan_interface=facts.lan_interface,
             lan_cidr=facts.lan_cidr, lan_address=facts.lan_address,
@@ -60,6 +61,7 @@ class Deployment:
         data = dict(self.settings)
         data["mode"] = Mode(data.get("mode", "both"))
         data["upstreams"] = tuple(data.get("upstreams", ()))
+        data["domestic_upstreams"] = tuple(data.get("domestic_upstreams", ()))
         known = {f.name for f in fields(Settings)}
         return Settings(**{k: v for k, v in data.items() if k in known})
 
