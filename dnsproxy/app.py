@@ -329,6 +329,9 @@ async def serve(settings: Settings, cli_overrides: dict | None = None,
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     listening = ", ".join(settings.listen)
     upstreams = ", ".join(spec.name for spec in settings.upstreams)
+    if settings.domestic_upstreams:
+        upstreams += " (trusted), split with " + ", ".join(
+            spec.name for spec in settings.domestic_upstreams) + " (domestic)"
     log.info("serving on %s, forwarding to %s", listening, upstreams)
     await service.stopping.wait()
     await service.stop()
