@@ -98,9 +98,9 @@ class DomainLists:
         index = bisect.bisect_right(starts, value) - 1
         return index >= 0 and value <= ends[index]
 
-    @property
-    def has_ranges(self) -> bool:
-        return bool(self.v4[0] or self.v6[0])
+    def covers(self, address: bytes) -> bool:
+        """Whether any range of the address's family is listed."""
+        return bool((self.v4 if len(address) == 4 else self.v6)[0])
 
 
 def _decode_gfwlist(text: str) -> str:

@@ -79,10 +79,15 @@ class SplitResolver:
         return None, ""
 
     def judge(self, reply: wire.Reply) -> str:
-        """in-range, out-of-range, empty or no-addresses: what a domestic reply shows."""
+        """in-range, out-of-range, unranged, empty or no-addresses: what a domestic reply shows.
+        Only addresses of a family the ranges cover are judged: with IPv4 ranges alone (as
+        most lists are), an AAAA answer proves nothing either way."""
         if reply.addresses:
-            domestic = self.lists.is_domestic
-            return "in-range" if all(domestic(a) for a in reply.addresses) else "out-of-range"
+            lists = self.lists
+            judged = [a for a in reply.addresses if lists.covers(a)]
+            if not judged:
+                return "unranged"
+            return "in-range" if all(lists.is_domestic(a) for a in judged) else "out-of-range"
         if reply.answers == 0 and reply.rcode in (wire.NOERROR, wire.NXDOMAIN):
             return "empty"
         return "no-addresses"
@@ -157,7 +162,7 @@ class SplitResolver:
             if domestic.done() and domestic.exception() is None:
                 fetched = domestic.result()
                 why = self.judge(fetched[0].reply)
-                if fetched[0].reply.addresses:
+                if why in ("in-range", "out-of-range"):
                     self._remember(query, DOMESTIC if why == "in-range" else TRUSTED)
                 if why == "in-range" or (why == "empty" and self.trust_empty):
                     return DOMESTIC, why, fetched, True

@@ -216,3 +216,18 @@ def test_sighup_reloads_the_lists_and_keeps_them_on_a_bad_line(upstream, domesti
         proc.terminate()
     assert f"{lists['domestic']}:2: not a domain name: 'bad..name'" in proc.stderr
     assert "keeping the running configuration" in proc.stderr
+
+
+def test_an_answer_of_a_family_no_range_covers_proves_nothing(upstream, domestic, lists,
+                                                              make_proxy):
+    """IPv4 ranges only (as most lists are): a domestic AAAA answer is neither in nor out of
+    range, so the trusted answer is used and the verdict the A answer gave stays."""
+    lists["ips"].write_text(f"{DOMESTIC_RANGE}\n")
+    domestic.default.answers = [NEAR, "2001:db8:1::7"]
+    upstream.default.answers = [GENUINE, "2001:db8:2::10"]
+    proxy = make_proxy(*split_options(upstream, domestic, lists, "--cache-size", "0"))
+    assert addresses(ask(proxy.port, "news.example", "AAAA")) == ["2001:db8:2::10"]
+    assert addresses(ask(proxy.port, "news.example")) == [NEAR]
+    assert addresses(ask(proxy.port, "news.example", "AAAA")) == ["2001:db8:1::7"]
+    assert logged(proxy, "news.example") == [("trusted", "unranged"), ("domestic", "in-range"),
+                                             ("domestic", "verdict")]
