@@ -8,6 +8,8 @@ SHELL := /bin/bash
 MODE          ?= both#                    comma list of port, direct, lan (both = port,direct): how LAN clients reach the appliance
 LAN_IP        ?=#                         lan mode: a free address on the LAN, answered by the host (port 53)
 UPSTREAMS     ?=#                         empty: the CONFIG file's, or (netsetup's default) DNS over TLS to public resolvers
+DOMESTIC_UPSTREAMS ?=#                    split DNS: domestic resolvers (README); empty: no split
+LISTS_DIR     ?=#                         split DNS lists: its domestic-domains/ foreign-domains/ domestic-ips/
 CONFIG        ?=#                         optional config file (TOML or CDNS), mounted read-only
 LAN_INTERFACE ?=#                         empty: the host tool picks the default route's interface
 LAN_CIDR      ?=#                         empty: the host tool reads it from LAN_INTERFACE
@@ -44,17 +46,19 @@ APT_INSTALL = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "note: missing Debian packages:$$missing (install them, or run as root)"; \
 	fi
 
-.PHONY: help venv deps base image up down logs check test lint clean
+.PHONY: help venv deps base image up down reload logs check test lint clean
 
 help:
 	@echo "make up      set up, build the image if needed, deploy; prints where it answers"
 	@echo "make down    stop the appliance, remove its container and network"
 	@echo "make logs    follow the appliance's log (one JSON line per query)"
+	@echo "make reload  re-read the config file and the split DNS lists"
 	@echo "make check   ask the appliance through every exposed path (dig)"
 	@echo "make test    the whole test suite (needs root and Docker for parts of it)"
 	@echo "make image   build $(IMAGE) and $(NETSETUP_IMAGE) (and their bases, when changed)"
 	@echo "make lint    ruff"
-	@echo "settings: MODE LAN_IP UPSTREAMS CONFIG LAN_INTERFACE LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG"
+	@echo "settings: MODE LAN_IP UPSTREAMS DOMESTIC_UPSTREAMS LISTS_DIR CONFIG LAN_INTERFACE"
+	@echo "          LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG"
 	@echo "          METRICS_FROM_LAN BASE_IMAGE"
 
 # ---- set-up ------------------------------------------------------------------------------------
@@ -96,6 +100,8 @@ image: base
 # up/down/check go through the host tool (netsetup/), which drives compose and the firewall.
 NETSETUP      = $(VENV)/bin/netsetup
 NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
+                $(foreach u,$(DOMESTIC_UPSTREAMS),--domestic-upstream '$(u)') \
+                $(if $(LISTS_DIR),--lists-dir '$(abspath $(LISTS_DIR))') \
                 $(if $(LAN_INTERFACE),--lan-interface $(LAN_INTERFACE)) \
                 $(if $(LAN_CIDR),--lan-cidr $(LAN_CIDR)) \
                 $(if $(LAN_IP),--lan-ip $(LAN_IP)) \
@@ -111,6 +117,11 @@ down:
 
 logs:
 	$(COMPOSE) -f compose.yaml logs --follow --tail=100
+
+# Re-read the config file and the split DNS lists (SIGHUP); a bad line keeps the lists in use
+# and is logged. Files added to or removed from LISTS_DIR need `make up` (they are named at start).
+reload:
+	$(COMPOSE) -f compose.yaml kill -s SIGHUP dnsproxy
 
 # Asks CHAOS TXT id.server, which the appliance answers itself: checks every path without sending
 # anything upstream. NAME=example.org also resolves a real name through the upstreams.

@@ -4,25 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import resource
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 
-from . import cachefile
+from . import cachefile, domainlists
 from .config import ConfigError, Settings, build_settings, parse_listen
-from .forgery import EdnsState, build_filters, load_forged_addresses
+from .forgery import (
+    LEARNED_FILE,
+    EdnsState,
+    ForgeryFilters,
+    LearnedAddresses,
+    build_filters,
+    load_forged_addresses,
+)
 from .forwarder import Forwarder
 from .metrics import Metrics, serve_metrics
 from .pipeline import Pipeline
 from .querylog import NullLog, QueryLog
 from .server import Responder, TcpServer, UdpServer, bind_socket
+from .split import SplitResolver
 from .stages.access import AccessControl
 from .stages.cache import Cache
 from .stages.local import LocalAnswers
 from .stages.ratelimit import RateLimit
-from .upstreams import PollutedNames, Telemetry, build_upstream, client_ssl_context
+from .upstreams import (
+    PollutedNames,
+    Telemetry,
+    Upstream,
+    UpstreamSpec,
+    build_upstream,
+    client_ssl_context,
+)
 from .upstreams.bootstrap import Bootstrap
 
 log = logging.getLogger("dnsproxy")
@@ -45,6 +63,8 @@ class Learned:
 
     edns: dict[str, EdnsState] = field(default_factory=dict)  # by upstream name
     polluted: PollutedNames = field(default_factory=PollutedNames)
+    # Addresses of forgeries beaten by a genuine reply (kept in the state directory too).
+    forged: LearnedAddresses = field(default_factory=LearnedAddresses)
 
 
 @dataclass
@@ -52,8 +72,9 @@ class Forwarding:
     """The parts that a reload replaces; the cache lives outside so a reload keeps it."""
 
     pipeline: Pipeline
-    forwarder: Forwarder
+    forwarder: Forwarder  # the trusted upstreams (--upstream)
     access: AccessControl  # also guards the metrics endpoint
+    resolver: Forwarder | SplitResolver  # the last link: the forwarder, or the split of two
 
 
 def configure_cache(cache: Cache, settings: Settings) -> None:
@@ -66,18 +87,12 @@ def configure_cache(cache: Cache, settings: Settings) -> None:
     cache.prefetch = settings.prefetch
 
 
-def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
-                     cache: Cache, learned: Learned) -> Forwarding:
-    try:
-        forged = load_forged_addresses(settings.forged_address, settings.forged_addresses_file,
-                                       builtin=settings.forged_addresses)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    # --no-forged-addresses drops the shipped list; addresses the user adds still count.
-    filters = build_filters(settings.edns_marker, forged, settings.hijack_threshold)
-    telemetry = Telemetry(metrics, querylog)
+def build_group(specs: list[UpstreamSpec], settings: Settings, telemetry: Telemetry,
+                filters: ForgeryFilters, learned: Learned) -> list[Upstream]:
+    """One group of upstreams, each with every defence; DoH servers by host name are looked
+    up through the group's upstreams that need no look-up."""
     ssl_context = None  # loading the system's CAs costs megabytes: only when encrypting
-    if any(spec.scheme in ("tls", "https") for spec in settings.upstreams):
+    if any(spec.scheme in ("tls", "https") for spec in specs):
         try:
             ssl_context = client_ssl_context(settings.ca_file)
         except (OSError, ValueError) as exc:
@@ -86,18 +101,59 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                                 ssl_context=ssl_context,
                                 tcp_for_polluted=settings.tcp_for_polluted,
                                 edns=learned.edns.get(spec.name))
-                 for spec in settings.upstreams]
-    # DoH servers by host name are looked up through the upstreams that need no look-up.
-    pairs = list(zip(upstreams, settings.upstreams, strict=True))
-    trusted = [upstream for upstream, spec in pairs if not spec.needs_bootstrap]
+                 for spec in specs]
+    pairs = list(zip(upstreams, specs, strict=True))
+    direct = [upstream for upstream, spec in pairs if not spec.needs_bootstrap]
     for upstream, spec in pairs:
         if spec.needs_bootstrap:
-            upstream.bootstrap = Bootstrap(spec.host, trusted)
+            upstream.bootstrap = Bootstrap(spec.host, direct)
+    return upstreams
+
+
+def load_lists(settings: Settings) -> domainlists.DomainLists:
+    started = time.perf_counter()
+    try:
+        lists = domainlists.load(settings.domestic_domains, settings.foreign_domains,
+                                 settings.domestic_ips)
+    except domainlists.ListError as exc:
+        raise ConfigError(str(exc)) from None
+    loaded = lists.loaded
+    log.info("split DNS: %d names, %d address ranges from %d files in %.0f ms "
+             "(%d gfwlist rules skipped)", loaded.domains, loaded.ranges, len(loaded.files),
+             (time.perf_counter() - started) * 1000, loaded.skipped)
+    return lists
+
+
+def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
+                     cache: Cache, learned: Learned) -> Forwarding:
+    try:
+        forged = load_forged_addresses(settings.forged_address, settings.forged_addresses_file,
+                                       builtin=settings.forged_addresses)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    learner = learned.forged if settings.learn_forged_addresses else None
+    # --no-forged-addresses drops the shipped list; addresses the user adds still count.
+    filters = build_filters(settings.edns_marker, forged, settings.hijack_threshold, learner)
+    telemetry = Telemetry(metrics, querylog)
+    upstreams = build_group(settings.upstreams, settings, telemetry, filters, learned)
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
-                          max_ttl=settings.max_ttl)
-    learned.edns = {upstream.name: upstream.edns for upstream in upstreams}  # the gone go
+                          max_ttl=settings.max_ttl, learner=learner)
+    resolver: Forwarder | SplitResolver = forwarder
+    domestic: list[Upstream] = []
+    if settings.domestic_upstreams:
+        lists = load_lists(settings)  # first: a bad line costs nothing else
+        # The domestic group checks learned addresses but teaches nothing: its verified
+        # answers for blocked names are poisoned, and must not count as genuine.
+        domestic = build_group(settings.domestic_upstreams, settings, telemetry,
+                               filters.not_teaching(), learned)
+        resolver = SplitResolver(
+            forwarder, Forwarder(domestic, metrics, settings.timeout, settings.hedge_delay,
+                                 max_ttl=settings.max_ttl),
+            lists, metrics, trust_empty=settings.domestic_trust_empty)
+    # What was learned of upstreams no longer configured goes.
+    learned.edns = {upstream.name: upstream.edns for upstream in [*upstreams, *domestic]}
     configure_cache(cache, settings)
-    cache.refresher = forwarder.refresh  # refreshes started from now on use the new upstreams
+    cache.refresher = resolver.refresh  # refreshes started from now on use the new upstreams
     access = AccessControl(settings.allow, metrics)
     # The order of the chain, and why:
     stages = [
@@ -107,7 +163,7 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
         LocalAnswers(settings.identity, metrics),  # health checks and ANY never leave the host
         cache,  # only then the cache; what it misses goes to the forwarder (forgery filters inside)
     ]
-    return Forwarding(Pipeline(stages, forwarder), forwarder, access)
+    return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver)
 
 
 class Service:
@@ -122,21 +178,35 @@ class Service:
         self.querylog = QueryLog() if settings.query_log else NullLog()
         self.cache = Cache(settings.cache_size, self.metrics)
         self.learned = Learned()
+        self.learned.forged.on_learn = self._learned_forged
+        self.metrics.gauge("dnsproxy_forged_learned", lambda: len(self.learned.forged))
         self.forwarding = build_forwarding(settings, self.metrics, self.querylog, self.cache,
                                            self.learned)
         self.cache_file = cachefile.path_in(settings.state_dir) if settings.state_dir else None
         if self.cache_file:
             kept = cachefile.load(self.cache, self.cache_file)  # after the cache's settings
             log.info("cache: %d entries read from %s", kept, self.cache_file)
+        self.learned_file = (os.path.join(settings.state_dir, LEARNED_FILE)
+                             if settings.state_dir else None)
+        if self.learned_file:
+            count = self.learned.forged.load(self.learned_file)
+            if count:
+                log.info("forged addresses: %d learned ones read from %s", count,
+                         self.learned_file)
         self.saver: asyncio.Task | None = None
         self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog,
                                    allowed=self.allowed,
                                    max_in_flight=settings.max_in_flight)
         self.transports: list = []
         self.servers: list[asyncio.AbstractServer] = []
-        self.retired: list[Forwarder] = []  # replaced by a reload, closed once their queries end
+        # Resolvers replaced by a reload, closed once their queries end.
+        self.retired: list[Forwarder | SplitResolver] = []
         self.closing: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
+
+    def _learned_forged(self, address: bytes) -> None:
+        self.metrics.inc("dnsproxy_forged_learned_total")
+        log.info("forged address learned: %s", ipaddress.ip_address(address))
 
     def allowed(self, address: str) -> bool:
         """The current access control (a reload replaces it), for what precedes the pipeline."""
@@ -173,6 +243,13 @@ class Service:
             self.save_cache()
 
     def save_cache(self) -> None:
+        """The cache and the learned forged addresses: what a restart must not forget."""
+        if self.learned_file:
+            try:
+                self.learned.forged.save(self.learned_file)
+            except OSError as exc:
+                log.warning("cannot save learned forged addresses to %s: %s",
+                            self.learned_file, exc.strerror)
         try:
             count = cachefile.save(self.cache, self.cache_file)
         except OSError as exc:
@@ -199,12 +276,12 @@ class Service:
                         ", ".join(restart_only))
         self.settings = settings
         # Queries in flight still use the old upstreams: close them once those are over.
-        self.retired.append(old.forwarder)
+        self.retired.append(old.resolver)
         asyncio.get_running_loop().call_later(settings.timeout + 1, self._close_retired,
-                                              old.forwarder)
+                                              old.resolver)
         log.info("configuration reloaded: %d upstreams", len(settings.upstreams))
 
-    def _close_retired(self, forwarder: Forwarder) -> None:
+    def _close_retired(self, forwarder: Forwarder | SplitResolver) -> None:
         if forwarder in self.retired:
             self.retired.remove(forwarder)
             task = asyncio.get_running_loop().create_task(forwarder.close())
@@ -225,7 +302,7 @@ class Service:
             self.saver.cancel()
         if self.cache_file:
             self.save_cache()  # after the last answers: what they taught is kept too
-        for forwarder in [self.forwarding.forwarder, *self.retired]:
+        for forwarder in [self.forwarding.resolver, *self.retired]:
             await forwarder.close()
         if self.closing:
             await asyncio.wait(self.closing, timeout=0.5)
@@ -252,6 +329,9 @@ async def serve(settings: Settings, cli_overrides: dict | None = None,
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     listening = ", ".join(settings.listen)
     upstreams = ", ".join(spec.name for spec in settings.upstreams)
+    if settings.domestic_upstreams:
+        upstreams += " (trusted), split with " + ", ".join(
+            spec.name for spec in settings.domestic_upstreams) + " (domestic)"
     log.info("serving on %s, forwarding to %s", listening, upstreams)
     await service.stopping.wait()
     await service.stop()

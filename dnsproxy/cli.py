@@ -32,6 +32,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", dest="upstreams", action="append", metavar="SPEC",
                    help="IP[:PORT], [IPv6]:PORT, udp://, tcp://, tls://IP[:853][#name], "
                         "https://HOST/PATH; repeatable")
+    p.add_argument("--domestic-upstream", dest="domestic_upstreams", action="append",
+                   metavar="SPEC", help="split DNS: a domestic resolver (same forms as "
+                   "--upstream, which stays the trusted group); repeatable")
+    p.add_argument("--domestic-domains", action="append", metavar="FILE",
+                   help="names (and their subdomains) asked of the domestic upstreams only: one "
+                        "a line, or dnsmasq server=/name/addr lines; repeatable")
+    p.add_argument("--foreign-domains", action="append", metavar="FILE",
+                   help="names asked of the trusted upstreams only: one a line, or a gfwlist; "
+                        "repeatable")
+    p.add_argument("--domestic-ips", action="append", metavar="FILE",
+                   help="ranges (CIDR a line, IPv4 and IPv6) a domestic answer must lie in to "
+                        "be used for an unlisted name; repeatable")
+    p.add_argument("--domestic-trust-empty", action=argparse.BooleanOptionalAction,
+                   help="an unlisted name's domestic NXDOMAIN/NODATA is used (default off)")
+    p.add_argument("--learn-forged-addresses", action=argparse.BooleanOptionalAction,
+                   help="add the addresses of replies proven forged to the forged list, kept "
+                        "in --state-dir (default on)")
     p.add_argument("--config", metavar="FILE", help="TOML settings, or a CDNS config file")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="deadline per query, then SERVFAIL (default 2)")
@@ -91,6 +108,9 @@ def _worker(settings, cli: dict) -> None:
 
     try:
         run(settings, cli, True)
+    except ConfigError as exc:
+        print(f"dnsproxy: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except ListenError as exc:
         print(f"dnsproxy: error: {exc}", file=sys.stderr)
         sys.exit(1)

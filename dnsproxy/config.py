@@ -28,6 +28,13 @@ class ConfigError(ValueError):
 class Settings:
     listen: list[str] = field(default_factory=lambda: ["0.0.0.0:53"])
     upstreams: list[UpstreamSpec] = field(default_factory=list)
+    # Split DNS: without domestic upstreams, none of it is in the chain.
+    domestic_upstreams: list[UpstreamSpec] = field(default_factory=list)
+    domestic_domains: list[str] = field(default_factory=list)  # files
+    foreign_domains: list[str] = field(default_factory=list)  # files
+    domestic_ips: list[str] = field(default_factory=list)  # files of CIDR ranges
+    domestic_trust_empty: bool = False  # a domestic NXDOMAIN/NODATA for an unlisted name wins
+    learn_forged_addresses: bool = True  # learn the addresses of replies proven forged
     timeout: float = 2.0
     cache_size: int = 10000  # replies; 0 turns the cache off
     cache_bytes: int = 32 * 1024 * 1024  # what the cached replies may take in all
@@ -63,9 +70,11 @@ class Settings:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
-LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses_file"}
+LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses_file",
+             "domestic_upstreams", "domestic_domains", "foreign_domains", "domestic_ips"}
+UPSTREAM_KEYS = ("upstreams", "domestic_upstreams")
 BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted",
-             "serve_stale", "prefetch"}
+             "serve_stale", "prefetch", "domestic_trust_empty", "learn_forged_addresses"}
 FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout", "cache_save_interval"}
 INT_KEYS = {"cache_size", "cache_bytes", "max_ttl", "workers", "tcp_max_connections",
             "tcp_max_per_client", "max_in_flight", "stale_ttl", "max_stale"}
@@ -300,10 +309,10 @@ def build_settings(cli: dict[str, Any], environ: dict[str, str] | None = None) -
         for key, value in raw.items():
             if key == "config":
                 continue
-            if key == "upstreams":
+            if key in UPSTREAM_KEYS:
                 items = _split(value) if isinstance(value, str) else value
                 if not isinstance(items, list):
-                    raise ConfigError(f"{origin}: upstreams must be a list")
+                    raise ConfigError(f"{origin}: {key} must be a list")
                 values[key] = [_upstream(item, origin) for item in items]
             else:
                 try:
@@ -320,6 +329,11 @@ def validate(settings: Settings) -> None:
         raise ConfigError("no upstream: give --upstream (or DNSPROXY_UPSTREAMS, or a config file)")
     if not settings.listen:
         raise ConfigError("no listen address")
+    if not settings.domestic_upstreams:
+        for key in ("domestic_domains", "foreign_domains", "domestic_ips"):
+            if getattr(settings, key):
+                raise ConfigError(f"{key} given without domestic_upstreams "
+                                  "(--domestic-upstream): nothing to split between")
     if all(spec.needs_bootstrap for spec in settings.upstreams):
         # Not the system resolver: in a polluted network it is the injector's path.
         spec = settings.upstreams[0]

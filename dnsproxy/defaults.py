@@ -12,5 +12,10 @@ DEFAULT_ALLOWED = (
 )
 
 DNS_PORT = 53
+# Split DNS list files, by the subdirectory of LISTS_DIR they are dropped in, and the option of
+# the forwarder each subdirectory's files are given to; mounted read-only at LISTS_MOUNT.
+LIST_KINDS = {"domestic-domains": "DOMESTIC_DOMAINS", "foreign-domains": "FOREIGN_DOMAINS",
+              "domestic-ips": "DOMESTIC_IPS"}
+LISTS_MOUNT = "/etc/dnsproxy/lists"
 # Prometheus counters in the container (compose.yaml), read by `netsetup status` from the host.
 METRICS_PORT = 9153

@@ -8,7 +8,13 @@ ID or question) never get here: the UDP upstream drops them first as "mismatch".
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +22,12 @@ from typing import Protocol
 from . import wire
 
 BUILTIN_LIST = Path(__file__).with_name("data") / "forged-addresses.txt"
+LEARNED_FILE = "forged-learned.json"  # in the state directory
+# Reasons a discarded reply may teach its addresses, once a genuine reply has beaten it: those
+# of the listed checks teach nothing new, and a mismatch never reaches the filters.
+TEACHING_REASONS = frozenset({"no-edns", "too-fast"})
+
+log = logging.getLogger("dnsproxy")
 
 
 class UpstreamView(Protocol):
@@ -80,17 +92,113 @@ class EdnsMarker:
         return None
 
 
+class LearnedAddresses:
+    """Addresses of replies proven forged, bounded, used by the address check like the list.
+
+    Proven means: the reply lost to a later genuine reply to the same query (an OPT-less reply
+    beaten by one with OPT, a too-fast one beaten by the real one). Guarded against an injector
+    that tries to get real addresses blacklisted: an address the winning reply carries, or any
+    genuine reply carried lately (a bounded set of those), is never learned, and a genuine reply
+    (over TCP, where the UDP check does not apply) carrying a learned address unlearns it.
+    """
+
+    def __init__(self, size: int = 4096, genuine_size: int = 65536,
+                 on_learn: Callable[[bytes], None] | None = None) -> None:
+        self.size = size
+        self.genuine_size = genuine_size
+        self.addresses: OrderedDict[bytes, None] = OrderedDict()  # oldest learned first
+        self.genuine: OrderedDict[bytes, None] = OrderedDict()  # least lately seen first
+        self.on_learn = on_learn
+
+    def __contains__(self, address: bytes) -> bool:
+        return address in self.addresses
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def saw_genuine(self, addresses: Iterable[bytes]) -> None:
+        genuine = self.genuine
+        for address in addresses:
+            genuine[address] = None
+            genuine.move_to_end(address)
+            self.addresses.pop(address, None)
+        while len(genuine) > self.genuine_size:
+            genuine.popitem(last=False)
+
+    def learn(self, losers: Iterable[wire.Reply], winner: wire.Reply) -> int:
+        """Learn what the replies that lost to `winner` carried; the number of new addresses."""
+        self.saw_genuine(winner.addresses)
+        added = 0
+        for reply in losers:
+            for address in reply.addresses:
+                if address in self.genuine or address in self.addresses:
+                    continue
+                self.addresses[address] = None
+                added += 1
+                if self.on_learn is not None:
+                    self.on_learn(address)
+        while len(self.addresses) > self.size:
+            self.addresses.popitem(last=False)
+        return added
+
+    # --- kept in the state directory ---
+
+    def save(self, path: str) -> None:
+        """Atomically (a temporary file renamed over the old one), as the cache file is."""
+        doc = {"version": 1,
+               "learned": [str(ipaddress.ip_address(a)) for a in self.addresses],
+               "genuine": [str(ipaddress.ip_address(a)) for a in self.genuine]}
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(doc, handle, separators=(",", ":"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def load(self, path: str) -> int:
+        """Read a saved file; a missing one is no news, a damaged one ignored with one warning
+        (learning starts afresh). The number of learned addresses read."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                doc = json.load(handle)
+            if not isinstance(doc, dict) or doc.get("version") != 1:
+                raise ValueError("not a learned-address file of version 1")
+            learned = [ipaddress.ip_address(a).packed for a in doc["learned"]]
+            genuine = [ipaddress.ip_address(a).packed for a in doc["genuine"]]
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("learned forged addresses %s ignored: %s", path, exc)
+            return 0
+        self.saw_genuine(genuine[-self.genuine_size:])
+        for address in learned[-self.size:]:
+            if address not in self.genuine:
+                self.addresses[address] = None
+        return len(self.addresses)
+
+
 class ForgedAddresses:
-    """An A/AAAA answer with an address injectors are known to use is forged."""
+    """An A/AAAA answer with an address injectors are known to use, or one learned from a
+    forgery caught earlier, is forged."""
 
     reason = "forged-address"
+    learned_reason = "learned-address"
 
-    def __init__(self, addresses: set[bytes]) -> None:
+    def __init__(self, addresses: set[bytes], learned: LearnedAddresses | None = None) -> None:
         self.addresses = addresses
+        self.learned = learned
 
     def verdict(self, upstream: UpstreamView, reply: wire.Reply, elapsed: float) -> str | None:
         if self.addresses and any(a in self.addresses for a in reply.addresses):
             return self.reason
+        learned = self.learned
+        if learned and any(a in learned for a in reply.addresses):
+            return self.learned_reason
         return None
 
 
@@ -106,8 +214,11 @@ class HijackThreshold:
 
 
 class ForgeryFilters:
-    def __init__(self, filters: list[Filter]) -> None:
+    def __init__(self, filters: list[Filter], learner: LearnedAddresses | None = None) -> None:
         self.filters = filters
+        # Where UDP exchanges report forgeries beaten by a genuine reply; None: they teach
+        # nothing (learning off, or a domestic upstream, whose genuine answers may be poisoned).
+        self.learner = learner
 
     def has(self, kind: type) -> bool:
         return any(isinstance(f, kind) for f in self.filters)
@@ -115,7 +226,11 @@ class ForgeryFilters:
     def without(self, kind: type) -> ForgeryFilters:
         """The same filters but one kind: the EDNS marker means nothing for a query sent
         without OPT."""
-        return ForgeryFilters([f for f in self.filters if not isinstance(f, kind)])
+        return ForgeryFilters([f for f in self.filters if not isinstance(f, kind)], self.learner)
+
+    def not_teaching(self) -> ForgeryFilters:
+        """The same checks, learned addresses included, but reporting nothing to learn."""
+        return ForgeryFilters(self.filters)
 
     def verdict(self, upstream: UpstreamView, reply: wire.Reply, elapsed: float) -> str | None:
         for f in self.filters:
@@ -151,13 +266,14 @@ def load_forged_addresses(extra: list[str] = (), files: list[str] = (),
     return out
 
 
-def build_filters(edns_marker: bool, forged: set[bytes] | None, hijack: bool) -> ForgeryFilters:
+def build_filters(edns_marker: bool, forged: set[bytes] | None, hijack: bool,
+                  learned: LearnedAddresses | None = None) -> ForgeryFilters:
     """Cheapest first: the OPT check is one comparison, the address check a set lookup."""
     filters: list[Filter] = []
     if edns_marker:
         filters.append(EdnsMarker())
-    if forged:
-        filters.append(ForgedAddresses(forged))
+    if forged or learned is not None:
+        filters.append(ForgedAddresses(forged or set(), learned))
     if hijack:
         filters.append(HijackThreshold())
-    return ForgeryFilters(filters)
+    return ForgeryFilters(filters, learned)

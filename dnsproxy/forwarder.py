@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from . import wire
+from .forgery import LearnedAddresses
 from .metrics import Metrics
 from .pipeline import Request, Response
 from .upstreams import Answer, Upstream, UpstreamError
@@ -62,7 +63,8 @@ class Forwarder:
     name = "forward"
 
     def __init__(self, upstreams: list[Upstream], metrics: Metrics, timeout: float = 2.0,
-                 hedge_delay: float = 0.3, max_ttl: int = wire.MAX_TTL) -> None:
+                 hedge_delay: float = 0.3, max_ttl: int = wire.MAX_TTL,
+                 learner: LearnedAddresses | None = None) -> None:
         if not upstreams:
             raise ValueError("no upstreams")
         self.upstreams = upstreams
@@ -71,6 +73,9 @@ class Forwarder:
         self.timeout = timeout
         self.hedge_delay = hedge_delay
         self.max_ttl = max_ttl  # the most any TTL a client sees may say
+        # Told the addresses of every verified answer (any transport): those are never learned
+        # as forged. None for a group whose verified answers may still be poisoned (domestic).
+        self.learner = learner
 
     def ranked(self, now: float) -> list[Upstream]:
         """Healthy upstreams in configured order, then resting ones, soonest back first."""
@@ -81,7 +86,7 @@ class Forwarder:
     async def resolve(self, request: Request) -> Response:
         query = request.query
         try:
-            answer, upstream, cached = await self._fetch(query, request.started)
+            answer, upstream, cached = await self.fetch(query, request.started)
         except (UpstreamError, wire.WireError):  # the latter: a reply even dnslib cannot rebuild
             self.metrics.inc("dnsproxy_responses_total", reason="servfail")
             return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)
@@ -95,16 +100,20 @@ class Forwarder:
         if the defences verified it and it may be cached, else None, and no response counted,
         since none is sent."""
         try:
-            answer, _, cached = await self._fetch(query, time.monotonic())
+            answer, _, cached = await self.fetch(query, time.monotonic())
         except (UpstreamError, wire.WireError):
             return None
         return cached if answer.verified else None
 
-    async def _fetch(self, query: wire.Query,
-                     started: float) -> tuple[Answer, Upstream, wire.CachedReply]:
+    async def fetch(self, query: wire.Query,
+                    started: float) -> tuple[Answer, Upstream, wire.CachedReply]:
+        """The winning answer within the query's deadline (also what the split resolver asks
+        of each group); UpstreamError when there is none."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout - (time.monotonic() - started)
         answer, upstream = await self._race(query, deadline)
+        if self.learner is not None and answer.verified and answer.reply.addresses:
+            self.learner.saw_genuine(answer.reply.addresses)
         return answer, upstream, wire.strip_opt(answer.data, answer.reply, self.max_ttl)
 
     async def _exchange(self, upstream: Upstream, query: wire.Query, deadline: float) -> Answer:

@@ -26,6 +26,11 @@ HELP = {
     "dnsproxy_metrics_connections_rejected_total": "Metrics connections closed at the cap.",
     "dnsproxy_cache_entries": "Replies held in the cache.",
     "dnsproxy_cache_bytes": "Bytes the cached replies take (keys and stored messages).",
+    "dnsproxy_split_decisions_total": "Split DNS: queries answered by each upstream group "
+                                      "(domestic, trusted), by why that group.",
+    "dnsproxy_forged_learned": "Forged addresses learned from replies that lost to a genuine "
+                               "one, used like the shipped list.",
+    "dnsproxy_forged_learned_total": "Addresses added to the learned forged list.",
     "dnsproxy_overload_total": "Queries not taken on because too many were in flight.",
 }
 

@@ -32,6 +32,8 @@ class Response:
     rcode: int
     upstream: str | None = None
     cacheable: object | None = None  # a wire.CachedReply the cache may keep
+    group: str | None = None  # split DNS: the upstream group that answered (domestic, trusted)
+    why: str | None = None  # and why that group (listed, verdict, in-range, ...)
 
 
 class Stage(Protocol):

@@ -57,7 +57,7 @@ class QueryLog:
         q = request.query
         if q.qclass == CLASS_CH and request.client[0] in LOOPBACK:
             return  # the container's health check every few seconds is not client traffic
-        self._write({
+        record = {
             "ts": round(time.time(), 3),
             "client": request.client[0],
             "port": request.client[1],
@@ -69,7 +69,11 @@ class QueryLog:
             "upstream": response.upstream,
             "cached": response.reason in ("cached", "stale"),  # reason says which
             "latency_ms": round((time.monotonic() - request.started) * 1000, 3),
-        })
+        }
+        if response.group is not None:  # split DNS only: which group answered, and why
+            record["group"] = response.group
+            record["why"] = response.why
+        self._write(record)
 
     def forgery(self, upstream: str, name: str, qtype: int, reason: str) -> None:
         self._write({

@@ -87,6 +87,15 @@ def up(
     upstream: Annotated[
         list[str] | None, typer.Option(help="upstream resolver (repeat, or comma-separated)")
     ] = None,
+    domestic_upstream: Annotated[
+        list[str] | None,
+        typer.Option(help="split DNS: a domestic resolver (repeat, or comma-separated)"),
+    ] = None,
+    lists_dir: Annotated[
+        str | None,
+        typer.Option(help="split DNS lists: files in its domestic-domains/, foreign-domains/ "
+                          "and domestic-ips/ (mounted read-only)"),
+    ] = None,
     lan_interface: Annotated[
         str | None, typer.Option(help="LAN interface (default: the default route's)")
     ] = None,
@@ -112,6 +121,8 @@ def up(
             modes=parse_modes(mode),
             lan_ip=lan_ip,
             upstreams=_split(upstream),
+            domestic_upstreams=_split(domestic_upstream),
+            lists_dir=lists_dir,
             lan_interface=lan_interface,
             lan_cidr=lan_cidr,
             subnet=subnet,

@@ -21,7 +21,7 @@ from typing import Any
 from dnsproxy.defaults import DEFAULT_ALLOWED
 from netsetup import state
 from netsetup.errors import DeployFailed
-from netsetup.plan import OPT_BRIDGE_NAME, Settings
+from netsetup.plan import OPT_BRIDGE_NAME, Settings, list_files
 
 
 def compose_command() -> list[str]:
@@ -59,6 +59,12 @@ def compose_env(
         env["UPSTREAMS"] = ",".join(settings.upstreams)
     elif not env.get("CONFIG"):
         env["UPSTREAMS"] = ",".join(DEFAULT_UPSTREAMS)
+    if settings.domestic_upstreams:
+        env["DOMESTIC_UPSTREAMS"] = ",".join(settings.domestic_upstreams)
+    if settings.lists_dir:
+        env["LISTS_DIR"] = settings.lists_dir
+        for variable, paths in list_files(settings.lists_dir).items():
+            env[variable] = ",".join(paths)
     if allow:
         env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, *allow])
     if publish_address:

@@ -27,10 +27,11 @@ Why the rules are what they are:
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
+from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, LIST_KINDS, LISTS_MOUNT, METRICS_PORT
 from netsetup.errors import BadInput
 from netsetup.firewall.model import Chain, FirewallPlan, Rule
 from netsetup.hostnet import HostRoute, ProxyNeighbour
@@ -106,6 +107,9 @@ class Settings:
 
     modes: tuple[Mode, ...] = DEFAULT_MODES
     upstreams: tuple[str, ...] = ()
+    # Split DNS: the domestic resolvers, and the host directory holding the list files.
+    domestic_upstreams: tuple[str, ...] = ()
+    lists_dir: str | None = None
     lan_interface: str | None = None
     lan_cidr: str | None = None
     subnet: str = "172.31.53.0/24"
@@ -173,7 +177,16 @@ def check_settings(settings: Settings) -> Settings:
     if not settings.modes:
         raise BadInput("--mode is empty: give a comma list of port, direct, lan")
     lan_ip = check_lan_ip_syntax(settings, subnet, lan_cidr)
-    return replace(settings, subnet=str(subnet), ip=str(ip), lan_cidr=lan_cidr, lan_ip=lan_ip)
+    lists_dir = settings.lists_dir
+    if lists_dir is not None:
+        lists_dir = os.path.abspath(lists_dir)
+        if not os.path.isdir(lists_dir):
+            raise BadInput(f"--lists-dir {settings.lists_dir}: not a directory")
+        if list_files(lists_dir) and not settings.domestic_upstreams:
+            raise BadInput(f"--lists-dir {settings.lists_dir} holds lists but no "
+                           "--domestic-upstream is given: nothing to split between")
+    return replace(settings, subnet=str(subnet), ip=str(ip), lan_cidr=lan_cidr, lan_ip=lan_ip,
+                   lists_dir=lists_dir)  # fmt: skip
 
 
 def check_lan_ip_syntax(
@@ -208,6 +221,22 @@ def check_lan_ip_in(lan_ip: ipaddress.IPv4Address, lan: ipaddress.IPv4Network) -
     if lan.prefixlen < 31 and lan_ip in (lan.network_address, lan.broadcast_address):
         what = "network" if lan_ip == lan.network_address else "broadcast"
         raise BadInput(f"--lan-ip {lan_ip} is the {what} address of the LAN {lan}")
+
+
+def list_files(lists_dir: str) -> dict[str, list[str]]:
+    """The list files in LISTS_DIR's subdirectories (domestic-domains/, foreign-domains/,
+    domestic-ips/), as paths inside the container, by the forwarder option they go to. Files
+    are named by where they lie, so lists are dropped in as downloaded, never renamed."""
+    found: dict[str, list[str]] = {}
+    for folder, variable in LIST_KINDS.items():
+        path = os.path.join(lists_dir, folder)
+        if not os.path.isdir(path):
+            continue
+        names = sorted(name for name in os.listdir(path)
+                       if not name.startswith(".") and os.path.isfile(os.path.join(path, name)))
+        if names:
+            found[variable] = [f"{LISTS_MOUNT}/{folder}/{name}" for name in names]
+    return found
 
 
 @dataclass(frozen=True)

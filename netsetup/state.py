@@ -52,6 +52,7 @@ class Deployment:
         # the same way, and an older netsetup still reads a record of the old modes.
         data["mode"] = settings.mode_text
         data["upstreams"] = list(settings.upstreams)
+        data["domestic_upstreams"] = list(settings.domestic_upstreams)
         return cls(
             settings=data, bridge=facts.bridge, lan_interface=facts.lan_interface,
             lan_cidr=facts.lan_cidr, lan_address=facts.lan_address,
@@ -63,6 +64,7 @@ class Deployment:
         data = dict(self.settings)
         data["modes"] = parse_modes(str(data.pop("mode", "both")))
         data["upstreams"] = tuple(data.get("upstreams", ()))
+        data["domestic_upstreams"] = tuple(data.get("domestic_upstreams", ()))
         known = {f.name for f in fields(Settings)}
         return Settings(**{k: v for k, v in data.items() if k in known})
 

@@ -17,7 +17,7 @@ import socket
 import time
 
 from .. import wire
-from ..forgery import EdnsMarker, EdnsState, ForgeryFilters
+from ..forgery import TEACHING_REASONS, EdnsMarker, EdnsState, ForgeryFilters
 from .base import Answer, PollutedNames, Telemetry, UpstreamError, hostport, matches, os_reason
 from .stream import StreamUpstream
 
@@ -76,6 +76,7 @@ class _Exchange:
         self.held: tuple[bytes, wire.Reply] | None = None
         self.hold_timer: asyncio.TimerHandle | None = None
         self.tcp_task: asyncio.Task | None = None
+        self.losers: list[wire.Reply] = []  # discarded replies that may teach, once beaten
 
     async def run(self, deadline: float) -> Answer:
         up = self.up
@@ -134,6 +135,8 @@ class _Exchange:
             return
         reason = self.filters.verdict(up, reply, time.monotonic() - self.sent_at)
         if reason:
+            if reason in TEACHING_REASONS:
+                self.losers.append(reply)
             self._discard(reason)
             return
         if reply.truncated:
@@ -144,6 +147,7 @@ class _Exchange:
             # an injector's. Hold the latest one briefly and ask over TCP, whose reply
             # settles it; a genuine OPT reply over UDP overrides it too.
             if self.held is not None:
+                self.losers.append(self.held[1])
                 self._discard("superseded")
             self.held = (data, reply)
             if self.hold_timer is None:
@@ -154,9 +158,13 @@ class _Exchange:
 
     def _accept(self, data: bytes, reply: wire.Reply) -> Answer:
         """The genuine reply (over UDP or the TCP retry): it also settles what was held."""
+        losers = self.losers
         if self.held is not None and reply is not self.held[1] and reply.opt is not None:
             # The upstream does echo OPT: the OPT-less reply we held was forged.
             self._count_forgery("no-edns")
+            losers = [*losers, self.held[1]]
+        if self.filters.learner is not None:
+            self.filters.learner.learn(losers, reply)
         if self.edns:  # a query without OPT gets a reply without one: that teaches nothing
             self.up.edns.saw_genuine(reply.opt is not None)
         return Answer(data, reply)

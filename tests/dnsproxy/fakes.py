@@ -51,6 +51,7 @@ class Behaviour:
     craft: Callable[[bytes], bytes] | None = None
     formerr_on_opt: bool = False  # an old server: FORMERR without OPT to a query with OPT
     tcp_reset: bool = False  # reset the TCP connection instead of answering (a middlebox)
+    forged_answer: str | None = None  # the address the forgeries carry, if not the usual
 
 
 @dataclass
@@ -168,12 +169,12 @@ class FakeUpstream:
         return reply.pack()
 
     @staticmethod
-    def forged(query: DNSRecord, kind: str) -> bytes:
+    def forged(query: DNSRecord, kind: str, address: str | None = None) -> bytes:
         reply = query.reply()
         if kind == "formerr":  # posing as a server that does not know EDNS
             reply.header.rcode = RCODE.FORMERR
             return reply.pack()
-        address = FORGED_LISTED if kind == "forged-address" else FORGED_UNLISTED
+        address = address or (FORGED_LISTED if kind == "forged-address" else FORGED_UNLISTED)
         reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=3600, rdata=A(address)))
         if kind == "wrong-id":
             reply.header.id = (query.header.id + 1) & 0xFFFF
@@ -202,7 +203,7 @@ class FakeUpstream:
                 continue
             for kind in b.forgeries:
                 sock = self.spoofer if kind == "other-port" else self.udp
-                sock.sendto(self.forged(query, kind), client)
+                sock.sendto(self.forged(query, kind, b.forged_answer), client)
             reply = self.genuine(query, b, truncated=b.truncate_udp)
             if b.delay:
                 threading.Timer(b.delay, self._send_udp, (reply, client)).start()

@@ -474,3 +474,36 @@ def test_cache_settings_from_every_layer(tmp_path):
 def test_bad_cache_setting_is_one_line_and_exit_2(env, fragment, safe_listen):
     env = clean_env(DNSPROXY_UPSTREAMS="127.0.0.2", DNSPROXY_LISTEN=safe_listen, **env)
     expect_usage_error(run_dnsproxy(env=env, timeout=5), fragment)
+
+
+def test_split_settings_from_every_layer(tmp_path):
+    path = tmp_path / "split.toml"
+    path.write_text('upstreams = ["127.0.0.2"]\ndomestic_upstreams = ["127.0.0.4", '
+                    '{address = "127.0.0.5:5300", hijack_threshold = 5}]\n'
+                    'domestic-domains = ["/lists/a.conf"]\ndomestic_trust_empty = true\n')
+    settings = build_settings(cli("--config", str(path), "--foreign-domains", "/lists/gfw.txt",
+                                  "--foreign-domains", "/lists/more.txt"),
+                              {"DNSPROXY_DOMESTIC_IPS": "/lists/chnroute.txt,/lists/v6.txt",
+                               "DNSPROXY_LEARN_FORGED_ADDRESSES": "0"})
+    assert [spec.name for spec in settings.domestic_upstreams] == ["127.0.0.4:53",
+                                                                   "127.0.0.5:5300"]
+    assert settings.domestic_upstreams[1].hijack_threshold == 0.005
+    assert settings.domestic_domains == ["/lists/a.conf"]
+    assert settings.foreign_domains == ["/lists/gfw.txt", "/lists/more.txt"]
+    assert settings.domestic_ips == ["/lists/chnroute.txt", "/lists/v6.txt"]
+    assert (settings.domestic_trust_empty, settings.learn_forged_addresses) == (True, False)
+    from_env = build_settings({}, {"DNSPROXY_UPSTREAMS": "127.0.0.2",
+                                   "DNSPROXY_DOMESTIC_UPSTREAMS": "127.0.0.4, tcp://127.0.0.6",
+                                   "DNSPROXY_DOMESTIC_DOMAINS": "/lists/a.conf",
+                                   "DNSPROXY_FOREIGN_DOMAINS": "/lists/gfw.txt"})
+    assert [spec.name for spec in from_env.domestic_upstreams] == ["127.0.0.4:53",
+                                                                   "tcp://127.0.0.6:53"]
+    defaults = build_settings(cli("--upstream", "127.0.0.2"), {})
+    assert (defaults.domestic_upstreams, defaults.domestic_domains, defaults.domestic_trust_empty,
+            defaults.learn_forged_addresses) == ([], [], False, True)
+
+
+def test_bad_domestic_upstream_is_one_line_and_exit_2(safe_listen):
+    env = clean_env(DNSPROXY_UPSTREAMS="127.0.0.2", DNSPROXY_LISTEN=safe_listen,
+                    DNSPROXY_DOMESTIC_UPSTREAMS="not-an-address")
+    expect_usage_error(run_dnsproxy(env=env, timeout=5), "not-an-address")

@@ -390,3 +390,37 @@ def test_routes_in_lan_mode_name_the_dns_server_to_hand_out() -> None:
                       "--lan-interface", "lo", "--lan-cidr", "192.168.1.0/24",
                       "--lan-ip", "192.168.2.53")  # fmt: skip
     assert_refused(outside, "outside the LAN")
+
+
+def test_split_dns_lists_are_passed_by_their_folder(tmp_path, monkeypatch) -> None:
+    """Lists dropped into LISTS_DIR's folders as downloaded reach the forwarder as paths in
+    the container; no LISTS_DIR, no list variables (compose mounts /dev/null)."""
+    from netsetup.errors import BadInput
+    from netsetup.plan import check_settings
+
+    for variable in ("DOMESTIC_UPSTREAMS", "LISTS_DIR", "DOMESTIC_DOMAINS", "FOREIGN_DOMAINS",
+                     "DOMESTIC_IPS"):
+        monkeypatch.delenv(variable, raising=False)
+    (tmp_path / "domestic-domains").mkdir()
+    (tmp_path / "domestic-domains" / "accelerated-domains.china.conf").write_text("")
+    (tmp_path / "domestic-domains" / "apple.china.conf").write_text("")
+    (tmp_path / "domestic-domains" / ".hidden").write_text("")
+    (tmp_path / "domestic-ips").mkdir()
+    (tmp_path / "domestic-ips" / "chnroute.txt").write_text("")
+    settings = check_settings(Settings(domestic_upstreams=("192.0.2.53", "192.0.2.54"),
+                                       lists_dir=str(tmp_path)))
+    env = compose_env(settings)
+    assert env["DOMESTIC_UPSTREAMS"] == "192.0.2.53,192.0.2.54"
+    assert env["LISTS_DIR"] == str(tmp_path)
+    assert env["DOMESTIC_DOMAINS"] == ("/etc/dnsproxy/lists/domestic-domains/"
+                                       "accelerated-domains.china.conf,"
+                                       "/etc/dnsproxy/lists/domestic-domains/apple.china.conf")
+    assert env["DOMESTIC_IPS"] == "/etc/dnsproxy/lists/domestic-ips/chnroute.txt"
+    assert "FOREIGN_DOMAINS" not in env
+    plain = compose_env(Settings())
+    assert not {"DOMESTIC_UPSTREAMS", "LISTS_DIR", "DOMESTIC_DOMAINS"} & set(plain)
+    with pytest.raises(BadInput, match="no --domestic-upstream"):
+        check_settings(Settings(lists_dir=str(tmp_path)))
+    with pytest.raises(BadInput, match="not a directory"):
+        check_settings(Settings(domestic_upstreams=("192.0.2.53",),
+                                lists_dir=str(tmp_path / "missing")))
