@@ -21,7 +21,8 @@ from typing import Any
 from dnsproxy.defaults import DEFAULT_ALLOWED
 from netsetup import state
 from netsetup.errors import DeployFailed
-from netsetup.plan import OPT_BRIDGE_NAME, Settings, list_files
+from netsetup.lists import list_files
+from netsetup.plan import OPT_BRIDGE_NAME, Settings
 
 
 def compose_command() -> list[str]:

@@ -31,10 +31,11 @@ import os
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, LIST_KINDS, LISTS_MOUNT, METRICS_PORT
+from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
 from netsetup.errors import BadInput
 from netsetup.firewall.model import Chain, FirewallPlan, Rule
 from netsetup.hostnet import HostRoute, ProxyNeighbour
+from netsetup.lists import list_files
 
 CHAIN_PREFIX = "NETSETUP-"
 MAX_CHAIN = 28  # iptables' limit on chain names
@@ -221,22 +222,6 @@ def check_lan_ip_in(lan_ip: ipaddress.IPv4Address, lan: ipaddress.IPv4Network) -
     if lan.prefixlen < 31 and lan_ip in (lan.network_address, lan.broadcast_address):
         what = "network" if lan_ip == lan.network_address else "broadcast"
         raise BadInput(f"--lan-ip {lan_ip} is the {what} address of the LAN {lan}")
-
-
-def list_files(lists_dir: str) -> dict[str, list[str]]:
-    """The list files in LISTS_DIR's subdirectories (domestic-domains/, foreign-domains/,
-    domestic-ips/), as paths inside the container, by the forwarder option they go to. Files
-    are named by where they lie, so lists are dropped in as downloaded, never renamed."""
-    found: dict[str, list[str]] = {}
-    for folder, variable in LIST_KINDS.items():
-        path = os.path.join(lists_dir, folder)
-        if not os.path.isdir(path):
-            continue
-        names = sorted(name for name in os.listdir(path)
-                       if not name.startswith(".") and os.path.isfile(os.path.join(path, name)))
-        if names:
-            found[variable] = [f"{LISTS_MOUNT}/{folder}/{name}" for name in names]
-    return found
 
 
 @dataclass(frozen=True)
