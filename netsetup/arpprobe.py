@@ -17,7 +17,6 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
@@ -42,9 +41,10 @@ class Claim:
         return f"{self.mac} ({self.op})"
 
 
-def mac_of(interface: str) -> bytes:
-    text = Path(f"/sys/class/net/{interface}/address").read_text().strip()
-    return bytes.fromhex(text.replace(":", ""))
+def mac_of(sock: socket.socket) -> bytes:
+    """The MAC address of the interface a packet socket is bound to, from the kernel itself
+    (not /sys, which shows another network namespace's interfaces under `nsenter -n`)."""
+    return sock.getsockname()[4]
 
 
 def probe_frame(source_mac: bytes, target: str) -> bytes:
@@ -73,10 +73,10 @@ def in_use(interface: str, address: str, probes: int = PROBES) -> Claim | None:
     """Send `probes` ARP probes for `address` on `interface`; the first device that claims the
     address, or None when nothing did within the wait."""
     target = ipaddress.IPv4Address(address).packed
-    own_mac = mac_of(interface)
-    frame = probe_frame(own_mac, address)
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
         sock.bind((interface, ETH_P_ARP))
+        own_mac = mac_of(sock)
+        frame = probe_frame(own_mac, address)
         deadline = 0.0
         for n in range(probes):
             sock.send(frame)

@@ -8,6 +8,11 @@
 The stranger routes the appliance subnet via the host, as a hostile neighbour on the WAN could:
 whatever it reaches there (no answer must come back) is exposed to the internet.
 
+With `switch`, the LAN is a Linux bridge in a namespace of its own (a "switch") with three ports:
+the host's LAN interface, the client above, and a second client (198.19.53.11) that knows no
+route but its own subnet, as a phone on a home LAN; it can also hold an address (`hold`), as a
+device already using it would.
+
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
 only its connected route, so it cannot reach the appliance subnet: answers reach the appliance
@@ -29,6 +34,7 @@ from pathlib import Path
 # do number LANs that way, and the forwarder serves only private clients unless netsetup tells
 # it the LAN. Answers here prove it does.
 LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
+LAN_CLIENT2 = "198.19.53.11"
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
@@ -42,6 +48,7 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 class Topology:
     subnet: str
     pid: int | None = None  # netns of the engine; None for this host's
+    switch: bool = False  # the LAN as a bridge with two clients (see above)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     upstream_proc: subprocess.Popen | None = None
     upstream_log: str = ""
@@ -57,6 +64,19 @@ class Topology:
     @property
     def wan_ns(self) -> str:
         return f"nswan-{self.tag}"
+
+    @property
+    def switch_ns(self) -> str:
+        return f"nssw-{self.tag}"
+
+    @property
+    def lan2_ns(self) -> str:
+        return f"nslan2-{self.tag}"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        extra = (self.switch_ns, self.lan2_ns) if self.switch else ()
+        return (self.lan_ns, self.inet_ns, self.wan_ns, *extra)
 
     @property
     def wan_if(self) -> str:
@@ -88,10 +108,43 @@ class Topology:
         sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_addr}/24", "dev", "eth0")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
 
+    def _switch_port(self, ns: str, port: str, addr: str) -> None:
+        """A client `ns` with `addr` on eth0, plugged into the switch's bridge as `port`."""
+        sh("ip", "-n", self.switch_ns, "link", "add", port, "type", "veth", "peer", "name",
+           "eth0", "netns", ns)  # fmt: skip
+        sh("ip", "-n", self.switch_ns, "link", "set", port, "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+        for link in ("lo", "eth0"):
+            sh("ip", "-n", ns, "link", "set", link, "up")
+
+    def _switched_lan(self) -> None:
+        sh("ip", "-n", self.switch_ns, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.switch_ns, "link", "set", "br0", "up")
+        # the host's LAN interface: its peer is the switch's uplink port
+        sh("ip", "link", "add", self.lan_if, "type", "veth", "peer", "name", "uplink",
+           "netns", self.switch_ns)  # fmt: skip
+        sh("ip", "-n", self.switch_ns, "link", "set", "uplink", "master", "br0", "up")
+        if self.pid:
+            sh("ip", "link", "set", self.lan_if, "netns", str(self.pid))
+        self.engine_sh("ip", "addr", "add", f"{LAN_HOST}/24", "dev", self.lan_if)
+        self.engine_sh("ip", "link", "set", self.lan_if, "up")
+        self._switch_port(self.lan_ns, "port1", LAN_CLIENT)
+        self._switch_port(self.lan2_ns, "port2", LAN_CLIENT2)
+
+    def hold(self, address: str) -> None:
+        """The second client takes `address` too, as a device already using it."""
+        sh("ip", "-n", self.lan2_ns, "addr", "add", f"{address}/24", "dev", "eth0")
+
+    def release(self, address: str) -> None:
+        sh("ip", "-n", self.lan2_ns, "addr", "del", f"{address}/24", "dev", "eth0")
+
     def create(self) -> None:
-        for ns in (self.lan_ns, self.inet_ns, self.wan_ns):
+        for ns in self.namespaces:
             sh("ip", "netns", "add", ns)
-        self._pair(self.lan_if, self.lan_ns, LAN_HOST, LAN_CLIENT)
+        if self.switch:
+            self._switched_lan()
+        else:
+            self._pair(self.lan_if, self.lan_ns, LAN_HOST, LAN_CLIENT)
         self._pair(self.inet_if, self.inet_ns, INET_HOST, INET_RESOLVER)
         self._pair(self.wan_if, self.wan_ns, WAN_HOST, WAN_CLIENT)
         # the LAN's router would route the appliance subnet to the host; the client does it here
@@ -119,14 +172,16 @@ class Topology:
                 self.upstream_proc.kill()
         for ifname in (self.lan_if, self.inet_if, self.wan_if):
             self.engine_sh("ip", "link", "del", ifname, check=False)
-        for ns in (self.lan_ns, self.inet_ns, self.wan_ns):
+        for ns in self.namespaces:
             sh("ip", "netns", "del", ns, check=False)
         if self.upstream_log:
             Path(self.upstream_log).unlink(missing_ok=True)
 
-    def dig(self, server: str, name: str, port: int = 53, tcp: bool = False) -> str:
-        cmd = ["ip", "netns", "exec", self.lan_ns, "dig", f"@{server}", "-p", str(port), name,
-               "A", "+short", "+time=2", "+tries=3"]  # fmt: skip
+    def dig(self, server: str, name: str, port: int = 53, tcp: bool = False,
+            ns: str | None = None) -> str:  # fmt: skip
+        """Answers only (dig +short) from the client, or from namespace `ns`."""
+        cmd = ["ip", "netns", "exec", ns or self.lan_ns, "dig", f"@{server}", "-p", str(port),
+               name, "A", "+short", "+time=2", "+tries=3"]  # fmt: skip
         if tcp:
             cmd.append("+tcp")
         out = sh(*cmd, check=False).stdout
