@@ -71,6 +71,9 @@ class Forwarder:
         self.timeout = timeout
         self.hedge_delay = hedge_delay
         self.max_ttl = max_ttl  # the most any TTL a client sees may say
+        self.counts = metrics.values
+        self.forwarded = metrics.key("dnsproxy_responses_total", reason="forwarded")
+        self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
 
     def ranked(self, now: float) -> list[Upstream]:
         """Healthy upstreams in configured order, then resting ones, soonest back first."""
@@ -85,7 +88,7 @@ class Forwarder:
         except (UpstreamError, wire.WireError):  # the latter: a reply even dnslib cannot rebuild
             self.metrics.inc("dnsproxy_responses_total", reason="servfail")
             return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)
-        self.metrics.inc("dnsproxy_responses_total", reason="forwarded")
+        self.counts[self.forwarded] += 1
         # Only what the defences accepted may be cached: an unverified reply serves this client.
         return Response(wire.client_reply(cached, query), "forwarded", answer.reply.rcode,
                         upstream.name, cacheable=cached if answer.verified else None)
@@ -102,10 +105,14 @@ class Forwarder:
 
     async def _fetch(self, query: wire.Query,
                      started: float) -> tuple[Answer, Upstream, wire.CachedReply]:
-        loop = asyncio.get_running_loop()
+        loop = self.loop or self._running_loop()
         deadline = loop.time() + self.timeout - (time.monotonic() - started)
         answer, upstream = await self._race(query, deadline)
         return answer, upstream, wire.strip_opt(answer.data, answer.reply, self.max_ttl)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        self.loop = asyncio.get_running_loop()
+        return self.loop
 
     async def _exchange(self, upstream: Upstream, query: wire.Query, deadline: float) -> Answer:
         """One question to one upstream; again without OPT if the upstream chokes on OPT."""
