@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import time
 
@@ -130,6 +131,31 @@ def test_a_retired_socket_is_closed_once_its_queries_are_done(upstream, run):
     assert still_open == {spare}
     assert spare.uses == 0
     assert after_close == 0
+
+
+def test_retired_sockets_leave_no_cycles_for_the_collector(upstream, run):
+    """Hundreds of sockets a second are opened and closed under load: each must be freed by
+    reference counting when closed, not left as a cycle for the garbage collector."""
+
+    async def main():
+        pool = Pool(upstream.host, upstream.port, max_uses=2)
+        for i in range(20):
+            await pool.ask(f"g{i}.example")
+        await pool.upstream.close()
+        await asyncio.sleep(0.05)
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(main())
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, udp._Socket)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 # --- concurrent queries on one socket ---
