@@ -153,9 +153,9 @@ def _question_end(data: bytes) -> int:
 
 
 # Clients ask the same names in the same bytes, only the ID differs: what a query says besides
-# its ID is kept for the last few thousand small queries, so a repeated one is read at the cost
-# of a dict look-up. Only small ones: the memory this takes stays below a megabyte.
-PARSED_MAX = 4096
+# its ID is kept for the last thousand small queries, so a repeated one is read at the cost of a
+# dict look-up. Only small ones, and few: the memory this takes stays near a third of a megabyte.
+PARSED_MAX = 1024
 PARSED_MAX_BYTES = 128
 _parsed: dict[bytes, tuple] = {}  # a query's bytes after the ID -> Query's other fields
 
