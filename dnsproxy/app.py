@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -318,11 +319,28 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+# The cyclic collector's first generation: a query's objects (task, coroutines, futures) are
+# freed by reference counting as soon as it is answered, but with hundreds in flight the default
+# threshold (700 allocations) ran collections that found them alive, promoted them and walked
+# them again: an eighth of the CPU time of a burst of cache misses. The hot paths make no
+# reference cycles, so a larger threshold holds back no garbage (peak memory did not grow).
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """What start-up built (modules, the configuration, the cache read from disk) lives as long
+    as the process: frozen, the collector never walks it again."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 async def serve(settings: Settings, cli_overrides: dict | None = None,
                 reuse_port: bool = False) -> None:
     raise_open_file_limit()
     service = Service(settings, cli_overrides, reuse_port)
     await service.start()
+    tune_gc()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.stopping.set)

@@ -76,6 +76,9 @@ class Forwarder:
         # Told the addresses of every verified answer (any transport): those are never learned
         # as forged. None for a group whose verified answers may still be poisoned (domestic).
         self.learner = learner
+        self.counts = metrics.values
+        self.forwarded = metrics.key("dnsproxy_responses_total", reason="forwarded")
+        self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
 
     def ranked(self, now: float) -> list[Upstream]:
         """Healthy upstreams in configured order, then resting ones, soonest back first."""
@@ -90,7 +93,7 @@ class Forwarder:
         except (UpstreamError, wire.WireError):  # the latter: a reply even dnslib cannot rebuild
             self.metrics.inc("dnsproxy_responses_total", reason="servfail")
             return Response(wire.response(query, wire.SERVFAIL), "servfail", wire.SERVFAIL)
-        self.metrics.inc("dnsproxy_responses_total", reason="forwarded")
+        self.counts[self.forwarded] += 1
         # Only what the defences accepted may be cached: an unverified reply serves this client.
         return Response(wire.client_reply(cached, query), "forwarded", answer.reply.rcode,
                         upstream.name, cacheable=cached if answer.verified else None)
@@ -109,12 +112,16 @@ class Forwarder:
                     started: float) -> tuple[Answer, Upstream, wire.CachedReply]:
         """The winning answer within the query's deadline (also what the split resolver asks
         of each group); UpstreamError when there is none."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop or self._running_loop()
         deadline = loop.time() + self.timeout - (time.monotonic() - started)
         answer, upstream = await self._race(query, deadline)
         if self.learner is not None and answer.verified and answer.reply.addresses:
             self.learner.saw_genuine(answer.reply.addresses)
         return answer, upstream, wire.strip_opt(answer.data, answer.reply, self.max_ttl)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        self.loop = asyncio.get_running_loop()
+        return self.loop
 
     async def _exchange(self, upstream: Upstream, query: wire.Query, deadline: float) -> Answer:
         """One question to one upstream; again without OPT if the upstream chokes on OPT."""

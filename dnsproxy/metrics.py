@@ -19,6 +19,8 @@ HELP = {
     "dnsproxy_forgeries_total": "Forged replies discarded, by upstream and reason.",
     "dnsproxy_upstream_queries_total": "Queries sent upstream, by upstream and transport.",
     "dnsproxy_upstream_errors_total": "Upstream failures, by upstream and reason.",
+    "dnsproxy_upstream_late_replies_total": "UDP replies to queries already answered (over "
+                                            "TCP, past the deadline) or given up, dropped.",
     "dnsproxy_upstream_latency_seconds_sum": "Total latency of genuine upstream replies.",
     "dnsproxy_upstream_latency_seconds_count": "Genuine upstream replies timed.",
     "dnsproxy_malformed_total": "Messages from clients that were not a usable query.",

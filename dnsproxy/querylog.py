@@ -75,13 +75,14 @@ class QueryLog:
             record["why"] = response.why
         self._write(record)
 
-    def forgery(self, upstream: str, name: str, qtype: int, reason: str) -> None:
+    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str) -> None:
+        """`name` and `qtype` are None for a forgery whose question could not be read."""
         self._write({
             "ts": round(time.time(), 3),
             "event": "forgery",
             "upstream": upstream,
             "name": name,
-            "type": type_name(qtype),
+            "type": None if qtype is None else type_name(qtype),
             "reason": reason,
         })
 
@@ -90,5 +91,5 @@ class NullLog(QueryLog):
     def query(self, request: Request, response: Response) -> None:
         pass
 
-    def forgery(self, upstream: str, name: str, qtype: int, reason: str) -> None:
+    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str) -> None:
         pass

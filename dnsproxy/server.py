@@ -18,7 +18,7 @@ import time
 from . import wire
 from .metrics import Metrics
 from .pipeline import Pipeline, Request, Response
-from .querylog import QueryLog
+from .querylog import NullLog, QueryLog
 
 log = logging.getLogger("dnsproxy")
 
@@ -69,6 +69,7 @@ class Responder:
         self.max_in_flight = max_in_flight
         self.client_share = client_share(max_in_flight)
         self.tasks: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
         self.held: dict[str, int] = {}  # client address -> its tasks in flight
 
     def spawn(self, coro, client: str) -> asyncio.Task | None:
@@ -81,7 +82,10 @@ class Responder:
             limit = "client" if held >= self.client_share else "total"
             self.metrics.inc("dnsproxy_overload_total", limit=limit)
             return None
-        task = asyncio.get_running_loop().create_task(coro)
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        task = loop.create_task(coro)
         self.tasks.add(task)
         self.held[client] = held + 1
         task.add_done_callback(lambda done: self._release(done, client))
@@ -118,6 +122,7 @@ class UdpServer(asyncio.DatagramProtocol):
     def __init__(self, responder: Responder) -> None:
         self.responder = responder
         self.querylog = responder.querylog
+        self.log_queries = not isinstance(responder.querylog, NullLog)  # a call saved per query
         self.counter = responder.metrics.values
         self.key_queries = ("dnsproxy_queries_total", (("transport", "udp"),))
         self.transport: asyncio.DatagramTransport | None = None
@@ -146,9 +151,13 @@ class UdpServer(asyncio.DatagramProtocol):
         self._send(request, await self.responder.resolve(request))
 
     def _send(self, request: Request, response: Response) -> None:
-        if response.wire is not None and self.transport is not None:
-            self.transport.sendto(wire.truncate_for(response.wire, request.query), request.client)
-        self.querylog.query(request, response)
+        message = response.wire
+        if message is not None and self.transport is not None:
+            if len(message) > request.query.udp_size:
+                message = wire.truncate_for(message, request.query)
+            self.transport.sendto(message, request.client)
+        if self.log_queries:
+            self.querylog.query(request, response)
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors about clients that went away are no concern of the server's

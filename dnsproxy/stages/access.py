@@ -48,9 +48,10 @@ class AccessControl(PassThrough):
         return verdict
 
     def answer(self, request: Request) -> Response | None:
-        if self.allowed(request.client[0]):
+        address = request.client[0]
+        if self.verdicts.get(address) or self.allowed(address):  # the first: the hot path
             return None
-        if not self.refusals.allow(network_of(request.client[0]), request.started):
+        if not self.refusals.allow(network_of(address), request.started):
             self.metrics.inc("dnsproxy_responses_total", reason="ratelimited")
             return Response(None, "ratelimited", wire.REFUSED)
         self.metrics.inc("dnsproxy_responses_total", reason="refused")

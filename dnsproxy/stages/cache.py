@@ -35,6 +35,8 @@ from ..pipeline import PassThrough, Request, Response
 # refreshed by this query (the next one tries again), so a burst cannot flood the upstreams.
 MAX_REFRESHES = 100
 PREFETCH_AT = 0.9  # of the TTL: the last tenth
+# The byte after the question in a cache key, by DO then CD: 1 for DO, 2 for CD.
+KEY_SUFFIX = {False: (b"\x00", b"\x02"), True: (b"\x01", b"\x03")}
 
 Refresher = Callable[[wire.Query], Awaitable["wire.CachedReply | None"]]
 
@@ -70,11 +72,11 @@ class Cache(PassThrough):
     def key(query: wire.Query) -> bytes:
         # DO: a validating client must not get a reply stripped of signatures. CD: replies the
         # upstream did not validate must not reach clients that rely on its validation.
-        return query.key + bytes(((1 if query.do else 0) | (2 if query.flags & wire.CD else 0),))
+        return query.key + KEY_SUFFIX[query.do][bool(query.flags & wire.CD)]
 
     def answer(self, request: Request) -> Response | None:
         query = request.query
-        key = self.key(query)
+        key = query.key + KEY_SUFFIX[query.do][bool(query.flags & wire.CD)]  # self.key, inlined
         cached = self.entries.get(key)
         if cached is None:
             self.counts[self.misses] += 1

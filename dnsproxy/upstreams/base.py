@@ -86,17 +86,44 @@ class Telemetry:
     def __init__(self, metrics: Metrics, log: QueryLog) -> None:
         self.metrics = metrics
         self.log = log
+        self.counts = metrics.values
+        # Counter keys built once per upstream: every query sent and answered counts.
+        self.sent_keys: dict[tuple[str, str], tuple] = {}
+        self.latency_keys: dict[str, tuple[tuple, tuple]] = {}
 
     def sent(self, upstream: str, transport: str) -> None:
-        self.metrics.inc("dnsproxy_upstream_queries_total", upstream=upstream, transport=transport)
+        key = self.sent_keys.get((upstream, transport))
+        if key is None:
+            key = self.sent_keys[(upstream, transport)] = self.metrics.key(
+                "dnsproxy_upstream_queries_total", upstream=upstream, transport=transport)
+        self.counts[key] += 1
 
     def forgery(self, upstream: str, query: wire.Query, reason: str) -> None:
         self.metrics.inc("dnsproxy_forgeries_total", upstream=upstream, reason=reason)
         self.log.forgery(upstream, query.name, query.qtype, reason)
 
+    def stray(self, upstream: str, reply: wire.Reply | None, reason: str) -> None:
+        """A forgery on a shared socket that no pending query has the ID of: logged with the
+        question it claims to answer, if it can be read."""
+        self.metrics.inc("dnsproxy_forgeries_total", upstream=upstream, reason=reason)
+        if reply is None:
+            self.log.forgery(upstream, None, None, reason)
+        else:
+            qtype = int.from_bytes(reply.question[-4:-2], "big")
+            self.log.forgery(upstream, wire.name_to_text(reply.question, 0), qtype, reason)
+
+    def late(self, upstream: str) -> None:
+        """A reply to a query already done: genuine but too late, or answered another way."""
+        self.metrics.inc("dnsproxy_upstream_late_replies_total", upstream=upstream)
+
     def error(self, upstream: str, reason: str) -> None:
         self.metrics.inc("dnsproxy_upstream_errors_total", upstream=upstream, reason=reason)
 
     def latency(self, upstream: str, seconds: float) -> None:
-        self.metrics.inc("dnsproxy_upstream_latency_seconds_sum", seconds, upstream=upstream)
-        self.metrics.inc("dnsproxy_upstream_latency_seconds_count", upstream=upstream)
+        keys = self.latency_keys.get(upstream)
+        if keys is None:
+            keys = self.latency_keys[upstream] = (
+                self.metrics.key("dnsproxy_upstream_latency_seconds_sum", upstream=upstream),
+                self.metrics.key("dnsproxy_upstream_latency_seconds_count", upstream=upstream))
+        self.counts[keys[0]] += seconds
+        self.counts[keys[1]] += 1

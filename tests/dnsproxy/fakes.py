@@ -117,6 +117,13 @@ class FakeUpstream:
         self.udp.close()
         self.spoofer.close()
 
+    def close_udp(self) -> None:
+        """Stop listening on UDP: datagrams to the port draw ICMP port unreachable from now on."""
+        with contextlib.suppress(OSError):
+            self.udp.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recvfrom
+        self.udp.close()
+        self.threads[0].join(2)
+
     def close_tcp(self) -> None:
         """Stop listening on TCP: connections are refused from now on (TCP/53 blocked)."""
         if self.tcp_open:
@@ -192,6 +199,8 @@ class FakeUpstream:
                 data, client = self.udp.recvfrom(65535)
             except OSError:
                 return
+            if not data and self.udp.fileno() < 0:
+                return  # closed by close_udp
             try:
                 query, b = self._record(data, client, "udp")
             except Exception:

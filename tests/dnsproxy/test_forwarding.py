@@ -184,6 +184,8 @@ def test_upstream_gets_opt_even_when_the_client_sent_none(upstream, make_proxy):
 
 
 def test_client_random_ports_and_ids_upstream(upstream, make_proxy):
+    """Sockets are pooled (test_udp_pool has the rotation limits): 30 misses in a row share a
+    port or two, and every query has its own random ID, not a counter."""
     proxy = make_proxy("--upstream", upstream.address, "--cache-size", "0")
     n = 30
     for i in range(n):
@@ -191,8 +193,8 @@ def test_client_random_ports_and_ids_upstream(upstream, make_proxy):
     ports = {s.client[1] for s in upstream.seen}
     ids = [s.id for s in upstream.seen]
     assert len(upstream.seen) == n
-    assert len(ports) >= n - 2  # a fresh socket, and so a fresh port, per query
-    assert len(set(ids)) >= n - 2
+    assert len(ports) <= 2  # two only if a socket's 2 s ran out during the run
+    assert len(set(ids)) >= n - 1  # never repeated on one socket
     steps = {(b - a) & 0xFFFF for a, b in zip(ids, ids[1:], strict=False)}
     assert len(steps) > 1  # not a counter
 

@@ -129,6 +129,31 @@ def test_parse_query_key_differs_by_type_and_class():
     assert len({a, aaaa, chaos}) == 3
 
 
+def test_a_repeated_query_is_read_the_same_under_its_own_id():
+    """Repeated queries are parsed once (the bytes after the ID are remembered): the second
+    copy must still carry its own ID, and a query differing anywhere else is parsed anew."""
+    first = wire.parse_query(bytes(query_bytes("memo.example", qid=1)))
+    again = wire.parse_query(bytes(query_bytes("memo.example", qid=2)))
+    assert (first.id, again.id) == (1, 2)
+    assert again == wire.Query(2, *[getattr(first, f) for f in (
+        "flags", "question", "key", "qtype", "qclass", "edns", "do", "udp_size",
+        "edns_version")])
+    with_do = wire.parse_query(bytes(query_bytes("memo.example", qid=3, do=True)))
+    no_edns = wire.parse_query(bytes(query_bytes("memo.example", qid=4, edns=False)))
+    upper = wire.parse_query(bytes(query_bytes("MEMO.example", qid=5)))
+    assert (with_do.do, no_edns.edns, upper.question[:5]) == (True, False, b"\x04MEMO")
+
+
+def test_remembered_queries_stay_bounded():
+    for i in range(wire.PARSED_MAX + 10):
+        wire.parse_query(bytes(query_bytes(f"n{i}.bounded.example")))
+    assert 0 < len(wire._parsed) <= wire.PARSED_MAX
+    large = bytes(query_bytes("x" * 60 + "." + "y" * 60 + ".example"))
+    assert len(large) > wire.PARSED_MAX_BYTES
+    wire.parse_query(large)
+    assert large[2:] not in wire._parsed
+
+
 def _with_header(data: bytes, **fields) -> bytes:
     qid, flags, qd, an, ns, ar = struct.unpack_from(">HHHHHH", data)
     values = {"id": qid, "flags": flags, "qd": qd, "an": an, "ns": ns, "ar": ar, **fields}
