@@ -24,7 +24,6 @@ and the cache holds only replies the forgery defences verified.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
@@ -33,6 +32,7 @@ import zlib
 
 from . import wire
 from .stages.cache import Cache
+from .statefile import write_atomically
 
 log = logging.getLogger("dnsproxy")
 
@@ -62,17 +62,7 @@ def save(cache: Cache, path: str) -> int:
         parts += [ITEM.pack(len(key), len(shifted)), key, shifted]
     data = b"".join(parts)
     data += CRC.pack(zlib.crc32(data))
-    temporary = f"{path}.{os.getpid()}.tmp"  # workers each write their own, then rename
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    write_atomically(path, data)
     return len(cache.entries)
 
 

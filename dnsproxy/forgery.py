@@ -8,11 +8,9 @@ ID or question) never get here: the UDP upstream drops them first as "mismatch".
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import wire
+from .statefile import write_atomically
 
 BUILTIN_LIST = Path(__file__).with_name("data") / "forged-addresses.txt"
 LEARNED_FILE = "forged-learned.json"  # in the state directory
@@ -148,17 +147,7 @@ class LearnedAddresses:
         doc = {"version": 1,
                "learned": [str(ipaddress.ip_address(a)) for a in self.addresses],
                "genuine": [str(ipaddress.ip_address(a)) for a in self.genuine]}
-        temporary = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(doc, handle, separators=(",", ":"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        write_atomically(path, json.dumps(doc, separators=(",", ":")).encode())
 
     def load(self, path: str) -> int:
         """Read a saved file; a missing one is no news, a damaged one ignored with one warning

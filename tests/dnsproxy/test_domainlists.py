@@ -31,7 +31,7 @@ def lookup(lists, name: str) -> str | None:
 
 def test_formats_and_the_most_specific_match(tmp_path):
     domestic = tmp_path / "accelerated-domains.china.conf"
-    domestic.write_text("# comment\nserver=/shop.example/114.114.114.114\n"
+    domestic.write_text("# comment\nserver=/shop.example/192.0.2.114\n"
                         "server=/a.example/b.example/1.2.3.4#53\n"
                         "ipset=/set.example/chnset\n"
                         "plain.example  # trailing comment\n"

@@ -31,8 +31,8 @@ def domestic():
 def lists(tmp_path):
     domestic_domains = tmp_path / "accelerated-domains.conf"
     domestic_domains.write_text("# dnsmasq style, as the domestic lists ship\n"
-                                "server=/shop.example/114.114.114.114\n"
-                                "server=/video.example/114.114.114.114\n")
+                                "server=/shop.example/192.0.2.114\n"
+                                "server=/video.example/192.0.2.114\n")
     foreign = tmp_path / "foreign.txt"
     foreign.write_text("blocked.example\n||tube.example^\n")
     ranges = tmp_path / "domestic-ips.txt"
@@ -197,7 +197,7 @@ def test_sighup_reloads_the_lists_and_keeps_them_on_a_bad_line(upstream, domesti
         upstream.rule("later.example", answers=["192.0.2.88"])
         domestic.rule("chat.example", answers=[POISONED])
         assert addresses(ask(port, "www.shop.example")) == [NEAR]
-        lists["domestic"].write_text("server=/later.example/114.114.114.114\n")
+        lists["domestic"].write_text("server=/later.example/192.0.2.114\n")
         proc.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
         while addresses(ask(port, "later.example")) != [POISONED]:
@@ -208,7 +208,7 @@ def test_sighup_reloads_the_lists_and_keeps_them_on_a_bad_line(upstream, domesti
         # answer may win before the trusted query leaves)
         assert addresses(ask(port, "www.shop.example")) == [NEAR]
         # A bad line: the lists in use stay.
-        lists["domestic"].write_text("server=/chat.example/114.114.114.114\nbad..name\n")
+        lists["domestic"].write_text("server=/chat.example/192.0.2.114\nbad..name\n")
         proc.proc.send_signal(signal.SIGHUP)
         time.sleep(2)  # a failed reload changes nothing to wait on; its line is checked below
         assert addresses(ask(port, "later.example")) == [POISONED]  # still listed domestic

@@ -27,17 +27,10 @@ from test_netsetup_e2e import (
     assert_same_firewall,
     container_logs,
     make,
+    pytestmark,  # noqa: F401 - the same marks and skip conditions
 )
 from topology import INET_HOST, LAN_CLIENT, LAN_CLIENT2, LAN_NET, Topology
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.docker,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not shutil.which("docker") or not shutil.which("dig"),
-        reason="needs root, Docker and dig",
-    ),
-]
 LAN_IP = "198.19.53.53"
 
 
