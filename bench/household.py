@@ -332,6 +332,9 @@ class Window:
     first_asks: int = 0  # queries for a name never asked before in the stream
     max_lag: float = 0.0  # seconds the client sent a query after its time, at most
     repeat_mean: float = float("nan")  # ms, over the queries for names asked before
+    # ms a first ask took beyond the upstream's own delay (median): the server's cost of a miss
+    # at this rate, the same path for every server
+    miss_added: float = float("nan")
 
 
 def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: float,
@@ -342,6 +345,7 @@ def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: fl
     answered = timeouts = errors = stale = waited = first = 0
     lag = 0
     repeats: list[float] = []
+    misses: list[float] = []
     limit_ms = timeout * 1000
     seen: set[int] = set()
     for seq in range(len(rec.send_ns)):
@@ -362,7 +366,9 @@ def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: fl
                 repeats.append(limit_ms)
             continue
         latencies.append(max(latency, 0.0))
-        if not new:
+        if new:
+            misses.append(latency - delay * 1000)
+        else:
             repeats.append(max(latency, 0.0))
         answered += 1
         if rec.rcode[seq] != 0:
@@ -377,7 +383,8 @@ def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: fl
                 stale += 1
     upstream = bisect.bisect_left(arrivals, end) - bisect.bisect_left(arrivals, start)
     return Window(Summary.of(latencies), latencies, answered, timeouts, errors, stale, waited,
-                  upstream, first, lag / 1e9, Summary.of(repeats).mean)
+                  upstream, first, lag / 1e9, Summary.of(repeats).mean,
+                  Summary.of(misses).p50)
 
 
 def unanswered(rec: Records, start: float, end: float) -> int:

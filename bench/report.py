@@ -189,14 +189,15 @@ def throughput_table(rows: dict[str, dict[str, Row]], reference: str | None) -> 
 def household_table(result: PassResult) -> list[str]:
     """One row per server over the measured window (after the warm-up, before the restart)."""
     out = ["| server | queries | mean ms | mean ms, names asked before | p50 ms | p95 ms "
-           "| p99 ms | waited on upstream | stale answers | timeouts | errors "
-           "| upstream queries | server CPU |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| p99 ms | first ask, ms beyond the delay | waited on upstream | stale answers "
+           "| timeouts | errors | upstream queries | server CPU |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in result.servers:
         w = s.steady
         out.append(f"| {s.name} | {w.summary.count:,} | {fmt_ms(w.summary.mean)} | "
                    f"{fmt_ms(w.repeat_mean)} | {fmt_ms(w.summary.p50)} | {fmt_ms(w.summary.p95)} | "
-                   f"{fmt_ms(w.summary.p99)} | {fmt_share(w.waited, w.answered)} | "
+                   f"{fmt_ms(w.summary.p99)} | {fmt_ms(w.miss_added)} | "
+                   f"{fmt_share(w.waited, w.answered)} | "
                    f"{fmt_share(w.stale, w.answered)} | {fmt_share(w.timeouts, w.summary.count)} | "
                    f"{fmt_share(w.errors, w.answered)} | {w.upstream:,} | "
                    f"{100 * s.cpu_share:.1f}% |")
@@ -220,8 +221,9 @@ def restart_table(result: PassResult) -> list[str]:
 
 
 def targets(result: PassResult, ours: str = "dnsproxy") -> list[str]:
-    """Issue 13's targets, checked against this pass: mean at most half the best peer's; p95
-    under 1 ms at 40 ms; after a restart, the first minute's p50 under 1 ms."""
+    """Issue 13's targets, checked against this pass: mean at most half the best peer's; a
+    miss within 0.2 ms of dnsmasq's; p95 under 1 ms at 40 ms; after a restart, the first
+    minute's p50 under 1 ms."""
     by_name = {s.name: s for s in result.servers}
     if ours not in by_name:
         return []
@@ -240,6 +242,13 @@ def targets(result: PassResult, ours: str = "dnsproxy") -> list[str]:
                          f"{fmt_ms(mine.steady.repeat_mean)} ms against {again.name}'s "
                          f"{fmt_ms(again.steady.repeat_mean)} ms: "
                          f"{mine.steady.repeat_mean / again.steady.repeat_mean:.2f}×")
+    dnsmasq = by_name.get("dnsmasq")
+    if dnsmasq is not None and mine.steady.miss_added == mine.steady.miss_added:
+        extra = mine.steady.miss_added - dnsmasq.steady.miss_added
+        lines.append(f"- a miss (a first ask) took {fmt_ms(mine.steady.miss_added)} ms beyond "
+                     f"the upstream's delay, dnsmasq's {fmt_ms(dnsmasq.steady.miss_added)} ms: "
+                     f"{extra:+.3f} ms (target within 0.2 ms of dnsmasq's: "
+                     f"{'meets' if extra <= 0.2 else 'MISSES'})")
     p95 = mine.steady.summary.p95
     verdict = "meets" if p95 < 1.0 else "MISSES"
     if result.delay_ms <= 40:

@@ -84,6 +84,8 @@ def test_analysis_counts_stale_waited_timeouts_first_asks_and_upstream():
     assert abs(window.repeat_mean - (0.2 + 0.2 + 2000.0) / 3) < 1e-6
     assert household.unanswered(rec, 1010.0, 1020.0) == 1
     assert abs(window.max_lag - 1e-6) < 1e-9
+    # the one answered first ask took 41 ms against a 40 ms upstream
+    assert abs(window.miss_added - 1.0) < 1e-6
 
 
 def test_a_late_answer_is_a_timeout():
