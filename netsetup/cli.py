@@ -179,29 +179,36 @@ def status(
         print(json.dumps(info, indent=2, default=str))
         return
     table = Table(title=f"netsetup status: {project}", show_header=False)
-    table.add_row("up", str(info["up"]))
+    for label, value in status_rows(info):
+        table.add_row(label, value)
+    console.print(table)
+
+
+def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """`status` as label and value rows, from what host.status found: words, never a
+    structure printed as JSON."""
+    rows = [("up", str(info["up"]))]
     if not info["up"]:
-        table.add_row("host side", "NOT DEPLOYED (no deployment record): run up")
+        rows.append(("host side", "NOT DEPLOYED (no deployment record): run up"))
     engine = info.get("engine") or {}
     if "error" in engine:
-        table.add_row("engine", f"unreachable: {engine['error']}")
+        rows.append(("engine", f"unreachable: {engine['error']}"))
     else:
         version, firewall = engine.get("version"), engine.get("firewall")
-        table.add_row("engine", f"Docker {version}, firewall {firewall}")
+        rows.append(("engine", f"Docker {version}, firewall {firewall}"))
     svc = info.get("service")
     if svc:
-        table.add_row("service", f"{svc['container_name']} {svc['ip']} {svc['health']}")
-        table.add_row("network", f"{svc['network']} {svc['subnet']} bridge {svc['bridge']}")
-        table.add_row("published", ", ".join(svc["published"]) or "-")
+        rows.append(("service", f"{svc['container_name']} {svc['ip']} {svc['health']}"))
+        rows.append(("network", f"{svc['network']} {svc['subnet']} bridge {svc['bridge']}"))
+        rows.append(("published", ", ".join(svc["published"]) or "-"))
     else:
-        table.add_row("service", "not deployed")
-    for label, value in host_service_rows(info.get("host_service") or {}):
-        table.add_row(label, value)
+        rows.append(("service", "not deployed"))
+    rows += host_service_rows(info.get("host_service") or {})
     lan = info.get("lan")
     if lan:
         served = lan["served"] or "not served (not private: set LAN_CIDR to serve it)"
-        table.add_row("LAN", f"{lan['interface']} {lan['cidr']}, host {lan['address']}, {served}")
-    table.add_row("iptables", info["iptables"])
+        rows.append(("LAN", f"{lan['interface']} {lan['cidr']}, host {lan['address']}, {served}"))
+    rows.append(("iptables", info["iptables"]))
     fw = info.get("firewall")
     if fw:
         if not fw["complete"]:
@@ -210,27 +217,27 @@ def status(
             verdict = "STALE pieces of ours not in the plan (the host service removes them)"
         else:
             verdict = "complete"
-        table.add_row("firewall", verdict)
+        rows.append(("firewall", verdict))
         for name, present in {**fw["chains"], **fw["hooks"]}.items():
-            table.add_row(f"  {name}", "present" if present else "MISSING")
+            rows.append((f"  {name}", "present" if present else "MISSING"))
         for name in fw["extra"]:
-            table.add_row(f"  {name}", "EXTRA")
+            rows.append((f"  {name}", "EXTRA"))
     for entry, present in (info.get("lan_address") or {}).items():
-        table.add_row("  lan mode", f"{entry}: {'present' if present else 'MISSING'}")
+        rows.append(("  lan mode", f"{entry}: {'present' if present else 'MISSING'}"))
     if info.get("raw_drop"):
-        table.add_row("raw DROP", info["raw_drop"][0])
-    table.add_row("ip_forward", info["sysctl"]["net.ipv4.ip_forward"])
+        rows.append(("raw DROP", info["raw_drop"][0]))
+    rows.append(("ip_forward", info["sysctl"]["net.ipv4.ip_forward"]))
     counts = info.get("counts") or {}
     if "error" in counts:
-        table.add_row("counts", f"unavailable: {counts['error']}")
+        rows.append(("counts", f"unavailable: {counts['error']}"))
     elif counts:
-        table.add_row("queries", f"{counts['queries']} ({counts['cache_hits']} from the cache, "
-                                 f"{counts['cache_entries']} cached)")
+        rows.append(("queries", f"{counts['queries']} ({counts['cache_hits']} from the cache, "
+                                f"{counts['cache_entries']} cached)"))
         for label, group in (("forgeries", "forgeries_discarded"), ("errors", "upstream_errors"),
                              ("latency ms", "upstream_latency_ms")):
             for key, value in counts[group].items() or {"-": ""}.items():
-                table.add_row(f"  {label}", f"{key} {value}".strip())
-    console.print(table)
+                rows.append((f"  {label}", f"{key} {value}".strip()))
+    return rows
 
 
 def host_service_rows(host_service: dict[str, Any]) -> list[tuple[str, str]]:

@@ -33,6 +33,7 @@ from netsetup.plan import (
     Plan,
     Settings,
     compute_plan,
+    forwarder_allows,
     render_plan,
 )
 
@@ -155,16 +156,14 @@ def up(settings: Settings, options: Options) -> str:
     )
     if settings.published and not publishing:
         detect.check_port_free(settings.port)
+    allow = forwarder_allows(plan.served_lan, facts.lan_address)
     if options.dry_run:
-        served = f" and {plan.served_lan}" if plan.served_lan else " only"
+        served = f" and {', '.join(allow)}" if allow else " only"
         return describe(plan, backend) + f"# forwarder serves: loopback, private ranges{served}\n"
 
     deployment = state.Deployment.of(
         settings, facts, options.firewall, str(options.compose_file.resolve())
     )
-    # The host's own LAN address is the host: served even where its LAN is not (check from it).
-    own = f"{facts.lan_address}/32" if facts.lan_address else None
-    allow = tuple(n for n in (plan.served_lan, own) if n)
     # Direct mode publishes on loopback only (the host's own checks): a port on the LAN
     # address would be one more way in, and through an engine's userland proxy an open one.
     publish = facts.lan_address if settings.published else ""

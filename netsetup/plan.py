@@ -432,6 +432,14 @@ def lan_to_allow(lan_cidr: str, explicit: bool) -> str | None:
     return network if explicit or is_private(network) else None
 
 
+def forwarder_allows(served_lan: str | None, host_address: str | None) -> tuple[str, ...]:
+    """Whom the forwarder serves besides loopback and the private ranges: the served LAN, and
+    the host's own LAN address, which is the host itself (its `check`, its own lookups), served
+    even where the LAN around it is not."""
+    own = f"{host_address}/32" if host_address else None
+    return tuple(n for n in (served_lan, own) if n)
+
+
 def render_plan(plan: Plan, firewall_text: str) -> str:
     """The human-readable plan: what `--dry-run` prints and golden files pin."""
     s, f = plan.settings, plan.facts

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from netsetup.cli import status_rows
 from netsetup.deploy import compose_env
-from netsetup.plan import Settings, lan_to_allow
+from netsetup.plan import Settings, forwarder_allows, lan_to_allow
 from netsetup.routes import render_text, route_sections
 
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
@@ -226,6 +227,11 @@ def test_lan_to_allow_only_explicit_or_private() -> None:
     assert lan_to_allow("100.64.3.0/24", explicit=False) is None
     # public but overlapping no private range is not "inside": 172.32/16 is outside 172.16/12
     assert lan_to_allow("172.32.0.0/16", explicit=False) is None
+    # the host's own LAN address is served beside the LAN, and without it when it is not
+    assert forwarder_allows("198.19.53.0/24", "198.19.53.1") == ("198.19.53.0/24",
+                                                                 "198.19.53.1/32")
+    assert forwarder_allows(None, "203.0.112.7") == ("203.0.112.7/32",)
+    assert forwarder_allows(None, None) == ()
     assert "ALLOW" not in compose_env(Settings())
     allow = compose_env(Settings(), ("198.19.53.0/24", "198.19.53.1/32"))["ALLOW"]
     assert allow.endswith(" 198.19.53.0/24 198.19.53.1/32") and "100.64" not in allow
@@ -250,7 +256,8 @@ def test_detected_public_lan_is_not_served_without_lan_cidr(netns: str) -> None:
     assert proc.returncode == 0, proc.stderr
     warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
     assert len(warnings) == 1 and "LAN_CIDR=198.18.7.0/24" in warnings[0], proc.stderr
-    assert "# forwarder serves: loopback, private ranges only" in proc.stdout
+    # the host's own address is the host: served, so `check` from it is answered
+    assert "# forwarder serves: loopback, private ranges and 198.18.7.1/32\n" in proc.stdout
 
     proc = subprocess.run(
         ["ip", "netns", "exec", netns, NETSETUP, *args, "--lan-cidr", "198.18.7.0/24"],
@@ -258,7 +265,8 @@ def test_detected_public_lan_is_not_served_without_lan_cidr(netns: str) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr
-    assert "# forwarder serves: loopback, private ranges and 198.18.7.0/24" in proc.stdout
+    assert ("# forwarder serves: loopback, private ranges and 198.18.7.0/24, 198.18.7.1/32\n"
+            in proc.stdout)
 
 
 def test_routes_forms() -> None:
@@ -294,6 +302,48 @@ def test_status_shows_fields_not_json() -> None:
     assert "{" not in proc.stdout, proc.stdout
     assert "Docker " in proc.stdout and ", firewall " in proc.stdout, proc.stdout
     assert "NOT RUNNING" in proc.stdout and "run up" in proc.stdout, proc.stdout
+
+
+def test_status_rows_are_words_for_every_part() -> None:
+    """What host.status finds for a deployed project, as status prints it: the engine, the
+    counters and the firewall's pieces as words and numbers, no structure dumped as JSON."""
+    info = {
+        "up": True,
+        "engine": {"version": "28.5.2", "firewall": "nftables"},
+        "service": {"container_name": "dnsapp-dnsproxy-1", "ip": "172.31.53.53",
+                    "health": "healthy", "network": "dnsapp_dnsnet",
+                    "subnet": "172.31.53.0/24", "bridge": "br-dnsapp",
+                    "published": ["198.19.53.1:5053->53/udp"]},
+        "host_service": {"container": {"name": "dnsapp-netsetup-1", "status": "running",
+                                       "restarts": 0}, "report": None},
+        "iptables": "nf_tables",
+        "lan": {"interface": "eth0", "cidr": "203.0.113.0/24", "address": "203.0.113.7",
+                "served": None},
+        "firewall": {"complete": False, "extra": [], "chains": {"filter/NETSETUP-dnsapp": True},
+                     "hooks": {"nat/POSTROUTING -> NETSETUP-dnsapp": False}, "rules": {}},
+        "sysctl": {"net.ipv4.ip_forward": "1"},
+        "counts": {"queries": 12, "cache_hits": 5, "cache_entries": 7,
+                   "forgeries_discarded": {"no-edns": 3}, "upstream_errors": {},
+                   "upstream_latency_ms": {"p50": 41.5}},
+    }
+    rows = dict(status_rows(json.loads(json.dumps(info))))  # as --json would carry it
+    assert rows["engine"] == "Docker 28.5.2, firewall nftables"
+    assert rows["service"] == "dnsapp-dnsproxy-1 172.31.53.53 healthy"
+    assert rows["published"] == "198.19.53.1:5053->53/udp"
+    assert rows["LAN"] == ("eth0 203.0.113.0/24, host 203.0.113.7, "
+                           "not served (not private: set LAN_CIDR to serve it)")
+    assert rows["firewall"].startswith("INCOMPLETE")
+    assert rows["  nat/POSTROUTING -> NETSETUP-dnsapp"] == "MISSING"
+    assert rows["queries"] == "12 (5 from the cache, 7 cached)"
+    assert rows["  forgeries"] == "no-edns 3" and rows["  errors"] == "-"
+    assert rows["  last sync"] == "no report yet"
+    for label, value in status_rows(info):
+        assert not any(c in value for c in "{}[]'\""), (label, value)
+    unreachable = dict(status_rows({**info, "up": False, "engine": {"error": "no socket"},
+                                    "service": None, "firewall": None, "counts": None}))
+    assert unreachable["engine"] == "unreachable: no socket"
+    assert unreachable["host side"].endswith("run up")
+    assert unreachable["service"] == "not deployed"
 
 
 LAN_MODE_BAD = [
