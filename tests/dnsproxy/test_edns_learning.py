@@ -33,6 +33,19 @@ def test_released_opt_less_reply_is_not_cached(upstream, make_proxy):
     assert upstream.count("probe.example", "udp") == 2  # asked again, not served from cache
 
 
+def test_opt_less_reply_released_at_the_deadline_is_not_cached(upstream, make_proxy):
+    """The same, when the deadline comes before the hold ends: the held forgery is what the
+    client gets at the deadline, and still not what the next client gets."""
+    proxy = make_proxy("--upstream", upstream.address, "--timeout", "0.4")  # the hold is 0.5 s
+    upstream.rule("probe.example", forgeries=("no-edns",), delay=5, tcp_delay=5)
+    started = time.monotonic()
+    assert probe_hold(proxy.port) == [FORGED_UNLISTED]
+    assert time.monotonic() - started < 0.5  # released by the deadline, not by the hold
+    upstream.rule("probe.example")
+    assert probe_hold(proxy.port) == [GENUINE]
+    assert upstream.count("probe.example", "udp") == 2
+
+
 def test_timeouts_do_not_unlearn_edns(upstream, make_proxy):
     """An injector forges OPT-less replies and drops the genuine ones (over TCP too) for a
     while: the queries fail, but the forwarder must not forget that the upstream echoes OPT,

@@ -4,11 +4,14 @@ over HTTPS (RFC 8484). The DNS answers come from a FakeUpstream's reply builder.
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import socketserver
 import ssl
 import struct
+import subprocess
 import threading
+import time
 
 import pytest
 from dnslib import RCODE
@@ -77,7 +80,8 @@ class _Tls:
 class DotServer(_Tls):
     """DNS over TLS on 127.0.0.1: TCP framing inside TLS, many queries per connection."""
 
-    def __init__(self, context: ssl.SSLContext, brain: FakeUpstream) -> None:
+    def __init__(self, context: ssl.SSLContext, brain: FakeUpstream, port: int = 0,
+                 host: str = "127.0.0.1") -> None:
         super().__init__(context, brain)
         self.stall = False  # accept, then never answer the handshake (a broken middlebox)
         tls = self
@@ -94,7 +98,7 @@ class DotServer(_Tls):
 
         server_class = type("DotTCPServer", (socketserver.ThreadingTCPServer,),
                             {"allow_reuse_address": True, "daemon_threads": True})
-        self.server = server_class(("127.0.0.1", 0), Handler)
+        self.server = server_class((host, port), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -244,6 +248,63 @@ def test_dot_handshake_that_never_ends_is_given_up_and_retried(dot, upstream, ma
     dot.stall = False
     assert addresses(ask(proxy.port, "recovered.example")) == [GENUINE]
     assert dot.handshakes == 1
+
+
+HOLE = "198.18.99.2"  # an address whose packets vanish, until it becomes the host's own
+
+
+@pytest.fixture
+def black_hole():
+    """A route into a veth whose other end sits in a namespace with no address: a SYN sent
+    there is dropped without a word, as behind a firewall's DROP. `recover()` makes the
+    address the host's own, where a server can listen on it. Needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace")
+    suffix = str(os.getpid() % 10000)
+    ns, near, far = f"dphole{suffix}", f"dph{suffix}", f"dpi{suffix}"
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", near, "type", "veth", "peer", "name", far)
+        sh("ip", "link", "set", far, "netns", ns)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", far, "up")
+        sh("ip", "addr", "add", "198.18.99.1/30", "dev", near)
+        sh("ip", "link", "set", near, "up")
+        # no ARP to wait on (its failure would be an error, not silence)
+        sh("ip", "neigh", "replace", HOLE, "lladdr", "02:00:00:00:99:02", "dev", near)
+        yield lambda: sh("ip", "addr", "add", f"{HOLE}/32", "dev", near)
+    finally:
+        subprocess.run(["ip", "link", "del", near], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_dot_connect_that_never_completes_is_given_up_and_retried(black_hole, server_context,
+                                                                   upstream, make_proxy,
+                                                                   ca_file):
+    """SYNs black-holed for 12 s, then the path recovers: each connect attempt is given up on
+    its own bound, so the first query after the recovery connects afresh. Without the bound
+    every query waited on the first attempt, whose SYN retries by then came several seconds
+    apart (Linux: at 1, 2, 3, 4, 7, 11, 19 s with tcp_syn_linear_timeouts, at 1, 3, 7, 15 s
+    without), and the upstream stayed dead after the recovery."""
+    proxy = make_proxy("--upstream", f"tls://{HOLE}:853#{SERVER_NAME}", "--ca-file", ca_file,
+                       "--timeout", "1")
+    started = time.monotonic()
+    stuck = 0
+    while time.monotonic() - started < 12:
+        assert ask(proxy.port, f"stuck{stuck}.example").header.rcode == RCODE.SERVFAIL
+        stuck += 1
+    black_hole()
+    dot = DotServer(server_context, upstream, port=853, host=HOLE)
+    try:
+        assert addresses(ask(proxy.port, "recovered.example")) == [GENUINE]
+        assert dot.handshakes == 1
+        errors = upstream_errors(proxy, f"tls://{HOLE}:853")
+        assert errors == {"connect-timeout": stuck}, errors
+    finally:
+        dot.close()
 
 
 # --- DNS over HTTPS ---

@@ -51,11 +51,24 @@ def _seeds() -> list[bytes]:
 SEEDS = _seeds()
 
 
+def recount(rng: random.Random, data: bytearray) -> None:
+    """The same records dealt anew among answer, authority and additional: an OPT record then
+    lands outside the additional section, or a record beside it moves, which byte changes alone
+    almost never do (they must change two counts together)."""
+    total = sum(struct.unpack_from(">HHH", data, 6))
+    an = rng.randrange(total + 1)
+    ns = rng.randrange(total - an + 1)
+    struct.pack_into(">HHH", data, 6, an, ns, total - an - ns)
+
+
 def mutate(rng: random.Random) -> bytes:
-    """A mutation of a valid message (bytes changed, cut, extended), or plain noise."""
+    """A mutation of a valid message (records dealt to other sections, bytes changed, cut,
+    extended), or plain noise."""
     if rng.random() < 0.2:
         return rng.randbytes(rng.randrange(700))
     data = bytearray(rng.choice(SEEDS))
+    if rng.random() < 0.25:
+        recount(rng, data)
     for _ in range(rng.randrange(7)):
         data[rng.randrange(len(data))] = rng.randrange(256)
     if rng.random() < 0.5:
