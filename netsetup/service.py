@@ -11,7 +11,9 @@ found is recorded too: after a reboot or a daemon restart that is the repair tha
 
 On SIGTERM (compose down, docker stop, shutdown) it removes exactly its chains and hooks and puts
 back the sysctls it changed. The sysctl values it found are kept in the sync record, so a
-restarted service (a crash, an image update) does not mistake its own "1" for the host's value.
+restarted service (a crash, an image update) does not mistake its own "1" for the host's value;
+so are the proxy entries and routes it applied, so that one started after the record changed
+(another LAN_IP while no service ran) removes the old ones, and `down`'s sweep does too.
 
     python -m netsetup.service     (NETSETUP_PROJECT names the deployment record to read)
 """
@@ -146,6 +148,7 @@ class HostService:
                 "errors": self.errors, "last_error": self.last_error,
                 "complete": self.complete, "backend": self.backend.name,
                 "sysctls_before": self.sysctls_before,
+                "host_entries": entries_to_json(self.neighbours, self.routes),
             },
         )  # fmt: skip
 
@@ -154,6 +157,20 @@ class HostService:
         remove_host_plan(self.backend, self.project, self.sysctls_before, deployment)
         hostnet.remove(self.neighbours, self.routes)
         log("removed the host plan")
+
+
+def entries_to_json(neighbours: list[ProxyNeighbour], routes: list[HostRoute]) -> dict:
+    return {"neighbours": [[n.address, n.interface] for n in neighbours],
+            "routes": [[r.destination, r.interface] for r in routes]}  # fmt: skip
+
+
+def entries_from_json(data: Any) -> tuple[list[ProxyNeighbour], list[HostRoute]]:
+    """What a report says was applied; nothing from a report of another shape (an older one)."""
+    try:
+        return ([ProxyNeighbour(str(a), str(i)) for a, i in data["neighbours"]],
+                [HostRoute(str(d), str(i)) for d, i in data["routes"]])  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return [], []
 
 
 def host_entries(
@@ -178,7 +195,11 @@ def remove_host_plan(
     # A netlink failure must not keep the firewall and sysctls from being put back: every step
     # runs, and the first failure is raised at the end (the report stays for a later sweep).
     failed: list[Exception] = []
-    for step in (lambda: hostnet.remove(*host_entries(deployment)),
+    # The record's plan, and what the last report says was applied (a LAN_IP the record no
+    # longer names, when a service was killed before it could remove it).
+    planned = host_entries(deployment)
+    applied = entries_from_json((state.load_sync(project) or {}).get("host_entries"))
+    for step in (lambda: hostnet.remove(*planned), lambda: hostnet.remove(*applied),
                  lambda: backend.remove(own_chains(project))):  # fmt: skip
         try:
             step()
@@ -205,6 +226,8 @@ def main() -> int:
     previous = state.load_sync(project)
     if previous:  # a restart, not a boot: keep what the host had before our first change
         service.sysctls_before = dict(previous.get("sysctls_before") or {})
+        # and what was applied: the first sync removes what the plan has dropped meanwhile
+        service.neighbours, service.routes = entries_from_json(previous.get("host_entries"))
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())

@@ -34,6 +34,7 @@ from netsetup.plan import HostFacts, IptablesBackend, Settings, parse_modes
 
 pytestmark = pytest.mark.netns
 LAN, HOST_LAN, CLIENT, LAN_IP = "198.18.60.0/24", "198.18.60.1", "198.18.60.10", "198.18.60.53"
+OTHER_LAN_IP = "198.18.60.54"
 SUBNET, GATEWAY, DNS_IP = "172.31.99.0/24", "172.31.99.1", "172.31.99.53"
 RESPONDER = str(Path(__file__).parent / "fake_upstream.py")
 NAME, ANSWER = "www.example.test", "198.51.100.200"
@@ -134,9 +135,9 @@ def lan(tmp_path: Path) -> Iterator[Lan]:
             subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def deployment(modes: str = "lan") -> state.Deployment:
+def deployment(modes: str = "lan", lan_ip: str = LAN_IP) -> state.Deployment:
     settings = Settings(
-        modes=parse_modes(modes), lan_ip=LAN_IP if "lan" in modes else None,
+        modes=parse_modes(modes), lan_ip=lan_ip if "lan" in modes else None,
         upstreams=("198.51.100.53",), lan_cidr=LAN,
         subnet=SUBNET, ip=DNS_IP, project="dnsapp",
     )  # fmt: skip
@@ -249,3 +250,45 @@ def test_down_sweeps_after_a_killed_service(
     for what, was, now in zip(("tables", "proxy entries", "routes", "sysctls"), before, after,
                               strict=True):  # fmt: skip
         assert now == was, f"{what} differ after the sweep"
+
+
+def test_entries_of_an_old_lan_ip_are_removed_after_a_killed_service(
+    lan: Lan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service applied LAN_IP and was killed; the record then moved to another address
+    while none ran. The old proxy entry would keep claiming an address on the LAN: the next
+    service's first sync removes it (its report named it), and so does `down`'s sweep."""
+    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
+    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
+    before = lan.snapshot()
+
+    def applied_then_killed() -> None:
+        state.save("dnsapp", deployment())
+        service = Service(lan.host)
+        try:
+            service.wait(lambda r: r["complete"])
+        finally:
+            service.proc.kill()
+            service.proc.wait()
+        state.save("dnsapp", deployment(lan_ip=OTHER_LAN_IP))
+
+    def proxies() -> str:
+        return netns_exec(lan.host, "ip", "neigh", "show", "proxy").stdout
+
+    applied_then_killed()
+    service = Service(lan.host)
+    try:  # the killed one's report says complete too: wait for this one's
+        report = service.wait(lambda r: r["pid"] == service.proc.pid and r["complete"])
+        assert LAN_IP not in proxies() and OTHER_LAN_IP in proxies()
+        routes = netns_exec(lan.host, "ip", "-4", "route", "show").stdout
+        assert f"{LAN_IP} dev" not in routes and f"{OTHER_LAN_IP} dev br0" in routes
+        assert any("stale" in what and LAN_IP in what for what in report["first_sync"]["found"])
+    finally:
+        code, out = service.stop()
+    assert code == 0, out
+    assert lan.snapshot() == before
+
+    applied_then_killed()
+    netns_exec(lan.host, sys.executable, "-c", "from netsetup.host import sweep; sweep('dnsapp')")
+    assert lan.snapshot() == before
+
