@@ -243,7 +243,8 @@ def targets(result: PassResult, ours: str = "dnsproxy") -> list[str]:
                          f"{fmt_ms(again.steady.repeat_mean)} ms: "
                          f"{mine.steady.repeat_mean / again.steady.repeat_mean:.2f}×")
     dnsmasq = by_name.get("dnsmasq")
-    if dnsmasq is not None and mine.steady.miss_added == mine.steady.miss_added:
+    if dnsmasq is not None and not (math.isnan(mine.steady.miss_added)
+                                    or math.isnan(dnsmasq.steady.miss_added)):
         extra = mine.steady.miss_added - dnsmasq.steady.miss_added
         lines.append(f"- a miss (a first ask) took {fmt_ms(mine.steady.miss_added)} ms beyond "
                      f"the upstream's delay, dnsmasq's {fmt_ms(dnsmasq.steady.miss_added)} ms: "

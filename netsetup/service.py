@@ -20,6 +20,7 @@ so are the proxy entries and routes it applied, so that one started after the re
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -111,7 +112,11 @@ class HostService:
         dropped_r = [r for r in self.routes if r not in plan.routes]
         found = [f"{item.render()} (stale)" for item in [*dropped_n, *dropped_r]]
         hostnet.remove(dropped_n, dropped_r)
-        self.neighbours, self.routes = list(plan.neighbours), list(plan.routes)
+        planned = (list(plan.neighbours), list(plan.routes))
+        if planned != (self.neighbours, self.routes):
+            # Reported before they are applied: a kill in between must not orphan them.
+            self.neighbours, self.routes = planned
+            self.record()
         found += [f"{what} missing" for what in hostnet.apply(plan.neighbours, plan.routes)]
         return found
 
@@ -155,22 +160,32 @@ class HostService:
     def stop(self) -> None:
         deployment = state.load(self.project) or self.deployment
         remove_host_plan(self.backend, self.project, self.sysctls_before, deployment)
-        hostnet.remove(self.neighbours, self.routes)
+        hostnet.remove(self.neighbours, self.routes)  # in case the last report was not written
         log("removed the host plan")
 
 
 def entries_to_json(neighbours: list[ProxyNeighbour], routes: list[HostRoute]) -> dict:
+    """For the report: what a later service or `down`'s sweep must be able to remove."""
     return {"neighbours": [[n.address, n.interface] for n in neighbours],
             "routes": [[r.destination, r.interface] for r in routes]}  # fmt: skip
 
 
 def entries_from_json(data: Any) -> tuple[list[ProxyNeighbour], list[HostRoute]]:
-    """What a report says was applied; nothing from a report of another shape (an older one)."""
+    """What a report says was applied; nothing from a report of another shape (an older one),
+    and no entry that is not an IPv4 address (a /32 for routes) on an interface name."""
     try:
-        return ([ProxyNeighbour(str(a), str(i)) for a, i in data["neighbours"]],
-                [HostRoute(str(d), str(i)) for d, i in data["routes"]])  # fmt: skip
+        neighbours = [ProxyNeighbour(str(a), str(i)) for a, i in data["neighbours"]]
+        routes = [HostRoute(str(d), str(i)) for d, i in data["routes"]]
+        for n in neighbours:
+            ipaddress.IPv4Address(n.address)
+        for r in routes:
+            if ipaddress.IPv4Network(r.destination).prefixlen != 32:
+                raise ValueError(r.destination)
+        if not all(e.interface for e in [*neighbours, *routes]):
+            raise ValueError("no interface")
     except (KeyError, TypeError, ValueError):
         return [], []
+    return neighbours, routes
 
 
 def host_entries(
@@ -191,15 +206,16 @@ def remove_host_plan(
 ) -> None:
     """Remove exactly what the plan added, put the sysctls back as they were found, drop the
     report: the service on its way out, or `netsetup down` for a service that could not. Proxy
-    entries and routes are found from the deployment record; firewall pieces by name."""
-    # A netlink failure must not keep the firewall and sysctls from being put back: every step
-    # runs, and the first failure is raised at the end (the report stays for a later sweep).
+    entries and routes are found from the deployment record and from the last report (which
+    names a LAN_IP the record may no longer hold, after a killed service); firewall pieces by
+    name."""
+    # A netlink failure, or a record this version cannot read, must not keep the firewall and
+    # sysctls from being put back: every step runs, and the first failure is raised at the end
+    # (the report stays for a later sweep).
     failed: list[Exception] = []
-    # The record's plan, and what the last report says was applied (a LAN_IP the record no
-    # longer names, when a service was killed before it could remove it).
-    planned = host_entries(deployment)
-    applied = entries_from_json((state.load_sync(project) or {}).get("host_entries"))
-    for step in (lambda: hostnet.remove(*planned), lambda: hostnet.remove(*applied),
+    report = state.load_sync(project) or {}
+    for step in (lambda: hostnet.remove(*host_entries(deployment)),
+                 lambda: hostnet.remove(*entries_from_json(report.get("host_entries"))),
                  lambda: backend.remove(own_chains(project))):  # fmt: skip
         try:
             step()

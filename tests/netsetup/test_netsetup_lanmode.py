@@ -291,4 +291,3 @@ def test_entries_of_an_old_lan_ip_are_removed_after_a_killed_service(
     applied_then_killed()
     netns_exec(lan.host, sys.executable, "-c", "from netsetup.host import sweep; sweep('dnsapp')")
     assert lan.snapshot() == before
-

@@ -10,7 +10,6 @@ detection, and an engine that runs with `"iptables": false`.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,8 +23,6 @@ from netsetup_facts import facts, settings
 from test_netsetup_backends import SAVE, docker_like, save
 
 from netsetup import state
-from netsetup.hostnet import HostRoute, ProxyNeighbour
-from netsetup.service import entries_from_json, entries_to_json
 
 pytestmark = pytest.mark.netns
 PROJECT = "dnsapp"
@@ -119,12 +116,3 @@ def test_service_applies_repairs_and_removes(
     assert not service.report_path.exists()
     assert save(netns, flavour) == before
     assert forwarding(netns) == forwarding_before
-
-
-def test_applied_entries_round_trip_through_the_report_and_bad_shapes_mean_none() -> None:
-    entries = ([ProxyNeighbour("198.18.60.53", "lan0")], [HostRoute("198.18.60.53/32", "br0")])
-    as_json = json.loads(json.dumps(entries_to_json(*entries)))
-    assert entries_from_json(as_json) == entries
-    for bad in (None, {}, {"neighbours": [["x"]], "routes": []}, {"neighbours": 3, "routes": []},
-                "text"):
-        assert entries_from_json(bad) == ([], [])
