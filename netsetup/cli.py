@@ -344,14 +344,15 @@ def routes_cmd(
     else:
         lan = detect.lan(lan_interface, lan_cidr)
         address, cidr = lan.address, lan.cidr
-    sections = routes.route_sections(
-        subnet or settings.subnet, gateway or address, ip or settings.ip, cidr,
-        port or settings.port,
-    )  # fmt: skip
     if lan_ip is not None:
         given = replace(settings, modes=(Mode.lan,), lan_ip=lan_ip, lan_cidr=cidr)
         lan_ip = check_settings(given).lan_ip
-    if lan_ip or (settings.lan and settings.lan_ip):
+    lan_mode = bool(lan_ip or (settings.lan and settings.lan_ip))
+    sections = routes.route_sections(
+        subnet or settings.subnet, gateway or address, ip or settings.ip, cidr,
+        port or settings.port, hand_out_dns=not lan_mode,
+    )  # fmt: skip
+    if lan_mode:
         # lan mode needs no route: what to set comes first, the routed alternatives after
         sections = routes.lan_sections(lan_ip or str(settings.lan_ip), cidr) + sections
     print(routes.render_text(sections), end="")

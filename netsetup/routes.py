@@ -21,10 +21,18 @@ class Section:
 
 
 def route_sections(
-    subnet: str, gateway: str, appliance_ip: str, lan_cidr: str, port: int
+    subnet: str, gateway: str, appliance_ip: str, lan_cidr: str, port: int,
+    hand_out_dns: bool = True,
 ) -> list[Section]:
+    """The routes to the appliance's own address, per router and client. `hand_out_dns` False
+    (lan mode: LAN_IP is the DNS server to hand out) keeps the routers' DHCP option 6 and the
+    gateway recipe out, so that the printout never names two DNS servers to hand out."""
     net = ipaddress.ip_network(subnet, strict=False)
     base, mask, prefix = str(net.network_address), str(net.netmask), net.prefixlen
+    openwrt_dns = [f"uci add_list dhcp.lan.dhcp_option='6,{appliance_ip}'",
+                   "uci commit dhcp && /etc/init.d/dnsmasq reload"] if hand_out_dns else []
+    routeros_dns = [f"/ip dhcp-server network set [find address={lan_cidr}] "
+                    f"dns-server={appliance_ip}"] if hand_out_dns else []
     return [
         Section(
             "Router (generic)",
@@ -41,8 +49,7 @@ def route_sections(
                 f"uci set network.@route[-1].netmask='{mask}'",
                 f"uci set network.@route[-1].gateway='{gateway}'",
                 "uci commit network && /etc/init.d/network reload",
-                f"uci add_list dhcp.lan.dhcp_option='6,{appliance_ip}'",
-                "uci commit dhcp && /etc/init.d/dnsmasq reload",
+                *openwrt_dns,
             ],
         ),
         Section(
@@ -50,7 +57,7 @@ def route_sections(
             "RouterOS terminal",
             [
                 f'/ip route add dst-address={net} gateway={gateway} comment="dns appliance"',
-                f"/ip dhcp-server network set [find address={lan_cidr}] dns-server={appliance_ip}",
+                *routeros_dns,
             ],
         ),
         Section(
@@ -71,7 +78,7 @@ def route_sections(
                 f'persistent: networksetup -setadditionalroutes "Ethernet" {base} {mask} {gateway}',
             ],
         ),
-        Section(
+        *([Section(
             "Clients that take no route",
             "make this host their gateway (DHCP or static settings on the client)",
             [
@@ -79,7 +86,7 @@ def route_sections(
                 "this host forwards their other traffic to its own default route",
                 "(IPv4 forwarding is on while the appliance is up)",
             ],
-        ),
+        )] if hand_out_dns else []),  # in lan mode every client reaches LAN_IP anyway
         Section(
             "Port mode (no route needed)",
             "clients or forwarders that can name a DNS port",

@@ -438,6 +438,10 @@ def test_routes_in_lan_mode_name_the_dns_server_to_hand_out() -> None:
     assert 'networksetup -setdnsservers "Wi-Fi" 192.168.1.53' in text
     assert 'set dnsservers name="Ethernet" static 192.168.1.53 primary' in text
     assert text.index("LAN address mode") < text.index("Router (generic)")
+    # one DNS server to hand out: the routed alternatives do not name the container's too
+    assert text.count("dhcp_option") == 1 and text.count("dns-server=") == 1, text
+    assert "dhcp_option='6,172.31.53.53'" not in text and "DNS 172.31.53.53" not in text
+    assert "route add dst-address=172.31.53.0/24" in text  # the routes themselves stay
     outside = run_cli("routes", "--project", "nsnone", "--gateway", "192.168.1.2",
                       "--lan-interface", "lo", "--lan-cidr", "192.168.1.0/24",
                       "--lan-ip", "192.168.2.53")  # fmt: skip
