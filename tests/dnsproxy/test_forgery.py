@@ -104,13 +104,17 @@ def test_reply_from_another_port_never_reaches_the_forwarder(upstream, make_prox
 
 
 def test_all_forgeries_combined(upstream, make_proxy, tmp_path):
+    """Every kind at once, before the genuine reply. The margins are wide so that a loaded
+    machine cannot reorder them: the too-fast forgery is judged well inside the threshold, and
+    the TCP retry (asked once a forgery is seen) answers only after the genuine UDP reply, since
+    an answer by TCP first would leave later forgeries unread and uncounted."""
     config = tmp_path / "dnsproxy.toml"
-    config.write_text(f'[[upstream]]\naddress = "{upstream.address}"\nhijack_threshold = 40\n')
+    config.write_text(f'[[upstream]]\naddress = "{upstream.address}"\nhijack_threshold = 100\n')
     proxy = make_proxy("--config", str(config))
-    upstream.default.delay = 0.1  # a real far-away resolver: slower than the threshold
+    upstream.default.delay = 0.2  # a real far-away resolver: slower than the threshold
     teach_edns(proxy, upstream)
     kinds = ("no-edns", "forged-address", "too-fast", "wrong-id", "wrong-question", "other-port")
-    upstream.rule("blocked.example", forgeries=kinds, delay=0.1)
+    upstream.rule("blocked.example", forgeries=kinds, delay=0.3, tcp_delay=0.8)
     for _ in range(3):  # every query, not the first only; the cache must hold only the genuine
         assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
     counts = {reason: forgeries(proxy, reason)
