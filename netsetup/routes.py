@@ -33,6 +33,16 @@ def route_sections(
                    "uci commit dhcp && /etc/init.d/dnsmasq reload"] if hand_out_dns else []
     routeros_dns = [f"/ip dhcp-server network set [find address={lan_cidr}] "
                     f"dns-server={appliance_ip}"] if hand_out_dns else []
+    # In lan mode every client reaches LAN_IP anyway: no gateway recipe naming DNS_IP.
+    gateway_recipe = [Section(
+        "Clients that take no route",
+        "make this host their gateway (DHCP or static settings on the client)",
+        [
+            f"gateway {gateway}, DNS {appliance_ip}",
+            "this host forwards their other traffic to its own default route",
+            "(IPv4 forwarding is on while the appliance is up)",
+        ],
+    )] if hand_out_dns else []
     return [
         Section(
             "Router (generic)",
@@ -78,15 +88,7 @@ def route_sections(
                 f'persistent: networksetup -setadditionalroutes "Ethernet" {base} {mask} {gateway}',
             ],
         ),
-        *([Section(
-            "Clients that take no route",
-            "make this host their gateway (DHCP or static settings on the client)",
-            [
-                f"gateway {gateway}, DNS {appliance_ip}",
-                "this host forwards their other traffic to its own default route",
-                "(IPv4 forwarding is on while the appliance is up)",
-            ],
-        )] if hand_out_dns else []),  # in lan mode every client reaches LAN_IP anyway
+        *gateway_recipe,
         Section(
             "Port mode (no route needed)",
             "clients or forwarders that can name a DNS port",

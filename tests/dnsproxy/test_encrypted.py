@@ -257,8 +257,9 @@ HOLE = "198.18.99.2"  # an address whose packets vanish, until it becomes the ho
 @pytest.fixture
 def black_hole():
     """A route into a veth whose other end sits in a namespace with no address: a SYN sent
-    there is dropped without a word, as behind a firewall's DROP. `recover()` makes the
-    address the host's own, where a server can listen on it. Needs root."""
+    there is dropped without a word, as behind a firewall's DROP. Yields the function that
+    ends the outage: HOLE becomes the host's own address, where a server can listen. Needs
+    root."""
     if os.geteuid() != 0:
         pytest.skip("needs root for a network namespace")
     tag = uuid.uuid4().hex[:6]
@@ -298,7 +299,7 @@ def test_dot_connect_that_never_completes_is_given_up_and_retried(black_hole, se
     while time.monotonic() - started < 12:
         assert ask(proxy.port, f"stuck{stuck}.example").header.rcode == RCODE.SERVFAIL
         stuck += 1
-    black_hole()
+    black_hole()  # the path recovers
     dot = DotServer(server_context, upstream, port=853, host=HOLE)
     try:
         assert addresses(ask(proxy.port, "recovered.example")) == [GENUINE]

@@ -148,16 +148,38 @@ def deployment(modes: str = "lan", lan_ip: str = LAN_IP) -> state.Deployment:
     return state.Deployment.of(settings, facts, "nft", "")
 
 
+@pytest.fixture
+def own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployment record and service report in the test's own directories, which the
+    service's process inherits."""
+    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
+    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
+
+
+def apply_then_kill(lan: Lan, record: state.Deployment) -> None:
+    """The service applies `record`'s plan and is killed: nothing of it is cleaned up."""
+    state.save("dnsapp", record)
+    service = Service(lan.host)
+    try:
+        service.wait(lambda r: r["complete"])
+    finally:
+        service.proc.kill()
+        service.proc.wait()
+
+
+def sweep(lan: Lan) -> None:
+    """What `netsetup down` does for a service that could not clean up."""
+    netns_exec(lan.host, sys.executable, "-c", "from netsetup.host import sweep; sweep('dnsapp')")
+
+
 def tcp_connects(ns: str, address: str, port: int) -> bool:
     code = f"import socket; socket.create_connection(({address!r}, {port}), timeout=2)"
     return netns_exec(ns, sys.executable, "-c", code, check=False).returncode == 0
 
 
 def test_lan_address_serves_the_lan_and_the_host_and_goes_away(
-    lan: Lan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lan: Lan, own_state: None
 ) -> None:
-    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
-    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
     before = lan.snapshot()
     # without the plan nothing answers on LAN_IP, and the appliance's other port is open
     assert lan.dig(lan.client) == ""
@@ -229,23 +251,14 @@ def test_addresses_in_use_are_refused(lan: Lan) -> None:
 
 
 def test_down_sweeps_after_a_killed_service(
-    lan: Lan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lan: Lan, own_state: None
 ) -> None:
     """A service that could not clean up (killed): `down`'s sweep removes the proxy entry, the
     route and the chains from what the deployment record says, and puts proxy_delay back."""
-    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
-    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
     before = lan.snapshot()
-    state.save("dnsapp", deployment())
-    service = Service(lan.host)
-    try:
-        service.wait(lambda r: r["complete"])
-    finally:
-        service.proc.kill()
-        service.proc.wait()
+    apply_then_kill(lan, deployment())
     assert lan.snapshot() != before  # the kill left everything in place
-    code = "from netsetup.host import sweep; sweep('dnsapp')"
-    netns_exec(lan.host, sys.executable, "-c", code)
+    sweep(lan)
     after = lan.snapshot()
     for what, was, now in zip(("tables", "proxy entries", "routes", "sysctls"), before, after,
                               strict=True):  # fmt: skip
@@ -253,29 +266,18 @@ def test_down_sweeps_after_a_killed_service(
 
 
 def test_entries_of_an_old_lan_ip_are_removed_after_a_killed_service(
-    lan: Lan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lan: Lan, own_state: None
 ) -> None:
     """The service applied LAN_IP and was killed; the record then moved to another address
     while none ran. The old proxy entry would keep claiming an address on the LAN: the next
     service's first sync removes it (its report named it), and so does `down`'s sweep."""
-    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
-    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
     before = lan.snapshot()
-
-    def applied_then_killed() -> None:
-        state.save("dnsapp", deployment())
-        service = Service(lan.host)
-        try:
-            service.wait(lambda r: r["complete"])
-        finally:
-            service.proc.kill()
-            service.proc.wait()
-        state.save("dnsapp", deployment(lan_ip=OTHER_LAN_IP))
 
     def proxies() -> str:
         return netns_exec(lan.host, "ip", "neigh", "show", "proxy").stdout
 
-    applied_then_killed()
+    apply_then_kill(lan, deployment())
+    state.save("dnsapp", deployment(lan_ip=OTHER_LAN_IP))
     service = Service(lan.host)
     try:  # the killed one's report says complete too: wait for this one's
         report = service.wait(lambda r: r["pid"] == service.proc.pid and r["complete"])
@@ -288,6 +290,7 @@ def test_entries_of_an_old_lan_ip_are_removed_after_a_killed_service(
     assert code == 0, out
     assert lan.snapshot() == before
 
-    applied_then_killed()
-    netns_exec(lan.host, sys.executable, "-c", "from netsetup.host import sweep; sweep('dnsapp')")
+    apply_then_kill(lan, deployment())
+    state.save("dnsapp", deployment(lan_ip=OTHER_LAN_IP))
+    sweep(lan)
     assert lan.snapshot() == before
