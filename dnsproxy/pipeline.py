@@ -8,7 +8,6 @@ stage may `observe` the final response: that is how the cache learns what the up
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,14 +81,3 @@ class Pipeline:
         for stage in self._observers:
             stage.observe(request, response)
         return response
-
-    async def handle(self, request: Request) -> Response:
-        """Both halves in one call, for tests and for transports that are async anyway."""
-        response = self.answer_now(request)
-        if response is None:
-            response = await self.resolve(request)
-        return response
-
-
-def new_request(query: Query, client: tuple, transport: str) -> Request:
-    return Request(query, client, transport, time.monotonic())
