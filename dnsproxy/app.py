@@ -138,7 +138,7 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
     telemetry = Telemetry(metrics, querylog)
     upstreams = build_group(settings.upstreams, settings, telemetry, filters, learned)
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
-                          max_ttl=settings.max_ttl, learner=learner)
+                          max_ttl=settings.max_ttl)
     resolver: Forwarder | SplitResolver = forwarder
     domestic: list[Upstream] = []
     if settings.domestic_upstreams:

@@ -9,10 +9,12 @@ genuine reply by the deadline the client gets SERVFAIL, never NXDOMAIN.
 
 An upstream's SERVFAIL, REFUSED, FORMERR or NOTIMP is its own trouble, which the next may not
 share: it counts as "ask the next", and reaches the client only when every upstream says so
-(it proves the upstream reachable, so it costs no health). An upstream that answers a query
-with OPT by FORMERR or NOTIMP without one is asked again without OPT (RFC 6891 section 7), and
-remembered for a while; only a reply the forgery defences verified teaches that, so an injector
-cannot talk the forwarder out of the EDNS marker.
+(it proves the upstream reachable, so it costs no health). So is a TCP, TLS or HTTPS reply the
+forgery filters condemned (Forged): never passed on, whatever the others say.
+
+An upstream that answers a query with OPT by FORMERR or NOTIMP without one is asked again
+without OPT (RFC 6891 section 7), and remembered for a while; only a reply the forgery defences
+verified teaches that, so an injector cannot talk the forwarder out of the EDNS marker.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ import time
 from dataclasses import dataclass
 
 from . import wire
-from .forgery import LearnedAddresses
 from .metrics import Metrics
 from .pipeline import Request, Response
-from .upstreams import Answer, Upstream, UpstreamError
+from .upstreams import Answer, Forged, Upstream, UpstreamError
 
 FAILS_BEFORE_DOWN = 3
 MAX_DOWN_SECONDS = 60.0
@@ -63,8 +64,7 @@ class Forwarder:
     name = "forward"
 
     def __init__(self, upstreams: list[Upstream], metrics: Metrics, timeout: float = 2.0,
-                 hedge_delay: float = 0.3, max_ttl: int = wire.MAX_TTL,
-                 learner: LearnedAddresses | None = None) -> None:
+                 hedge_delay: float = 0.3, max_ttl: int = wire.MAX_TTL) -> None:
         if not upstreams:
             raise ValueError("no upstreams")
         self.upstreams = upstreams
@@ -73,9 +73,6 @@ class Forwarder:
         self.timeout = timeout
         self.hedge_delay = hedge_delay
         self.max_ttl = max_ttl  # the most any TTL a client sees may say
-        # Told the addresses of every verified answer (any transport): those are never learned
-        # as forged. None for a group whose verified answers may still be poisoned (domestic).
-        self.learner = learner
         self.counts = metrics.values
         self.forwarded = metrics.key("dnsproxy_responses_total", reason="forwarded")
         self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
@@ -115,8 +112,6 @@ class Forwarder:
         loop = self.loop or self._running_loop()
         deadline = loop.time() + self.timeout - (time.monotonic() - started)
         answer, upstream = await self._race(query, deadline)
-        if self.learner is not None and answer.verified and answer.reply.addresses:
-            self.learner.saw_genuine(answer.reply.addresses)
         return answer, upstream, wire.strip_opt(answer.data, answer.reply, self.max_ttl)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -139,6 +134,8 @@ class Forwarder:
         health = self.health[id(upstream)]
         try:
             answer = await self._exchange(upstream, query, deadline)
+        except Forged:
+            raise  # it answered: no mark against its health
         except UpstreamError:
             health.failed(time.monotonic())
             raise

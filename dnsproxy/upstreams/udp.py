@@ -13,7 +13,9 @@ that fails a check is discarded and we keep listening, because the injector's fo
 first and the genuine reply after it. Once a forgery is seen, the same question also goes out
 over TCP, which an injector cannot answer in-path without also forging the TCP stream; later
 queries for that name go over TCP first, and back to UDP with every defence when TCP fails
-(blocked or reset): an answer the defences accept beats a certain SERVFAIL.
+(blocked or reset): an answer the defences accept beats a certain SERVFAIL. The TCP reply is
+judged too, by the filters forgery.py gives TCP (the address lists): one they condemn counts as
+a forgery and as TCP failing, so UDP keeps listening until the deadline.
 
 ICMP errors on a shared socket: the kernel reports "port unreachable" on a connected socket as
 one pending error that names no datagram, so it cannot be pinned on one query. (Linux would
@@ -82,7 +84,8 @@ class UdpUpstream:
         self.hold_plain = filters.has(EdnsMarker)
         self.filters_without_opt = filters.without(EdnsMarker)  # for queries sent without OPT
         # Same server over TCP: for truncated replies and for names an injector targets.
-        self.tcp = StreamUpstream(host, port, telemetry, name=self.name, error_prefix="tcp-")
+        self.tcp = StreamUpstream(host, port, telemetry, filters, name=self.name,
+                                  error_prefix="tcp-")
         self.max_uses = max_uses
         self.max_age = max_age
         self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
@@ -104,7 +107,7 @@ class UdpUpstream:
         try:
             return await self.tcp.exchange(query, tcp_deadline, edns)
         except UpstreamError:
-            pass  # counted by the stream upstream as "tcp-<reason>"
+            pass  # counted by the stream upstream as "tcp-<reason>", or as a forgery
         return await _Exchange(self, query, edns).run(deadline)
 
     def take_socket(self) -> _Socket:
@@ -423,7 +426,7 @@ class _Exchange:
             # The upstream does echo OPT: the OPT-less reply we held was forged.
             self._count_forgery("no-edns")
             losers = [*losers, self.held[1]]
-        if self.filters.learner is not None:
+        if losers and self.filters.learner is not None:
             self.filters.learner.learn(losers, reply)
         if self.edns:  # a query without OPT gets a reply without one: that teaches nothing
             self.up.edns.saw_genuine(reply.opt is not None)
@@ -464,5 +467,5 @@ class _Exchange:
         if not failed:
             answer = task.result()
             self.result.set_result(self._accept(answer.data, answer.reply))
-        # Otherwise TCP failed too (the stream upstream counted it as "tcp-<reason>"): keep
-        # listening on UDP until the deadline.
+        # Otherwise TCP failed too, or its reply was condemned (the stream upstream counted
+        # it): keep listening on UDP until the deadline.
