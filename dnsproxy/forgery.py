@@ -90,6 +90,10 @@ class UpstreamView(Protocol):
     edns: EdnsState
 
 
+# What a server that does not know OPT answers a query carrying one (RFC 6891 section 7).
+OPT_REFUSALS = (wire.FORMERR, wire.NOTIMP)
+
+
 @dataclass(slots=True)
 class EdnsState:
     """Whether an upstream echoes our OPT record, learned from its genuine replies only.

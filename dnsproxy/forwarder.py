@@ -13,8 +13,10 @@ share: it counts as "ask the next", and reaches the client only when every upstr
 forgery filters condemned (Forged): never passed on, whatever the others say.
 
 An upstream that answers a query with OPT by FORMERR or NOTIMP without one is asked again
-without OPT (RFC 6891 section 7), and remembered for a while; only a reply the forgery defences
-verified teaches that, so an injector cannot talk the forwarder out of the EDNS marker.
+without OPT (RFC 6891 section 7). Only a refusal the defences verified (over TCP, where no
+injector reaches, or from an upstream known not to echo OPT) is remembered for a while, so an
+injector cannot talk the forwarder out of the EDNS marker; an unconfirmed one (TCP failed)
+gets the waiting client the answer without OPT, unverified: not cached, nothing remembered.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from . import wire
+from .forgery import OPT_REFUSALS
 from .metrics import Metrics
 from .pipeline import Request, Response
 from .upstreams import Answer, Forged, Upstream, UpstreamError
@@ -31,7 +34,6 @@ from .upstreams import Answer, Forged, Upstream, UpstreamError
 FAILS_BEFORE_DOWN = 3
 MAX_DOWN_SECONDS = 60.0
 REJECTIONS = frozenset({wire.SERVFAIL, wire.REFUSED, wire.FORMERR, wire.NOTIMP})
-OPT_REFUSALS = (wire.FORMERR, wire.NOTIMP)  # what a server that does not know OPT answers
 
 
 @dataclass(slots=True)
@@ -123,11 +125,19 @@ class Forwarder:
         edns = upstream.edns.asks_with_opt(time.monotonic())
         answer = await upstream.exchange(query, deadline, edns)
         reply = answer.reply
-        if edns and answer.verified and reply.opt is None and reply.rcode in OPT_REFUSALS:
-            answer = await upstream.exchange(query, deadline, edns=False)
-            if answer.reply.rcode not in OPT_REFUSALS:  # else OPT was not what it minded
-                upstream.edns.refused_opt(time.monotonic())
-        return answer
+        if not edns or reply.opt is not None or reply.rcode not in OPT_REFUSALS:
+            return answer
+        loop = self.loop or self._running_loop()
+        if deadline <= loop.time():  # released at the deadline: no time to ask again
+            return answer
+        plain = await upstream.exchange(query, deadline, edns=False)
+        if plain.reply.rcode in OPT_REFUSALS:  # OPT was not what it minded
+            return plain
+        if answer.verified:
+            upstream.edns.refused_opt(time.monotonic())
+            return plain
+        # The refusal may be an injector's: this client gets the answer, nothing more.
+        return plain._replace(verified=False)
 
     async def _ask(self, upstream: Upstream, query: wire.Query,
                    deadline: float) -> tuple[Answer, Upstream]:

@@ -29,7 +29,8 @@ class Answer(NamedTuple):
     """An upstream's reply to one query.
 
     `verified` is False for a reply the forgery defences could not vouch for (an OPT-less UDP
-    reply released after the hold, before anything was learned): good enough for the client who
+    reply released after the hold, before anything was learned, or the answer to a query asked
+    without OPT after a FORMERR no trusted path confirmed): good enough for the client who
     waits, never to be cached or learned from.
     """
 
