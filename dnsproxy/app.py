@@ -76,6 +76,7 @@ class Forwarding:
     forwarder: Forwarder  # the trusted upstreams (--upstream)
     access: AccessControl  # also guards the metrics endpoint
     resolver: Forwarder | SplitResolver  # the last link: the forwarder, or the split of two
+    forged: set[bytes] = field(default_factory=set)  # the shipped and operator's lists
 
 
 def configure_cache(cache: Cache, settings: Settings) -> None:
@@ -138,7 +139,7 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
     telemetry = Telemetry(metrics, querylog)
     upstreams = build_group(settings.upstreams, settings, telemetry, filters, learned)
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
-                          max_ttl=settings.max_ttl, learner=learner)
+                          max_ttl=settings.max_ttl)
     resolver: Forwarder | SplitResolver = forwarder
     domestic: list[Upstream] = []
     if settings.domestic_upstreams:
@@ -164,7 +165,7 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
         LocalAnswers(settings.identity, metrics),  # health checks and ANY never leave the host
         cache,  # only then the cache; what it misses goes to the forwarder (forgery filters inside)
     ]
-    return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver)
+    return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver, forged)
 
 
 class Service:
@@ -194,6 +195,8 @@ class Service:
             if count:
                 log.info("forged addresses: %d learned ones read from %s", count,
                          self.learned_file)
+        if self.cache_file:
+            self._purge({*self.forwarding.forged, *self.learned.forged.addresses}, "loaded")
         self.saver: asyncio.Task | None = None
         self.responder = Responder(self.forwarding.pipeline, self.metrics, self.querylog,
                                    allowed=self.allowed,
@@ -207,7 +210,18 @@ class Service:
 
     def _learned_forged(self, address: bytes) -> None:
         self.metrics.inc("dnsproxy_forged_learned_total")
-        log.info("forged address learned: %s", ipaddress.ip_address(address))
+        dropped = self.cache.purge({address}, "learned")
+        log.info("forged address learned: %s (%d cached %s carrying it dropped)",
+                 ipaddress.ip_address(address), dropped, "entry" if dropped == 1 else "entries")
+
+    def _purge(self, addresses: set[bytes], why: str) -> None:
+        """Cached replies carrying addresses now known as forged go (see stages/cache.py):
+        those the operator listed by a reload ("listed"), or, at start-up, those on the
+        lists that a cache file brought back ("loaded")."""
+        dropped = self.cache.purge(addresses, why, guard=why != "loaded")
+        if dropped:
+            log.warning("cache: %d %s carrying forged addresses dropped (%s)", dropped,
+                        "entry" if dropped == 1 else "entries", why)
 
     def allowed(self, address: str) -> bool:
         """The current access control (a reload replaces it), for what precedes the pipeline."""
@@ -270,6 +284,7 @@ class Service:
         old = self.forwarding
         self.forwarding = forwarding
         self.responder.pipeline = forwarding.pipeline
+        self._purge(forwarding.forged - old.forged, "listed")
         restart_only = [name for name in RESTART_ONLY
                         if getattr(settings, name) != getattr(self.settings, name)]
         if restart_only:

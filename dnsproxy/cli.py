@@ -82,13 +82,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--edns-marker", action=argparse.BooleanOptionalAction,
                    help="discard OPT-less replies from upstreams that send OPT (default on)")
     p.add_argument("--forged-addresses", action=argparse.BooleanOptionalAction,
-                   help="discard answers with known injected addresses (default on)")
+                   help="discard answers with known injected addresses, on every transport "
+                        "(default on)")
     p.add_argument("--forged-address", action="append", metavar="IP",
                    help="add an address to the forged list; repeatable")
     p.add_argument("--forged-addresses-file", action="append", metavar="FILE",
                    help="add addresses from a file, one per line")
     p.add_argument("--hijack-threshold", action=argparse.BooleanOptionalAction,
-                   help="discard replies faster than an upstream's hijack_threshold (default on)")
+                   help="discard UDP replies faster than an upstream's hijack_threshold "
+                        "(default on)")
     p.add_argument("--tcp-for-polluted", action=argparse.BooleanOptionalAction,
                    help="ask names seen polluted over TCP (default on)")
     p.add_argument("--hedge-delay", type=float, metavar="SECONDS",

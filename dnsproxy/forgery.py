@@ -1,9 +1,58 @@
-"""How a reply arriving over UDP is judged forged.
+"""How a reply is judged forged, on every transport, and what a caught forgery teaches.
 
 Each defence is a small filter with one method, `verdict(upstream, reply, elapsed) -> reason or
-None`; `ForgeryFilters` runs them in order (the order is data, see `build_filters`) and counts
-every discard by upstream and reason. Replies that do not match the query at all (wrong source,
-ID or question) never get here: the UDP upstream drops them first as "mismatch".
+None`; `ForgeryFilters` runs them in order (the order is data, see `build_filters`). Replies that
+do not match the query at all (wrong source, ID or question) never get here: the transports drop
+them first as "mismatch". The same `ForgeryFilters.verdict` judges every transport; which
+filters a transport gets is decided here (`for_stream`), not in the transports:
+
+- UDP (the first ask): every filter. An on-path injector races the genuine reply here.
+- TCP (the UDP upstream's retry, `tcp://` upstreams): the address lists, shipped, operator's
+  and learned. An injector cannot write into a TCP stream it does not sit in, so the EDNS
+  marker and the hijack threshold, which tell a racing injector from the upstream, say nothing
+  here; but the upstream itself may be poisoned (a domestic resolver hands out over TCP the very
+  answer the injector gave it over UDP), and its reply carries the injector's addresses then.
+- TLS and HTTPS: the shipped and the operator's lists, not the learned one. The operator's word
+  holds everywhere (a domestic DoT resolver can lie too, and an operator who lists an address
+  means "never serve it"). The learned list is what an injector taught us over UDP: applied to a
+  channel it cannot touch, it would let an injector that got a real address learned (see below)
+  make that address unreachable even over the one path it cannot reach.
+
+A reply any filter condemns is discarded and counted (`dnsproxy_forgeries_total`, by upstream
+and reason) and logged, on every transport alike; over TCP, TLS and HTTPS the next upstream is
+asked (the UDP upstream's own TCP retry keeps listening on UDP instead, as when TCP fails).
+
+What is learned, and what shields an address from being learned
+---------------------------------------------------------------
+
+`LearnedAddresses` learns the addresses of a forgery that is *proven*: a UDP reply the EDNS
+marker or the hijack threshold discarded (or an OPT-less reply held, then beaten by one with
+OPT) that lost to a later accepted reply to the same query. The injector chooses what it puts
+in its forgeries, so learning alone would let it blacklist any real address. An address is
+therefore shielded from learning when a reply the defences can vouch for carried it:
+
+1. A reply over TCP, TLS or HTTPS that the filters above accepted shields its addresses for
+   good (a bounded set, the least lately seen go first): an on-path injector cannot forge it.
+2. The UDP reply that beat a caught forgery shields its addresses from that race's losers only.
+   It is most likely genuine, but it may be a forgery that slipped (OPT, on time) winning
+   against the injector's own OPT-less one; a shield for good would let one slipped forgery
+   keep its address off the learned list forever. Within its own race it still keeps a genuine
+   upstream that varies its replies (an anycast node without EDNS, a misjudged threshold) from
+   teaching its own addresses.
+3. A UDP reply that merely passed the filters shields nothing: a forgery shaped like a genuine
+   reply passes them too, and would shield the very address a later provable forgery exposes.
+
+A learned address is never unlearned by a reply, whatever its transport: the TCP reply that
+carries it is discarded (it cannot vouch for what the filters condemn), and an encrypted reply
+carrying it is served but teaches nothing, since a lying domestic DoT resolver could otherwise
+erase what was caught on the UDP path. What protects a real address is the shield above (taken
+before any forgery used it), the learned list's bound (the oldest of 4096 go first), and, when
+an encrypted upstream is configured, that its answers are not judged by the learned list. The
+trade-off is deliberate: an address a forgery was proven to carry is the strongest evidence the
+forwarder ever has; a plaintext reply that contradicts it may come from a poisoned resolver.
+
+Only the trusted group teaches and shields (`ForgeryFilters.learner`): the domestic group's
+accepted answers for blocked names are poisoned at their source, so they vouch for nothing.
 """
 
 from __future__ import annotations
@@ -25,16 +74,24 @@ LEARNED_FILE = "forged-learned.json"  # in the state directory
 # Reasons a discarded reply may teach its addresses, once a genuine reply has beaten it: those
 # of the listed checks teach nothing new, and a mismatch never reaches the filters.
 TEACHING_REASONS = frozenset({"no-edns", "too-fast"})
+# What the learned-address file says: version 1 counted every verified reply as a shield, slipped
+# forgeries included, so its shields are not read (its learned addresses are).
+LEARNED_VERSION = 2
 
 log = logging.getLogger("dnsproxy")
 
 
 class UpstreamView(Protocol):
-    """What the filters know of the upstream a reply claims to come from."""
+    """What the filters know of the upstream a reply claims to come from. Only UDP upstreams
+    have a hijack threshold: the filters that read it never judge another transport."""
 
     name: str
     hijack_threshold: float  # seconds; 0 turns the check off
     edns: EdnsState
+
+
+# What a server that does not know OPT answers a query carrying one (RFC 6891 section 7).
+OPT_REFUSALS = (wire.FORMERR, wire.NOTIMP)
 
 
 @dataclass(slots=True)
@@ -92,13 +149,8 @@ class EdnsMarker:
 
 
 class LearnedAddresses:
-    """Addresses of replies proven forged, bounded, used by the address check like the list.
-
-    Proven means: the reply lost to a later genuine reply to the same query (an OPT-less reply
-    beaten by one with OPT, a too-fast one beaten by the real one). Guarded against an injector
-    that tries to get real addresses blacklisted: an address the winning reply carries, or any
-    genuine reply carried lately (a bounded set of those), is never learned, and a genuine reply
-    (over TCP, where the UDP check does not apply) carrying a learned address unlearns it.
+    """Addresses of replies proven forged, bounded, used by the address check like the list;
+    and the addresses shielded from learning. The rules, and why, are in the module docstring.
     """
 
     def __init__(self, size: int = 4096, genuine_size: int = 65536,
@@ -106,7 +158,8 @@ class LearnedAddresses:
         self.size = size
         self.genuine_size = genuine_size
         self.addresses: OrderedDict[bytes, None] = OrderedDict()  # oldest learned first
-        self.genuine: OrderedDict[bytes, None] = OrderedDict()  # least lately seen first
+        # Carried by a reply over TCP, TLS or HTTPS the filters accepted; least lately first.
+        self.genuine: OrderedDict[bytes, None] = OrderedDict()
         self.on_learn = on_learn
 
     def __contains__(self, address: bytes) -> bool:
@@ -115,22 +168,28 @@ class LearnedAddresses:
     def __len__(self) -> int:
         return len(self.addresses)
 
-    def saw_genuine(self, addresses: Iterable[bytes]) -> None:
-        genuine = self.genuine
+    def vouch(self, addresses: Iterable[bytes]) -> None:
+        """What an accepted reply over a channel no on-path injector can forge carried: never
+        learned from now on. A learned address stays learned (see the module docstring)."""
+        genuine, learned = self.genuine, self.addresses
         for address in addresses:
+            if address in learned:
+                continue
             genuine[address] = None
             genuine.move_to_end(address)
-            self.addresses.pop(address, None)
         while len(genuine) > self.genuine_size:
             genuine.popitem(last=False)
 
     def learn(self, losers: Iterable[wire.Reply], winner: wire.Reply) -> int:
-        """Learn what the replies that lost to `winner` carried; the number of new addresses."""
-        self.saw_genuine(winner.addresses)
+        """Learn what the replies that lost to `winner` carried, but what `winner` carries
+        too; the number of new addresses. `winner` shields only within this race: over UDP it
+        may be a slipped forgery, and one over TCP was vouched for by its transport already."""
+        shielded = winner.addresses
         added = 0
         for reply in losers:
             for address in reply.addresses:
-                if address in self.genuine or address in self.addresses:
+                if (address in shielded or address in self.genuine
+                        or address in self.addresses):
                     continue
                 self.addresses[address] = None
                 added += 1
@@ -144,7 +203,7 @@ class LearnedAddresses:
 
     def save(self, path: str) -> None:
         """Atomically (a temporary file renamed over the old one), as the cache file is."""
-        doc = {"version": 1,
+        doc = {"version": LEARNED_VERSION,
                "learned": [str(ipaddress.ip_address(a)) for a in self.addresses],
                "genuine": [str(ipaddress.ip_address(a)) for a in self.genuine]}
         write_atomically(path, json.dumps(doc, separators=(",", ":")).encode())
@@ -155,16 +214,19 @@ class LearnedAddresses:
         try:
             with open(path, encoding="utf-8") as handle:
                 doc = json.load(handle)
-            if not isinstance(doc, dict) or doc.get("version") != 1:
-                raise ValueError("not a learned-address file of version 1")
+            version = doc.get("version") if isinstance(doc, dict) else None
+            if version not in (1, LEARNED_VERSION):
+                raise ValueError(f"not a learned-address file of version {LEARNED_VERSION}")
             learned = [ipaddress.ip_address(a).packed for a in doc["learned"]]
             genuine = [ipaddress.ip_address(a).packed for a in doc["genuine"]]
+            if version == 1:
+                genuine = []  # shields of the old rule: a slipped forgery may have given one
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("learned forged addresses %s ignored: %s", path, exc)
             return 0
-        self.saw_genuine(genuine[-self.genuine_size:])
+        self.vouch(genuine[-self.genuine_size:])
         for address in learned[-self.size:]:
             if address not in self.genuine:
                 self.addresses[address] = None
@@ -172,8 +234,8 @@ class LearnedAddresses:
 
 
 class ForgedAddresses:
-    """An A/AAAA answer with an address injectors are known to use, or one learned from a
-    forgery caught earlier, is forged."""
+    """An A/AAAA answer with an address injectors are known to use (shipped or the operator's),
+    or one learned from a forgery caught earlier, is forged."""
 
     reason = "forged-address"
     learned_reason = "learned-address"
@@ -181,6 +243,10 @@ class ForgedAddresses:
     def __init__(self, addresses: set[bytes], learned: LearnedAddresses | None = None) -> None:
         self.addresses = addresses
         self.learned = learned
+
+    def without_learned(self) -> ForgedAddresses:
+        """The shipped and operator's lists only: for encrypted transports."""
+        return ForgedAddresses(self.addresses)
 
     def verdict(self, upstream: UpstreamView, reply: wire.Reply, elapsed: float) -> str | None:
         if self.addresses and any(a in self.addresses for a in reply.addresses):
@@ -205,8 +271,9 @@ class HijackThreshold:
 class ForgeryFilters:
     def __init__(self, filters: list[Filter], learner: LearnedAddresses | None = None) -> None:
         self.filters = filters
-        # Where UDP exchanges report forgeries beaten by a genuine reply; None: they teach
-        # nothing (learning off, or a domestic upstream, whose genuine answers may be poisoned).
+        # Where UDP exchanges report forgeries beaten by a genuine reply, and stream transports
+        # vouch for what they accepted; None: they teach nothing (learning off, or a domestic
+        # upstream, whose accepted answers may be poisoned).
         self.learner = learner
 
     def has(self, kind: type) -> bool:
@@ -220,6 +287,16 @@ class ForgeryFilters:
     def not_teaching(self) -> ForgeryFilters:
         """The same checks, learned addresses included, but reporting nothing to learn."""
         return ForgeryFilters(self.filters)
+
+    def for_stream(self, encrypted: bool) -> ForgeryFilters:
+        """What judges a reply over TCP (`encrypted` False), TLS or HTTPS: the address lists,
+        the learned one over TCP only; the same learner, to vouch for what passes. See the
+        module docstring for why."""
+        kept: list[Filter] = []
+        for f in self.filters:
+            if isinstance(f, ForgedAddresses):
+                kept.append(f.without_learned() if encrypted else f)
+        return ForgeryFilters(kept, self.learner)
 
     def verdict(self, upstream: UpstreamView, reply: wire.Reply, elapsed: float) -> str | None:
         for f in self.filters:

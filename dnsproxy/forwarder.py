@@ -9,10 +9,14 @@ genuine reply by the deadline the client gets SERVFAIL, never NXDOMAIN.
 
 An upstream's SERVFAIL, REFUSED, FORMERR or NOTIMP is its own trouble, which the next may not
 share: it counts as "ask the next", and reaches the client only when every upstream says so
-(it proves the upstream reachable, so it costs no health). An upstream that answers a query
-with OPT by FORMERR or NOTIMP without one is asked again without OPT (RFC 6891 section 7), and
-remembered for a while; only a reply the forgery defences verified teaches that, so an injector
-cannot talk the forwarder out of the EDNS marker.
+(it proves the upstream reachable, so it costs no health). So is a TCP, TLS or HTTPS reply the
+forgery filters condemned (Forged): never passed on, whatever the others say.
+
+An upstream that answers a query with OPT by FORMERR or NOTIMP without one is asked again
+without OPT (RFC 6891 section 7). Only a refusal the defences verified (over TCP, where no
+injector reaches, or from an upstream known not to echo OPT) is remembered for a while, so an
+injector cannot talk the forwarder out of the EDNS marker; an unconfirmed one (TCP failed)
+gets the waiting client the answer without OPT, unverified: not cached, nothing remembered.
 """
 
 from __future__ import annotations
@@ -22,15 +26,14 @@ import time
 from dataclasses import dataclass
 
 from . import wire
-from .forgery import LearnedAddresses
+from .forgery import OPT_REFUSALS
 from .metrics import Metrics
 from .pipeline import Request, Response
-from .upstreams import Answer, Upstream, UpstreamError
+from .upstreams import Answer, Forged, Upstream, UpstreamError
 
 FAILS_BEFORE_DOWN = 3
 MAX_DOWN_SECONDS = 60.0
 REJECTIONS = frozenset({wire.SERVFAIL, wire.REFUSED, wire.FORMERR, wire.NOTIMP})
-OPT_REFUSALS = (wire.FORMERR, wire.NOTIMP)  # what a server that does not know OPT answers
 
 
 @dataclass(slots=True)
@@ -63,8 +66,7 @@ class Forwarder:
     name = "forward"
 
     def __init__(self, upstreams: list[Upstream], metrics: Metrics, timeout: float = 2.0,
-                 hedge_delay: float = 0.3, max_ttl: int = wire.MAX_TTL,
-                 learner: LearnedAddresses | None = None) -> None:
+                 hedge_delay: float = 0.3, max_ttl: int = wire.MAX_TTL) -> None:
         if not upstreams:
             raise ValueError("no upstreams")
         self.upstreams = upstreams
@@ -73,9 +75,6 @@ class Forwarder:
         self.timeout = timeout
         self.hedge_delay = hedge_delay
         self.max_ttl = max_ttl  # the most any TTL a client sees may say
-        # Told the addresses of every verified answer (any transport): those are never learned
-        # as forged. None for a group whose verified answers may still be poisoned (domestic).
-        self.learner = learner
         self.counts = metrics.values
         self.forwarded = metrics.key("dnsproxy_responses_total", reason="forwarded")
         self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
@@ -115,8 +114,6 @@ class Forwarder:
         loop = self.loop or self._running_loop()
         deadline = loop.time() + self.timeout - (time.monotonic() - started)
         answer, upstream = await self._race(query, deadline)
-        if self.learner is not None and answer.verified and answer.reply.addresses:
-            self.learner.saw_genuine(answer.reply.addresses)
         return answer, upstream, wire.strip_opt(answer.data, answer.reply, self.max_ttl)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -128,17 +125,27 @@ class Forwarder:
         edns = upstream.edns.asks_with_opt(time.monotonic())
         answer = await upstream.exchange(query, deadline, edns)
         reply = answer.reply
-        if edns and answer.verified and reply.opt is None and reply.rcode in OPT_REFUSALS:
-            answer = await upstream.exchange(query, deadline, edns=False)
-            if answer.reply.rcode not in OPT_REFUSALS:  # else OPT was not what it minded
-                upstream.edns.refused_opt(time.monotonic())
-        return answer
+        if not edns or reply.opt is not None or reply.rcode not in OPT_REFUSALS:
+            return answer
+        loop = self.loop or self._running_loop()
+        if deadline <= loop.time():  # released at the deadline: no time to ask again
+            return answer
+        plain = await upstream.exchange(query, deadline, edns=False)
+        if plain.reply.rcode in OPT_REFUSALS:  # OPT was not what it minded
+            return plain
+        if answer.verified:
+            upstream.edns.refused_opt(time.monotonic())
+            return plain
+        # The refusal may be an injector's: this client gets the answer, nothing more.
+        return plain._replace(verified=False)
 
     async def _ask(self, upstream: Upstream, query: wire.Query,
                    deadline: float) -> tuple[Answer, Upstream]:
         health = self.health[id(upstream)]
         try:
             answer = await self._exchange(upstream, query, deadline)
+        except Forged:
+            raise  # it answered: no mark against its health
         except UpstreamError:
             health.failed(time.monotonic())
             raise

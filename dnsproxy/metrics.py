@@ -28,6 +28,9 @@ HELP = {
     "dnsproxy_metrics_connections_rejected_total": "Metrics connections closed at the cap.",
     "dnsproxy_cache_entries": "Replies held in the cache.",
     "dnsproxy_cache_bytes": "Bytes the cached replies take (keys and stored messages).",
+    "dnsproxy_cache_purged_total": "Cached replies dropped because an address they carry became "
+                                   "known as forged, by why (learned, listed by a reload, "
+                                   "loaded from the cache file).",
     "dnsproxy_split_decisions_total": "Split DNS: queries answered by each upstream group "
                                       "(domestic, trusted), by why that group.",
     "dnsproxy_forged_learned": "Forged addresses learned from replies that lost to a genuine "

@@ -265,6 +265,30 @@ def parse_reply(data: bytes) -> Reply:
     return reply
 
 
+def record_addresses(data: bytes) -> list[bytes]:
+    """The rdata of every A and AAAA record in a message, whatever its section: the addresses
+    a stored reply would hand a client, glue and addresses behind a CNAME included. For the
+    rare scan of the cache when an address becomes known as forged, not for the hot path."""
+    if len(data) < 12:
+        raise WireError("shorter than a DNS header")
+    counts = HEADER.unpack_from(data)[3:]
+    off = _question_end(data)
+    found = []
+    for _ in range(sum(counts)):
+        off = skip_name(data, off)
+        if off + 10 > len(data):
+            raise WireError("record header runs past the end")
+        rtype, rclass, _, rdlen = RR_FIXED.unpack_from(data, off)
+        rdata = off + 10
+        off = rdata + rdlen
+        if off > len(data):
+            raise WireError("record data runs past the end")
+        if rclass == CLASS_IN and ((rtype == TYPE_A and rdlen == 4)
+                                   or (rtype == TYPE_AAAA and rdlen == 16)):
+            found.append(data[rdata:off])
+    return found
+
+
 def opt_record(do: bool, ext_rcode: int = 0, udp_size: int = UPSTREAM_UDP_SIZE) -> bytes:
     """An OPT pseudo-record with no options (RFC 6891)."""
     return b"\x00" + RR_FIXED.pack(TYPE_OPT, udp_size, (ext_rcode << 24) | (DO_BIT if do else 0), 0)

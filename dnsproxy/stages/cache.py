@@ -18,6 +18,12 @@ Popular names should never miss (RFC 8767 style, as unbound and dnsmasq do it):
 Refreshes are deduplicated per key, bounded in number, and go through `refresher` (the
 forwarder), which returns only replies the forgery defences verified: as with what `observe`
 keeps, nothing else ever enters the cache, so nothing else can be served stale.
+
+A forgery shaped like a genuine reply may pass every defence and be cached. When one of its
+addresses becomes known as forged later (learned, listed by a reload, or on the lists when a
+cache file is read), `purge` drops every entry carrying it, in any section, and for a while
+refuses to store a reply carrying it: a query or refresh already in flight may have been judged
+before the address was known (by the configuration a reload replaced, say).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from .. import wire
 from ..metrics import Metrics
@@ -37,6 +43,11 @@ MAX_REFRESHES = 100
 PREFETCH_AT = 0.9  # of the TTL: the last tenth
 # The byte after the question in a cache key, by DO then CD: 1 for DO, 2 for CD.
 KEY_SUFFIX = {False: (b"\x00", b"\x02"), True: (b"\x01", b"\x03")}
+# Seconds a purged address is kept out of the cache: longer than any query or refresh in flight
+# when it was purged may take (their deadline is the --timeout, 2 s by default).
+PURGE_GUARD = 60.0
+# Above this many addresses, a purge parses every entry instead of searching its bytes for each.
+PURGE_SEARCH_MAX = 8
 
 Refresher = Callable[[wire.Query], Awaitable["wire.CachedReply | None"]]
 
@@ -61,6 +72,7 @@ class Cache(PassThrough):
         self.metrics = metrics
         self.clock = clock
         self.entries: OrderedDict[bytes, wire.CachedReply] = OrderedDict()  # stamped replies
+        self.barred: dict[bytes, float] = {}  # purged addresses -> until when (clock) not stored
         self.counts = metrics.values
         self.hits = metrics.key("dnsproxy_cache_hits_total")
         self.misses = metrics.key("dnsproxy_cache_misses_total")
@@ -142,6 +154,8 @@ class Cache(PassThrough):
         # configuration (a reload, a cache file) and would show clients more than they may see.
         if self.size <= 0 or not 0 < cached.ttl <= self.max_ttl:
             return False
+        if self.barred and self._carries_barred(cached):
+            return False
         self._drop(key)  # a newer reply replaces the old, whatever their sizes
         weight = len(key) + len(cached)
         if weight > self.max_bytes:
@@ -153,6 +167,39 @@ class Cache(PassThrough):
             self.bytes -= len(old_key) + len(old)
         return True
 
+    def purge(self, addresses: set[bytes], why: str, guard: bool = True) -> int:
+        """Drop every entry carrying one of `addresses` (packed A/AAAA data) in any section,
+        and, with `guard`, keep them out for PURGE_GUARD seconds (needless when nothing can
+        be in flight: at start-up); counted by `why`, the number dropped. A scan of the whole
+        cache: addresses become known as forged rarely."""
+        if not addresses:
+            return 0
+        if guard:
+            until = self.clock() + PURGE_GUARD
+            for address in addresses:
+                self.barred[address] = until
+        entries = self.entries
+        if len(addresses) <= PURGE_SEARCH_MAX:
+            # A byte search (in C) per address finds the few entries worth parsing: a tenth
+            # of the time of a test per entry, on a scan that holds up the event loop.
+            candidates = dict.fromkeys(key for address in addresses
+                                       for key, entry in entries.items() if address in entry)
+        else:
+            candidates = dict.fromkeys(entries)
+        doomed = [key for key in candidates if _carries(entries[key], addresses, search=False)]
+        for key in doomed:
+            self._drop(key)
+        if doomed:
+            self.metrics.inc("dnsproxy_cache_purged_total", len(doomed), why=why)
+        return len(doomed)
+
+    def _carries_barred(self, cached: wire.CachedReply) -> bool:
+        now = self.clock()
+        for address, until in list(self.barred.items()):
+            if until <= now:
+                del self.barred[address]
+        return _carries(cached, self.barred.keys())
+
     def cap_ttls(self, max_ttl: int) -> None:
         """A new --max-ttl (a reload): drop the entries that would exceed it."""
         self.max_ttl = max_ttl
@@ -163,3 +210,14 @@ class Cache(PassThrough):
         entry = self.entries.pop(key, None)
         if entry is not None:
             self.bytes -= len(key) + len(entry)
+
+
+def _carries(entry: wire.CachedReply, addresses: Collection[bytes], search: bool = True) -> bool:
+    """Whether a stored reply holds an A or AAAA record with one of `addresses`."""
+    # For a few addresses, searching the bytes first (in C) spares parsing most entries.
+    if search and len(addresses) <= PURGE_SEARCH_MAX and not any(a in entry for a in addresses):
+        return False
+    try:
+        return any(address in addresses for address in wire.record_addresses(entry.body))
+    except wire.WireError:
+        return True  # the cache holds only replies it parsed: this cannot be, so drop it

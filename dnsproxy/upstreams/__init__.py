@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..forgery import EdnsState
-from .base import Answer, PollutedNames, Telemetry, Upstream, UpstreamError, hostport
+from .base import Answer, Forged, PollutedNames, Telemetry, Upstream, UpstreamError, hostport
 from .https import HttpsUpstream
 from .stream import StreamUpstream
 from .udp import UdpUpstream
 
-__all__ = ["Answer", "PollutedNames", "Telemetry", "Upstream", "UpstreamError", "UpstreamSpec",
-           "parse_spec", "HttpsUpstream", "StreamUpstream", "UdpUpstream"]
+__all__ = ["Answer", "Forged", "PollutedNames", "Telemetry", "Upstream", "UpstreamError",
+           "UpstreamSpec", "parse_spec", "HttpsUpstream", "StreamUpstream", "UdpUpstream"]
 
 DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
 
@@ -31,7 +31,7 @@ class UpstreamSpec:
     port: int
     server_name: str | None = None  # tls: the name to verify; https: unused
     url: str | None = None  # https only
-    hijack_threshold: float = 0.0  # seconds
+    hijack_threshold: float = 0.0  # seconds; udp only
     bootstrap: str | None = None  # https by host name: the address to connect to
 
     @property
@@ -91,7 +91,11 @@ def _split_hostport(text: str, default_port: int, spec: str) -> tuple[str, int]:
 
 
 def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
-    """Read one --upstream value; ValueError with a one-line message when it is not valid."""
+    """Read one --upstream value; ValueError with a one-line message when it is not valid.
+
+    A hijack threshold is for UDP only: it tells an injector racing the genuine reply from the
+    upstream, and no injector races a TCP, TLS or HTTPS reply. Accepted there, it would be
+    silently ignored, so it is refused."""
     text = spec.strip()
     if not text:
         raise ValueError("empty upstream")
@@ -102,6 +106,9 @@ def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
         if scheme not in DEFAULT_PORTS:
             raise ValueError(f"bad upstream {spec!r}: unknown scheme {scheme!r} "
                              "(use udp, tcp, tls or https)")
+    if hijack_threshold_ms and scheme != "udp":
+        raise ValueError(f"bad upstream {spec!r}: hijack_threshold is for plain UDP upstreams "
+                         f"only (no injector races a {scheme} reply)")
     threshold = hijack_threshold_ms / 1000
     if scheme == "https":
         text, _, bootstrap = text.partition("#")
@@ -113,7 +120,7 @@ def parse_spec(spec: str, hijack_threshold_ms: float = 0.0) -> UpstreamSpec:
         except ValueError:
             raise ValueError(f"bad upstream {spec!r}: bad port") from None
         url = f"https://{text}" if parts.path else f"https://{text}/dns-query"
-        return UpstreamSpec("https", parts.hostname, port, url=url, hijack_threshold=threshold,
+        return UpstreamSpec("https", parts.hostname, port, url=url,
                             bootstrap=_bootstrap(bootstrap, parts.hostname, spec))
     text, _, server_name = text.partition("#")
     text = text.rstrip("/")
@@ -127,20 +134,22 @@ def build_upstream(spec: UpstreamSpec, telemetry: Telemetry, *, filters, pollute
                    ssl_context: ssl.SSLContext | None, tcp_for_polluted: bool = True,
                    edns: EdnsState | None = None) -> Upstream:
     """The upstream for `spec`; `edns` is what an earlier one of the same name learned (a reload
-    must not forget which upstreams echo OPT: that would reopen the window the hold guards)."""
+    must not forget which upstreams echo OPT: that would reopen the window the hold guards).
+    Every transport gets `filters`, and takes from them what applies to it (forgery.py)."""
     upstream: Upstream
     if spec.scheme == "udp":
         upstream = UdpUpstream(spec.host, spec.port, telemetry, filters, polluted,
                                hijack_threshold=spec.hijack_threshold,
                                tcp_for_polluted=tcp_for_polluted, name=spec.name)
     elif spec.scheme == "tcp":
-        upstream = StreamUpstream(spec.host, spec.port, telemetry, name=spec.name,
-                                  hijack_threshold=spec.hijack_threshold)
+        upstream = StreamUpstream(spec.host, spec.port, telemetry, filters, name=spec.name)
     elif spec.scheme == "tls":
-        upstream = StreamUpstream(spec.host, spec.port, telemetry, ssl_context=ssl_context,
-                                  server_name=spec.server_name, name=spec.name)
+        upstream = StreamUpstream(spec.host, spec.port, telemetry, filters,
+                                  ssl_context=ssl_context, server_name=spec.server_name,
+                                  name=spec.name)
     else:
-        upstream = HttpsUpstream(spec.url or "", telemetry, ssl_context, address=spec.bootstrap)
+        upstream = HttpsUpstream(spec.url or "", telemetry, ssl_context, filters,
+                                 address=spec.bootstrap)
     if edns is not None:
         upstream.edns = edns
     return upstream

@@ -6,7 +6,7 @@ from collections import OrderedDict
 from typing import NamedTuple, Protocol
 
 from .. import wire
-from ..forgery import EdnsState
+from ..forgery import EdnsState, ForgeryFilters
 from ..metrics import Metrics
 from ..querylog import QueryLog
 
@@ -19,11 +19,18 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
+class Forged(UpstreamError):
+    """A reply over TCP, TLS or HTTPS the forgery filters condemned: counted as a forgery (by
+    upstream and reason), not as an error, and no mark against the upstream's health, which
+    answered; the next upstream is asked."""
+
+
 class Answer(NamedTuple):
     """An upstream's reply to one query.
 
     `verified` is False for a reply the forgery defences could not vouch for (an OPT-less UDP
-    reply released after the hold, before anything was learned): good enough for the client who
+    reply released after the hold, before anything was learned, or the answer to a query asked
+    without OPT after a FORMERR no trusted path confirmed): good enough for the client who
     waits, never to be cached or learned from.
     """
 
@@ -35,7 +42,6 @@ class Answer(NamedTuple):
 class Upstream(Protocol):
     name: str
     transport: str
-    hijack_threshold: float
     edns: EdnsState
 
     async def exchange(self, query: wire.Query, deadline: float, edns: bool = True) -> Answer:
@@ -61,6 +67,30 @@ def os_reason(exc: OSError) -> str:
 def matches(reply: wire.Reply, query: wire.Query) -> bool:
     """Same question, the name compared case-insensitively (resolvers may change it: 0x20)."""
     return wire.question_key(reply.question) == query.key
+
+
+class StreamView(Protocol):
+    """What `judge_stream` needs of a TCP, TLS or HTTPS upstream."""
+
+    name: str
+    edns: EdnsState
+    telemetry: Telemetry
+    filters: ForgeryFilters  # as ForgeryFilters.for_stream gives them
+
+
+def judge_stream(upstream: StreamView, query: wire.Query, data: bytes,
+                 reply: wire.Reply) -> Answer:
+    """A reply over TCP, TLS or HTTPS through the filters of its transport (the same verdict
+    UDP replies get, with the filters forgery.py gives streams): the answer, whose addresses
+    are vouched for as no on-path injector can forge them; or Forged, counted and logged."""
+    filters = upstream.filters
+    reason = filters.verdict(upstream, reply, 0.0)
+    if reason:
+        upstream.telemetry.forgery(upstream.name, query, reason)
+        raise Forged(reason)
+    if filters.learner is not None and reply.addresses:
+        filters.learner.vouch(reply.addresses)
+    return Answer(data, reply)
 
 
 class PollutedNames:

@@ -4,7 +4,8 @@ httpx is imported only when an https:// upstream is configured, so the forwarder
 it otherwise. A server given by host name is never looked up through the system resolver:
 the request goes to its address (given in the spec, or found by a Bootstrap through the other
 upstreams) with the name in SNI, in the certificate check (httpx's `sni_hostname` request
-extension) and in the Host header.
+extension) and in the Host header. Replies are judged by the forgery filters encrypted
+transports get (forgery.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import ssl
 import time
 
 from .. import wire
-from ..forgery import EdnsState
-from .base import Answer, Telemetry, UpstreamError, matches
+from ..forgery import EdnsState, ForgeryFilters
+from .base import Answer, Telemetry, UpstreamError, judge_stream, matches
 from .bootstrap import Bootstrap
 
 MEDIA_TYPE = "application/dns-message"
@@ -27,7 +28,7 @@ class HttpsUpstream:
     transport = "https"
 
     def __init__(self, url: str, telemetry: Telemetry, ssl_context: ssl.SSLContext,
-                 hijack_threshold: float = 0.0, address: str | None = None) -> None:
+                 filters: ForgeryFilters, address: str | None = None) -> None:
         import httpx
 
         self.url = url
@@ -41,7 +42,7 @@ class HttpsUpstream:
             self.by_name = True  # needs an address or a bootstrap: never the system resolver
         self.bootstrap: Bootstrap | None = None  # how to find it otherwise (set by the caller)
         self.telemetry = telemetry
-        self.hijack_threshold = hijack_threshold
+        self.filters = filters.for_stream(encrypted=True)
         self.edns = EdnsState()
         self._httpx = httpx
         http2 = importlib.util.find_spec("h2") is not None
@@ -79,7 +80,7 @@ class HttpsUpstream:
         if reply.id != 0 or not matches(reply, query):
             raise self._error("mismatch")
         self.telemetry.latency(self.name, time.monotonic() - started)
-        return Answer(data, reply)
+        return judge_stream(self, query, data, reply)
 
     async def _post(self, body: bytes, deadline: float):
         if self.address is None and self.bootstrap is None:

@@ -5,6 +5,10 @@ server closed while idle is replaced and the query sent again once. Opening one 
 its own (the connect, then the TLS handshake): an attempt lost in a black hole fails within
 seconds and the next query tries afresh, instead of every query waiting on the kernel's SYN
 retries or a handshake that never ends.
+
+Every reply is judged by the forgery filters its transport gets (forgery.py): an on-path
+injector cannot write into the stream, but the server may hand out a poisoned answer all the
+same. A condemned reply fails the query as Forged, and the next upstream is asked.
 """
 
 from __future__ import annotations
@@ -17,8 +21,17 @@ import struct
 import time
 
 from .. import wire
-from ..forgery import EdnsState
-from .base import Answer, Telemetry, UpstreamError, hostport, matches, os_reason
+from ..forgery import EdnsState, ForgeryFilters
+from .base import (
+    Answer,
+    Forged,
+    Telemetry,
+    UpstreamError,
+    hostport,
+    judge_stream,
+    matches,
+    os_reason,
+)
 
 MAX_PENDING = 4096  # queries in flight on one connection
 # Seconds an attempt to open a connection may take, each step: far beyond a sane round trip,
@@ -111,10 +124,10 @@ class _Connection:
 
 
 class StreamUpstream:
-    def __init__(self, host: str, port: int, telemetry: Telemetry, *,
+    def __init__(self, host: str, port: int, telemetry: Telemetry, filters: ForgeryFilters, *,
                  ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
                  name: str | None = None, idle_timeout: float = 10.0,
-                 hijack_threshold: float = 0.0, error_prefix: str = "") -> None:
+                 error_prefix: str = "") -> None:
         self.host = host
         self.port = port
         self.telemetry = telemetry
@@ -123,7 +136,7 @@ class StreamUpstream:
         self.transport = "tls" if ssl_context else "tcp"
         self.name = name or f"{self.transport}://{hostport(host, port)}"
         self.idle_timeout = idle_timeout
-        self.hijack_threshold = hijack_threshold
+        self.filters = filters.for_stream(encrypted=ssl_context is not None)
         self.error_prefix = error_prefix  # "tcp-" when a UDP upstream falls back to us
         self.edns = EdnsState()
         self._conn: _Connection | None = None
@@ -181,7 +194,9 @@ class StreamUpstream:
 
     async def exchange(self, query: wire.Query, deadline: float, edns: bool = True) -> Answer:
         try:
-            return Answer(*await self._exchange(query, deadline, edns))
+            return judge_stream(self, query, *await self._exchange(query, deadline, edns))
+        except Forged:
+            raise  # counted as a forgery
         except UpstreamError as exc:
             self.telemetry.error(self.name, self.error_prefix + exc.reason)
             raise

@@ -13,7 +13,15 @@ that fails a check is discarded and we keep listening, because the injector's fo
 first and the genuine reply after it. Once a forgery is seen, the same question also goes out
 over TCP, which an injector cannot answer in-path without also forging the TCP stream; later
 queries for that name go over TCP first, and back to UDP with every defence when TCP fails
-(blocked or reset): an answer the defences accept beats a certain SERVFAIL.
+(blocked or reset): an answer the defences accept beats a certain SERVFAIL. The TCP reply is
+judged too, by the filters forgery.py gives TCP (the address lists): one they condemn counts as
+a forgery and as TCP failing, so UDP keeps listening until the deadline.
+
+A FORMERR or NOTIMP without OPT to a query with OPT (an old server, RFC 6891 section 7, or an
+injector trying to talk us out of the EDNS marker) is held like any OPT-less reply while TCP
+settles it, but longer: it is of no use to the client, and TCP confirming it lets the forwarder
+ask without OPT and remember that. When TCP cannot (it fails), it is released after the usual
+hold, unverified: the forwarder then asks this one query without OPT and remembers nothing.
 
 ICMP errors on a shared socket: the kernel reports "port unreachable" on a connected socket as
 one pending error that names no datagram, so it cannot be pinned on one query. (Linux would
@@ -35,7 +43,7 @@ import time
 from collections.abc import Awaitable
 
 from .. import wire
-from ..forgery import TEACHING_REASONS, EdnsMarker, EdnsState, ForgeryFilters
+from ..forgery import OPT_REFUSALS, TEACHING_REASONS, EdnsMarker, EdnsState, ForgeryFilters
 from .base import Answer, PollutedNames, Telemetry, UpstreamError, hostport, matches, os_reason
 from .stream import StreamUpstream
 
@@ -82,7 +90,8 @@ class UdpUpstream:
         self.hold_plain = filters.has(EdnsMarker)
         self.filters_without_opt = filters.without(EdnsMarker)  # for queries sent without OPT
         # Same server over TCP: for truncated replies and for names an injector targets.
-        self.tcp = StreamUpstream(host, port, telemetry, name=self.name, error_prefix="tcp-")
+        self.tcp = StreamUpstream(host, port, telemetry, filters, name=self.name,
+                                  error_prefix="tcp-")
         self.max_uses = max_uses
         self.max_age = max_age
         self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
@@ -104,7 +113,7 @@ class UdpUpstream:
         try:
             return await self.tcp.exchange(query, tcp_deadline, edns)
         except UpstreamError:
-            pass  # counted by the stream upstream as "tcp-<reason>"
+            pass  # counted by the stream upstream as "tcp-<reason>", or as a forgery
         return await _Exchange(self, query, edns).run(deadline)
 
     def take_socket(self) -> _Socket:
@@ -301,7 +310,7 @@ class _Exchange:
     """One query to one UDP upstream, from send to the genuine reply or the deadline."""
 
     __slots__ = ("up", "query", "edns", "filters", "loop", "result", "qid", "sent_at", "held",
-                 "hold_timer", "tcp_task", "losers")
+                 "hold_timer", "hold_ends", "tcp_task", "losers", "deadline")
 
     def __init__(self, upstream: UdpUpstream, query: wire.Query, edns: bool) -> None:
         self.up = upstream
@@ -317,11 +326,14 @@ class _Exchange:
         self.sent_at = 0.0
         self.held: tuple[bytes, wire.Reply] | None = None
         self.hold_timer: asyncio.TimerHandle | None = None
+        self.hold_ends = 0.0  # loop time the usual hold ends
+        self.deadline = 0.0
         self.tcp_task: asyncio.Task | None = None
         self.losers: list[wire.Reply] = []  # discarded replies that may teach, once beaten
 
     async def run(self, deadline: float) -> Answer:
         up = self.up
+        self.deadline = deadline
         try:
             sock = up.take_socket()
         except OSError as exc:
@@ -411,7 +423,11 @@ class _Exchange:
                 self._discard("superseded")
             self.held = (data, reply)
             if self.hold_timer is None:
-                self.hold_timer = self.loop.call_later(up.edns_grace, self._release_held)
+                self.hold_ends = self.loop.time() + up.edns_grace
+                hold = up.edns_grace
+                if reply.rcode in OPT_REFUSALS:  # see the module docstring
+                    hold = max(hold, (self.deadline - self.loop.time()) / 2)
+                self.hold_timer = self.loop.call_later(hold, self._release_held)
             self._ask_over_tcp()
             return
         self.result.set_result(self._accept(data, reply))
@@ -423,7 +439,7 @@ class _Exchange:
             # The upstream does echo OPT: the OPT-less reply we held was forged.
             self._count_forgery("no-edns")
             losers = [*losers, self.held[1]]
-        if self.filters.learner is not None:
+        if losers and self.filters.learner is not None:
             self.filters.learner.learn(losers, reply)
         if self.edns:  # a query without OPT gets a reply without one: that teaches nothing
             self.up.edns.saw_genuine(reply.opt is not None)
@@ -464,5 +480,10 @@ class _Exchange:
         if not failed:
             answer = task.result()
             self.result.set_result(self._accept(answer.data, answer.reply))
-        # Otherwise TCP failed too (the stream upstream counted it as "tcp-<reason>"): keep
-        # listening on UDP until the deadline.
+            return
+        # TCP failed too, or its reply was condemned (the stream upstream counted it): keep
+        # listening on UDP until the deadline. A held OPT refusal waits for TCP no longer.
+        held = self.held
+        if held is not None and held[1].rcode in OPT_REFUSALS and self.hold_timer is not None:
+            self.hold_timer.cancel()
+            self.hold_timer = self.loop.call_at(self.hold_ends, self._release_held)

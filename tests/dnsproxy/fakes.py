@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import socket
 import socketserver
@@ -52,6 +53,9 @@ class Behaviour:
     formerr_on_opt: bool = False  # an old server: FORMERR without OPT to a query with OPT
     tcp_reset: bool = False  # reset the TCP connection instead of answering (a middlebox)
     forged_answer: str | None = None  # the address the forgeries carry, if not the usual
+    # The answers over TCP and TLS, if not the UDP ones: a resolver poisoned at its source
+    # hands the injector's address out over a stream too.
+    stream_answers: list[str] | None = None
 
 
 @dataclass
@@ -241,6 +245,8 @@ class FakeUpstream:
                     return
                 if b.tcp_delay:
                     time.sleep(b.tcp_delay)
+                if b.stream_answers is not None:
+                    b = dataclasses.replace(b, answers=b.stream_answers)
                 reply = b.craft(data) if b.craft is not None else self.genuine(query, b)
                 conn.sendall(struct.pack(">H", len(reply)) + reply)
         except (OSError, ValueError):

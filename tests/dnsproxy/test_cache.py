@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 import pytest
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import AAAA, CNAME, NS, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from dnsproxy import wire
 from dnsproxy.metrics import Metrics
@@ -297,3 +298,56 @@ def test_lowered_max_ttl_drops_what_would_exceed_it():
     cache.cap_ttls(60)
     assert [e.ttl for e in cache.entries.values()] == [30]
     assert not cache.store(*cached("long.example", 3600))  # nor does it come back in
+
+
+# --- purge: entries carrying an address now known as forged (pure logic, no sockets) ---
+
+FORGED = "203.0.113.66"
+
+
+def _stored(cache: Cache, name: str, build) -> bytes:
+    """Store the reply `build(record, qname)` fills in for an A question about `name`."""
+    query = DNSRecord.question(name, "A")
+    record = query.reply()
+    build(record, query.q.qname)
+    data = bytes(record.pack())
+    reply = wire.parse_reply(data)
+    key = wire.question_key(reply.question) + b"\x00"
+    assert cache.store(key, wire.strip_opt(data, reply))
+    return key
+
+
+def test_purge_drops_every_entry_carrying_the_address_in_any_section():
+    cache = Cache(100, Metrics())
+    keys = {
+        "behind-cname": _stored(cache, "cdn.example", lambda r, q: (
+            r.add_answer(RR(q, QTYPE.CNAME, ttl=60, rdata=CNAME("edge.example"))),
+            r.add_answer(RR("edge.example", QTYPE.A, ttl=60, rdata=A(FORGED))))),
+        "glue": _stored(cache, "glue.example", lambda r, q: (
+            r.add_auth(RR(q, QTYPE.NS, ttl=60, rdata=NS("ns.glue.example"))),
+            r.add_answer(RR(q, QTYPE.A, ttl=60, rdata=A(GENUINE))),
+            r.add_ar(RR("ns.glue.example", QTYPE.A, ttl=60, rdata=A(FORGED))))),
+        "aaaa": _stored(cache, "six.example", lambda r, q: (
+            r.add_answer(RR(q, QTYPE.AAAA, ttl=60, rdata=AAAA("2001:db8::66"))))),
+        # The address's four bytes inside a TXT string: no A record, so it stays.
+        "bytes-in-txt": _stored(cache, "txt.example", lambda r, q: (
+            r.add_answer(RR(q, QTYPE.TXT, ttl=60, rdata=TXT(bytes([203, 0, 113, 66])))))),
+        "clean": _stored(cache, "clean.example", lambda r, q: (
+            r.add_answer(RR(q, QTYPE.A, ttl=60, rdata=A(GENUINE))))),
+    }
+    forged = {ipaddress.ip_address(FORGED).packed, ipaddress.ip_address("2001:db8::66").packed}
+    assert cache.purge(forged, "learned") == 3
+    assert set(cache.entries) == {keys["bytes-in-txt"], keys["clean"]}
+    assert cache.metrics.get("dnsproxy_cache_purged_total", why="learned") == 3
+    assert cache.bytes == sum(len(k) + len(e) for k, e in cache.entries.items())
+    # Kept out for a while: a reply judged before the address was known is not stored.
+    assert not cache.store(keys["behind-cname"], _entry_for("cdn.example", FORGED))
+    assert cache.store(keys["clean"], _entry_for("clean.example", GENUINE))
+
+
+def _entry_for(name: str, address: str) -> wire.CachedReply:
+    query = DNSRecord.question(name, "A")
+    record = query.reply()
+    record.add_answer(RR(query.q.qname, QTYPE.A, ttl=60, rdata=A(address)))
+    data = bytes(record.pack())
+    return wire.strip_opt(data, wire.parse_reply(data))

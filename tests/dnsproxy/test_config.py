@@ -133,6 +133,9 @@ allow = ["127.0.0.0/8"]
 
 [[upstream]]
 address = "tls://127.0.0.4#dns.test"
+
+[[upstream]]
+address = "127.0.0.5"
 hijack_threshold = 30
 """)
     s = build_settings(cli("--config", str(path)), {})
@@ -140,7 +143,8 @@ hijack_threshold = 30
     assert s.upstreams == [
         UpstreamSpec("udp", "127.0.0.2", 5300),
         UpstreamSpec("tcp", "127.0.0.3", 53),
-        UpstreamSpec("tls", "127.0.0.4", 853, server_name="dns.test", hijack_threshold=0.030),
+        UpstreamSpec("tls", "127.0.0.4", 853, server_name="dns.test"),
+        UpstreamSpec("udp", "127.0.0.5", 53, hijack_threshold=0.030),
     ]
     assert (s.timeout, s.cache_size, s.query_log, s.edns_marker) == (1.5, 500, True, False)
     assert s.allow == ["127.0.0.0/8"]
@@ -396,6 +400,32 @@ def test_zero_stays_allowed_where_it_means_off():
     settings = build_settings(cli("--upstream", "127.0.0.2", "--cache-size", "0",
                                   "--rate-limit", "0", "--hedge-delay", "0"), {})
     assert (settings.cache_size, settings.rate_limit, settings.hedge_delay) == (0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("spec", ["tcp://127.0.0.2", "tls://127.0.0.2#dns.test",
+                                  "https://127.0.0.2/dns-query"])
+@pytest.mark.parametrize("layer", ["command line", "environment", "cdns"])
+def test_hijack_threshold_beyond_udp_is_one_line_and_exit_2(tmp_path, safe_listen, spec, layer):
+    """No injector races a TCP, TLS or HTTPS reply: a threshold there would be silently
+    ignored, so it is refused, from the config file named on the command line or in
+    DNSPROXY_CONFIG, TOML or CDNS alike."""
+    path = tmp_path / "conf"
+    if layer == "cdns":
+        path.write_text(json.dumps({"cdns": {"servers": [
+            {"ip_port": spec, "hijack_threshold": 20}]}}))
+    else:
+        path.write_text(f'[[upstream]]\naddress = "{spec}"\nhijack_threshold = 20\n')
+    env = clean_env()
+    args = ["--listen", safe_listen]
+    if layer == "environment":
+        env["DNSPROXY_CONFIG"] = str(path)
+    else:
+        args += ["--config", str(path)]
+    line = expect_usage_error(run_dnsproxy(*args, env=env), "hijack_threshold", spec)
+    assert "UDP" in line
+    # Zero is the threshold off, which is what these transports get: accepted.
+    path.write_text(f'[[upstream]]\naddress = "{spec}"\nhijack_threshold = 0\n')
+    assert build_settings(cli("--config", str(path)), {}).upstreams[0].hijack_threshold == 0
 
 
 def test_negative_hijack_threshold_is_refused(tmp_path):

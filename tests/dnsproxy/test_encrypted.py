@@ -17,7 +17,7 @@ import uuid
 import pytest
 from dnslib import RCODE
 
-from .fakes import GENUINE, FakeUpstream, addresses, ask
+from .fakes import FORGED_LISTED, GENUINE, FakeUpstream, addresses, ask
 
 trustme = pytest.importorskip("trustme")
 
@@ -308,6 +308,53 @@ def test_dot_connect_that_never_completes_is_given_up_and_retried(black_hole, se
         assert errors == {"connect-timeout": stuck}, errors
     finally:
         dot.close()
+
+
+# --- what the forgery filters make of encrypted replies (forgery.py) ---
+
+
+@pytest.mark.parametrize("kind", ["tls", "https"])
+def test_an_encrypted_reply_with_a_listed_address_is_discarded(dot, doh, upstream,
+                                                              second_upstream, make_proxy,
+                                                              ca_file, kind):
+    """No injector reaches an encrypted reply, but the server may be poisoned at its source
+    (a domestic DoT resolver): the shipped list judges it, and the next upstream is asked."""
+    name = (f"tls://127.0.0.1:{dot.port}" if kind == "tls"
+            else f"https://127.0.0.1:{doh.port}/dns-query")
+    spec = f"{name}#{SERVER_NAME}" if kind == "tls" else name
+    upstream.rule("poisoned.example", answers=[FORGED_LISTED])
+    proxy = make_proxy("--upstream", spec, "--upstream", second_upstream.address,
+                       "--ca-file", ca_file, "--hedge-delay", "1.5")
+    assert addresses(ask(proxy.port, "poisoned.example")) == [GENUINE]
+    assert upstream.count("poisoned.example", kind) == 1
+    assert second_upstream.count("poisoned.example") == 1
+    assert proxy.metrics.get("dnsproxy_forgeries_total", upstream=name,
+                             reason="forged-address") == 1
+    assert upstream_errors(proxy, name) == {}
+
+
+def test_an_encrypted_reply_is_not_judged_by_learned_addresses_nor_unlearns_them(
+        dot, upstream, second_upstream, make_proxy, ca_file):
+    """An address learned over UDP (here one an injector got learned, real for another name)
+    does not condemn a DoT reply, the one path the injector cannot touch: that answer is
+    served. Nor does the DoT reply unlearn it: a lying DoT resolver must not erase what was
+    caught over UDP."""
+    spec = f"tls://127.0.0.1:{dot.port}#{SERVER_NAME}"
+    proxy = make_proxy("--upstream", second_upstream.address, "--upstream", spec,
+                       "--ca-file", ca_file)
+    second_upstream.rule("bait.example", answers=["192.0.2.20"], forgeries=("no-edns",),
+                         forged_answer=GENUINE, delay=0.05)
+    assert addresses(ask(proxy.port, "bait.example")) == ["192.0.2.20"]
+    learned = proxy.service.learned.forged
+    assert len(learned) == 1  # GENUINE: never carried by a TCP or TLS reply before
+    # The UDP upstream's answers with GENUINE are condemned now, over UDP and TCP alike; the
+    # DoT upstream (the same brain) answers with it and is believed.
+    assert addresses(ask(proxy.port, "real.example")) == [GENUINE]
+    assert upstream.count("real.example", "tls") == 1
+    assert proxy.metrics.get("dnsproxy_forgeries_total", upstream=second_upstream.address,
+                             reason="learned-address") == 2
+    proxy.sync()
+    assert len(learned) == 1
 
 
 # --- DNS over HTTPS ---

@@ -154,3 +154,70 @@ def test_forged_replies_are_never_cached(upstream, make_proxy):
     assert addresses(cached) == [GENUINE]
     assert [line["reason"] for line in proxy.log_lines() if "rcode" in line] == [
         "forwarded", "cached"]
+
+
+# --- the address lists judge TCP replies too ---
+
+
+def forgery_lines(proxy) -> list[tuple[str, str]]:
+    return [(line["upstream"], line["reason"]) for line in proxy.log_lines()
+            if line.get("event") == "forgery"]
+
+
+def test_tcp_upstream_reply_with_a_listed_address_is_discarded(upstream, second_upstream,
+                                                               make_proxy):
+    """A resolver asked over TCP hands out the injector's address as well as over UDP when
+    its own cache was poisoned: the reply is discarded, counted, and the next upstream asked
+    at once (no hedge delay to wait out), and it costs the first no health."""
+    upstream.rule("poisoned.example", answers=[FORGED_LISTED])
+    proxy = make_proxy("--upstream", f"tcp://{upstream.address}",
+                       "--upstream", second_upstream.address, "--hedge-delay", "1.5")
+    assert addresses(ask(proxy.port, "poisoned.example")) == [GENUINE]
+    assert second_upstream.count("poisoned.example") == 1
+    assert forgery_lines(proxy) == [(f"tcp://{upstream.address}", "forged-address")]
+    assert upstream_errors(proxy) == 0
+    first = proxy.service.forwarding.forwarder.upstreams[0]
+    assert proxy.service.forwarding.forwarder.health[id(first)].failures == 0
+
+
+def test_tcp_retry_reply_with_a_listed_address_keeps_udp_listening(upstream, make_proxy):
+    """An OPT-less forgery sends the question over TCP at once; TCP's reply carries a listed
+    address (a resolver poisoned at its source): discarded, and the genuine UDP reply that
+    follows is the answer, as when TCP fails."""
+    proxy = make_proxy("--upstream", upstream.address)
+    teach_edns(proxy, upstream)
+    upstream.rule("blocked.example", forgeries=("no-edns",), delay=0.3,
+                  stream_answers=[FORGED_LISTED])
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert upstream.count("blocked.example", "tcp") == 1
+    assert forgery_lines(proxy) == [(upstream.address, "no-edns"),
+                                    (upstream.address, "forged-address")]
+
+
+def test_tcp_first_reply_with_a_listed_address_falls_back_to_udp(upstream, make_proxy):
+    """A polluted name is asked over TCP first; a condemned TCP reply is TCP failing: UDP,
+    with every defence, still brings the genuine answer."""
+    proxy = make_proxy("--upstream", upstream.address, "--cache-size", "0")
+    teach_edns(proxy, upstream)
+    upstream.rule("blocked.example", forgeries=("no-edns",), delay=0.3, tcp_delay=0.6)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]  # now polluted
+    upstream.rule("blocked.example", stream_answers=[FORGED_LISTED])
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert upstream.count("blocked.example", "tcp") == 2
+    assert upstream.count("blocked.example", "udp") == 2
+    assert forgeries(proxy, "forged-address") == 1
+
+
+def test_the_operator_list_judges_tcp_replies(upstream, second_upstream, make_proxy, tmp_path):
+    listed = tmp_path / "forged.txt"
+    listed.write_text(f"{FORGED_UNLISTED}\n")
+    upstream.rule("poisoned.example", answers=[FORGED_UNLISTED])
+    proxy = make_proxy("--upstream", f"tcp://{upstream.address}",
+                       "--upstream", second_upstream.address, "--forged-addresses-file",
+                       str(listed))
+    assert addresses(ask(proxy.port, "poisoned.example")) == [GENUINE]
+    assert forgeries(proxy, "forged-address") == 1
+
+
+def upstream_errors(proxy) -> float:
+    return proxy.metrics.total("dnsproxy_upstream_errors_total")

@@ -90,3 +90,49 @@ def test_forged_formerr_before_anything_is_learned(upstream, make_proxy):
     assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
     assert addresses(ask(proxy.port, "after.example")) == [GENUINE]
     assert all(s.has_opt for s in upstream.seen)
+
+
+@pytest.mark.parametrize("tcp", [pytest.param("refused", id="tcp-refused"),
+                                 pytest.param("slow", id="tcp-slower-than-the-hold")])
+def test_upstream_that_rejects_opt_answers_clients_when_tcp_cannot_confirm_in_time(
+        upstream, make_proxy, tcp):
+    """An old server FORMERRs every query with OPT, nothing is learned of it yet, and TCP
+    (which would confirm the FORMERR out of an injector's reach) is blocked or slower than the
+    usual hold. Every client still gets its answer. A held FORMERR waits for TCP (it is of no
+    use to the client): when TCP confirms, no OPT is remembered and answers are cached; when
+    TCP cannot, each query is asked again without OPT, unverified, and nothing is remembered."""
+    upstream.default.formerr_on_opt = True
+    if tcp == "refused":
+        upstream.close_tcp()
+    else:
+        upstream.default.tcp_delay = 0.7  # the hold is 0.5 s
+    proxy = make_proxy("--upstream", upstream.address)
+    for i in range(3):
+        reply = ask(proxy.port, f"old{i}.example")
+        assert reply.header.rcode == RCODE.NOERROR
+        assert addresses(reply) == [GENUINE]
+    edns = proxy.service.forwarding.forwarder.upstreams[0].edns
+    if tcp == "refused":  # unconfirmed: OPT every time, nothing cached
+        assert edns.no_opt_until == 0
+        assert [s.has_opt for s in upstream.seen] == [True, False] * 3
+        assert ask(proxy.port, "old0.example").header.rcode == RCODE.NOERROR
+        assert upstream.count("old0.example", "udp") == 4
+    else:  # confirmed over TCP once: remembered
+        assert edns.no_opt_until > 0
+        assert [(s.transport, s.has_opt) for s in upstream.seen] == [
+            ("udp", True), ("tcp", True), ("udp", False), ("udp", False), ("udp", False)]
+
+
+def test_forged_formerr_with_tcp_blocked_does_not_talk_the_forwarder_out_of_opt(upstream,
+                                                                                  make_proxy):
+    """The injector forges a FORMERR and blocks TCP, before anything is learned: the genuine
+    reply still wins, and OPT stays."""
+    upstream.close_tcp()
+    proxy = make_proxy("--upstream", upstream.address)
+    upstream.rule("blocked.example", forgeries=("formerr",), delay=0.05)
+    assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
+    assert forgeries(proxy, "no-edns") == 1
+    assert addresses(ask(proxy.port, "after.example")) == [GENUINE]
+    assert all(s.has_opt for s in upstream.seen)
+    assert proxy.service.forwarding.forwarder.upstreams[0].edns.no_opt_until == 0
+
