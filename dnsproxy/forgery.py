@@ -142,12 +142,15 @@ class LearnedAddresses:
 
     # --- kept in the state directory ---
 
+    def snapshot(self) -> tuple[list[bytes], list[bytes]]:
+        """The learned and the genuine addresses, for `write_learned` in a thread; taken on
+        the event loop in under a millisecond. Through dict's own views: walking the
+        OrderedDicts' linked lists took 7 ms at 65k addresses. The genuine ones thus come in
+        the order first seen rather than last seen."""
+        return list(dict.keys(self.addresses)), list(dict.keys(self.genuine))
+
     def save(self, path: str) -> None:
-        """Atomically (a temporary file renamed over the old one), as the cache file is."""
-        doc = {"version": 1,
-               "learned": [str(ipaddress.ip_address(a)) for a in self.addresses],
-               "genuine": [str(ipaddress.ip_address(a)) for a in self.genuine]}
-        write_atomically(path, json.dumps(doc, separators=(",", ":")).encode())
+        write_learned(path, *self.snapshot())
 
     def load(self, path: str) -> int:
         """Read a saved file; a missing one is no news, a damaged one ignored with one warning
@@ -169,6 +172,14 @@ class LearnedAddresses:
             if address not in self.genuine:
                 self.addresses[address] = None
         return len(self.addresses)
+
+
+def write_learned(path: str, learned: list[bytes], genuine: list[bytes]) -> None:
+    """Atomically (a temporary file renamed over the old one), as the cache file is."""
+    doc = {"version": 1,
+           "learned": [str(ipaddress.ip_address(a)) for a in learned],
+           "genuine": [str(ipaddress.ip_address(a)) for a in genuine]}
+    write_atomically(path, json.dumps(doc, separators=(",", ":")).encode())
 
 
 class ForgedAddresses:
