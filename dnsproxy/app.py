@@ -453,7 +453,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 async def serve(settings: Settings, cli_overrides: dict | None = None,
@@ -462,6 +461,7 @@ async def serve(settings: Settings, cli_overrides: dict | None = None,
     service = Service(settings, cli_overrides, reuse_port)
     await service.start()
     tune_gc()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.stopping.set)

@@ -172,7 +172,7 @@ def load(cache: Cache, path: str) -> int:
     wall, mono = time.time(), cache.clock()
     grace = cache.max_stale if cache.serve_stale else 0
     kept = 0
-    for key, entry in entries:  # least recently used first, as they were
+    for key, entry in entries:  # in the file's order: least recently stored first
         age = max(wall - entry.stored, 0.0)  # a clock set back makes nothing younger
         if age < entry.ttl + grace:
             kept += cache.store(key, entry, stored=mono - age)
