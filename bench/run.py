@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """dnsproxy side by side with its peers: the entry point of `make bench`.
 
-Two workloads, selectable with --workloads:
+Three workloads, selectable with --workloads:
 
 - saturation (workloads.py): dnsproxy, dnsmasq and unbound on 127.0.0.1, forwarding to one local
   upstream, driven by dnsperf as fast as they go (cache hits, cache misses, a latency probe),
   then dnsproxy's memory, its forgery defences' cost and the appliance container;
 - household (household.py): a Zipf-shaped stream at a household's pace against dnsproxy,
   dnsmasq, unbound and smartdns with their stale-serving and prefetch features, through an
-  upstream in a network namespace behind a netem delay, with a restart mid-stream. Needs root.
+  upstream in a network namespace behind a netem delay, with a restart mid-stream. Needs root;
+- stall (stall.py): how long dnsproxy's event loop stands still, seen by a steady stream of
+  cache hits, while it saves 100k cached entries and reloads lists of 100k names.
 
 The report goes to stdout and bench/results/latest.md (with the household plots beside it).
 This file only parses the options and runs the parts in order; see bench/README.md.
@@ -28,12 +30,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python bench/run.py): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import household, report
+from bench import household, report, stall
 from bench.servers import ROOT, BenchError, Fleet, say
 from bench.workloads import Cpus, Saturation
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
-WORKLOADS = ("saturation", "household")
+WORKLOADS = ("saturation", "household", "stall")
 SATURATION_SERVERS = ("dnsproxy", "dnsmasq", "unbound")
 
 
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a smoke run: saturation 1 round of 2 s, 10k names cached; household at "
                    "40 ms only, 5 s warm-up, 20 s measured, 15 s after the restart")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help="comma-separated subset of saturation,household")
+                   help="comma-separated subset of saturation,household,stall")
     p.add_argument("--output", type=Path, default=RESULTS,
                    help="where the markdown goes (the plots go beside it)")
     p.add_argument("--no-pin", dest="pin", action="store_false",
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             if "household" in args.workloads:
                 household.run(settings_of(args), args.household_delay, fleet, out.emit,
                               args.output.parent)
+            if "stall" in args.workloads:
+                out.emit(*stall.section(stall.run(stall.Settings(), fleet, Path(tmp))))
             if report.source_digest() != digest:
                 say("warning: dnsproxy's sources changed during the run")
                 out.emit("**Warning**: dnsproxy's sources changed during this run; servers "

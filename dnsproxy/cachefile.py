@@ -1,9 +1,9 @@
 """The cache kept across restarts: `cache.bin` in the state directory.
 
 A restart (a new image, a host reboot) would otherwise start every household name with a
-miss. The file holds the cache's entries as they are in memory, least recently used first, with
-each entry's time of storing turned from the monotonic clock (meaningless in another process)
-into Unix time, so a later start can age the TTLs by the time that has passed.
+miss. The file holds the cache's entries as they are in memory, with each entry's time of
+storing turned from the monotonic clock (meaningless in another process) into Unix time, so a
+later start can age the TTLs by the time that has passed.
 
 Format, version 1, all integers big-endian:
 
@@ -16,6 +16,7 @@ Format, version 1, all integers big-endian:
          entry: a wire.CachedReply whose `stored` field is Unix time)
     crc32     u32       of every byte before it
 
+The entries are in the order they were stored, least recently stored first (see `snapshot`).
 A file that is truncated, damaged (bad checksum, an entry that does not parse as the reply to
 its key) or foreign (other magic or version) is ignored as a whole with one warning: a cache is
 only worth what it saves, never a reason not to start. Only what the cache held is written,
@@ -29,6 +30,7 @@ import os
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 
 from . import wire
 from .stages.cache import Cache
@@ -52,18 +54,56 @@ def path_in(state_dir: str) -> str:
     return os.path.join(state_dir, FILE_NAME)
 
 
-def save(cache: Cache, path: str) -> int:
-    """Write the cache atomically (a temporary file renamed over the old one, so a crash
-    mid-write leaves the previous file whole); the number of entries written."""
-    wall, mono = time.time(), cache.clock()
-    parts = [HEAD.pack(MAGIC, VERSION, len(cache.entries))]
-    for key, entry in cache.entries.items():
+@dataclass(frozen=True)
+class Snapshot:
+    """The cache's entries at one moment, and that moment on both clocks: what `write` needs,
+    so it can run in a thread while the cache goes on changing."""
+
+    keys: list[bytes]
+    entries: list[wire.CachedReply]  # immutable bytes: references, not copies
+    wall: float  # time.time() ...
+    mono: float  # ... and the cache's clock, at the same moment
+
+
+def snapshot(cache: Cache) -> Snapshot:
+    """Taken on the event loop: two lists of references, about 2 ms at 100k entries.
+
+    Read through dict's own views, in the order entries were stored, not the LRU order the
+    OrderedDict keeps in its linked list: walking that costs a lookup per entry, 20-50 ms at
+    100k once hits have shuffled it, and every query would wait meanwhile. A restart thus
+    begins with the least recently stored first; the first hit moves an entry back to the end.
+    """
+    entries = cache.entries
+    return Snapshot(list(dict.keys(entries)), list(dict.values(entries)), time.time(),
+                    cache.clock())
+
+
+def encode(snap: Snapshot) -> bytearray:
+    """The file's bytes, each entry's time of storing turned into Unix time. Grown in place
+    rather than joined from a list of 300k parts: in a thread, a list that size is what the
+    garbage collector, run by whichever thread allocates, walks while holding the GIL."""
+    wall, mono = snap.wall, snap.mono
+    item = ITEM.pack
+    out = bytearray(HEAD.pack(MAGIC, VERSION, len(snap.keys)))
+    for key, entry in zip(snap.keys, snap.entries, strict=True):
         shifted = entry.stamped(wall - (mono - entry.stored))
-        parts += [ITEM.pack(len(key), len(shifted)), key, shifted]
-    data = b"".join(parts)
-    data += CRC.pack(zlib.crc32(data))
-    write_atomically(path, data)
-    return len(cache.entries)
+        out += item(len(key), len(shifted))
+        out += key
+        out += shifted
+    out += CRC.pack(zlib.crc32(out))
+    return out
+
+
+def write(snap: Snapshot, path: str) -> int:
+    """Write a snapshot atomically (a temporary file renamed over the old one, so a crash
+    mid-write leaves the previous file whole); the number of entries written."""
+    write_atomically(path, encode(snap))
+    return len(snap.keys)
+
+
+def save(cache: Cache, path: str) -> int:
+    """Snapshot and write at once, for callers with no event loop to spare."""
+    return write(snapshot(cache), path)
 
 
 def parse(data: bytes) -> list[tuple[bytes, wire.CachedReply]]:
@@ -132,7 +172,7 @@ def load(cache: Cache, path: str) -> int:
     wall, mono = time.time(), cache.clock()
     grace = cache.max_stale if cache.serve_stale else 0
     kept = 0
-    for key, entry in entries:  # least recently used first, as they were
+    for key, entry in entries:  # in the file's order: least recently stored first
         age = max(wall - entry.stored, 0.0)  # a clock set back makes nothing younger
         if age < entry.ttl + grace:
             kept += cache.store(key, entry, stored=mono - age)

@@ -19,8 +19,11 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import heapq
+import io
 import re
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 DOMESTIC = "domestic"
@@ -30,6 +33,7 @@ _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\Z")  # one match per name, not one per label
 DNSMASQ_KEYS = ("server", "ipset", "nftset")  # the ones domain lists ship as
 GFWLIST_HEADER = "[AutoProxy"
+SORT_STEP = 2048  # ranges sorted at once, then merged: a short hold of the GIL each
 
 
 class ListError(ValueError):
@@ -104,11 +108,15 @@ class DomainLists:
 
 
 def _decode_gfwlist(text: str) -> str:
-    """gfwlist ships base64-encoded; a file that decodes to an AutoProxy list is read as such."""
-    compact = "".join(text.split())
-    if not compact or GFWLIST_HEADER in text[:200]:
+    """gfwlist ships base64-encoded; a file that decodes to an AutoProxy list is read as such.
+    Judged by its head first: a plain list of 100k names is never split and joined whole."""
+    if GFWLIST_HEADER in text[:200]:
         return text
-    if len(compact) % 4 or not re.fullmatch(r"[A-Za-z0-9+/=]+", compact[:4096]):
+    head = "".join(text.lstrip()[:4096].split())
+    if not head or not re.fullmatch(r"[A-Za-z0-9+/=]+", head):
+        return text
+    compact = "".join(text.split())
+    if len(compact) % 4:
         return text
     try:
         decoded = base64.b64decode(compact, validate=True).decode("utf-8")
@@ -143,13 +151,19 @@ def _gfwlist_host(line: str) -> str | None:
     return host.split(":", 1)[0]
 
 
-def domain_lines(path: str, text: str) -> tuple[list[tuple[int, str]], int]:
-    """(line number, name) for every name in a domain file, and the number of skipped rules."""
-    names: list[tuple[int, str]] = []
-    skipped = 0
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) one at a time. A reload parses in a thread that shares the GIL with
+    the event loop: splitlines() on 100k lines is one call holding it for milliseconds, and a
+    list of 100k tuples is what the garbage collector walks, holding it too."""
+    return enumerate(io.StringIO(text, newline=None), 1)
+
+
+def domain_lines(path: str, text: str, loaded: Loaded) -> Iterator[tuple[int, str]]:
+    """(line number, name) for every name in a domain file, one at a time; the rules skipped
+    are counted in `loaded`."""
     text = _decode_gfwlist(text)
     gfwlist = text.lstrip().startswith(GFWLIST_HEADER)
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in _lines(text):
         line = raw.strip()
         if gfwlist and line.startswith(("!", "[")):
             continue  # AutoProxy comments and header: "#" is not a comment there
@@ -162,18 +176,19 @@ def domain_lines(path: str, text: str) -> tuple[list[tuple[int, str]], int]:
             parts = value.strip().split("/")
             if len(parts) < 3 or parts[0] != "" or not any(parts[1:-1]):
                 raise ListError(f"{path}:{number}: expected {key.strip()}=/name/...")
-            names += [(number, name) for name in parts[1:-1] if name]
+            for name in parts[1:-1]:
+                if name:
+                    yield number, name
             continue
         if sep:
             raise ListError(f"{path}:{number}: unknown dnsmasq option {key.strip()!r}")
         if line[0] in "|.!@[/" or "*" in line or (gfwlist and "/" in line):
             host = _gfwlist_host(line)
             if host is None:
-                skipped += 1
+                loaded.skipped += 1
                 continue
             line = host
-        names.append((number, line))
-    return names, skipped
+        yield number, line
 
 
 def _read(path: str, what: str) -> str:
@@ -207,11 +222,16 @@ def parse_range(text: str) -> tuple[int, int, int]:
     return start, start | host, version
 
 
-def _merged(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Sorted, overlapping or adjacent ranges joined: one bisection finds any address."""
+def _merged(packed: list[int], bits: int) -> tuple[list[int], list[int]]:
+    """Sorted, overlapping or adjacent ranges joined: one bisection finds any address. Each
+    range comes packed in one int (`first << bits | last`: no tuples for the collector to
+    walk), sorted in steps and merged, so no single call holds the GIL long."""
+    mask = (1 << bits) - 1
+    runs = [sorted(packed[i:i + SORT_STEP]) for i in range(0, len(packed), SORT_STEP)]
     starts: list[int] = []
     ends: list[int] = []
-    for start, end in sorted(pairs):
+    for pair in heapq.merge(*runs):
+        start, end = pair >> bits, pair & mask
         if ends and start <= ends[-1] + 1:
             if end > ends[-1]:
                 ends[-1] = end
@@ -229,20 +249,19 @@ def load(domestic_domains: list[str] = (), foreign_domains: list[str] = (),
     # Domestic first, foreign after: a name on both ends up foreign (see the module's doc).
     for group, paths in ((DOMESTIC, domestic_domains), (FOREIGN, foreign_domains)):
         for path in paths:
-            names, skipped = domain_lines(path, _read(path, f"{group} domains"))
-            loaded.skipped += skipped
+            text = _read(path, f"{group} domains")
             loaded.files.append(path)
-            for number, name in names:
+            for number, name in domain_lines(path, text, loaded):
                 try:
                     lists.groups[to_wire(name)] = group
                 except ValueError as exc:
                     raise ListError(f"{path}:{number}: {exc}") from None
     loaded.domains = len(lists.groups)
-    v4: list[tuple[int, int]] = []
-    v6: list[tuple[int, int]] = []
+    v4: list[int] = []
+    v6: list[int] = []
     for path in domestic_ips:
         loaded.files.append(path)
-        for number, raw in enumerate(_read(path, "domestic ranges").splitlines(), 1):
+        for number, raw in _lines(_read(path, "domestic ranges")):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
@@ -250,8 +269,11 @@ def load(domestic_domains: list[str] = (), foreign_domains: list[str] = (),
                 start, end, version = parse_range(line)
             except ValueError:
                 raise ListError(f"{path}:{number}: not an address range: {line!r}") from None
-            (v4 if version == 4 else v6).append((start, end))
+            if version == 4:
+                v4.append(start << 32 | end)
+            else:
+                v6.append(start << 128 | end)
             loaded.ranges += 1
-    lists.v4 = _merged(v4)
-    lists.v6 = _merged(v6)
+    lists.v4 = _merged(v4, 32)
+    lists.v6 = _merged(v6, 128)
     return lists

@@ -42,14 +42,15 @@ therefore shielded from learning when a reply the defences can vouch for carried
 3. A UDP reply that merely passed the filters shields nothing: a forgery shaped like a genuine
    reply passes them too, and would shield the very address a later provable forgery exposes.
 
-A learned address is never unlearned by a reply, whatever its transport: the TCP reply that
-carries it is discarded (it cannot vouch for what the filters condemn), and an encrypted reply
-carrying it is served but teaches nothing, since a lying domestic DoT resolver could otherwise
-erase what was caught on the UDP path. What protects a real address is the shield above (taken
-before any forgery used it), the learned list's bound (the oldest of 4096 go first), and, when
-an encrypted upstream is configured, that its answers are not judged by the learned list. The
-trade-off is deliberate: an address a forgery was proven to carry is the strongest evidence the
-forwarder ever has; a plaintext reply that contradicts it may come from a poisoned resolver.
+A learned address is unlearned only by the trusted group's encrypted upstreams (TLS, HTTPS):
+their reply carrying it is served, since the learned list does not judge that channel, and it
+takes the address off the list and shields it (`vouch(..., unlearn=True)`, counted and logged).
+Neither an on-path injector nor a poisoned resolver can speak there, so this is how a real
+address an injector managed to get learned heals itself. A plaintext reply never unlearns: the
+TCP reply carrying a learned address is discarded (a domestic resolver hands out over TCP the
+very answer the injector gave it over UDP), and the domestic group vouches for nothing at all.
+Without an encrypted upstream, what protects a real address is the shield above (taken before
+any forgery used it) and the learned list's bound (the oldest of 4096 go first).
 
 Only the trusted group teaches and shields (`ForgeryFilters.learner`): the domestic group's
 accepted answers for blocked names are poisoned at their source, so they vouch for nothing.
@@ -77,6 +78,7 @@ TEACHING_REASONS = frozenset({"no-edns", "too-fast"})
 # What the learned-address file says: version 1 counted every verified reply as a shield, slipped
 # forgeries included, so its shields are not read (its learned addresses are).
 LEARNED_VERSION = 2
+JSON_STEP = 2048  # addresses encoded at once in the learned file
 
 log = logging.getLogger("dnsproxy")
 
@@ -154,13 +156,15 @@ class LearnedAddresses:
     """
 
     def __init__(self, size: int = 4096, genuine_size: int = 65536,
-                 on_learn: Callable[[bytes], None] | None = None) -> None:
+                 on_learn: Callable[[bytes], None] | None = None,
+                 on_unlearn: Callable[[bytes], None] | None = None) -> None:
         self.size = size
         self.genuine_size = genuine_size
         self.addresses: OrderedDict[bytes, None] = OrderedDict()  # oldest learned first
         # Carried by a reply over TCP, TLS or HTTPS the filters accepted; least lately first.
         self.genuine: OrderedDict[bytes, None] = OrderedDict()
         self.on_learn = on_learn
+        self.on_unlearn = on_unlearn
 
     def __contains__(self, address: bytes) -> bool:
         return address in self.addresses
@@ -168,13 +172,18 @@ class LearnedAddresses:
     def __len__(self) -> int:
         return len(self.addresses)
 
-    def vouch(self, addresses: Iterable[bytes]) -> None:
+    def vouch(self, addresses: Iterable[bytes], unlearn: bool = False) -> None:
         """What an accepted reply over a channel no on-path injector can forge carried: never
-        learned from now on. A learned address stays learned (see the module docstring)."""
+        learned from now on. A learned address stays learned unless `unlearn` (an encrypted
+        reply of the trusted group; see the module docstring)."""
         genuine, learned = self.genuine, self.addresses
         for address in addresses:
             if address in learned:
-                continue
+                if not unlearn:
+                    continue
+                del learned[address]
+                if self.on_unlearn is not None:
+                    self.on_unlearn(address)
             genuine[address] = None
             genuine.move_to_end(address)
         while len(genuine) > self.genuine_size:
@@ -201,12 +210,12 @@ class LearnedAddresses:
 
     # --- kept in the state directory ---
 
-    def save(self, path: str) -> None:
-        """Atomically (a temporary file renamed over the old one), as the cache file is."""
-        doc = {"version": LEARNED_VERSION,
-               "learned": [str(ipaddress.ip_address(a)) for a in self.addresses],
-               "genuine": [str(ipaddress.ip_address(a)) for a in self.genuine]}
-        write_atomically(path, json.dumps(doc, separators=(",", ":")).encode())
+    def snapshot(self) -> tuple[list[bytes], list[bytes]]:
+        """The learned and the genuine addresses, for `write_learned` in a thread; taken on
+        the event loop in under a millisecond. Through dict's own views: walking the
+        OrderedDicts' linked lists took 7 ms at 65k addresses. The genuine ones thus come in
+        the order first seen rather than last seen."""
+        return list(dict.keys(self.addresses)), list(dict.keys(self.genuine))
 
     def load(self, path: str) -> int:
         """Read a saved file; a missing one is no news, a damaged one ignored with one warning
@@ -231,6 +240,20 @@ class LearnedAddresses:
             if address not in self.genuine:
                 self.addresses[address] = None
         return len(self.addresses)
+
+
+def write_learned(path: str, learned: list[bytes], genuine: list[bytes]) -> None:
+    """Atomically (a temporary file renamed over the old one), as the cache file is. Run by the
+    writer thread: the JSON is encoded a slice at a time, since json.dumps of 65k addresses in
+    one call held the GIL, and so the event loop, 13 ms."""
+    def array(addresses: list[bytes]) -> str:
+        texts = [str(ipaddress.ip_address(a)) for a in addresses]
+        return "[" + ",".join(json.dumps(texts[i:i + JSON_STEP], separators=(",", ":"))[1:-1]
+                              for i in range(0, len(texts), JSON_STEP)) + "]"
+
+    doc = (f'{{"version":{LEARNED_VERSION},"learned":{array(learned)},'
+           f'"genuine":{array(genuine)}}}')
+    write_atomically(path, doc.encode())
 
 
 class ForgedAddresses:

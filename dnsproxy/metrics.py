@@ -36,6 +36,8 @@ HELP = {
     "dnsproxy_forged_learned": "Forged addresses learned from replies that lost to a genuine "
                                "one, used like the shipped list.",
     "dnsproxy_forged_learned_total": "Addresses added to the learned forged list.",
+    "dnsproxy_forged_unlearned_total": "Learned forged addresses taken off the list by an "
+                                       "encrypted upstream's answer.",
     "dnsproxy_overload_total": "Queries not taken on because too many were in flight.",
 }
 

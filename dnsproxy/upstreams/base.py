@@ -73,6 +73,7 @@ class StreamView(Protocol):
     """What `judge_stream` needs of a TCP, TLS or HTTPS upstream."""
 
     name: str
+    transport: str  # tcp, tls or https
     edns: EdnsState
     telemetry: Telemetry
     filters: ForgeryFilters  # as ForgeryFilters.for_stream gives them
@@ -82,14 +83,15 @@ def judge_stream(upstream: StreamView, query: wire.Query, data: bytes,
                  reply: wire.Reply) -> Answer:
     """A reply over TCP, TLS or HTTPS through the filters of its transport (the same verdict
     UDP replies get, with the filters forgery.py gives streams): the answer, whose addresses
-    are vouched for as no on-path injector can forge them; or Forged, counted and logged."""
+    are vouched for as no on-path injector can forge them (and, over TLS or HTTPS, taken off
+    the learned list); or Forged, counted and logged."""
     filters = upstream.filters
     reason = filters.verdict(upstream, reply, 0.0)
     if reason:
         upstream.telemetry.forgery(upstream.name, query, reason)
         raise Forged(reason)
     if filters.learner is not None and reply.addresses:
-        filters.learner.vouch(reply.addresses)
+        filters.learner.vouch(reply.addresses, unlearn=upstream.transport != "tcp")
     return Answer(data, reply)
 
 

@@ -34,9 +34,9 @@ def test_dnsperf_output_is_read():
     assert not perf.exhausted
 
 
-def test_defaults_run_both_workloads_and_both_delays():
+def test_defaults_run_every_workload_and_both_delays():
     args = run.parse_args([])
-    assert args.workloads == ["saturation", "household"]
+    assert args.workloads == ["saturation", "household", "stall"]
     assert args.household_delay == [40.0, 150.0]
     assert (args.household_seconds, args.restart_window) == (120.0, 60.0)
 

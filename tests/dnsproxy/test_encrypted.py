@@ -333,12 +333,12 @@ def test_an_encrypted_reply_with_a_listed_address_is_discarded(dot, doh, upstrea
     assert upstream_errors(proxy, name) == {}
 
 
-def test_an_encrypted_reply_is_not_judged_by_learned_addresses_nor_unlearns_them(
+def test_an_encrypted_reply_is_not_judged_by_learned_addresses_and_unlearns_them(
         dot, upstream, second_upstream, make_proxy, ca_file):
     """An address learned over UDP (here one an injector got learned, real for another name)
     does not condemn a DoT reply, the one path the injector cannot touch: that answer is
-    served. Nor does the DoT reply unlearn it: a lying DoT resolver must not erase what was
-    caught over UDP."""
+    served, and it takes the address off the learned list, so the plain upstreams may answer
+    with it again (a real address an injector got blacklisted heals itself)."""
     spec = f"tls://127.0.0.1:{dot.port}#{SERVER_NAME}"
     proxy = make_proxy("--upstream", second_upstream.address, "--upstream", spec,
                        "--ca-file", ca_file)
@@ -354,7 +354,11 @@ def test_an_encrypted_reply_is_not_judged_by_learned_addresses_nor_unlearns_them
     assert proxy.metrics.get("dnsproxy_forgeries_total", upstream=second_upstream.address,
                              reason="learned-address") == 2
     proxy.sync()
-    assert len(learned) == 1
+    assert len(learned) == 0
+    assert proxy.metrics.get("dnsproxy_forged_unlearned_total") == 1
+    # Unlearned and shielded: the UDP upstream's answer carrying it is taken at once.
+    assert addresses(ask(proxy.port, "again.example")) == [GENUINE]
+    assert upstream.count("again.example", "tls") == 0
 
 
 # --- DNS over HTTPS ---

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from dnsproxy.forgery import LearnedAddresses
+from dnsproxy.forgery import LearnedAddresses, write_learned
 
 from .fakes import FORGED_UNLISTED, GENUINE, FakeUpstream, ProxyThread, addresses, ask
 from .test_forgery import forgeries, teach_edns
@@ -167,7 +167,7 @@ def test_a_version_1_file_keeps_its_learned_addresses_not_its_shields(tmp_path):
     assert learner.load(str(path)) == 1
     assert FORGED_UNLISTED in {str(ipaddress.ip_address(a)) for a in learner.addresses}
     assert not learner.genuine
-    learner.save(str(path))
+    write_learned(str(path), *learner.snapshot())
     saved = json.loads(path.read_text())
     assert (saved["version"], saved["learned"], saved["genuine"]) == (2, [FORGED_UNLISTED], [])
     assert LearnedAddresses().load(str(path)) == 1
