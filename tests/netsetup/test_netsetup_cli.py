@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from netsetup import state
 from netsetup.cli import status_rows
 from netsetup.deploy import compose_env
 from netsetup.hostnet import HostRoute, ProxyNeighbour
@@ -29,8 +30,9 @@ NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 
 def host_snapshot() -> tuple:
     """What a refused `up` could have changed: our firewall pieces, the project's containers and
-    networks, IPv4 forwarding, the state file. (Narrower than a whole-host dump, so that other
-    work on the same engine does not make the comparison flaky.)"""
+    networks, IPv4 forwarding, the deployment record and the service's report, where the code
+    keeps them (the CLI runs with this process's environment). (Narrower than a whole-host
+    dump, so that other work on the same engine does not make the comparison flaky.)"""
     fw = [
         line
         for cmd in (["iptables-nft-save"], ["iptables-legacy-save"])
@@ -46,8 +48,9 @@ def host_snapshot() -> tuple:
         ).stdout
         for kind in ("container", "network")
     ]
-    state = Path("/run/netsetup") / f"{PROJECT}.json"
-    return fw, docker, Path("/proc/sys/net/ipv4/ip_forward").read_text(), state.exists()
+    files = [path.read_text() if path.exists() else None
+             for path in (state.path_for(PROJECT), state.sync_path_for(PROJECT))]  # fmt: skip
+    return fw, docker, Path("/proc/sys/net/ipv4/ip_forward").read_text(), files
 
 
 def run_cli(*args: str, env: dict | None = None, user: str | None = None):
