@@ -277,8 +277,6 @@ def wait_healthy(
         if last is not None:
             if last.health in ("healthy", "running"):
                 return last
-            if last.health in ("exited", "dead", "unhealthy"):
-                break
             same = before is not None and before.container_id == last.container_id
             restarts = last.restarts - (before.restarts if before and same else 0)
             if restarts > 0:
@@ -286,6 +284,8 @@ def wait_healthy(
                     f"service {settings.service} exits after it starts (restarted {restarts} "
                     f"times): see `docker logs {last.container_name}`"
                 )
+            if last.health in ("exited", "dead", "unhealthy"):
+                break
         time.sleep(1)
     state = last.health if last else "missing"
     raise DeployFailed(f"service {settings.service} is {state} after deployment: see docker logs")
