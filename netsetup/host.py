@@ -319,6 +319,7 @@ def put_back(
     variables it was deployed with, its plan applied by the host service (which reads the
     record at every sync and removes what the failed one's plan added), all waited for, so
     that a failed `up` returns with the deployment that ran before running again."""
+    print("netsetup: up failed: putting the previous deployment back", file=sys.stderr)
     settings = previous.to_settings()
     restore_record(settings.project, previous)
     recorded_compose(previous, backend).up()
