@@ -497,3 +497,21 @@ def test_applied_entries_round_trip_through_the_report_and_bad_ones_mean_none() 
                 {"neighbours": [], "routes": [["198.18.60.0/24", "br0"]]},
                 {"neighbours": [], "routes": [["198.18.60.53", ""]]}):
         assert entries_from_json(bad) == ([], []), bad
+
+
+def test_compose_runs_with_the_recorded_variables_and_no_others(tmp_path, monkeypatch) -> None:
+    """What a record keeps is what compose gets: a variable the file reads that the record does
+    not hold is unset, not inherited (a rollback must not deploy the failed up's CONFIG)."""
+    from netsetup.deploy import Compose, compose_variables
+
+    file = tmp_path / "compose.yaml"
+    file.write_text("a: ${CONFIG:-/dev/null}\nb: ${PORT}:53 $IMAGE $$LITERAL ${MISSING?set it}\n")
+    assert compose_variables(file) == {"CONFIG", "PORT", "IMAGE", "MISSING"}
+    monkeypatch.setenv("CONFIG", "/etc/new.conf")
+    monkeypatch.setenv("UNRELATED", "kept")
+    recorded = Compose.for_settings(Settings(port=5099), file).variables
+    assert recorded["CONFIG"] == "/etc/new.conf" and recorded["PORT"] == "5099"
+    assert "UNRELATED" not in recorded and "MISSING" not in recorded
+    env = Compose("p", file, {"PORT": "5053"}).environment()
+    assert env["PORT"] == "5053" and env["UNRELATED"] == "kept"
+    assert "CONFIG" not in env and "IMAGE" not in env
