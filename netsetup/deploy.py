@@ -2,9 +2,13 @@
 
 compose.yaml stays the single definition of the services (the forwarder and the host service)
 and the network; netsetup only runs compose (v1 `docker-compose` or v2 `docker compose`,
-whichever this host has) with the settings as environment variables, waits for the forwarder to
-be healthy and the host service to report its first sync, then reads the network (bridge name,
+whichever this host has) with the settings as environment variables, waits for the host service
+to report its first sync and the forwarder to be healthy, then reads the network (bridge name,
 subnet, options) and the container (address, health) through the Docker SDK.
+
+What compose deploys is decided by the compose file and the variables it reads, nothing else: a
+Compose holds those variables as `up` gave them, and the deployment record keeps them, so the
+deployment a record describes can be deployed again exactly (a failed `up` puts it back).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +82,52 @@ def compose_env(
     return env
 
 
+# ${NAME}, ${NAME:-default}, ${NAME?error} and $NAME, but not $$ (a literal dollar sign).
+_VARIABLE = re.compile(r"(?<!\$)\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def compose_variables(file: Path) -> set[str]:
+    """The variables a compose file reads: the part of the environment that decides what
+    compose deploys (none for a file that cannot be read: compose up refuses it anyway)."""
+    try:
+        text = file.read_text()
+    except OSError:
+        return set()
+    return set(_VARIABLE.findall(text.replace("$$", "")))
+
+
 @dataclass(frozen=True)
 class Compose:
-    settings: Settings
+    """One project's compose file and the values of the variables it reads."""
+
+    project: str
     file: Path
-    allow: tuple[str, ...] = ()
-    publish_address: str = ""
-    xtables_lock: str = ""
+    # Every variable the file reads that was set; one missing here is unset when compose runs,
+    # whatever this process's environment holds (a rollback must not inherit the failed
+    # `up`'s CONFIG, say).
+    variables: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, file: Path, allow: tuple[str, ...] = (),
+        publish_address: str = "", xtables_lock: str = "",
+    ) -> Compose:  # fmt: skip
+        """The variables compose_env gives, as the file reads them."""
+        env = compose_env(settings, allow, publish_address, xtables_lock)
+        names = compose_variables(file)
+        return cls(settings.project, file, {k: env[k] for k in sorted(names) if k in env})
+
+    def environment(self) -> dict[str, str]:
+        names = compose_variables(self.file) | set(self.variables)
+        return {k: v for k, v in os.environ.items() if k not in names} | self.variables
 
     def _cmd(self, *args: str) -> list[str]:
-        return [*compose_command(), "-p", self.settings.project, "-f", str(self.file), *args]
+        return [*compose_command(), "-p", self.project, "-f", str(self.file), *args]
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             self._cmd(*args),
-            env=compose_env(self.settings, self.allow, self.publish_address, self.xtables_lock),
+            env=self.environment(),
             capture_output=True,
             text=True,
             cwd=self.file.parent,
@@ -183,6 +218,9 @@ class Deployed:
     options: dict[str, str]
     health: str
     published: list[str]
+    container_id: str = ""
+    # Restarts by the restart policy: the forwarder's process exited (a setting it refuses).
+    restarts: int = 0
 
 
 def inspect(client: Any, settings: Settings) -> Deployed | None:
@@ -218,19 +256,36 @@ def inspect(client: Any, settings: Settings) -> Deployed | None:
         options=dict(options),
         health=health,
         published=published,
+        container_id=container.id,
+        restarts=int(container.attrs.get("RestartCount") or 0),
     )
 
 
-def wait_healthy(client: Any, settings: Settings, timeout: float = 90) -> Deployed:
-    """Wait until the container is healthy (or running, when the image has no health check)."""
+def wait_healthy(
+    client: Any, settings: Settings, timeout: float = 90, before: Deployed | None = None
+) -> Deployed:
+    """Wait until the container is healthy (or running, when the image has no health check).
+
+    A container that restarts meanwhile fails at once rather than at the timeout: its process
+    exited, as the forwarder does on a setting or config file it refuses, and will again.
+    `before` is the container as it was before compose up: restarts it had then do not count.
+    """
     deadline = time.monotonic() + timeout
     last: Deployed | None = None
     while time.monotonic() < deadline:
         last = inspect(client, settings)
-        if last is not None and last.health in ("healthy", "running"):
-            return last
-        if last is not None and last.health in ("exited", "dead", "unhealthy"):
-            break
+        if last is not None:
+            if last.health in ("healthy", "running"):
+                return last
+            same = before is not None and before.container_id == last.container_id
+            restarts = last.restarts - (before.restarts if before and same else 0)
+            if restarts > 0:
+                raise DeployFailed(
+                    f"service {settings.service} exits after it starts (restarted {restarts} "
+                    f"times): see `docker logs {last.container_name}`"
+                )
+            if last.health in ("exited", "dead", "unhealthy"):
+                break
         time.sleep(1)
     state = last.health if last else "missing"
     raise DeployFailed(f"service {settings.service} is {state} after deployment: see docker logs")

@@ -1,15 +1,20 @@
 """`up`, `down` and `status`: detection, plan, compose and the host service put together.
 
-`up` checks everything that can refuse first, then deploys compose.yaml: the forwarder and the
-host service (service.py), which applies the plan and keeps it in place from then on. `up` waits
-until the service reports the plan applied, so a `make up` that returns has working rules. Each
-step pushes its inverse on an undo stack (moby's pattern), and any failure unwinds it, so an
-`up` that fails midway leaves the host as it found it. A second `up` changes nothing: the
-deployment record is rewritten the same, and compose leaves both containers alone.
+`up` runs in three parts. The preflight checks everything that can refuse, changing nothing.
+The transaction writes the deployment record and deploys compose.yaml: the forwarder and the
+host service (service.py), which applies the plan and keeps it in place from then on. The
+verification waits until the service reports the plan applied and the forwarder is healthy, so a
+`make up` that returns has working rules. Each step of the transaction pushes its inverse on an
+undo stack (moby's pattern), and any failure up to the end of the verification unwinds it: a
+first `up` that fails leaves the host as it found it, and one over a running deployment puts
+that deployment back as it was (its record, its containers deployed with the variables they had,
+its plan applied by the service). A second `up` changes nothing: the deployment record is
+rewritten the same, and compose leaves both containers alone.
 
 Surviving restarts is the service's job: it starts with the containers after a reboot or a
 daemon restart and repairs what a firewall reload removed. `down` is compose down; the service
-removes its rules on the way out, and `down` sweeps up after one that could not.
+removes its rules on the way out, and `down` sweeps up after one that could not, even when
+compose itself fails.
 """
 
 from __future__ import annotations
@@ -116,102 +121,177 @@ def raw_drop_lines(backend: FirewallBackend, ip: str) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """What `up` found and decided before changing anything on the host."""
+
+    settings: Settings
+    client: Any
+    existing: deploy.Deployed | None  # the forwarder's container as it was, if any
+    facts: HostFacts
+    backend: FirewallBackend
+    plan: Plan
+    allow: tuple[str, ...]  # what the forwarder serves besides its defaults
+
+    @property
+    def running(self) -> bool:
+        return self.existing is not None and self.existing.health in ("healthy", "running")
+
+
 def up(settings: Settings, options: Options) -> str:
     """Deploy the forwarder and the host service, wait until the plan is in place; returns the
     rendered plan (printed by the CLI)."""
     if not options.dry_run:
         detect.require_root()
+    found = preflight(settings, options)
+    if options.dry_run:
+        served = f" and {', '.join(found.allow)}" if found.allow else " only"
+        return (describe(found.plan, found.backend)
+                + f"# forwarder serves: loopback, private ranges{served}\n")  # fmt: skip
+    undo = UndoStack()
+    try:
+        deployment, deployed_at = deploy_services(found, options, undo)
+        verify(found, deployment, deployed_at, options.timeout)
+    except BaseException:
+        undo.unwind()
+        raise
+    return describe(found.plan, found.backend)
+
+
+def preflight(settings: Settings, options: Options) -> Preflight:
+    """Everything that can refuse, before the host is touched: detection, the plan, the LAN it
+    serves, and the subnet, LAN_IP and port free."""
     client = detect.docker_client()
-    compose = deploy.Compose(settings, options.compose_file.resolve())
     existing = deploy.inspect(client, settings)
     bridge = (
         options.bridge
         or (existing.bridge if existing else None)
-        or compose.configured_bridge()
+        or deploy.Compose.for_settings(settings, options.compose_file.resolve()).configured_bridge()
         or f"br-{settings.project}"
     )
     facts, backend = gather_facts(client, settings, options, bridge)
     warn_if_forwarding_opens(facts, backend)
     plan = compute_plan(settings, facts)
-    if settings.lan and plan.served_lan is None:
+    check_lan_served(settings, plan, facts)
+    check_claims(settings, facts, existing, probe=not options.dry_run)
+    allow = forwarder_allows(plan.served_lan, facts.lan_address)
+    return Preflight(settings, client, existing, facts, backend, plan, allow)
+
+
+def check_lan_served(settings: Settings, plan: Plan, facts: HostFacts) -> None:
+    """A detected LAN that is not private is not served: refused in lan mode (which exists to
+    serve it), a warning otherwise."""
+    if plan.served_lan is not None:
+        return
+    if settings.lan:
         raise BadInput(
             f"--mode lan serves the LAN, but the detected LAN {facts.lan_cidr} is not private: "
             f"set LAN_CIDR={facts.lan_cidr} (--lan-cidr) to serve it"
         )
-    if plan.served_lan is None:
-        print(
-            f"netsetup: warning: the detected LAN {facts.lan_cidr} on {facts.lan_interface} is "
-            "not a private network (or is carrier-grade NAT), so the appliance does not serve "
-            f"it; to serve it, set LAN_CIDR={facts.lan_cidr} (--lan-cidr)",
-            file=sys.stderr,
-        )
-    detect.check_subnet_free(settings.subnet, bridge)
+    print(
+        f"netsetup: warning: the detected LAN {facts.lan_cidr} on {facts.lan_interface} is "
+        "not a private network (or is carrier-grade NAT), so the appliance does not serve "
+        f"it; to serve it, set LAN_CIDR={facts.lan_cidr} (--lan-cidr)",
+        file=sys.stderr,
+    )
+
+
+def check_claims(
+    settings: Settings, facts: HostFacts, existing: deploy.Deployed | None, probe: bool
+) -> None:
+    """What the deployment claims on the host is free: the subnet, LAN_IP (probed on the LAN
+    unless a dry run), the published port (unless this deployment already publishes it)."""
+    detect.check_subnet_free(settings.subnet, facts.bridge)
     if settings.lan and settings.lan_ip:
-        # Before anything is claimed; a dry run sends no probe (it would not change the host,
-        # but a plan is printed from what is known).
-        detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr,
-                            probe=not options.dry_run)  # fmt: skip
+        detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr, probe=probe)
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
     if settings.published and not publishing:
         detect.check_port_free(settings.port)
-    allow = forwarder_allows(plan.served_lan, facts.lan_address)
-    if options.dry_run:
-        served = f" and {', '.join(allow)}" if allow else " only"
-        return describe(plan, backend) + f"# forwarder serves: loopback, private ranges{served}\n"
 
-    deployment = state.Deployment.of(
-        settings, facts, options.firewall, str(options.compose_file.resolve())
-    )
+
+def xtables_lock_for(facts: HostFacts, backend: FirewallBackend) -> str:
+    """Legacy tables beside an engine that writes them: the host service shares its lock (see
+    iptables_legacy); elsewhere no lock of the host's is needed."""
+    return XTABLES_LOCK if backend.name == "legacy" and facts.has_docker_user else ""
+
+
+def compose_for(
+    settings: Settings, file: Path, plan: Plan, facts: HostFacts, backend: FirewallBackend
+) -> deploy.Compose:
+    """The compose run that deploys `settings` on this host."""
+    allow = forwarder_allows(plan.served_lan, facts.lan_address)
     # Direct mode publishes on loopback only (the host's own checks): a port on the LAN
     # address would be one more way in, and through an engine's userland proxy an open one.
     publish = facts.lan_address if settings.published else ""
-    # Legacy tables beside an engine that writes them: share its lock (see iptables_legacy). The
-    # engine creates the file at start, before its containers, so the mount finds it after a boot.
-    shared_lock = backend.name == "legacy" and facts.has_docker_user
-    lock = XTABLES_LOCK if shared_lock else ""
-    if lock:
+    return deploy.Compose.for_settings(
+        settings, file, allow, publish, xtables_lock_for(facts, backend)
+    )
+
+
+def deploy_services(
+    found: Preflight, options: Options, undo: UndoStack
+) -> tuple[state.Deployment, float]:
+    """Write the deployment record and run compose up, each step's inverse pushed on `undo`;
+    returns the record and when compose was done."""
+    settings, project = found.settings, found.settings.project
+    compose = compose_for(settings, options.compose_file.resolve(), found.plan, found.facts,
+                          found.backend)  # fmt: skip
+    deployment = state.Deployment.of(
+        settings, found.facts, options.firewall, str(compose.file), compose.variables
+    )
+    lock = xtables_lock_for(found.facts, found.backend)
+    if lock:  # the engine creates it at start, before its containers, so a boot finds it too
         Path(lock).touch(exist_ok=True)  # as iptables would: a missing source becomes a directory
-    compose = deploy.Compose(settings, compose.file, allow, publish, lock)
-    undo = UndoStack()
-    try:
-        # The record first: the host service reads it (a change reaches a running service).
-        previous = state.load(settings.project)
-        state.save(settings.project, deployment)
-        undo.push("deployment record", lambda: restore_record(settings.project, previous))
-        running = existing is not None and existing.health in ("healthy", "running")
-        if not running:  # before, so that a compose up failing halfway is undone too
-            cache = deploy.cache_volume(settings.project)
-            if not deploy.volume_exists(client, cache):  # a cache kept by `down` stays
-                undo.push("cache volume", lambda: deploy.remove_volume(client, cache))
-            undo.push("compose up", lambda: down_services(settings.project, compose))
-        compose.up()
-        deployed_at = time.time()
-        deployed = deploy.wait_healthy(client, settings, options.timeout)
-        verify_network(plan, deployed)
-        # Only now is it certain the engine had its chance to create its chains (for its first
-        # network): none means it runs with "iptables": false and publishes nothing itself.
-        if settings.published and not backend.has_docker_user() and facts.engine_firewall == (
-            "iptables"
-        ):
+    # The record first: the host service reads it (a change reaches a running service).
+    previous = state.load(project)
+    state.save(project, deployment)
+    if found.running and previous is not None:
+        # A repeated `up`: whatever fails from here on, the deployment that ran is put back.
+        undo.push(
+            "the previous deployment",
+            lambda: put_back(found.client, previous, found.backend, options.timeout),
+        )
+    else:
+        undo.push("deployment record", lambda: restore_record(project, previous))
+    if not found.running:  # before, so that a compose up failing halfway is undone too
+        cache = deploy.cache_volume(project)
+        if not deploy.volume_exists(found.client, cache):  # a cache kept by `down` stays
+            undo.push("cache volume", lambda: deploy.remove_volume(found.client, cache))
+        undo.push("compose up", lambda: down_services(project, compose))
+    compose.up()
+    return deployment, time.time()
+
+
+def verify(
+    found: Preflight, deployment: state.Deployment, deployed_at: float, timeout: float
+) -> None:
+    """What makes a deployment work: the engine can publish the way the plan needs, the host
+    service applied this record's plan, the forwarder is healthy at its fixed address, and
+    the engine does not drop what is routed to it."""
+    settings, backend = found.settings, found.backend
+    # Only now is it certain the engine had its chance to create its chains (for its first
+    # network): none means it runs with "iptables": false and publishes nothing itself.
+    if (settings.published and not backend.has_docker_user()
+            and found.facts.engine_firewall == "iptables"):  # fmt: skip
+        raise VerifyFailed(
+            'the engine runs with "iptables": false, so it cannot publish port mode in a '
+            "way our rules confine (every client would look like its proxy): use "
+            "--mode direct (MODE=direct)"
+        )
+    # The host side first: a failure after it (the forwarder refusing its settings) is one the
+    # rollback has to undo the host service's work for.
+    deploy.wait_synced(settings.project, deployment.fingerprint(), deployed_at, timeout)
+    deployed = deploy.wait_healthy(found.client, settings, timeout, before=found.existing)
+    verify_network(found.plan, deployed)
+    if found.plan.verify_no_raw_drop:
+        drops = raw_drop_lines(backend, settings.ip)
+        if drops:
             raise VerifyFailed(
-                'the engine runs with "iptables": false, so it cannot publish port mode in a '
-                "way our rules confine (every client would look like its proxy): use "
-                "--mode direct (MODE=direct)"
+                f"the engine drops routed traffic to {settings.ip} ({drops[0]}): the network "
+                "must have gateway_mode_ipv4=nat-unprotected (recreate it: make down; make up)"
             )
-        deploy.wait_synced(settings.project, deployment.fingerprint(), deployed_at, options.timeout)
-        if plan.verify_no_raw_drop:
-            drops = raw_drop_lines(backend, settings.ip)
-            if drops:
-                raise VerifyFailed(
-                    f"the engine drops routed traffic to {settings.ip} ({drops[0]}): the network "
-                    "must have gateway_mode_ipv4=nat-unprotected (recreate it: make down; make up)"
-                )
-    except BaseException:
-        undo.unwind()
-        raise
-    return describe(plan, backend)
 
 
 def restore_record(project: str, previous: state.Deployment | None) -> None:
@@ -221,18 +301,49 @@ def restore_record(project: str, previous: state.Deployment | None) -> None:
         state.save(project, previous)
 
 
+def recorded_compose(deployment: state.Deployment, backend: FirewallBackend) -> deploy.Compose:
+    """The compose run a record describes: the variables `up` gave compose, or for a record of
+    an older netsetup that did not keep them, those its settings give on this host."""
+    settings = deployment.to_settings()
+    file = Path(deployment.compose_file or "compose.yaml").resolve()
+    if deployment.environment:
+        return deploy.Compose(settings.project, file, dict(deployment.environment))
+    facts = deployment.facts(detect.IptablesBackend(backend.name), backend.has_docker_user())
+    return compose_for(settings, file, compute_plan(settings, facts), facts, backend)
+
+
+def put_back(
+    client: Any, previous: state.Deployment, backend: FirewallBackend, timeout: float
+) -> None:
+    """Undo a repeated `up`: the previous record, its containers deployed again with the
+    variables it was deployed with, its plan applied by the host service (which reads the
+    record at every sync and removes what the failed one's plan added), all waited for, so
+    that a failed `up` returns with the deployment that ran before running again."""
+    print("netsetup: up failed: putting the previous deployment back", file=sys.stderr)
+    settings = previous.to_settings()
+    restore_record(settings.project, previous)
+    recorded_compose(previous, backend).up()
+    since = time.time()
+    deploy.wait_synced(settings.project, previous.fingerprint(), since, timeout)
+    deploy.wait_healthy(client, settings, timeout)
+
+
 def down_services(project: str, compose: deploy.Compose) -> None:
-    compose.down()
-    sweep(project)
+    """compose down, then the sweep, which runs whatever compose did."""
+    try:
+        compose.down()
+    finally:
+        sweep(project)
 
 
-def sweep(project: str) -> None:
+def sweep(project: str, deployment: state.Deployment | None = None) -> None:
     """What a host service left behind (it was killed, or never started): its chains and
-    hooks, the sysctls it changed (from its report), the report."""
+    hooks, the proxy entries and routes of `deployment` (by default the record's) and of its
+    report, the sysctls it changed (from its report), the report."""
     record = state.load_sync(project) or {}
     backend = get_backend(record.get("backend") or detect.iptables_backend().value)
     service.remove_host_plan(
-        backend, project, record.get("sysctls_before") or {}, state.load(project)
+        backend, project, record.get("sysctls_before") or {}, deployment or state.load(project)
     )
 
 
@@ -252,22 +363,32 @@ def verify_network(plan: Plan, deployed: deploy.Deployed) -> None:
 
 
 def down(project: str, options: Options) -> list[str]:
-    """Stop both services (the host service removes its rules and puts the sysctls back)."""
+    """Stop both services (the host service removes its rules and puts the sysctls back), then
+    sweep the host for one that could not. The sweep runs even when compose fails (a compose
+    file broken since, an engine that does not answer): compose's error is raised after it."""
     detect.require_root()
     saved = state.load(project)
     settings = saved.to_settings() if saved else Settings(project=project)
     compose_file = Path(saved.compose_file) if saved and saved.compose_file else None
-    compose = deploy.Compose(settings, (compose_file or options.compose_file).resolve())
-    done: list[str] = []
-    if compose.file.exists():
+    compose = deploy.Compose.for_settings(
+        settings, (compose_file or options.compose_file).resolve()
+    )
+    if not compose.file.exists():
+        remove_deployment(project, saved)
+        return [f"no compose file {compose.file}: host rules removed only"]
+    try:
         detect.docker_client()
-        down_services(project, compose)
-        done.append("services stopped and removed (compose down); host rules removed")
-    else:
-        sweep(project)
-        done.append(f"no compose file {compose.file}: host rules removed only")
+        compose.down()
+    finally:
+        remove_deployment(project, saved)
+    return ["services stopped and removed (compose down); host rules removed"]
+
+
+def remove_deployment(project: str, saved: state.Deployment | None) -> None:
+    """The record first: a host service that compose could not stop then has no plan to put
+    back at its next sync; then the sweep, with the record's proxy entries and routes."""
     state.delete(project)
-    return done
+    sweep(project, saved)
 
 
 def status(project: str, options: Options) -> dict:

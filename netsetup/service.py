@@ -10,10 +10,12 @@ one log line and a count in the sync record that `netsetup status` shows. What t
 found is recorded too: after a reboot or a daemon restart that is the repair that mattered.
 
 On SIGTERM (compose down, docker stop, shutdown) it removes exactly its chains and hooks and puts
-back the sysctls it changed. The sysctl values it found are kept in the sync record, so a
-restarted service (a crash, an image update) does not mistake its own "1" for the host's value;
-so are the proxy entries and routes it applied, so that one started after the record changed
-(another LAN_IP while no service ran) removes the old ones, and `down`'s sweep does too.
+back the sysctls it changed. The sysctl values it found are kept in the sync record, written
+before it changes them, so a restarted service (a crash, an image update, a kill in the middle
+of its first sync) does not mistake its own "1" for the host's value, and `down`'s sweep puts
+the host's back; so are the proxy entries and routes it applied, so that one started after the
+record changed (another LAN_IP while no service ran) removes the old ones, and `down`'s sweep
+does too.
 
     python -m netsetup.service     (NETSETUP_PROJECT names the deployment record to read)
 """
@@ -88,13 +90,9 @@ class HostService:
                 f"no deployment record {state.path_for(self.project)}: deploy with `make up`"
             )
         self.deployment = deployment
+        self.complete = False  # a report written mid-sync (below) must not claim this record
         plan = self.plan(deployment)
-        found: list[str] = []
-        for key, value in plan.sysctls.items():
-            old = sysctl.set_value(key, value)
-            if old != value:
-                self.sysctls_before.setdefault(key, old)
-                found.append(f"sysctl {key} was {old}")
+        found = self.sync_sysctls(plan)
         fw = self.backend.state(plan.firewall)
         if not fw.exact:
             found += missing_pieces(fw)
@@ -103,6 +101,27 @@ class HostService:
         found += self.sync_host_entries(plan)
         self.complete = fw.exact
         self.syncs += 1
+        return found
+
+    def sync_sysctls(self, plan: Plan) -> list[str]:
+        """Set the plan's sysctls; put back those it no longer sets (a switch away from lan
+        mode). A value found is reported before it is changed: a service killed right after
+        the change (SIGKILL, an out-of-memory kill) leaves in its report what the host had,
+        for the next service or `down`'s sweep to put back."""
+        found = []
+        for key, value in plan.sysctls.items():
+            old = sysctl.get(key)
+            if old == value:
+                continue
+            if key not in self.sysctls_before:  # one kept stays: the value now may be ours
+                self.sysctls_before[key] = old
+                self.record()
+            sysctl.set_value(key, value)
+            found.append(f"sysctl {key} was {old}")
+        for key in [k for k in self.sysctls_before if k not in plan.sysctls]:
+            sysctl.set_value(key, self.sysctls_before[key])
+            found.append(f"sysctl {key} put back to {self.sysctls_before.pop(key)}")
+            self.record()
         return found
 
     def sync_host_entries(self, plan: Plan) -> list[str]:

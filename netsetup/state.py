@@ -4,7 +4,9 @@ The deployment (the user's settings plus what detection found on the host) outli
 the containers do, so it lives under /var/lib; `up` writes it, the host service reads it (the
 directory is mounted read-only into its container) at every sync, and `down`, `status` and
 `check` read it too. So a service started by hand (`docker compose up`) or after a reboot
-keeps the plan `up` decided, and a changed setting reaches it without recreating it.
+keeps the plan `up` decided, and a changed setting reaches it without recreating it. It also
+holds the variables compose was given, so that an `up` that fails can deploy the previous
+record's containers again as they were.
 The service's sync record (last sync, repairs, the sysctl values it replaced) describes rules
 that vanish with a reboot, so it lives under /run, which does too.
 """
@@ -41,10 +43,15 @@ class Deployment:
     engine_firewall: str = "iptables"
     firewall: str = "auto"  # iptables flavour: auto (detected by the service), nft or legacy
     compose_file: str = ""
+    # The variables compose_file reads, as `up` gave them to compose (deploy.Compose): with the
+    # file, what deploys these containers again. The settings alone do not say it all: CONFIG,
+    # QUERY_LOG or IMAGE come from the environment `up` ran in.
+    environment: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(
-        cls, settings: Settings, facts: HostFacts, firewall: str, compose_file: str
+        cls, settings: Settings, facts: HostFacts, firewall: str, compose_file: str,
+        environment: dict[str, str] | None = None,
     ) -> Deployment:
         data = asdict(settings)
         del data["modes"]
@@ -57,7 +64,7 @@ class Deployment:
             settings=data, bridge=facts.bridge, lan_interface=facts.lan_interface,
             lan_cidr=facts.lan_cidr, lan_address=facts.lan_address,
             engine_version=facts.engine_version, engine_firewall=facts.engine_firewall,
-            firewall=firewall, compose_file=compose_file,
+            firewall=firewall, compose_file=compose_file, environment=dict(environment or {}),
         )  # fmt: skip
 
     def to_settings(self) -> Settings:

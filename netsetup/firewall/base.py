@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from netsetup.errors import FirewallFailed
-from netsetup.firewall.model import Chain, FirewallPlan, Rule
+from netsetup.firewall.model import Chain, FirewallPlan
 
 
 @dataclass
@@ -170,7 +170,3 @@ def run(cmd: list[str], stdin: str | None = None) -> str:
         message = (proc.stderr or proc.stdout).strip().splitlines()
         raise FirewallFailed(f"{' '.join(cmd)} failed: {message[0] if message else 'no output'}")
     return proc.stdout
-
-
-def rule_text(rule: Rule) -> str:
-    return f"{rule.table}: {rule.render_add()}"

@@ -85,9 +85,6 @@ class Rule:
             return " ".join(["-I", self.chain, str(self.position), *self.spec()])
         return self.render_append()
 
-    def render_delete(self) -> str:
-        return " ".join(["-D", self.chain, *self.spec()])
-
 
 @dataclass
 class FirewallPlan:
@@ -119,9 +116,6 @@ class FirewallPlan:
 
     def hooks_in(self, table: str) -> list[Rule]:
         return [r for r in self.hooks if r.table == table]
-
-    def is_empty(self) -> bool:
-        return not (self.chains or self.rules or self.hooks)
 
 
 def _cidr(address: str) -> str:

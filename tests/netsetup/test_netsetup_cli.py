@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from netsetup import state
 from netsetup.cli import status_rows
 from netsetup.deploy import compose_env
 from netsetup.hostnet import HostRoute, ProxyNeighbour
@@ -29,8 +30,9 @@ NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 
 def host_snapshot() -> tuple:
     """What a refused `up` could have changed: our firewall pieces, the project's containers and
-    networks, IPv4 forwarding, the state file. (Narrower than a whole-host dump, so that other
-    work on the same engine does not make the comparison flaky.)"""
+    networks, IPv4 forwarding, the deployment record and the service's report, where the code
+    keeps them (the CLI runs with this process's environment). (Narrower than a whole-host
+    dump, so that other work on the same engine does not make the comparison flaky.)"""
     fw = [
         line
         for cmd in (["iptables-nft-save"], ["iptables-legacy-save"])
@@ -46,8 +48,9 @@ def host_snapshot() -> tuple:
         ).stdout
         for kind in ("container", "network")
     ]
-    state = Path("/run/netsetup") / f"{PROJECT}.json"
-    return fw, docker, Path("/proc/sys/net/ipv4/ip_forward").read_text(), state.exists()
+    files = [path.read_text() if path.exists() else None
+             for path in (state.path_for(PROJECT), state.sync_path_for(PROJECT))]  # fmt: skip
+    return fw, docker, Path("/proc/sys/net/ipv4/ip_forward").read_text(), files
 
 
 def run_cli(*args: str, env: dict | None = None, user: str | None = None):
@@ -494,3 +497,21 @@ def test_applied_entries_round_trip_through_the_report_and_bad_ones_mean_none() 
                 {"neighbours": [], "routes": [["198.18.60.0/24", "br0"]]},
                 {"neighbours": [], "routes": [["198.18.60.53", ""]]}):
         assert entries_from_json(bad) == ([], []), bad
+
+
+def test_compose_runs_with_the_recorded_variables_and_no_others(tmp_path, monkeypatch) -> None:
+    """What a record keeps is what compose gets: a variable the file reads that the record does
+    not hold is unset, not inherited (a rollback must not deploy the failed up's CONFIG)."""
+    from netsetup.deploy import Compose, compose_variables
+
+    file = tmp_path / "compose.yaml"
+    file.write_text("a: ${CONFIG:-/dev/null}\nb: ${PORT}:53 $IMAGE $$LITERAL ${MISSING?set it}\n")
+    assert compose_variables(file) == {"CONFIG", "PORT", "IMAGE", "MISSING"}
+    monkeypatch.setenv("CONFIG", "/etc/new.conf")
+    monkeypatch.setenv("UNRELATED", "kept")
+    recorded = Compose.for_settings(Settings(port=5099), file).variables
+    assert recorded["CONFIG"] == "/etc/new.conf" and recorded["PORT"] == "5099"
+    assert "UNRELATED" not in recorded and "MISSING" not in recorded
+    env = Compose("p", file, {"PORT": "5053"}).environment()
+    assert env["PORT"] == "5053" and env["UNRELATED"] == "kept"
+    assert "CONFIG" not in env and "IMAGE" not in env

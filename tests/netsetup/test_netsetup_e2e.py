@@ -28,6 +28,8 @@ import pytest
 from conftest import normalize
 from topology import INET_HOST, LAN_CLIENT, LAN_HOST, LAN_NET, WAN_HOST, Topology
 
+from netsetup import state
+
 REPO = Path(__file__).resolve().parents[2]
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 IMAGES = ("dnsproxy:latest", "netsetup:latest")
@@ -396,32 +398,86 @@ def test_end_to_end_nested_engine_without_iptables(appliance_image: tuple[str, .
     nested_scenario("sid", dockerd_args="--iptables=false", port_mode=False)
 
 
+def project_objects(engine: Engine, project: str) -> list[str]:
+    """The project's containers, networks and cache volume, as the engine lists them."""
+    label = f"label=com.docker.compose.project={project}"
+    found = []
+    for cmd in (["ps", "-aq", "--filter", label], ["network", "ls", "-q", "--filter", label],
+                ["volume", "ls", "-q", "--filter", f"name={project}_cache"]):  # fmt: skip
+        found += engine.run("docker", *cmd).stdout.split()
+    return found
+
+
+def forwarder_config(engine: Engine, project: str) -> str:
+    """The host file the running forwarder has as its config file (/dev/null when none)."""
+    ids = engine.run(
+        "docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+        "--filter", "label=com.docker.compose.service=dnsproxy",
+    ).stdout.split()  # fmt: skip
+    assert len(ids) == 1, ids
+    mounts = json.loads(engine.run("docker", "inspect", "-f", "{{json .Mounts}}", ids[0]).stdout)
+    return {m["Destination"]: m["Source"] for m in mounts}["/etc/dnsproxy/dnsproxy.conf"]
+
+
+def assert_failed_late(proc: subprocess.CompletedProcess) -> None:
+    """`up` failed where it waits for the forwarder: after compose started both containers and
+    the host service reported the plan applied (host.verify waits for that first)."""
+    assert proc.returncode != 0, proc.stdout
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("netsetup: error")]
+    assert len(errors) == 1 and "dnsproxy exits after it starts" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_failed_up_rolls_back(appliance_image: tuple[str, ...], tmp_path: Path) -> None:
-    """A failure at the last step (the state file cannot be written) undoes every step before
-    it: firewall rules applied, service deployed. The host ends as it started."""
+    """An `up` that fails late undoes everything it did. The failure: a config file the
+    forwarder refuses (it exits at start), with a setting that changes the host plan too
+    (METRICS_FROM_LAN), so the host service has applied another plan by then.
+
+    A first `up` leaves the host as it started: no rule, container, network, volume or record.
+    A repeated `up` over a running deployment puts that deployment back as it was: its record,
+    its rules, its containers answering with its settings (no config file)."""
     engine = Engine()
-    engine.env["NETSETUP_STATE_DIR"] = "/proc/netsetup-cannot-exist"
-    topo = Topology(subnet="172.31.164.0/24")
+    project, subnet, ip, port = "nsrollback", "172.31.164.0/24", "172.31.164.53", 5164
+    topo = Topology(subnet=subnet)
     topo.create()
+    variables = {
+        "PROJECT": project, "BRIDGE": f"br-{project}", "SUBNET": subnet, "DNS_IP": ip,
+        "PORT": str(port), "UPSTREAMS": "198.51.100.53", "LAN_INTERFACE": topo.lan_if,
+        "LAN_CIDR": LAN_NET,
+    }  # fmt: skip
+    refused = tmp_path / "dnsproxy.conf"
+    refused.write_text("this is [not a config file\n")
+    failing = variables | {"CONFIG": str(refused), "METRICS_FROM_LAN": "1"}
+    ours = (project, subnet.rsplit(".", 1)[0] + ".", topo.lan_if, str(port))
+    record = state.path_for(project)
+    engine.run("docker", "volume", "rm", "-f", f"{project}_cache")
     before = engine.firewall()
     try:
-        proc = make(
-            engine, "up", PROJECT="nsrollback", BRIDGE="br-nsrollback", SUBNET="172.31.164.0/24",
-            DNS_IP="172.31.164.53", PORT="5164", UPSTREAMS="198.51.100.53",
-            LAN_INTERFACE=topo.lan_if, LAN_CIDR=LAN_NET,
-        )  # fmt: skip
-        assert proc.returncode != 0
-        assert "cannot write state file" in proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert_same_firewall(before, engine.firewall(), "nsrollback", "172.31.164.", "5164")
-        left = engine.run(
-            "docker", "ps", "-aq", "--filter", "label=com.docker.compose.project=nsrollback"
-        ).stdout.split()
-        assert not left, "the service was not removed on rollback"
-        nets = engine.run("docker", "network", "ls", "-q", "--filter", "name=nsrollback").stdout
-        assert not nets.split(), "the network was not removed on rollback"
-        volumes = engine.run("docker", "volume", "ls", "-q", "--filter", "name=nsrollback").stdout
-        assert not volumes.split(), "the cache volume was not removed on rollback"
+        assert_failed_late(make(engine, "up", **failing))
+        assert_same_firewall(before, engine.firewall(), *ours)
+        assert not project_objects(engine, project), "a container, network or volume was left"
+        assert not record.exists()
+
+        proc = make(engine, "up", **variables)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert wait_answer(topo, ip, "first.example.test") == ANSWER
+        running, saved = engine.firewall(), record.read_text()
+        report = status_of(engine, project)["host_service"]["report"]
+
+        assert_failed_late(make(engine, "up", **failing))
+        assert record.read_text() == saved
+        assert forwarder_config(engine, project) == "/dev/null"
+        assert wait_answer(topo, ip, "put-back.example.test") == ANSWER
+        assert topo.dig(LAN_HOST, "put-back-port.example.test", port) == ANSWER
+        assert_same_firewall(running, engine.firewall(), *ours)
+        status = status_of(engine, project)
+        assert status["host_service"]["report"]["deployment"] == report["deployment"], status
+        assert status["firewall"]["complete"] and not status["firewall"]["extra"], status
+
+        proc = make(engine, "down", **variables)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert_same_firewall(before, engine.firewall(), *ours)
     finally:
-        engine.run(NETSETUP, "down", "-p", "nsrollback")
+        engine.run(NETSETUP, "down", "-p", project)
+        engine.run("docker", "volume", "rm", "-f", f"{project}_cache")
         topo.destroy()

@@ -10,7 +10,10 @@ detection, and an engine that runs with `"iptables": false`.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,21 +31,23 @@ pytestmark = pytest.mark.netns
 PROJECT = "dnsapp"
 FORWARDING = "/proc/sys/net/ipv4/ip_forward"
 RESTORE = {"nft": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
+NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 
 
 class Service:
     """`python -m netsetup.service` in the namespace, as its container runs it."""
 
-    def __init__(self, ns: str) -> None:
-        env = os.environ | {"NETSETUP_PROJECT": PROJECT, "NETSETUP_SYNC_INTERVAL": "0.2"}
-        self.report_path = state.sync_path_for(PROJECT)
+    def __init__(self, ns: str, project: str = PROJECT) -> None:
+        env = os.environ | {"NETSETUP_PROJECT": project, "NETSETUP_SYNC_INTERVAL": "0.2"}
+        self.project = project
+        self.report_path = state.sync_path_for(project)
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "netsetup.service"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
     def report(self) -> dict:
-        return state.load_sync(PROJECT) or {}
+        return state.load_sync(self.project) or {}
 
     def wait(self, done, seconds: float = 10.0) -> dict:
         deadline = time.monotonic() + seconds
@@ -64,9 +69,22 @@ def forwarding(ns: str) -> str:
     return netns_exec(ns, "cat", FORWARDING).stdout.strip()
 
 
+def host_forwarding_off(ns: str) -> None:
+    """A host that does not route (a new namespace here starts with forwarding on)."""
+    netns_exec(ns, "sh", "-c", f"echo 0 > {FORWARDING}")
+    assert forwarding(ns) == "0"
+
+
 def reload_firewall(ns: str, flavour: str, saved: str) -> None:
     """What ufw or firewalld do on reload: load their own saved ruleset, which lacks ours."""
     netns_exec(ns, RESTORE[flavour], input=saved)
+
+
+@pytest.fixture
+def own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployment record and report in the test's own directories (the processes inherit)."""
+    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
+    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize(
@@ -78,14 +96,12 @@ def reload_firewall(ns: str, flavour: str, saved: str) -> None:
     ],
 )
 def test_service_applies_repairs_and_removes(
-    netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    engine: str, firewall: str, flavour: str,
-) -> None:  # fmt: skip
-    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
-    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
+    netns: str, own_state: None, engine: str, firewall: str, flavour: str
+) -> None:
     docker_like(netns, flavour, "none" if engine.endswith("-noiptables") else "iptables")
+    host_forwarding_off(netns)
     saved = netns_exec(netns, SAVE[flavour]).stdout
-    before, forwarding_before = save(netns, flavour), forwarding(netns)
+    before = save(netns, flavour)
     deployment = state.Deployment.of(settings("both"), facts(engine, flavour), firewall, "")
     state.save(PROJECT, deployment)
 
@@ -97,8 +113,7 @@ def test_service_applies_repairs_and_removes(
         found = report["first_sync"]["found"]
         assert any(f"NETSETUP-{PROJECT}" in piece for piece in found), found
         assert forwarding(netns) == "1"
-        if forwarding_before != "1":
-            assert f"sysctl net.ipv4.ip_forward was {forwarding_before}" in found, found
+        assert "sysctl net.ipv4.ip_forward was 0" in found, found
         applied = save(netns, flavour)
         assert applied != before
 
@@ -107,12 +122,82 @@ def test_service_applies_repairs_and_removes(
         report = service.wait(lambda r: r["repairs"] == 1 and r["complete"])
         assert report["last_repair"]["what"], report
         assert save(netns, flavour) == applied  # put back exactly, in the same places
-        time.sleep(0.6)  # three more syncs find nothing to do
-        assert service.report()["repairs"] == 1
+        syncs = report["syncs"]  # three more syncs, done, find nothing to do
+        report = service.wait(lambda r: r["syncs"] >= syncs + 3)
+        assert report["repairs"] == 1, report
     finally:
         code, out = service.stop()
     assert code == 0, out
     assert "repaired:" in out and "removed the host plan" in out, out
     assert not service.report_path.exists()
     assert save(netns, flavour) == before
-    assert forwarding(netns) == forwarding_before
+    assert forwarding(netns) == "0"
+
+
+def test_kill_during_the_first_sync_keeps_the_hosts_forwarding(
+    netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_state: None
+) -> None:
+    """SIGKILL in the middle of the first sync, right after the service turned forwarding on:
+    its report already holds the host's value, so `down`'s sweep puts it back.
+
+    The service is stopped there by the iptables lock, which its legacy backend takes before it
+    writes (the lock file is the test's own, through XTABLES_LOCKFILE): it has set the sysctls
+    and waits for the lock, and the test kills it once forwarding is on."""
+    lock = tmp_path / "xtables.lock"
+    monkeypatch.setenv("XTABLES_LOCKFILE", str(lock))
+    docker_like(netns, "legacy")
+    host_forwarding_off(netns)
+    before = save(netns, "legacy")
+    record = state.Deployment.of(settings("both"), facts("20.10", "legacy"), "legacy", "")
+    state.save(PROJECT, record)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        service = Service(netns)
+        try:
+            deadline = time.monotonic() + 10
+            while forwarding(netns) != "1":
+                assert time.monotonic() < deadline, service.report()
+                assert service.proc.poll() is None, service.proc.communicate()[0]
+                time.sleep(0.02)
+        finally:
+            service.proc.kill()
+            service.proc.wait()
+    assert save(netns, "legacy") == before  # it was stopped before its firewall step
+    proc = netns_exec(netns, NETSETUP, "down", "-p", PROJECT, "-f", "/nonexistent/compose.yaml")
+    assert "host rules removed only" in proc.stderr, proc.stderr
+    assert forwarding(netns) == "0"
+    assert save(netns, "legacy") == before
+
+
+@pytest.mark.skipif(
+    not (shutil.which("docker-compose") or shutil.which("docker")), reason="needs compose"
+)
+def test_down_sweeps_when_compose_fails(
+    netns: str, tmp_path: Path, own_state: None
+) -> None:  # fmt: skip
+    """The compose file broke since `up`: compose down fails, and `down` still removes what a
+    host service that could not clean up left (it was killed), then reports compose's failure
+    in one line and a non-zero exit."""
+    project = "nsdownfail"  # not a project of a real deployment on this engine, whatever happens
+    docker_like(netns, "nft")
+    host_forwarding_off(netns)
+    before = save(netns, "nft")
+    broken = tmp_path / "compose.yaml"
+    broken.write_text("services: [\n")
+    record = state.Deployment.of(dataclasses.replace(settings("both"), project=project),
+                                 facts("20.10", "nft"), "nft", str(broken))  # fmt: skip
+    state.save(project, record)
+    service = Service(netns, project)
+    try:
+        service.wait(lambda r: r["complete"])
+    finally:
+        service.proc.kill()
+        service.proc.wait()
+    assert save(netns, "nft") != before and forwarding(netns) == "1"
+    proc = netns_exec(netns, NETSETUP, "down", "-p", project, check=False)
+    assert proc.returncode != 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "compose down failed" in lines[0], proc.stderr
+    assert save(netns, "nft") == before
+    assert forwarding(netns) == "0"
+    assert not state.path_for(project).exists() and not state.sync_path_for(project).exists()
