@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import cachefile, domainlists
+from . import cachefile, domainlists, homenames, hosts
 from .config import ConfigError, Settings, build_settings, parse_listen
 from .forgery import (
     LEARNED_FILE,
@@ -32,8 +32,10 @@ from .server import Responder, TcpServer, UdpServer, bind_socket
 from .split import SplitResolver
 from .stages.access import AccessControl
 from .stages.cache import Cache
+from .stages.hosts import HostsAnswers
 from .stages.local import LocalAnswers
 from .stages.ratelimit import RateLimit
+from .stages.special import SpecialNames
 from .upstreams import (
     PollutedNames,
     Telemetry,
@@ -43,6 +45,7 @@ from .upstreams import (
     client_ssl_context,
 )
 from .upstreams.bootstrap import Bootstrap
+from .zones import ZoneRouter
 
 log = logging.getLogger("dnsproxy")
 
@@ -75,7 +78,7 @@ class Forwarding:
     pipeline: Pipeline
     forwarder: Forwarder  # the trusted upstreams (--upstream)
     access: AccessControl  # also guards the metrics endpoint
-    resolver: Forwarder | SplitResolver  # the last link: the forwarder, or the split of two
+    resolver: Forwarder | SplitResolver | ZoneRouter  # the last link (zones in front)
 
 
 def configure_cache(cache: Cache, settings: Settings) -> None:
@@ -125,8 +128,27 @@ def load_lists(settings: Settings) -> domainlists.DomainLists:
     return lists
 
 
+def load_home_names(settings: Settings) -> tuple[homenames.NameTable, hosts.HostsTable | None]:
+    try:
+        table = homenames.build_table(settings)
+        hosts_table = hosts.load(settings.hosts) if settings.hosts else None
+    except ValueError as exc:  # a bad hosts line: FILE:LINE: why
+        raise ConfigError(str(exc)) from None
+    if hosts_table is not None:
+        log.info("hosts: %d names, %d addresses from %d files", hosts_table.names,
+                 hosts_table.addresses, len(hosts_table.files))
+    home = ", ".join([*settings.local_domains, *settings.local_reverse, "single-label names"])
+    if settings.local_dns:
+        log.info("names at home (%s) go to %s only", home,
+                 ", ".join(spec.name for spec in settings.local_dns))
+    else:
+        log.info("names at home (%s) get NXDOMAIN here: no --local-dns", home)
+    return table, hosts_table
+
+
 def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                      cache: Cache, learned: Learned) -> Forwarding:
+    home, hosts_table = load_home_names(settings)  # first: a bad line costs nothing else
     try:
         forged = load_forged_addresses(settings.forged_address, settings.forged_addresses_file,
                                        builtin=settings.forged_addresses)
@@ -139,7 +161,7 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
     upstreams = build_group(settings.upstreams, settings, telemetry, filters, learned)
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
                           max_ttl=settings.max_ttl, learner=learner)
-    resolver: Forwarder | SplitResolver = forwarder
+    resolver: Forwarder | SplitResolver | ZoneRouter = forwarder
     domestic: list[Upstream] = []
     if settings.domestic_upstreams:
         lists = load_lists(settings)  # first: a bad line costs nothing else
@@ -151,8 +173,28 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
             forwarder, Forwarder(domestic, metrics, settings.timeout, settings.hedge_delay,
                                  max_ttl=settings.max_ttl),
             lists, metrics, trust_empty=settings.domestic_trust_empty)
+    # Names at home: the LAN's resolver and the zones' go in front of all that.
+    home_upstreams: list[Upstream] = []
+    if home.routes():
+        groups: dict[str, Forwarder] = {}
+        zones = homenames.zone_groups(settings)
+        for group, specs in [(homenames.LOCAL_GROUP, settings.local_dns), *zones.items()]:
+            if not specs:
+                continue
+            if group == homenames.LOCAL_GROUP:
+                # A resolver on the LAN is no injector's target, and answers fast, maybe
+                # without OPT: the checks of port, ID and question only, and nothing learned.
+                members = build_group(specs, settings, telemetry, build_filters(False, None, False),
+                                      Learned(edns=learned.edns))
+            else:  # a zone's resolver may be anywhere: every defence, teaching nothing
+                members = build_group(specs, settings, telemetry, filters.not_teaching(), learned)
+            home_upstreams += members
+            groups[group] = Forwarder(members, metrics, settings.timeout, settings.hedge_delay,
+                                      max_ttl=settings.max_ttl)
+        resolver = ZoneRouter(resolver, home, groups, metrics)
     # What was learned of upstreams no longer configured goes.
-    learned.edns = {upstream.name: upstream.edns for upstream in [*upstreams, *domestic]}
+    learned.edns = {upstream.name: upstream.edns
+                    for upstream in [*upstreams, *domestic, *home_upstreams]}
     configure_cache(cache, settings)
     cache.refresher = resolver.refresh  # refreshes started from now on use the new upstreams
     access = AccessControl(settings.allow, metrics)
@@ -162,6 +204,9 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
         *([RateLimit(settings.rate_limit, 2 * settings.rate_limit, metrics)]
           if settings.rate_limit else []),  # before any work, cached answers included
         LocalAnswers(settings.identity, metrics),  # health checks and ANY never leave the host
+        # The user's own names, then special-use names and home names that never leave.
+        *([HostsAnswers(hosts_table, metrics, hosts.HOSTS_TTL)] if hosts_table else []),
+        SpecialNames(home, metrics),
         cache,  # only then the cache; what it misses goes to the forwarder (forgery filters inside)
     ]
     return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver)

@@ -34,6 +34,11 @@ HELP = {
                                "one, used like the shipped list.",
     "dnsproxy_forged_learned_total": "Addresses added to the learned forged list.",
     "dnsproxy_overload_total": "Queries not taken on because too many were in flight.",
+    "dnsproxy_local_answers_total": "Names answered here, by why: hosts, localhost, rfc6303, "
+                                    "local-domain, single-label, ddr, canary, ...",
+    "dnsproxy_zone_routes_total": "Queries sent to the LAN's resolver (group local) or a "
+                                  "zone's, by why: local-domain, single-label, local-reverse, "
+                                  "zone.",
 }
 
 
