@@ -146,6 +146,26 @@ def load_home_names(settings: Settings) -> tuple[homenames.NameTable, hosts.Host
     return table, hosts_table
 
 
+def build_home_groups(settings: Settings, telemetry: Telemetry, filters: ForgeryFilters,
+                      learned: Learned) -> dict[str, Forwarder]:
+    """The groups the zone router sends to: the LAN's resolvers (--local-dns) and each zone's."""
+    groups: dict[str, Forwarder] = {}
+    zones = homenames.zone_groups(settings)
+    for group, specs in [(homenames.LOCAL_GROUP, settings.local_dns), *zones.items()]:
+        if not specs:
+            continue
+        if group == homenames.LOCAL_GROUP:
+            # A resolver on the LAN is no injector's target, and answers fast, often without
+            # OPT: the checks of port, ID and question only; nothing learned, nothing retried.
+            members = build_group(specs, settings, telemetry, build_filters(False, None, False),
+                                  Learned(edns=learned.edns))
+        else:  # a zone's resolver may be anywhere: every defence, teaching nothing
+            members = build_group(specs, settings, telemetry, filters.not_teaching(), learned)
+        groups[group] = Forwarder(members, metrics=telemetry.metrics, timeout=settings.timeout,
+                                  hedge_delay=settings.hedge_delay, max_ttl=settings.max_ttl)
+    return groups
+
+
 def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                      cache: Cache, learned: Learned) -> Forwarding:
     home, hosts_table = load_home_names(settings)  # first: a bad line costs nothing else
@@ -174,24 +194,10 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
                                  max_ttl=settings.max_ttl),
             lists, metrics, trust_empty=settings.domestic_trust_empty)
     # Names at home: the LAN's resolver and the zones' go in front of all that.
-    home_upstreams: list[Upstream] = []
-    if home.routes():
-        groups: dict[str, Forwarder] = {}
-        zones = homenames.zone_groups(settings)
-        for group, specs in [(homenames.LOCAL_GROUP, settings.local_dns), *zones.items()]:
-            if not specs:
-                continue
-            if group == homenames.LOCAL_GROUP:
-                # A resolver on the LAN is no injector's target, and answers fast, maybe
-                # without OPT: the checks of port, ID and question only, and nothing learned.
-                members = build_group(specs, settings, telemetry, build_filters(False, None, False),
-                                      Learned(edns=learned.edns))
-            else:  # a zone's resolver may be anywhere: every defence, teaching nothing
-                members = build_group(specs, settings, telemetry, filters.not_teaching(), learned)
-            home_upstreams += members
-            groups[group] = Forwarder(members, metrics, settings.timeout, settings.hedge_delay,
-                                      max_ttl=settings.max_ttl)
+    groups = build_home_groups(settings, telemetry, filters, learned) if home.routes() else {}
+    if groups:
         resolver = ZoneRouter(resolver, home, groups, metrics)
+    home_upstreams = [upstream for group in groups.values() for upstream in group.upstreams]
     # What was learned of upstreams no longer configured goes.
     learned.edns = {upstream.name: upstream.edns
                     for upstream in [*upstreams, *domestic, *home_upstreams]}

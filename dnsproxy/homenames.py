@@ -103,6 +103,12 @@ class NameTable:
             return self.single_label, len(name) - 1  # the zone is the root
         return None
 
+    def claims(self, key: bytes) -> bool:
+        """Whether the table decides a question (a question key, as caches hold it, with any
+        bytes after type and class): for forgetting cached answers a new table overrides."""
+        name = key[:wire.skip_name(key, 0)]
+        return self.match(name, int.from_bytes(key[len(name):len(name) + 2], "big")) is not None
+
     def routes(self) -> bool:
         """Whether any name is sent to a group (else the zone router has nothing to do)."""
         return (any(rule.action == ROUTE for rule in self.rules.values())

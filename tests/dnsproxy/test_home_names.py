@@ -473,6 +473,7 @@ fe80::1%lo0 Router.LAN
 192.168.1.9 nas.lan nas
 192.168.1.10 nas.lan
 0.0.0.0 ads.example
+192.168.1.9 old-nas.lan
 """)
     table = hosts.load([str(path)])
     entries = table.entries
@@ -481,8 +482,8 @@ fe80::1%lo0 Router.LAN
     assert entries[to_wire("nas.lan")][1][1] == 2 and entries[to_wire("nas")][1][1] == 1
     # The PTR of an address names its first line's first name.
     ptr = entries[to_wire("9.1.168.192.in-addr.arpa")][hosts.TYPE_PTR][0]
-    assert ptr.endswith(to_wire("nas.lan"))
-    assert (table.names, table.addresses) == (6, 6)
+    assert ptr.endswith(b"\x00\x09" + to_wire("nas.lan"))  # rdlength 9, the name
+    assert (table.names, table.addresses) == (7, 6)
 
 
 @pytest.mark.parametrize(("line", "why"), [
@@ -497,3 +498,15 @@ def test_a_bad_hosts_line_says_file_line_and_why(tmp_path, line, why):
     with pytest.raises(hosts.HostsError) as caught:
         hosts.load([str(path)])
     assert str(caught.value) == f"{path}:2: {why}"
+
+
+def test_the_table_claims_the_cached_questions_it_decides():
+    """What a cache purge needs: whether a cache key (question key, then a DO/CD byte) is one
+    the table answers or routes, so an answer cached before is not served over it."""
+    s = build_settings(cli("--upstream", "127.0.0.2", "--local-dns", "127.0.0.4"), {})
+    table = homenames.build_table(s)
+    def key(name: str, qtype: int = 1) -> bytes:
+        return to_wire(name) + qtype.to_bytes(2, "big") + b"\x00\x01" + b"\x00"
+    assert table.claims(key("printer.lan")) and table.claims(key("nas"))
+    assert table.claims(key("x.invalid")) and table.claims(key("localhost", 28))
+    assert not table.claims(key("example.org")) and not table.claims(key("com", 43))
