@@ -134,16 +134,19 @@ def load_home_names(settings: Settings) -> tuple[homenames.NameTable, hosts.Host
         hosts_table = hosts.load(settings.hosts) if settings.hosts else None
     except ValueError as exc:  # a bad hosts line: FILE:LINE: why
         raise ConfigError(str(exc)) from None
+    return table, hosts_table
+
+
+def log_home_names(settings: Settings, hosts_table: hosts.HostsTable | None) -> None:
+    """What was configured, once the whole configuration is built (a bad setting must stay
+    the only line); nothing for the defaults."""
     if hosts_table is not None:
         log.info("hosts: %d names, %d addresses from %d files", hosts_table.names,
                  hosts_table.addresses, len(hosts_table.files))
-    home = ", ".join([*settings.local_domains, *settings.local_reverse, "single-label names"])
     if settings.local_dns:
+        home = ", ".join([*settings.local_domains, *settings.local_reverse, "single-label names"])
         log.info("names at home (%s) go to %s only", home,
                  ", ".join(spec.name for spec in settings.local_dns))
-    else:
-        log.info("names at home (%s) get NXDOMAIN here: no --local-dns", home)
-    return table, hosts_table
 
 
 def build_home_groups(settings: Settings, telemetry: Telemetry, filters: ForgeryFilters,
@@ -215,6 +218,7 @@ def build_forwarding(settings: Settings, metrics: Metrics, querylog: QueryLog,
         SpecialNames(home, metrics),
         cache,  # only then the cache; what it misses goes to the forwarder (forgery filters inside)
     ]
+    log_home_names(settings, hosts_table)
     return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver)
 
 
