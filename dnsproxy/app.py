@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import cachefile, domainlists
+from . import cachefile, domainlists, homenames, hosts
 from .config import ConfigError, Settings, build_settings, parse_listen
 from .forgery import (
     LEARNED_FILE,
@@ -36,8 +36,10 @@ from .server import Responder, TcpServer, UdpServer, bind_socket
 from .split import SplitResolver
 from .stages.access import AccessControl
 from .stages.cache import Cache
+from .stages.hosts import HostsAnswers
 from .stages.local import LocalAnswers
 from .stages.ratelimit import RateLimit
+from .stages.special import SpecialNames
 from .statefile import release
 from .upstreams import (
     PollutedNames,
@@ -48,6 +50,7 @@ from .upstreams import (
     client_ssl_context,
 )
 from .upstreams.bootstrap import Bootstrap
+from .zones import ZoneRouter
 
 log = logging.getLogger("dnsproxy")
 
@@ -80,8 +83,9 @@ class Forwarding:
     pipeline: Pipeline
     forwarder: Forwarder  # the trusted upstreams (--upstream)
     access: AccessControl  # also guards the metrics endpoint
-    resolver: Forwarder | SplitResolver  # the last link: the forwarder, or the split of two
+    resolver: Forwarder | SplitResolver | ZoneRouter  # the last link (zones in front)
     forged: set[bytes] = field(default_factory=set)  # the shipped and operator's lists
+    home: homenames.NameTable | None = None  # names at home: where each goes
 
 
 def configure_cache(cache: Cache, settings: Settings) -> None:
@@ -126,6 +130,49 @@ def load_lists(settings: Settings) -> domainlists.DomainLists:
     return lists
 
 
+def load_home_names(settings: Settings) -> tuple[homenames.NameTable, hosts.HostsTable | None]:
+    try:
+        table = homenames.build_table(settings)
+        hosts_table = hosts.load(settings.hosts) if settings.hosts else None
+    except ValueError as exc:  # a bad hosts line: FILE:LINE: why
+        raise ConfigError(str(exc)) from None
+    return table, hosts_table
+
+
+def log_home_names(settings: Settings, hosts_table: hosts.HostsTable | None) -> None:
+    """What was configured, once the whole configuration is built (a bad setting must stay
+    the only line); nothing for the defaults."""
+    if hosts_table is not None:
+        log.info("hosts: %d names, %d addresses from %d files", hosts_table.names,
+                 hosts_table.addresses, len(hosts_table.files))
+    if settings.local_dns:
+        home = ", ".join([*settings.local_domains, *settings.local_reverse, "single-label names"])
+        log.info("names at home (%s) go to %s only", home,
+                 ", ".join(spec.name for spec in settings.local_dns))
+
+
+def build_home_groups(settings: Settings, telemetry: Telemetry, filters: ForgeryFilters,
+                      learned: Learned, ssl_context: ssl.SSLContext | None,
+                      ) -> dict[str, Forwarder]:
+    """The groups the zone router sends to: the LAN's resolvers (--local-dns) and each zone's."""
+    groups: dict[str, Forwarder] = {}
+    zones = homenames.zone_groups(settings)
+    for group, specs in [(homenames.LOCAL_GROUP, settings.local_dns), *zones.items()]:
+        if not specs:
+            continue
+        if group == homenames.LOCAL_GROUP:
+            # A resolver on the LAN is no injector's target, and answers fast, often without
+            # OPT: the checks of port, ID and question only; nothing learned, nothing retried.
+            members = build_group(specs, settings, telemetry, build_filters(False, None, False),
+                                  Learned(edns=learned.edns), ssl_context)
+        else:  # a zone's resolver may be anywhere: every defence, teaching nothing
+            members = build_group(specs, settings, telemetry, filters.not_teaching(), learned,
+                                  ssl_context)
+        groups[group] = Forwarder(members, metrics=telemetry.metrics, timeout=settings.timeout,
+                                  hedge_delay=settings.hedge_delay, max_ttl=settings.max_ttl)
+    return groups
+
+
 @dataclass
 class Prepared:
     """What a configuration needs from files: read in a thread on a reload (the lists of 100k
@@ -134,27 +181,31 @@ class Prepared:
     settings: Settings
     forged: set[bytes]  # the shipped list (unless turned off) and the operator's
     lists: domainlists.DomainLists | None  # split DNS only
+    home: homenames.NameTable  # names at home: where each goes (homenames.py)
+    hosts: hosts.HostsTable | None  # --hosts files
     ssl_context: ssl.SSLContext | None  # only when encrypting: the system's CAs cost megabytes
 
 
 def prepare(settings: Settings) -> Prepared:
     """Read every file the settings name; ConfigError on the first problem. Touches nothing the
     event loop owns, so a reload runs it in a thread."""
+    home, hosts_table = load_home_names(settings)  # first: a bad line costs nothing else
     try:
         forged = load_forged_addresses(settings.forged_address, settings.forged_addresses_file,
                                        builtin=settings.forged_addresses)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    # First of the big ones: a bad line costs nothing else.
     lists = load_lists(settings) if settings.domestic_upstreams else None
     ssl_context = None
+    zone_specs = [spec for specs in homenames.zone_groups(settings).values() for spec in specs]
     if any(spec.scheme in ("tls", "https")
-           for spec in [*settings.upstreams, *settings.domestic_upstreams]):
+           for spec in [*settings.upstreams, *settings.domestic_upstreams,
+                        *settings.local_dns, *zone_specs]):
         try:
             ssl_context = client_ssl_context(settings.ca_file)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"ca_file {settings.ca_file}: {exc}") from None
-    return Prepared(settings, forged, lists, ssl_context)
+    return Prepared(settings, forged, lists, home, hosts_table, ssl_context)
 
 
 def read_configuration(cli: dict) -> Prepared:
@@ -174,7 +225,7 @@ def build_forwarding(prepared: Prepared, metrics: Metrics, querylog: QueryLog,
                             prepared.ssl_context)
     forwarder = Forwarder(upstreams, metrics, settings.timeout, settings.hedge_delay,
                           max_ttl=settings.max_ttl)
-    resolver: Forwarder | SplitResolver = forwarder
+    resolver: Forwarder | SplitResolver | ZoneRouter = forwarder
     domestic: list[Upstream] = []
     if prepared.lists is not None:
         # The domestic group checks learned addresses but teaches nothing: its verified
@@ -185,8 +236,16 @@ def build_forwarding(prepared: Prepared, metrics: Metrics, querylog: QueryLog,
             forwarder, Forwarder(domestic, metrics, settings.timeout, settings.hedge_delay,
                                  max_ttl=settings.max_ttl),
             prepared.lists, metrics, trust_empty=settings.domestic_trust_empty)
+    # Names at home: the LAN's resolver and the zones' go in front of all that.
+    home = prepared.home
+    groups = (build_home_groups(settings, telemetry, filters, learned, prepared.ssl_context)
+              if home.routes() else {})
+    if groups:
+        resolver = ZoneRouter(resolver, home, groups, metrics)
+    home_upstreams = [upstream for group in groups.values() for upstream in group.upstreams]
     # What was learned of upstreams no longer configured goes.
-    learned.edns = {upstream.name: upstream.edns for upstream in [*upstreams, *domestic]}
+    learned.edns = {upstream.name: upstream.edns
+                    for upstream in [*upstreams, *domestic, *home_upstreams]}
     configure_cache(cache, settings)
     cache.refresher = resolver.refresh  # refreshes started from now on use the new upstreams
     access = AccessControl(settings.allow, metrics)
@@ -196,9 +255,19 @@ def build_forwarding(prepared: Prepared, metrics: Metrics, querylog: QueryLog,
         *([RateLimit(settings.rate_limit, 2 * settings.rate_limit, metrics)]
           if settings.rate_limit else []),  # before any work, cached answers included
         LocalAnswers(settings.identity, metrics),  # health checks and ANY never leave the host
+        # The user's own names, then special-use names and home names that never leave.
+        *([HostsAnswers(prepared.hosts, metrics, hosts.HOSTS_TTL)] if prepared.hosts else []),
+        SpecialNames(home, metrics),
         cache,  # only then the cache; what it misses goes to the forwarder (forgery filters inside)
     ]
-    return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver, forged)
+    log_home_names(settings, prepared.hosts)
+    return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver, forged, home)
+
+
+def routing_of(settings: Settings) -> tuple:
+    """The settings that decide which names go to which group of upstreams (see homenames.py):
+    when a reload changes them, cached answers of the old routing may be wrong."""
+    return (settings.local_dns, settings.local_domains, settings.local_reverse, settings.zones)
 
 
 @dataclass
@@ -247,6 +316,7 @@ class Service:
                          self.learned_file)
         if self.cache_file:
             self._purge({*self.forwarding.forged, *self.learned.forged.addresses}, "loaded")
+            self._forget_rerouted()
         self.saver: asyncio.Task | None = None
         # One thread writes every save, in the order they were taken: two saves never run at
         # once, and a later one (the last, at stop) is written after an earlier one in flight.
@@ -274,6 +344,17 @@ class Service:
         self.metrics.inc("dnsproxy_forged_unlearned_total")
         log.warning("learned forged address %s unlearned: an encrypted upstream answered with it",
                     ipaddress.ip_address(address))
+
+    def _forget_rerouted(self) -> None:
+        """Cached answers for names the home table now routes (to the LAN's resolver, a zone's)
+        came from elsewhere (a public upstream's NXDOMAIN for printer.lan, say): they go."""
+        table = self.forwarding.home
+        if table is None or not table.routes():
+            return
+        dropped = self.cache.forget(table.claims, "rerouted")
+        if dropped:
+            log.info("cache: %d %s for names now routed elsewhere dropped", dropped,
+                     "entry" if dropped == 1 else "entries")
 
     def _purge(self, addresses: set[bytes], why: str) -> None:
         """Cached replies carrying addresses now known as forged go (see stages/cache.py):
@@ -400,6 +481,8 @@ class Service:
         self.forwarding = forwarding
         self.responder.pipeline = forwarding.pipeline
         self._purge(forwarding.forged - old.forged, "listed")
+        if routing_of(settings) != routing_of(self.settings):
+            self._forget_rerouted()
         restart_only = [name for name in RESTART_ONLY
                         if getattr(settings, name) != getattr(self.settings, name)]
         if restart_only:

@@ -101,6 +101,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, metavar="N",
                    help="queries waiting on upstreams at once; beyond, new ones are shed")
     p.add_argument("--identity", metavar="TEXT", help="answer to CHAOS TXT id.server")
+    p.add_argument("--local-dns", dest="local_dns", action="append", metavar="SPEC",
+                   help="the LAN's resolver (the router; same forms as --upstream): the only "
+                        "one asked for local domains, single-label names and --local-reverse "
+                        "zones; without it they get NXDOMAIN here; repeatable")
+    p.add_argument("--local-domain", dest="local_domains", action="append", metavar="NAME",
+                   help="a domain of the home; repeatable (default lan, home.arpa, internal, "
+                        "localdomain)")
+    p.add_argument("--local-reverse", action="append", metavar="CIDR",
+                   help="the LAN's network: its reverse zones are the home's; repeatable")
+    p.add_argument("--zone", dest="zones", action="append", metavar="NAME=SPEC",
+                   help="ask this resolver (same forms as --upstream) for NAME and its "
+                        "subdomains; repeatable")
+    p.add_argument("--hosts", action="append", metavar="FILE",
+                   help="answer A, AAAA and PTR from a file in the /etc/hosts format, re-read "
+                        "on SIGHUP; repeatable")
+    p.add_argument("--block-ddr", action=argparse.BooleanOptionalAction,
+                   help="answer resolver.arpa with NODATA, so DDR clients keep asking us "
+                        "(default on)")
+    p.add_argument("--block-doh-canary", action=argparse.BooleanOptionalAction,
+                   help="answer use-application-dns.net with NXDOMAIN, so Firefox keeps its "
+                        "own DNS over HTTPS off (default on)")
+    p.add_argument("--block-private-relay", action=argparse.BooleanOptionalAction,
+                   help="answer iCloud Private Relay's names with NXDOMAIN (default off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 

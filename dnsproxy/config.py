@@ -16,7 +16,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .defaults import DEFAULT_ALLOWED
+from . import homenames
+from .defaults import DEFAULT_ALLOWED, DEFAULT_LOCAL_DOMAINS
 from .upstreams import UpstreamSpec, parse_spec
 
 
@@ -63,6 +64,15 @@ class Settings:
     tcp_max_per_client: int = 32
     max_in_flight: int = 1000  # queries waiting on upstreams at once
     identity: str = "dnsproxy"
+    # Names at home (README "Names at home", dnsproxy/homenames.py).
+    local_dns: list[UpstreamSpec] = field(default_factory=list)  # the LAN's resolver(s)
+    local_domains: list[str] = field(default_factory=lambda: list(DEFAULT_LOCAL_DOMAINS))
+    local_reverse: list[str] = field(default_factory=list)  # CIDRs whose PTR names are the LAN's
+    zones: list[str] = field(default_factory=list)  # NAME=SPEC
+    hosts: list[str] = field(default_factory=list)  # files in the /etc/hosts format
+    block_ddr: bool = True  # resolver.arpa: NODATA, so DDR clients keep asking us
+    block_doh_canary: bool = True  # use-application-dns.net: NXDOMAIN, Firefox keeps its DoH off
+    block_private_relay: bool = False  # iCloud Private Relay's names: NXDOMAIN
     config: str | None = None  # the file these came from, for reloads
 
     def listen_addresses(self) -> list[tuple[str, int]]:
@@ -71,10 +81,12 @@ class Settings:
 
 FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
 LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses_file",
-             "domestic_upstreams", "domestic_domains", "foreign_domains", "domestic_ips"}
-UPSTREAM_KEYS = ("upstreams", "domestic_upstreams")
+             "domestic_upstreams", "domestic_domains", "foreign_domains", "domestic_ips",
+             "local_dns", "local_domains", "local_reverse", "zones", "hosts"}
+UPSTREAM_KEYS = ("upstreams", "domestic_upstreams", "local_dns")
 BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted",
-             "serve_stale", "prefetch", "domestic_trust_empty", "learn_forged_addresses"}
+             "serve_stale", "prefetch", "domestic_trust_empty", "learn_forged_addresses",
+             "block_ddr", "block_doh_canary", "block_private_relay"}
 FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout", "cache_save_interval"}
 INT_KEYS = {"cache_size", "cache_bytes", "max_ttl", "workers", "tcp_max_connections",
             "tcp_max_per_client", "max_in_flight", "stale_ttl", "max_stale"}
@@ -357,3 +369,23 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"state_dir {path}: {exc.strerror}") from None
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"state_dir {path}: not writable")
+    validate_home(settings)
+
+
+def validate_home(settings: Settings) -> None:
+    """Names at home: every name, network and zone readable; the LAN's resolvers without a
+    hijack threshold (nothing on the LAN races a reply, and a router answers in microseconds)."""
+    try:
+        homenames.build_table(settings)
+        zones = homenames.zone_groups(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for spec in settings.local_dns:
+        if spec.hijack_threshold:
+            raise ConfigError(f"local_dns {spec.name}: no hijack_threshold for a resolver on "
+                              "the LAN, whose answers come in microseconds")
+    for key, specs in [("local_dns", settings.local_dns), *(
+            (f"zones {name}", group) for name, group in zones.items())]:
+        if specs and all(spec.needs_bootstrap for spec in specs):
+            raise ConfigError(f"{key}: no other upstream of the group can look up "
+                              f"{specs[0].host}; give its address as {specs[0].url}#IP")

@@ -95,6 +95,21 @@ class DomainLists:
             off += 1 + length
         return None
 
+    def listed_at(self, qname: bytes) -> int:
+        """The offset in `qname` of its most specific listed suffix, -1 when none is listed:
+        how specific the lists are about a name, for the zone router to compare with."""
+        groups = self.groups
+        off = 0
+        end = len(qname)
+        while groups and off < end:
+            if (qname[off:] if off else qname) in groups:
+                return off
+            length = qname[off]
+            if not length:
+                break
+            off += 1 + length
+        return -1
+
     def is_domestic(self, address: bytes) -> bool:
         """Whether a packed A or AAAA address lies in a domestic range."""
         starts, ends = self.v4 if len(address) == 4 else self.v6

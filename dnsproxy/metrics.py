@@ -39,6 +39,11 @@ HELP = {
     "dnsproxy_forged_unlearned_total": "Learned forged addresses taken off the list by an "
                                        "encrypted upstream's answer.",
     "dnsproxy_overload_total": "Queries not taken on because too many were in flight.",
+    "dnsproxy_local_answers_total": "Names answered here, by why: hosts, localhost, rfc6303, "
+                                    "local-domain, single-label, ddr, canary, ...",
+    "dnsproxy_zone_routes_total": "Queries sent to the LAN's resolver (group local) or a "
+                                  "zone's, by why: local-domain, single-label, local-reverse, "
+                                  "zone.",
 }
 
 

@@ -70,8 +70,9 @@ class QueryLog:
             "cached": response.reason in ("cached", "stale"),  # reason says which
             "latency_ms": round((time.monotonic() - request.started) * 1000, 3),
         }
-        if response.group is not None:  # split DNS only: which group answered, and why
+        if response.group is not None:  # split DNS and zones: which group answered
             record["group"] = response.group
+        if response.why is not None:  # and why that group, or why answered here
             record["why"] = response.why
         self._write(record)
 

@@ -167,6 +167,17 @@ class Cache(PassThrough):
             self.bytes -= len(old_key) + len(old)
         return True
 
+    def forget(self, claimed: Callable[[bytes], bool], why: str) -> int:
+        """Drop every entry whose key `claimed` says is no longer the upstreams' to answer
+        (names a new configuration sends elsewhere); counted by `why`, the number dropped. A
+        scan of the whole cache: only at start-up, and on a reload that changed the routing."""
+        doomed = [key for key in self.entries if claimed(key)]
+        for key in doomed:
+            self._drop(key)
+        if doomed:
+            self.metrics.inc("dnsproxy_cache_purged_total", len(doomed), why=why)
+        return len(doomed)
+
     def purge(self, addresses: set[bytes], why: str, guard: bool = True) -> int:
         """Drop every entry carrying one of `addresses` (packed A/AAAA data) in any section,
         and, with `guard`, keep them out for PURGE_GUARD seconds (needless when nothing can
