@@ -310,6 +310,7 @@ def status(project: str, options: Options) -> dict:
             "extra": fw.extra,
             "chains": fw.chains_present,
             "hooks": fw.hooks_present,
+            "hooks_not_first": fw.hooks_not_first,
             "rules": fw.rules_present,
         }
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)

@@ -32,6 +32,11 @@ Why the rules are what they are:
   what confines it. The chain is jumped to from DOCKER-USER, which Docker creates but never
   flushes. Where the engine manages no iptables chains (Docker 29 with the nftables firewall
   backend, or ``"iptables": false``) there is no DOCKER-USER; the jump goes first in FORWARD.
+* Every hook goes first in its built-in chain (position 1) and must stay first: a rule above
+  it decides before our chain does, so a foreign ``-I DOCKER-USER -j ACCEPT`` would open the
+  appliance to everyone. Only another deployment's hook may sit above ours (each one's chain
+  decides for its own bridge alone); anything else above is a hook out of place, which
+  `status` reports and the host service moves back (firewall/base.py, service.py).
 * The nat hook sits first in POSTROUTING, which Docker never flushes either.
 * Whatever else removes the rules (a reboot, a firewall reload) is repaired by the host service
   (service.py), which applies this same plan and re-checks it every few seconds.
@@ -46,11 +51,10 @@ from enum import StrEnum
 
 from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
 from netsetup.errors import BadInput
-from netsetup.firewall.model import Chain, FirewallPlan, Rule
+from netsetup.firewall.model import CHAIN_PREFIX, Chain, FirewallPlan, Rule
 from netsetup.hostnet import HostRoute, ProxyNeighbour
 from netsetup.lists import list_files
 
-CHAIN_PREFIX = "NETSETUP-"
 MAX_CHAIN = 28  # iptables' limit on chain names
 
 
