@@ -26,7 +26,7 @@ from pathlib import Path
 import dind
 import pytest
 from conftest import normalize
-from topology import INET_HOST, LAN_CLIENT, LAN_HOST, LAN_NET, WAN_HOST, Topology
+from topology import INET_HOST, LAN_CLIENT, LAN_HOST, LAN_NET, ROUTER, WAN_HOST, Topology
 
 REPO = Path(__file__).resolve().parents[2]
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
@@ -188,11 +188,41 @@ def wait_repaired(topo: Topology, ip: str, name: str, timeout: float = 30) -> fl
     raise AssertionError(f"{name}: no answer within {timeout} s")
 
 
+def sync_report(engine: Engine, project: str) -> dict:
+    """The host service's last report (state.write_json replaces it whole)."""
+    run_dir = engine.env.get("NETSETUP_RUN_DIR", "/run/netsetup")
+    return json.loads(Path(run_dir, f"{project}.sync.json").read_text())
+
+
+def foreign_accept_is_moved_below(engine: Engine, topo: Topology, project: str, ip: str) -> None:
+    """Another tool inserts an ACCEPT above our filter hook, which would let anyone reach the
+    appliance: within a sync the host service puts our hook back first, counts it and names the
+    rule; then a stranger on the WAN side still gets no answer. The ACCEPT is removed after."""
+    status = status_of(engine, project)
+    (hook,) = [name for name in status["firewall"]["hooks"] if name.startswith("filter/")]
+    chain = hook.split("/")[1].split()[0]  # DOCKER-USER, or FORWARD where the engine has none
+    iptables = {"nft": "iptables-nft", "legacy": "iptables-legacy"}[status["iptables"]]
+    moved = sync_report(engine, project).get("hooks_moved", 0)
+    engine.run(iptables, "-w", "-I", chain, "-j", "ACCEPT", check=True)
+    try:
+        deadline = time.monotonic() + 20  # the service syncs every 5 s
+        report = sync_report(engine, project)
+        while report.get("hooks_moved", 0) <= moved and time.monotonic() < deadline:
+            time.sleep(0.2)
+            report = sync_report(engine, project)
+        assert report.get("hooks_moved", 0) == moved + 1 and report["complete"], report
+        assert any(f"above: -A {chain} -j ACCEPT" in w for w in report["last_repair"]["what"])
+        assert_nothing_answers(topo.dig_full(topo.wan_ns, ip, "wan-bypass.example.test"))
+    finally:
+        engine.run(iptables, "-w", "-D", chain, "-j", "ACCEPT")
+
+
 def scenario(
     engine: Engine, project: str, subnet: str, ip: str, port: int, port_mode: bool = True,
     after_reboot: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
-    """The household's life: up, both modes answer, reload, reboot, mode switch, down.
+    """The household's life: up, both modes answer, a foreign ACCEPT above our hook, reload,
+    reboot, mode switch with an upstream on the LAN, down.
 
     Without `port_mode` (an engine with `"iptables": false`) it runs direct mode alone, after
     checking that the default (both modes) is refused with one line and changes nothing.
@@ -207,7 +237,7 @@ def scenario(
         "UPSTREAMS": "198.51.100.53",
         "MODE": "both" if port_mode else "direct",
     }
-    topo = Topology(subnet=subnet, pid=engine.pid)
+    topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True)
     topo.create()
     variables |= {"LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET}
     before = engine.firewall()
@@ -264,6 +294,8 @@ def scenario(
         proc = engine.run(NETSETUP, "check", "-p", project)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
+        foreign_accept_is_moved_below(engine, topo, project, ip)
+
         # a flush while running (a firewall reload): repaired with no command typed
         remove_our_rules(engine, project)
         wait_repaired(topo, ip, "after-flush.example.test")
@@ -296,16 +328,26 @@ def scenario(
         if after_reboot is not None:
             after_reboot()
 
-        # switching to port mode and back keeps the guarantees; the metrics switch opens 9153
+        # switching to port mode and back keeps the guarantees; the metrics switch opens 9153.
+        # The upstream is now the LAN's router itself: in port mode it has no route to the
+        # subnet and answers the host (masqueraded); with direct mode it has the route the
+        # user adds and sees the appliance's own address (the LAN is left out of the masquerade)
+        on_router = {"UPSTREAMS": ROUTER}
         switched = {"MODE": "port"} if port_mode else {}
-        proc = make(engine, "up", **(variables | switched | {"METRICS_FROM_LAN": "1"}))
+        if not port_mode:
+            topo.route_on_router()
+        proc = make(engine, "up", **(variables | switched | on_router | {"METRICS_FROM_LAN": "1"}))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         if port_mode:
             assert wait_answer(topo, LAN_HOST, "port-only.example.test", port) == ANSWER
+            assert topo.router_clients("port-only.example.test.") == {LAN_HOST}
         assert_exposure(topo, ip, port, metrics_from_lan=True)
-        proc = make(engine, "up", **variables)
+        if port_mode:
+            topo.route_on_router()
+        proc = make(engine, "up", **(variables | on_router))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert wait_answer(topo, ip, "back.example.test") == ANSWER
+        assert topo.router_clients("back.example.test.") == {ip}
         assert_same_firewall(after_up, engine.firewall(), *ours, engine_restarted=restarted)
 
         proc = make(engine, "down", **variables)
