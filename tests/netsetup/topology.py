@@ -13,7 +13,9 @@ the host's LAN interface, the client above, and a second client (198.19.53.11) t
 route but its own subnet, as a phone on a home LAN; it can also hold an address (`hold`), as a
 device already using it would. With `router` too, a fourth port is the LAN's router
 (198.19.53.254) running a resolver of its own, as a home router does: it knows no route to the
-appliance subnet unless `route_on_router` adds the one direct mode asks the user for.
+appliance subnet unless `route_on_router` adds the one direct mode asks the user for. It
+answers what the "internet" resolver does, or with `router_zone` only the names under
+ROUTER_ZONE, with ROUTER_ANSWER, and REFUSED for the rest (fake_upstream.py).
 
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
@@ -39,6 +41,7 @@ from pathlib import Path
 LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 LAN_CLIENT2 = "198.19.53.11"
 ROUTER = "198.19.53.254"  # the LAN's router, also a resolver (with `router`)
+ROUTER_ZONE, ROUTER_ANSWER = "home.example.test.", "198.51.100.254"  # with `router_zone`
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
@@ -54,6 +57,7 @@ class Topology:
     pid: int | None = None  # netns of the engine; None for this host's
     switch: bool = False  # the LAN as a bridge with two clients (see above)
     router: bool = False  # and a router with a resolver on it (needs `switch`)
+    router_zone: bool = False  # which serves ROUTER_ZONE only (see above)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     upstream_proc: subprocess.Popen | None = None
     upstream_log: str = ""
@@ -145,9 +149,11 @@ class Topology:
         if self.router:
             self._switch_port(self.router_ns, "port3", ROUTER)
 
-    def route_on_router(self) -> None:
-        """The route direct mode asks the user to add on the LAN's router: SUBNET via the host."""
-        sh("ip", "-n", self.router_ns, "route", "add", self.subnet, "via", LAN_HOST)
+    def route_on_router(self, present: bool = True) -> None:
+        """The route direct mode asks the user to add on the LAN's router: SUBNET via the host
+        (or, not `present`, taken away)."""
+        sh("ip", "-n", self.router_ns, "route", "add" if present else "del", self.subnet, "via",
+           LAN_HOST)  # fmt: skip
 
     def hold(self, address: str) -> None:
         """The second client takes `address` too, as a device already using it."""
@@ -173,7 +179,8 @@ class Topology:
         sh("ip", "netns", "exec", self.wan_ns, "ip", "route", "add", LAN_NET, "via", WAN_HOST)
         self.upstream_proc, self.upstream_log = resolver(self.inet_ns, INET_RESOLVER)
         if self.router:
-            self.router_proc, self.router_log = resolver(self.router_ns, ROUTER)
+            zone = (ROUTER_ZONE, ROUTER_ANSWER) if self.router_zone else ()
+            self.router_proc, self.router_log = resolver(self.router_ns, ROUTER, *zone)
 
     def destroy(self) -> None:
         for proc in (self.upstream_proc, self.router_proc):
@@ -236,12 +243,13 @@ class Topology:
         return out
 
 
-def resolver(ns: str, address: str) -> tuple[subprocess.Popen, str]:
-    """The fake resolver (fake_upstream.py) on address:53 in namespace `ns`, and its query log."""
+def resolver(ns: str, address: str, *zone: str) -> tuple[subprocess.Popen, str]:
+    """The fake resolver (fake_upstream.py) on address:53 in namespace `ns`, and its query log;
+    `zone`: the zone and the answer it serves alone."""
     fd, log = tempfile.mkstemp(prefix="netsetup-upstream-", suffix=".jsonl")
     os.close(fd)
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, FAKE_UPSTREAM, address, "53", log],
+        ["ip", "netns", "exec", ns, sys.executable, FAKE_UPSTREAM, address, "53", log, *zone],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
