@@ -210,10 +210,12 @@ class Topology:
         # +short still prints errors (";; communications error ..."): keep only answers
         return "\n".join(ln for ln in out.splitlines() if ln and not ln.startswith(";")).strip()
 
-    def dig_full(self, ns: str, server: str, name: str, port: int = 53, tcp: bool = False) -> str:
-        """dig's whole output from namespace `ns`, one try: a status line if anything answered."""
+    def dig_full(self, ns: str, server: str, name: str, port: int = 53, tcp: bool = False,
+                 seconds: int = 2) -> str:  # fmt: skip
+        """dig's whole output from namespace `ns`, one try of `seconds`: a status line if
+        anything answered."""
         cmd = ["ip", "netns", "exec", ns, "dig", f"@{server}", "-p", str(port), name, "A",
-               "+time=2", "+tries=1", "+retry=0"]  # fmt: skip
+               f"+time={seconds}", "+tries=1", "+retry=0"]  # fmt: skip
         if tcp:
             cmd.append("+tcp")
         return sh(*cmd, check=False).stdout
