@@ -213,8 +213,8 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if fw:
         not_first = fw.get("hooks_not_first") or {}
         if not_first:
-            verdict = ("BYPASSED: a rule above our hook decides first (the host service moves "
-                       "ours back within seconds, if it runs)")  # fmt: skip
+            verdict = ("NOT FIRST: a rule above our hook decides before it (the host service "
+                       "moves ours back within seconds, if it runs)")  # fmt: skip
         elif not fw["complete"]:
             verdict = "INCOMPLETE (the host service repairs it within seconds, if it runs)"
         elif fw["extra"]:

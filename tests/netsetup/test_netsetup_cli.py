@@ -513,7 +513,7 @@ def test_status_says_a_hook_below_a_foreign_rule_is_not_complete() -> None:
         "sysctl": {"net.ipv4.ip_forward": "1"},
     }  # fmt: skip
     rows = dict(status_rows(info))
-    assert rows["firewall"].startswith("BYPASSED"), rows
+    assert rows["firewall"].startswith("NOT FIRST"), rows
     assert "complete" not in rows["firewall"]
     assert rows[f"  {hook}"] == "NOT FIRST, below: -A DOCKER-USER -j ACCEPT"
     assert rows["  hooks moved"].startswith("1 "), rows
