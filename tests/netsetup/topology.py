@@ -229,10 +229,10 @@ class Topology:
     def upstream_clients(self) -> list[str]:
         return [client for client, _ in queries_in(self.upstream_log)]
 
-    def router_clients(self, name: str) -> set[str]:
-        """The addresses the router's resolver was asked `name` from."""
+    def router_clients(self, name: str | None = None) -> set[str]:
+        """The addresses the router's resolver was asked `name` (any name: None) from."""
         return {client for client, asked in queries_in(self.router_log)
-                if asked.lower() == name.lower()}  # fmt: skip
+                if name is None or asked.lower() == name.lower()}  # fmt: skip
 
     def wait_dig(self, server: str, name: str, port: int = 53, timeout: float = 20) -> str:
         deadline = time.monotonic() + timeout
