@@ -211,7 +211,11 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("iptables", info["iptables"]))
     fw = info.get("firewall")
     if fw:
-        if not fw["complete"]:
+        not_first = fw.get("hooks_not_first") or {}
+        if not_first:
+            verdict = ("NOT FIRST: a rule above our hook decides before it (the host service "
+                       "moves ours back within seconds, if it runs)")  # fmt: skip
+        elif not fw["complete"]:
             verdict = "INCOMPLETE (the host service repairs it within seconds, if it runs)"
         elif fw["extra"]:
             verdict = "STALE pieces of ours not in the plan (the host service removes them)"
@@ -219,7 +223,10 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
             verdict = "complete"
         rows.append(("firewall", verdict))
         for name, present in {**fw["chains"], **fw["hooks"]}.items():
-            rows.append((f"  {name}", "present" if present else "MISSING"))
+            word = "present" if present else "MISSING"
+            if name in not_first:
+                word = f"NOT FIRST, below: {not_first[name]}"
+            rows.append((f"  {name}", word))
         for name in fw["extra"]:
             rows.append((f"  {name}", "EXTRA"))
     for entry, present in (info.get("lan_address") or {}).items():
@@ -263,6 +270,9 @@ def host_service_rows(host_service: dict[str, Any]) -> list[tuple[str, str]]:
         ago = time.time() - float(repair.get("at", 0))
         repaired += f", last {ago:.0f} s ago: {'; '.join(repair.get('what') or [])}"
     rows.append(("  repairs", repaired))
+    if report.get("hooks_moved"):
+        rows.append(("  hooks moved", f"{report['hooks_moved']} (back to first: another rule "
+                                      "had got above one)"))  # fmt: skip
     if report.get("last_error"):
         rows.append(("  last error", str(report["last_error"])))
     return rows

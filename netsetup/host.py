@@ -351,8 +351,9 @@ def verify_network(plan: Plan, deployed: deploy.Deployed) -> None:
     """Warn (not fail) when the network differs from what the plan assumes."""
     if deployed.options.get(OPT_MASQUERADE, "true") != "false":
         print(
-            f"netsetup: warning: network {deployed.network} masquerades all its traffic "
-            "(enable_ip_masquerade is not false): LAN clients will appear as the host",
+            f"netsetup: warning: network {deployed.network} has the engine's own masquerade "
+            "(enable_ip_masquerade is not false): the appliance's traffic to the LAN is "
+            "masqueraded in every mode, and the engine re-adds that rule at each daemon start",
             file=sys.stderr,
         )
     if deployed.ip and deployed.ip != plan.settings.ip:
@@ -431,6 +432,7 @@ def status(project: str, options: Options) -> dict:
             "extra": fw.extra,
             "chains": fw.chains_present,
             "hooks": fw.hooks_present,
+            "hooks_not_first": fw.hooks_not_first,
             "rules": fw.rules_present,
         }
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)

@@ -6,12 +6,25 @@ lets golden files pin, per engine version and firewall backend, every rule any h
 
 Why the rules are what they are:
 
-* The appliance network is created with masquerading off (compose.yaml), because Docker's blanket
-  ``-s SUBNET ! -o BRIDGE -j MASQUERADE`` would hide nothing we need but cannot be narrowed. We add
-  our own: masquerade what leaves the subnet for anywhere *but* the LAN. Upstreams beyond the host
-  then see the host's address (they have no route back to the appliance subnet), while LAN clients
-  talk to the container with their own address, which the query log records. Port mode needs the
-  same rule: with masquerading off the container could not reach an upstream at all.
+* Masquerade, per mode. The appliance network is created with the engine's masquerading off
+  (compose.yaml): its blanket ``-s SUBNET ! -o BRIDGE -j MASQUERADE`` cannot be narrowed, and
+  the engine puts it back at every daemon start. We add our own, which depends on one property
+  of the modes asked for (ModeTraits.lan_routes_subnet): whether the LAN routes the appliance
+  subnet via the host.
+  - Direct mode needs that route (the user adds it on the LAN's router), so a LAN host can reply
+    to the appliance's own address: there we masquerade what leaves the subnet for anywhere but
+    the LAN (``! -d LAN``), and an upstream on the LAN (the home router) sees the appliance
+    itself. Beyond the LAN upstreams see the host: they have no route back to the subnet.
+  - Port and lan mode need no route, and nothing on the LAN has one: an upstream on the LAN
+    that saw 172.31.53.53 would send its reply to its default route, and it would be lost
+    (measured). There we masquerade everything leaving the subnet other than through its own
+    bridge, LAN destinations included.
+  Either way the rule changes only connections the appliance starts: NAT is decided on a
+  connection's first packet, and a LAN client's query enters the bridge (``-o BRIDGE``, which
+  the rule leaves out), so the client's own address reaches the appliance and the reply goes
+  back to it, in every mode (the query log, the ACL and the rate limit see each client). The
+  rule is what lets the appliance reach any upstream at all, since the engine masquerades
+  nothing for this network.
 * Default deny (firewall_plan): the filter chain lets into the appliance network only the served
   LAN's DNS and replies to the appliance's own connections, and drops the rest. Docker 20.10-26
   set the FORWARD policy to DROP and open published ports; Docker 28 with ``nat-unprotected``
@@ -19,6 +32,11 @@ Why the rules are what they are:
   what confines it. The chain is jumped to from DOCKER-USER, which Docker creates but never
   flushes. Where the engine manages no iptables chains (Docker 29 with the nftables firewall
   backend, or ``"iptables": false``) there is no DOCKER-USER; the jump goes first in FORWARD.
+* Every hook goes first in its built-in chain (position 1) and must stay first: a rule above
+  it decides before our chain does, so a foreign ``-I DOCKER-USER -j ACCEPT`` would open the
+  appliance to everyone. Only another deployment's hook may sit above ours (each one's chain
+  decides for its own bridge alone); anything else above is a hook out of place, which
+  `status` reports and the host service moves back (firewall/base.py, service.py).
 * The nat hook sits first in POSTROUTING, which Docker never flushes either.
 * Whatever else removes the rules (a reboot, a firewall reload) is repaired by the host service
   (service.py), which applies this same plan and re-checks it every few seconds.
@@ -33,11 +51,10 @@ from enum import StrEnum
 
 from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
 from netsetup.errors import BadInput
-from netsetup.firewall.model import Chain, FirewallPlan, Rule
+from netsetup.firewall.model import CHAIN_PREFIX, Chain, FirewallPlan, Rule
 from netsetup.hostnet import HostRoute, ProxyNeighbour
 from netsetup.lists import list_files
 
-CHAIN_PREFIX = "NETSETUP-"
 MAX_CHAIN = 28  # iptables' limit on chain names
 
 
@@ -69,6 +86,34 @@ class Mode(StrEnum):
     port = "port"  # the host's LAN address, port PORT (published by the engine)
     direct = "direct"  # the container's own address, routed via the host
     lan = "lan"  # a LAN address of its own (LAN_IP), port 53: proxy ARP plus DNAT
+
+    @property
+    def traits(self) -> ModeTraits:
+        return MODE_TRAITS[self]
+
+
+@dataclass(frozen=True)
+class ModeTraits:
+    """What a mode means for the host, as data: the plan reads these, never a mode's name.
+    Settings with several modes have a trait when any of their modes has it."""
+
+    # Clients ask the container's own address (DNS_IP:53), routed to it via the host.
+    clients_ask_container: bool = False
+    # The engine publishes PORT on the host's LAN address.
+    publishes_port: bool = False
+    # The host answers ARP for LAN_IP and translates LAN_IP:53 to the appliance.
+    claims_lan_ip: bool = False
+    # The LAN routes SUBNET via the host (the user added the route on the router, which direct
+    # mode needs), so a LAN host can reply to the appliance's own address: the masquerade may
+    # leave LAN destinations out. Without it a LAN upstream's reply would be lost.
+    lan_routes_subnet: bool = False
+
+
+MODE_TRAITS: dict[Mode, ModeTraits] = {
+    Mode.port: ModeTraits(publishes_port=True),
+    Mode.direct: ModeTraits(clients_ask_container=True, lan_routes_subnet=True),
+    Mode.lan: ModeTraits(claims_lan_ip=True),
+}
 
 
 DEFAULT_MODES: tuple[Mode, ...] = (Mode.port, Mode.direct)
@@ -125,15 +170,19 @@ class Settings:
 
     @property
     def direct(self) -> bool:
-        return Mode.direct in self.modes
+        return any(m.traits.clients_ask_container for m in self.modes)
 
     @property
     def published(self) -> bool:
-        return Mode.port in self.modes
+        return any(m.traits.publishes_port for m in self.modes)
 
     @property
     def lan(self) -> bool:
-        return Mode.lan in self.modes
+        return any(m.traits.claims_lan_ip for m in self.modes)
+
+    @property
+    def lan_routes_subnet(self) -> bool:
+        return any(m.traits.lan_routes_subnet for m in self.modes)
 
     @property
     def mode_text(self) -> str:
@@ -368,11 +417,7 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
              not_in_interface=True, out_interface=bridge,
              comment=f"{project}: nothing else reaches the appliance network")
     )  # fmt: skip
-    fw.rules.append(
-        Rule(table="nat", chain=nat_chain, source=subnet, destination=facts.lan_cidr,
-             not_destination=True, out_interface=bridge, not_out_interface=True,
-             target="MASQUERADE", comment=f"{project}: appliance to upstreams, not to the LAN")
-    )  # fmt: skip
+    fw.rules.append(masquerade(settings, facts, nat_chain))
     hook_chain = "DOCKER-USER" if facts.has_docker_user else "FORWARD"
     fw.hooks.append(
         Rule(table="filter", chain=hook_chain, target=forward_chain,
@@ -388,6 +433,21 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
     if settings.lan and settings.lan_ip:
         lan_nat(fw, settings)
     return fw
+
+
+def masquerade(settings: Settings, facts: HostFacts, chain: str) -> Rule:
+    """What the appliance sends out of its subnet leaves with the host's address, except, where
+    the LAN routes the subnet (direct mode), what goes to the LAN (see the module docstring).
+    Only connections the appliance starts are translated: a LAN client's query goes out through
+    the bridge, which the rule leaves out, and keeps the client's address."""
+    project = settings.project
+    rule = Rule(table="nat", chain=chain, source=settings.subnet, out_interface=facts.bridge,
+                not_out_interface=True, target="MASQUERADE",
+                comment=f"{project}: appliance to upstreams, LAN included")  # fmt: skip
+    if not settings.lan_routes_subnet:
+        return rule
+    return replace(rule, destination=facts.lan_cidr, not_destination=True,
+                   comment=f"{project}: appliance to upstreams, not to the LAN")  # fmt: skip
 
 
 def lan_nat(fw: FirewallPlan, settings: Settings) -> None:

@@ -5,8 +5,10 @@ and NET_RAW only, restart unless-stopped), so whatever brings the forwarder back
 or a daemon restart brings this back too. Like kube-proxy it does not trust that rules stay put:
 every few seconds it compares the host with the plan (the same compute_plan and backends `up`
 uses, nothing written twice) and puts back what is missing, since a firewall reload (ufw,
-firewalld, `iptables -F`, a reboot) takes our rules away without telling anyone. Each repair is
-one log line and a count in the sync record that `netsetup status` shows. What the first sync
+firewalld, `iptables -F`, a reboot) takes our rules away without telling anyone; a hook that
+another rule got above is moved back first (a foreign ACCEPT there would open the appliance).
+Each repair is one log line and a count in the sync record that `netsetup status` shows (moved
+hooks have their own count too). What the first sync
 found is recorded too: after a reboot or a daemon restart that is the repair that mattered.
 
 On SIGTERM (compose down, docker stop, shutdown) it removes exactly its chains and hooks and puts
@@ -46,9 +48,12 @@ def log(message: str) -> None:
 
 
 def missing_pieces(fw: FirewallState) -> list[str]:
-    """What a sync found out of place, in words for the log line."""
+    """What a sync found out of place, in words for the log line; a hook not first names the
+    rule that was above it."""
     pieces = [f"{name} missing" for group in (fw.chains_present, fw.hooks_present)
               for name, present in group.items() if not present]  # fmt: skip
+    pieces += [f"{name} not first, moved back above: {line}"
+               for name, line in fw.hooks_not_first.items()]  # fmt: skip
     rules = sum(not present for present in fw.rules_present.values())
     if rules and not pieces:
         pieces.append(f"{rules} rule(s) missing")
@@ -62,6 +67,10 @@ class HostService:
     deployment: state.Deployment | None = None
     syncs: int = 0
     repairs: int = 0
+    # Hooks moved back first because another rule had got above them (each also makes its
+    # sync a repair). One that climbs again every sync is a tool fighting for the top: it is
+    # moved once per sync, counted and logged each time, never in a loop of its own.
+    hooks_moved: int = 0
     errors: int = 0
     last_repair: dict[str, Any] | None = None
     first_sync: dict[str, Any] | None = None
@@ -97,6 +106,7 @@ class HostService:
         if not fw.exact:
             found += missing_pieces(fw)
             self.backend.apply(plan.firewall)
+            self.hooks_moved += len(fw.hooks_not_first)
             fw = self.backend.state(plan.firewall)
         found += self.sync_host_entries(plan)
         self.complete = fw.exact
@@ -169,6 +179,7 @@ class HostService:
                 "started": self.started, "last_sync": time.time(), "syncs": self.syncs,
                 "first_sync": self.first_sync,
                 "repairs": self.repairs, "last_repair": self.last_repair,
+                "hooks_moved": self.hooks_moved,
                 "errors": self.errors, "last_error": self.last_error,
                 "complete": self.complete, "backend": self.backend.name,
                 "sysctls_before": self.sysctls_before,

@@ -1,9 +1,14 @@
 """What every firewall backend offers, and the helpers that read an ``iptables-save`` dump.
 
-A backend applies a whole FirewallPlan atomically (own chains rewritten, missing hooks added) and
-removes by name: hooks are found as rules in chains we do not own that jump to a chain of ours,
-so `down` needs no record of what `up` did and removes exactly our rules even after a daemon
-restart reordered them.
+A backend applies a whole FirewallPlan atomically (own chains rewritten, missing hooks added,
+hooks that another rule got above moved back first) and removes by name: hooks are found as rules
+in chains we do not own that jump to a chain of ours, so `down` needs no record of what `up` did
+and removes exactly our rules even after a daemon restart reordered them.
+
+A hook counts as first when nothing but other hooks of ours (another deployment's) comes before
+it in its chain: those decide for their own bridge only, and treating them as foreign would set
+two deployments moving their hooks above each other forever. Moving a hook is a delete and an
+insert at position 1 in the same table commit, so there is no moment without it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from netsetup.errors import FirewallFailed
-from netsetup.firewall.model import Chain, FirewallPlan
+from netsetup.firewall.model import Chain, FirewallPlan, Rule, is_netsetup_hook
 
 
 @dataclass
@@ -27,10 +32,13 @@ class FirewallState:
     # What of ours differs from the plan (a hook from the wrong chain or twice, rules in our
     # chain the plan does not have or in another order): `apply` puts it right.
     extra: list[str] = field(default_factory=list)
+    # Hooks present but not first, each with the first foreign rule above it: that rule decides
+    # before our chain can (an ACCEPT there opens the appliance). `apply` moves them back.
+    hooks_not_first: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        return all(
+        return not self.hooks_not_first and all(
             [
                 *self.chains_present.values(),
                 *self.hooks_present.values(),
@@ -93,9 +101,11 @@ class FirewallBackend(ABC):
         hooks: dict[str, bool] = {}
         rules: dict[str, bool] = {}
         extra: list[str] = []
+        not_first: dict[str, str] = {}
         for table in plan.tables():
             dump = self.save(table)
             extra += [f"{table}/{line}" for line in stale_hooks(plan, table, dump)]
+            below = hooks_below_foreign(plan, table, dump)
             for chain in plan.chains_in(table):
                 chains[f"{table}/{chain.name}"] = chain.name in declared_chains(dump)
                 # Our chain must hold the plan's rules in order and nothing else: a rule left
@@ -106,10 +116,18 @@ class FirewallBackend(ABC):
                     extra.append(f"{table}/{chain.name}: rules differ from the plan")
             lines = set(rule_lines(dump))
             for hook in plan.hooks_in(table):
-                hooks[f"{table}/{hook.chain} -> {hook.target}"] = hook.render_append() in lines
+                name = hook_name(hook)
+                hooks[name] = hook.render_append() in lines
+                if hook.render_append() in below:
+                    not_first[name] = below[hook.render_append()]
             for rule in plan.rules_in(table):
                 rules[f"{table}/{rule.render_append()}"] = rule.render_append() in lines
-        return FirewallState(chains, hooks, rules, extra)
+        return FirewallState(chains, hooks, rules, extra, not_first)
+
+
+def hook_name(hook: Rule) -> str:
+    """How status and the service's log name a hook: ``filter/DOCKER-USER -> NETSETUP-x``."""
+    return f"{hook.table}/{hook.chain} -> {hook.target}"
 
 
 def declared_chains(dump: str) -> set[str]:
@@ -144,6 +162,30 @@ def hooks_into(dump: str, own: set[str]) -> list[str]:
         if "-j" in words and words[words.index("-j") + 1] in own:
             found.append(line)
     return found
+
+
+def target_and_comment(line: str) -> tuple[str, str | None]:
+    """A save line's jump target and comment (without the quotes iptables-save adds)."""
+    words = shlex.split(line)
+    target = words[words.index("-j") + 1] if "-j" in words else ""
+    comment = words[words.index("--comment") + 1] if "--comment" in words else None
+    return target, comment
+
+
+def hooks_below_foreign(plan: FirewallPlan, table: str, dump: str) -> dict[str, str]:
+    """Planned hooks that must be first (position 1) but have a foreign rule above their first
+    copy: the hook's line, with the first such rule (the one that decides first)."""
+    below: dict[str, str] = {}
+    lines = rule_lines(dump)
+    for hook in plan.hooks_in(table):
+        line = hook.render_append()
+        if hook.position != 1 or line not in lines:
+            continue
+        for above in lines[: lines.index(line)]:
+            if above.split()[1] == hook.chain and not is_netsetup_hook(*target_and_comment(above)):
+                below[line] = above
+                break
+    return below
 
 
 def stale_hooks(plan: FirewallPlan, table: str, dump: str) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from netsetup.errors import FirewallFailed
 from netsetup.firewall.base import FirewallBackend
-from netsetup.firewall.model import COMMENT_TAG, Chain, FirewallPlan, Rule
+from netsetup.firewall.model import COMMENT_TAG, Chain, FirewallPlan, Rule, is_netsetup_hook
 
 
 def _iptc() -> Any:
@@ -161,23 +161,36 @@ class LegacyBackend(FirewallBackend):
                         table.create_chain(chain.name)
                 for rule in plan.rules_in(table_name):
                     iptc.Chain(table, rule.chain).append_rule(to_iptc(rule))
-                # Hooks into our chains: keep one per planned hook, delete every other one.
-                kept: set[tuple[str, str, str | None]] = set()
+                # Hooks into our chains: delete those the plan does not have; find the planned
+                # ones, and which have a foreign rule above their first copy (base.py).
+                found: dict[tuple[str, str, str | None], list[Any]] = {}
+                below: set[tuple[str, str, str | None]] = set()
                 for chain in table.chains:
                     if chain.name in own:
                         continue
+                    foreign_above = False
                     for r in list(chain.rules):
-                        if r.target.name not in own:
+                        target, comment = r.target.name, _comment(r)
+                        if target not in own:
+                            foreign_above |= not is_netsetup_hook(target, comment)
                             continue
-                        key = (chain.name, r.target.name, _comment(r))
-                        if key in wanted and key not in kept:
-                            kept.add(key)
-                        else:
+                        key = (chain.name, target, comment)
+                        if key not in wanted:
                             chain.delete_rule(r)
+                            continue
+                        if key not in found and foreign_above:
+                            below.add(key)
+                        found.setdefault(key, []).append(r)
+                # One copy in place stays; otherwise every copy goes and one is inserted at its
+                # position, in the same commit (never absent in between).
                 for hook in plan.hooks_in(table_name):
-                    if (hook.chain, hook.target, f"{COMMENT_TAG}: {hook.comment}") in kept:
+                    key = (hook.chain, hook.target, f"{COMMENT_TAG}: {hook.comment}")
+                    copies = found.get(key, [])
+                    if len(copies) == 1 and not (hook.position == 1 and key in below):
                         continue
                     chain = iptc.Chain(table, hook.chain)
+                    for r in copies:
+                        chain.delete_rule(r)
                     if hook.position is None:
                         chain.append_rule(to_iptc(hook))
                     else:

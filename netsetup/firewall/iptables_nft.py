@@ -14,10 +14,10 @@ import shutil
 from netsetup.firewall.base import (
     FirewallBackend,
     declared_chains,
+    hooks_below_foreign,
     hooks_into,
     rule_lines,
     run,
-    stale_hooks,
 )
 from netsetup.firewall.model import Chain, FirewallPlan
 
@@ -39,17 +39,26 @@ class NftBackend(FirewallBackend):
         """The restore script that brings the tables from `dumps` (current state) to the plan.
 
         Without dumps (describe), a host where nothing of ours is in place yet. With them,
-        hooks into our chains the plan does not have are deleted in the same transaction.
+        hooks into our chains the plan does not have are deleted in the same transaction, and
+        a planned hook that is there twice, or below a foreign rule, is deleted (every copy)
+        and inserted again at its position: one transaction, so it is never absent.
         """
         out: list[str] = []
         for table in plan.tables():
             dump = dumps.get(table, "") if dumps else ""
-            lines = set(rule_lines(dump))
+            lines = rule_lines(dump)
+            below = hooks_below_foreign(plan, table, dump)
+            planned = {hook.render_append() for hook in plan.hooks_in(table)}
             body = [f":{chain.name} - [0:0]" for chain in plan.chains_in(table)]
             body += [rule.render_append() for rule in plan.rules_in(table)]
-            body += ["-D" + line[2:] for line in stale_hooks(plan, table, dump)]
-            body += [hook.render_add() for hook in plan.hooks_in(table)
-                     if hook.render_append() not in lines]  # fmt: skip
+            body += ["-D" + line[2:] for line in hooks_into(dump, plan.own_names(table))
+                     if line not in planned]  # fmt: skip
+            for hook in plan.hooks_in(table):
+                line = hook.render_append()
+                copies = lines.count(line)
+                if copies == 1 and line not in below:
+                    continue  # in place
+                body += ["-D" + line[2:]] * copies + [hook.render_add()]
             out += [f"*{table}", *body, "COMMIT"]
         return "\n".join(out) + "\n"
 

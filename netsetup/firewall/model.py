@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 # Every rule we write carries a comment starting with this tag: a reader of `iptables-save`
 # sees who put it there, and `status` finds our rules by it.
 COMMENT_TAG = "netsetup"
+# Every chain of ours starts with this, one per project (plan.own_chains).
+CHAIN_PREFIX = "NETSETUP-"
+
+
+def is_netsetup_hook(target: str, comment: str | None) -> bool:
+    """A jump into a chain of any deployment of ours (this project's or another's), as our
+    tools write it: such a rule may sit above a hook of ours, anything else may not."""
+    return target.startswith(CHAIN_PREFIX) and (comment or "").startswith(f"{COMMENT_TAG}:")
 
 
 @dataclass(frozen=True)

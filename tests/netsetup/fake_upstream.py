@@ -4,7 +4,12 @@ It answers A queries for names under `example.test.` with 198.51.100.200 (NXDOMA
 over UDP and TCP, echoing EDNS when the query has it, and appends one JSON line per query with
 the source address to a log file: that is how the test sees whether the appliance's queries
 arrive masqueraded (from the host's address) or not.
-Usage: fake_upstream.py LISTEN_IP PORT LOGFILE
+
+Given a ZONE and an ANSWER, it serves only that zone, with that address, and answers REFUSED
+for every other name, as a router serving its own names would: a forwarder that asks it first
+then asks its next upstream at once (REFUSED costs an upstream no health), so the answer's
+address tells which of the two answered.
+Usage: fake_upstream.py LISTEN_IP PORT LOGFILE [ZONE ANSWER]
 """
 
 from __future__ import annotations
@@ -21,16 +26,17 @@ ZONE = "example.test."
 ANSWER = "198.51.100.200"
 
 
-def answer(data: bytes, client: str, log_path: str) -> bytes:
+def answer(data: bytes, client: str, log_path: str, zone: str = ZONE, address: str = ANSWER,
+           outside: int = RCODE.NXDOMAIN) -> bytes:  # fmt: skip
     request = DNSRecord.parse(data)
     name = str(request.q.qname)
     with open(log_path, "a") as log:
         log.write(json.dumps({"client": client, "name": name}) + "\n")
     reply = request.reply()
-    if name.lower().endswith(ZONE) and request.q.qtype == QTYPE.A:
-        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ANSWER), ttl=60))
-    elif not name.lower().endswith(ZONE):
-        reply.header.rcode = RCODE.NXDOMAIN
+    if name.lower().endswith(zone) and request.q.qtype == QTYPE.A:
+        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=60))
+    elif not name.lower().endswith(zone):
+        reply.header.rcode = outside
     for opt in request.ar:
         if opt.rtype == QTYPE.OPT:
             reply.add_ar(opt)
@@ -39,11 +45,15 @@ def answer(data: bytes, client: str, log_path: str) -> bytes:
 
 def main() -> None:
     host, port, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    served = {}
+    if len(sys.argv) > 5:
+        served = {"zone": sys.argv[4].lower(), "address": sys.argv[5], "outside": RCODE.REFUSED}
 
     class Udp(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             data, sock = self.request
-            sock.sendto(answer(data, self.client_address[0], log_path), self.client_address)
+            sock.sendto(answer(data, self.client_address[0], log_path, **served),
+                        self.client_address)
 
     class Tcp(socketserver.StreamRequestHandler):
         def handle(self) -> None:
@@ -52,7 +62,7 @@ def main() -> None:
                 if len(head) < 2:
                     return
                 data = self.rfile.read(struct.unpack("!H", head)[0])
-                out = answer(data, self.client_address[0], log_path)
+                out = answer(data, self.client_address[0], log_path, **served)
                 self.wfile.write(struct.pack("!H", len(out)) + out)
 
     socketserver.ThreadingUDPServer.allow_reuse_address = True

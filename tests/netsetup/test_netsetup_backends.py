@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import netns_exec, normalize
+from netsetup_facts import facts, settings
 
+from netsetup import state as records
 from netsetup.firewall.base import forward_jumps_to_docker_user
 
 DRIVER = str(Path(__file__).parent / "fw_driver.py")
@@ -41,8 +43,10 @@ def docker_like(ns: str, backend: str, engine_firewall: str = "iptables") -> Non
     )  # fmt: skip
 
 
-def driver(ns: str, backend: str, engine: str, mode: str, action: str) -> str:
-    return netns_exec(ns, sys.executable, DRIVER, backend, engine, mode, action).stdout
+def driver(
+    ns: str, backend: str, engine: str, mode: str, action: str, project: str = "dnsapp"
+) -> str:
+    return netns_exec(ns, sys.executable, DRIVER, backend, engine, mode, action, project).stdout
 
 
 def save(ns: str, backend: str) -> dict[str, list[str]]:
@@ -118,17 +122,24 @@ def test_remove_finds_hooks_moved_by_the_engine(netns: str) -> None:
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
 def test_every_mode_keeps_the_default_deny(netns: str, backend: str) -> None:
     """Port mode needs the filter chain as much as direct mode (the published port is DNATed to
-    the container and routed like direct traffic): switching modes keeps it, whole and exact."""
+    the container and routed like direct traffic): switching modes keeps it, whole and exact.
+    Only the masquerade follows the modes (the LAN is left out only where direct mode's route
+    is), rewritten in place."""
     docker_like(netns, backend)
     before = save(netns, backend)
     driver(netns, backend, "28", "both", "apply")
     both = save(netns, backend)
     assert any(ln.endswith("-j DROP") and "NETSETUP-dnsapp" in ln for ln in both["filter"])
     for mode in ("port", "direct"):
-        state = json.loads(driver(netns, backend, "28", mode, "state"))
-        assert state["complete"] and state["extra"] == [], (mode, state)
         driver(netns, backend, "28", mode, "apply")
-        assert save(netns, backend) == both, f"{mode}: the tables changed"
+        found = json.loads(driver(netns, backend, "28", mode, "state"))
+        assert found["complete"] and found["extra"] == [], (mode, found)
+        tables = save(netns, backend)
+        assert tables["filter"] == both["filter"], f"{mode}: the filter table changed"
+        changed = [ln for ln in tables["nat"] if ln not in both["nat"]]
+        assert all("-j MASQUERADE" in ln for ln in changed), (mode, changed)
+        assert len(changed) == (1 if mode == "port" else 0), (mode, changed)
+        assert len(tables["nat"]) == len(both["nat"]), mode
     driver(netns, backend, "28", "direct", "remove")
     assert save(netns, backend) == before
 
@@ -213,3 +224,75 @@ def test_warns_when_forwarding_would_route_everything(
     proc = netns_exec(netns, sys.executable, "-c", code, here, engine)
     assert ("FORWARD policy is ACCEPT" in proc.stderr) == warned, proc.stderr
     assert netns_exec(netns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0"
+
+
+def status_in(ns: str) -> dict:
+    """`netsetup status --json` run in the namespace, with no engine to ask (the firewall part
+    reads only the deployment record and the namespace's tables)."""
+    env = os.environ | {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    netsetup = str(Path(sys.executable).with_name("netsetup"))
+    return json.loads(netns_exec(ns, netsetup, "status", "-p", "dnsapp", "--json", env=env).stdout)
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+@pytest.mark.parametrize("engine", ["28", "28-noiptables"])
+def test_a_rule_above_our_hook_is_reported_and_our_hook_moved_back_first(
+    netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, engine: str
+) -> None:
+    """A foreign ACCEPT inserted above our filter hook decides before our chain: everything
+    routed to the appliance would pass. `status` must not call that complete; it names the
+    rule, and the next apply moves our hook back first (nat hooks alike). Another deployment's
+    hook above ours is not foreign: the two stay as they are, no moving back and forth."""
+    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
+    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
+    docker_user = engine == "28"
+    docker_like(netns, backend, "iptables" if docker_user else "nftables")
+    hook_chain = "DOCKER-USER" if docker_user else "FORWARD"
+    mode = "port,direct,lan"
+    deployment = records.Deployment.of(settings(mode), facts(engine, backend), backend, "")
+    records.save("dnsapp", deployment)
+    before = save(netns, backend)
+
+    def found(project: str = "dnsapp") -> dict:
+        return json.loads(driver(netns, backend, engine, mode, "state", project))
+
+    def first_rules(table: str, chain: str) -> list[str]:
+        lines = [ln for ln in save(netns, backend)[table] if ln.startswith(f"-A {chain} ")]
+        return [ln.split(" -j ")[-1] for ln in lines][:3]
+
+    driver(netns, backend, engine, mode, "apply")
+    driver(netns, backend, engine, mode, "apply", "other")  # its hooks go above ours
+    assert found()["complete"] and found()["hooks_not_first"] == {}
+    assert status_in(netns)["firewall"]["complete"]
+
+    ipt = CLI[backend]
+    netns_exec(netns, ipt, "-I", hook_chain, "-j", "ACCEPT")
+    netns_exec(netns, ipt, "-t", "nat", "-I", "POSTROUTING", "-j", "ACCEPT")
+    not_first = {
+        f"filter/{hook_chain} -> NETSETUP-dnsapp": f"-A {hook_chain} -j ACCEPT",
+        "nat/POSTROUTING -> NETSETUP-dnsapp": "-A POSTROUTING -j ACCEPT",
+    }
+    assert found() == {"complete": False, "empty": False, "extra": [],
+                       "hooks_not_first": not_first}  # fmt: skip
+    status = status_in(netns)["firewall"]
+    assert not status["complete"] and status["hooks_not_first"] == not_first, status
+
+    driver(netns, backend, engine, mode, "apply")
+    assert first_rules("filter", hook_chain) == ["NETSETUP-dnsapp", "ACCEPT", "NETSETUP-other"]
+    assert first_rules("nat", "POSTROUTING") == ["NETSETUP-dnsapp", "ACCEPT", "NETSETUP-other"]
+    assert found()["complete"] and status_in(netns)["firewall"]["complete"]
+    # the other deployment moves its own back above the ACCEPT: above ours, which stays
+    assert not found("other")["complete"]
+    driver(netns, backend, engine, mode, "apply", "other")
+    settled = save(netns, backend)
+    assert first_rules("filter", hook_chain) == ["NETSETUP-other", "NETSETUP-dnsapp", "ACCEPT"]
+    for project in ("dnsapp", "other"):
+        assert found(project)["complete"], project
+        driver(netns, backend, engine, mode, "apply", project)
+        assert save(netns, backend) == settled, f"{project}: a settled apply moved something"
+
+    for project in ("dnsapp", "other"):
+        driver(netns, backend, engine, mode, "remove", project)
+    netns_exec(netns, ipt, "-D", hook_chain, "-j", "ACCEPT")
+    netns_exec(netns, ipt, "-t", "nat", "-D", "POSTROUTING", "-j", "ACCEPT")
+    assert save(netns, backend) == before

@@ -515,3 +515,26 @@ def test_compose_runs_with_the_recorded_variables_and_no_others(tmp_path, monkey
     env = Compose("p", file, {"PORT": "5053"}).environment()
     assert env["PORT"] == "5053" and env["UNRELATED"] == "kept"
     assert "CONFIG" not in env and "IMAGE" not in env
+
+
+def test_status_says_a_hook_below_a_foreign_rule_is_not_complete() -> None:
+    """Every piece present but a foreign rule above our filter hook: status names the rule and
+    does not call the firewall complete; the host service's count of moved hooks shows."""
+    hook = "filter/DOCKER-USER -> NETSETUP-dnsapp"
+    info = {
+        "up": True, "engine": {"error": "no socket"}, "service": None,
+        "host_service": {"container": {"name": "dnsapp-netsetup-1", "status": "running",
+                                       "restarts": 0},
+                         "report": {"last_sync": 0, "syncs": 9, "complete": True, "repairs": 1,
+                                    "hooks_moved": 1}},
+        "iptables": "nft",
+        "firewall": {"complete": False, "extra": [], "chains": {"filter/NETSETUP-dnsapp": True},
+                     "hooks": {hook: True}, "rules": {},
+                     "hooks_not_first": {hook: "-A DOCKER-USER -j ACCEPT"}},
+        "sysctl": {"net.ipv4.ip_forward": "1"},
+    }  # fmt: skip
+    rows = dict(status_rows(info))
+    assert rows["firewall"].startswith("NOT FIRST"), rows
+    assert "complete" not in rows["firewall"]
+    assert rows[f"  {hook}"] == "NOT FIRST, below: -A DOCKER-USER -j ACCEPT"
+    assert rows["  hooks moved"].startswith("1 "), rows

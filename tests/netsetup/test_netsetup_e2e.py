@@ -26,7 +26,17 @@ from pathlib import Path
 import dind
 import pytest
 from conftest import normalize
-from topology import INET_HOST, LAN_CLIENT, LAN_HOST, LAN_NET, WAN_HOST, Topology
+from topology import (
+    INET_HOST,
+    LAN_CLIENT,
+    LAN_HOST,
+    LAN_NET,
+    ROUTER,
+    ROUTER_ANSWER,
+    ROUTER_ZONE,
+    WAN_HOST,
+    Topology,
+)
 
 from netsetup import state
 
@@ -190,11 +200,50 @@ def wait_repaired(topo: Topology, ip: str, name: str, timeout: float = 30) -> fl
     raise AssertionError(f"{name}: no answer within {timeout} s")
 
 
+def sync_report(engine: Engine, project: str) -> dict:
+    """The host service's last report (state.write_json replaces it whole)."""
+    run_dir = engine.env.get("NETSETUP_RUN_DIR", "/run/netsetup")
+    return json.loads(Path(run_dir, f"{project}.sync.json").read_text())
+
+
+def foreign_accept_is_moved_below(
+    engine: Engine, topo: Topology, project: str, ip: str, status: dict
+) -> None:
+    """Another tool inserts an ACCEPT above our filter hook, which would let anyone reach the
+    appliance: within a sync the host service puts our hook back first, counts it and names the
+    rule; then a stranger on the WAN side still gets no answer. The ACCEPT is removed after.
+    `status`: what `netsetup status` said before."""
+    (hook,) = [name for name in status["firewall"]["hooks"] if name.startswith("filter/")]
+    chain = hook.split("/")[1].split()[0]  # DOCKER-USER, or FORWARD where the engine has none
+    iptables = {"nft": "iptables-nft", "legacy": "iptables-legacy"}[status["iptables"]]
+    moved = sync_report(engine, project).get("hooks_moved", 0)
+    engine.run(iptables, "-w", "-I", chain, "-j", "ACCEPT", check=True)
+    try:
+        deadline = time.monotonic() + 20  # the service syncs every 5 s
+        report = sync_report(engine, project)
+        while report.get("hooks_moved", 0) <= moved and time.monotonic() < deadline:
+            time.sleep(0.2)
+            report = sync_report(engine, project)
+        assert report.get("hooks_moved", 0) == moved + 1 and report["complete"], report
+        assert any(f"above: -A {chain} -j ACCEPT" in w for w in report["last_repair"]["what"])
+        # the forwarder would answer REFUSED within milliseconds: one second is plenty
+        assert_nothing_answers(topo.dig_full(topo.wan_ns, ip, "wan-bypass.example.test",
+                                             seconds=1))  # fmt: skip
+    finally:
+        engine.run(iptables, "-w", "-D", chain, "-j", "ACCEPT")
+
+
 def scenario(
     engine: Engine, project: str, subnet: str, ip: str, port: int, port_mode: bool = True,
     after_reboot: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
-    """The household's life: up, both modes answer, reload, reboot, mode switch, down.
+    """The household's life: up, both modes answer, a foreign ACCEPT above our hook, reload,
+    reboot, mode switch, down.
+
+    The first upstream is the LAN's router (topology.py), which serves its own names only and
+    refuses the rest, so those go to the "internet" resolver. With direct mode it has the route
+    the user adds for it and sees the appliance's own address; in port mode alone it has none
+    and must see the host's (masqueraded), or its replies would be lost.
 
     Without `port_mode` (an engine with `"iptables": false`) it runs direct mode alone, after
     checking that the default (both modes) is refused with one line and changes nothing.
@@ -206,11 +255,12 @@ def scenario(
         "SUBNET": subnet,
         "DNS_IP": ip,
         "PORT": str(port),
-        "UPSTREAMS": "198.51.100.53",
+        "UPSTREAMS": f"{ROUTER} 198.51.100.53",
         "MODE": "both" if port_mode else "direct",
     }
-    topo = Topology(subnet=subnet, pid=engine.pid)
+    topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True, router_zone=True)
     topo.create()
+    topo.route_on_router()  # direct mode is asked for: the LAN routes the subnet
     variables |= {"LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET}
     before = engine.firewall()
     ours = (variables["BRIDGE"], subnet.rsplit(".", 1)[0] + ".", topo.lan_if, f"{port}")
@@ -233,6 +283,10 @@ def scenario(
         # direct mode: the container's own address, routed via the host
         assert wait_answer(topo, ip, "direct.example.test") == ANSWER
         assert topo.dig(ip, "direct-tcp.example.test", tcp=True) == ANSWER
+        # the router, an upstream on the LAN, answers its own names; it routes the subnet, so
+        # the appliance's queries reach it unmasqueraded
+        assert topo.dig(ip, f"direct.{ROUTER_ZONE}") == ROUTER_ANSWER
+        assert topo.router_clients(f"direct.{ROUTER_ZONE}") == {ip}
         if port_mode:  # the host's LAN address on the published port
             assert wait_answer(topo, LAN_HOST, "port.example.test", port) == ANSWER
             assert topo.dig(LAN_HOST, "port-tcp.example.test", port, tcp=True) == ANSWER
@@ -262,9 +316,11 @@ def scenario(
         counts = status["counts"]
         assert counts["queries"] >= (4 if port_mode else 2), counts
         assert counts["cache_entries"] >= 1, counts
-        assert list(counts["upstream_latency_ms"]) == ["198.51.100.53:53"], counts
+        assert "198.51.100.53:53" in counts["upstream_latency_ms"], counts
         proc = engine.run(NETSETUP, "check", "-p", project)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+        foreign_accept_is_moved_below(engine, topo, project, ip, status)
 
         # a flush while running (a firewall reload): repaired with no command typed
         remove_our_rules(engine, project)
@@ -304,6 +360,12 @@ def scenario(
         assert proc.returncode == 0, proc.stdout + proc.stderr
         if port_mode:
             assert wait_answer(topo, LAN_HOST, "port-only.example.test", port) == ANSWER
+            # port mode alone: nothing routes the subnet, the router sees the host
+            topo.route_on_router(present=False)
+            name = f"port-only.{ROUTER_ZONE}"
+            assert topo.dig(LAN_HOST, name, port) == ROUTER_ANSWER
+            assert topo.router_clients(name) == {LAN_HOST}
+            topo.route_on_router()
         assert_exposure(topo, ip, port, metrics_from_lan=True)
         proc = make(engine, "up", **variables)
         assert proc.returncode == 0, proc.stdout + proc.stderr

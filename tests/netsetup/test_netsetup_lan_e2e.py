@@ -1,9 +1,12 @@
 """End to end, LAN address mode: `make up MODE=lan LAN_IP=...` on a switched LAN, `make down`.
 
-The LAN is a bridge with the host's LAN port and two clients (topology.py, `switch`); one has no
-route but its own subnet. Both ask LAN_IP, an address no interface holds, on port 53: the host
-answers ARP for it and hands the queries to the container, which sees each client's own
-address. A device already holding LAN_IP makes `up` refuse with one line and change nothing; a
+The LAN is a bridge with the host's LAN port, two clients and the LAN's router (topology.py,
+`switch`, `router`); one client has no route but its own subnet. Both ask LAN_IP, an address no
+interface holds, on port 53: the host answers ARP for it and hands the queries to the
+container, which sees each client's own address. The upstream is the router itself, which has
+no route to the appliance subnet, as a new user would set it up (`UPSTREAMS=<the router>`): it
+answers because the appliance's queries reach it with the host's address. A device already
+holding LAN_IP makes `up` refuse with one line and change nothing; a
 stranger on the WAN side that routes the LAN via the host gets no answer from LAN_IP; `make down`
 leaves firewall, proxy entries, routes and sysctls as they were. Run against this host's engine
 and a nested Docker 28 (dind.py), like test_netsetup_e2e.py.
@@ -29,7 +32,7 @@ from test_netsetup_e2e import (
     make,
     pytestmark,  # noqa: F401 - the same marks and skip conditions
 )
-from topology import INET_HOST, LAN_CLIENT, LAN_CLIENT2, LAN_NET, Topology
+from topology import LAN_CLIENT, LAN_CLIENT2, LAN_HOST, LAN_NET, ROUTER, Topology
 
 LAN_IP = "198.19.53.53"
 
@@ -61,11 +64,11 @@ def getent(topo: Topology, ns: str, name: str) -> str:
 
 
 def lan_scenario(engine: Engine, project: str, subnet: str, ip: str) -> None:
-    topo = Topology(subnet=subnet, pid=engine.pid, switch=True)
+    topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True)
     topo.create()
     variables = {
         "PROJECT": project, "BRIDGE": f"br-{project}"[:15], "SUBNET": subnet, "DNS_IP": ip,
-        "PORT": "5153", "UPSTREAMS": "198.51.100.53", "MODE": "lan", "LAN_IP": LAN_IP,
+        "PORT": "5153", "UPSTREAMS": ROUTER, "MODE": "lan", "LAN_IP": LAN_IP,
         "LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET,
     }  # fmt: skip
     ours = (variables["BRIDGE"], subnet.rsplit(".", 1)[0] + ".", topo.lan_if, LAN_IP)
@@ -94,11 +97,13 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str) -> None:
         own = engine.run("dig", f"@{LAN_IP}", "host.example.test", "+short", "+time=2").stdout
         assert own.split() == [ANSWER], own
 
-        # the appliance saw each client's own address; the upstream only the host's
+        # the appliance saw each client's own address; the router, an upstream on the LAN
+        # with no route to the appliance subnet, saw the host's (masqueraded: else its
+        # replies would have gone to its default route)
         seen = {r["client"] for r in container_logs(engine, project)
                 if str(r.get("name", "")).startswith(("udp-", "tcp-"))}  # fmt: skip
         assert seen == {LAN_CLIENT, LAN_CLIENT2}, seen
-        assert set(topo.upstream_clients()) == {INET_HOST}
+        assert topo.router_clients() == {LAN_HOST}
 
         # a stranger on the WAN side routing the LAN via the host: no answer from LAN_IP
         assert_nothing_answers(topo.dig_full(topo.wan_ns, LAN_IP, "wan.example.test"))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import netns_exec
 from netsetup_facts import facts, settings
-from test_netsetup_backends import SAVE, docker_like, save
+from test_netsetup_backends import CLI, SAVE, docker_like, save
 
 from netsetup import state
 
@@ -201,3 +201,46 @@ def test_down_sweeps_when_compose_fails(
     assert save(netns, "nft") == before
     assert forwarding(netns) == "0"
     assert not state.path_for(project).exists() and not state.sync_path_for(project).exists()
+
+
+@pytest.mark.parametrize(("engine", "flavour"), [("28", "nft"), ("28-noiptables", "legacy")])
+def test_service_moves_our_hook_back_first(
+    netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str, flavour: str
+) -> None:
+    """A foreign ACCEPT inserted above our filter hook (in DOCKER-USER, or in FORWARD where we
+    hook there) would let everything through: the next sync moves ours back first, counts it
+    and logs one line naming the rule. A rule that comes back is moved again, once per sync:
+    counted each time, no loop in between."""
+    monkeypatch.setenv("NETSETUP_STATE_DIR", str(tmp_path / "lib"))
+    monkeypatch.setenv("NETSETUP_RUN_DIR", str(tmp_path / "run"))
+    docker_user = not engine.endswith("-noiptables")
+    docker_like(netns, flavour, "iptables" if docker_user else "none")
+    hook_chain = "DOCKER-USER" if docker_user else "FORWARD"
+    deployment = state.Deployment.of(settings("both"), facts(engine, flavour), flavour, "")
+    state.save(PROJECT, deployment)
+    foreign = ["-I", hook_chain, "-j", "ACCEPT"]
+    moved = f"filter/{hook_chain} -> NETSETUP-{PROJECT} not first, moved back above: " \
+            f"-A {hook_chain} -j ACCEPT"  # fmt: skip
+
+    def first_in_chain() -> str:
+        rules = save(netns, flavour)["filter"]
+        return next(ln for ln in rules if ln.startswith(f"-A {hook_chain} "))
+
+    service = Service(netns)
+    try:
+        service.wait(lambda r: r["complete"])
+        netns_exec(netns, CLI[flavour], *foreign)
+        report = service.wait(lambda r: r.get("hooks_moved") == 1 and r["complete"])
+        assert report["repairs"] == 1 and report["last_repair"]["what"] == [moved], report
+        assert first_in_chain().endswith(f"-j NETSETUP-{PROJECT}")
+        netns_exec(netns, CLI[flavour], *foreign)  # it climbs again: moved again
+        report = service.wait(lambda r: r.get("hooks_moved") == 2 and r["complete"])
+        syncs = report["syncs"]
+        report = service.wait(lambda r: r["syncs"] >= syncs + 3)
+        assert (report["hooks_moved"], report["repairs"]) == (2, 2), report
+        assert first_in_chain().endswith(f"-j NETSETUP-{PROJECT}")
+    finally:
+        code, out = service.stop()
+    assert code == 0, out
+    logged = [ln for ln in out.splitlines() if "not first" in ln]
+    assert logged == [f"netsetup-service: repaired: {moved}"] * 2, out

@@ -11,7 +11,11 @@ whatever it reaches there (no answer must come back) is exposed to the internet.
 With `switch`, the LAN is a Linux bridge in a namespace of its own (a "switch") with three ports:
 the host's LAN interface, the client above, and a second client (198.19.53.11) that knows no
 route but its own subnet, as a phone on a home LAN; it can also hold an address (`hold`), as a
-device already using it would.
+device already using it would. With `router` too, a fourth port is the LAN's router
+(198.19.53.254) running a resolver of its own, as a home router does: it knows no route to the
+appliance subnet unless `route_on_router` adds the one direct mode asks the user for. It
+answers what the "internet" resolver does, or with `router_zone` only the names under
+ROUTER_ZONE, with ROUTER_ANSWER, and REFUSED for the rest (fake_upstream.py).
 
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
@@ -21,6 +25,7 @@ only if the host masquerades its queries. 192.0.2.0/24 is avoided because hosts 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +40,8 @@ from pathlib import Path
 # it the LAN. Answers here prove it does.
 LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 LAN_CLIENT2 = "198.19.53.11"
+ROUTER = "198.19.53.254"  # the LAN's router, also a resolver (with `router`)
+ROUTER_ZONE, ROUTER_ANSWER = "home.example.test.", "198.51.100.254"  # with `router_zone`
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
@@ -49,9 +56,13 @@ class Topology:
     subnet: str
     pid: int | None = None  # netns of the engine; None for this host's
     switch: bool = False  # the LAN as a bridge with two clients (see above)
+    router: bool = False  # and a router with a resolver on it (needs `switch`)
+    router_zone: bool = False  # which serves ROUTER_ZONE only (see above)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     upstream_proc: subprocess.Popen | None = None
     upstream_log: str = ""
+    router_proc: subprocess.Popen | None = None
+    router_log: str = ""
 
     @property
     def lan_ns(self) -> str:
@@ -74,8 +85,13 @@ class Topology:
         return f"nslan2-{self.tag}"
 
     @property
+    def router_ns(self) -> str:
+        return f"nsrt-{self.tag}"
+
+    @property
     def namespaces(self) -> tuple[str, ...]:
         extra = (self.switch_ns, self.lan2_ns) if self.switch else ()
+        extra += (self.router_ns,) if self.router else ()
         return (self.lan_ns, self.inet_ns, self.wan_ns, *extra)
 
     @property
@@ -130,6 +146,14 @@ class Topology:
         self.engine_sh("ip", "link", "set", self.lan_if, "up")
         self._switch_port(self.lan_ns, "port1", LAN_CLIENT)
         self._switch_port(self.lan2_ns, "port2", LAN_CLIENT2)
+        if self.router:
+            self._switch_port(self.router_ns, "port3", ROUTER)
+
+    def route_on_router(self, present: bool = True) -> None:
+        """The route direct mode asks the user to add on the LAN's router: SUBNET via the host
+        (or, not `present`, taken away)."""
+        sh("ip", "-n", self.router_ns, "route", "add" if present else "del", self.subnet, "via",
+           LAN_HOST)  # fmt: skip
 
     def hold(self, address: str) -> None:
         """The second client takes `address` too, as a device already using it."""
@@ -153,29 +177,27 @@ class Topology:
         # and the LAN too: the host's LAN address is reachable from its WAN side (Linux answers
         # for any of its addresses on any interface) unless a rule says otherwise
         sh("ip", "netns", "exec", self.wan_ns, "ip", "route", "add", LAN_NET, "via", WAN_HOST)
-        fd, self.upstream_log = tempfile.mkstemp(prefix="netsetup-upstream-", suffix=".jsonl")
-        os.close(fd)
-        self.upstream_proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.inet_ns, sys.executable, FAKE_UPSTREAM,
-             INET_RESOLVER, "53", self.upstream_log],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        assert self.upstream_proc.stdout is not None
-        assert self.upstream_proc.stdout.readline().strip() == "ready"
+        self.upstream_proc, self.upstream_log = resolver(self.inet_ns, INET_RESOLVER)
+        if self.router:
+            zone = (ROUTER_ZONE, ROUTER_ANSWER) if self.router_zone else ()
+            self.router_proc, self.router_log = resolver(self.router_ns, ROUTER, *zone)
 
     def destroy(self) -> None:
-        if self.upstream_proc is not None:
-            self.upstream_proc.terminate()
+        for proc in (self.upstream_proc, self.router_proc):
+            if proc is None:
+                continue
+            proc.terminate()
             try:
-                self.upstream_proc.wait(5)
+                proc.wait(5)
             except subprocess.TimeoutExpired:
-                self.upstream_proc.kill()
+                proc.kill()
         for ifname in (self.lan_if, self.inet_if, self.wan_if):
             self.engine_sh("ip", "link", "del", ifname, check=False)
         for ns in self.namespaces:
             sh("ip", "netns", "del", ns, check=False)
-        if self.upstream_log:
-            Path(self.upstream_log).unlink(missing_ok=True)
+        for log in (self.upstream_log, self.router_log):
+            if log:
+                Path(log).unlink(missing_ok=True)
 
     def dig(self, server: str, name: str, port: int = 53, tcp: bool = False,
             ns: str | None = None) -> str:  # fmt: skip
@@ -188,10 +210,12 @@ class Topology:
         # +short still prints errors (";; communications error ..."): keep only answers
         return "\n".join(ln for ln in out.splitlines() if ln and not ln.startswith(";")).strip()
 
-    def dig_full(self, ns: str, server: str, name: str, port: int = 53, tcp: bool = False) -> str:
-        """dig's whole output from namespace `ns`, one try: a status line if anything answered."""
+    def dig_full(self, ns: str, server: str, name: str, port: int = 53, tcp: bool = False,
+                 seconds: int = 2) -> str:  # fmt: skip
+        """dig's whole output from namespace `ns`, one try of `seconds`: a status line if
+        anything answered."""
         cmd = ["ip", "netns", "exec", ns, "dig", f"@{server}", "-p", str(port), name, "A",
-               "+time=2", "+tries=1", "+retry=0"]  # fmt: skip
+               f"+time={seconds}", "+tries=1", "+retry=0"]  # fmt: skip
         if tcp:
             cmd.append("+tcp")
         return sh(*cmd, check=False).stdout
@@ -203,10 +227,12 @@ class Topology:
         return proc.returncode == 0
 
     def upstream_clients(self) -> list[str]:
-        import json
+        return [client for client, _ in queries_in(self.upstream_log)]
 
-        lines = Path(self.upstream_log).read_text().splitlines()
-        return [json.loads(line)["client"] for line in lines if line.strip()]
+    def router_clients(self, name: str | None = None) -> set[str]:
+        """The addresses the router's resolver was asked `name` (any name: None) from."""
+        return {client for client, asked in queries_in(self.router_log)
+                if name is None or asked.lower() == name.lower()}  # fmt: skip
 
     def wait_dig(self, server: str, name: str, port: int = 53, timeout: float = 20) -> str:
         deadline = time.monotonic() + timeout
@@ -217,3 +243,23 @@ class Topology:
                 return out
             time.sleep(1)
         return out
+
+
+def resolver(ns: str, address: str, *zone: str) -> tuple[subprocess.Popen, str]:
+    """The fake resolver (fake_upstream.py) on address:53 in namespace `ns`, and its query log;
+    `zone`: the zone and the answer it serves alone."""
+    fd, log = tempfile.mkstemp(prefix="netsetup-upstream-", suffix=".jsonl")
+    os.close(fd)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, FAKE_UPSTREAM, address, "53", log, *zone],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, log
+
+
+def queries_in(log: str) -> list[tuple[str, str]]:
+    """(client address, name) of each query a fake resolver logged."""
+    records = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    return [(r["client"], r["name"]) for r in records]
