@@ -60,7 +60,7 @@ class Snapshot:
     so it can run in a thread while the cache goes on changing."""
 
     keys: list[bytes]
-    entries: list[wire.CachedReply]  # immutable bytes: references, not copies
+    entries: list[bytes]  # stamped replies (wire.CachedReply's layout): references, not copies
     wall: float  # time.time() ...
     mono: float  # ... and the cache's clock, at the same moment
 
@@ -85,8 +85,10 @@ def encode(snap: Snapshot) -> bytearray:
     wall, mono = snap.wall, snap.mono
     item = ITEM.pack
     out = bytearray(HEAD.pack(MAGIC, VERSION, len(snap.keys)))
+    stamp = wire.CachedReply.STAMP
     for key, entry in zip(snap.keys, snap.entries, strict=True):
-        shifted = entry.stamped(wall - (mono - entry.stored))
+        stored, ttl = stamp.unpack_from(entry)
+        shifted = stamp.pack(wall - (mono - stored), ttl) + entry[stamp.size:]
         out += item(len(key), len(shifted))
         out += key
         out += shifted

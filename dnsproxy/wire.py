@@ -332,7 +332,14 @@ class CachedReply(bytes):
         return cls(head + struct.pack(f">{len(offsets)}H", *offsets) + message)
 
     def stamped(self, stored: float) -> CachedReply:
-        return CachedReply(self.STAMP.pack(stored, self.ttl) + self[self.STAMP.size:])
+        return CachedReply(self.stamped_bytes(stored))
+
+    def stamped_bytes(self, stored: float) -> bytes:
+        """The same, as plain bytes: what a cache holds. An instance of a subclass of bytes is
+        tracked by the cyclic garbage collector, plain bytes are not; a hundred thousand of
+        them made every full collection walk the whole cache (20 ms at 100k entries, on the
+        event loop)."""
+        return self.STAMP.pack(stored, self.ttl) + self[self.STAMP.size:]
 
     @property
     def stored(self) -> float:

@@ -71,7 +71,9 @@ class Cache(PassThrough):
         self.refreshing: dict[bytes, asyncio.Task] = {}  # by key: one refresh each at most
         self.metrics = metrics
         self.clock = clock
-        self.entries: OrderedDict[bytes, wire.CachedReply] = OrderedDict()  # stamped replies
+        # Stamped replies as plain bytes (CachedReply(entry) reads one): untracked by the
+        # garbage collector, whose full collections would otherwise walk every entry.
+        self.entries: OrderedDict[bytes, bytes] = OrderedDict()
         self.barred: dict[bytes, float] = {}  # purged addresses -> until when (clock) not stored
         self.counts = metrics.values
         self.hits = metrics.key("dnsproxy_cache_hits_total")
@@ -160,7 +162,7 @@ class Cache(PassThrough):
         weight = len(key) + len(cached)
         if weight > self.max_bytes:
             return False  # it would evict everything else and still not fit
-        self.entries[key] = cached.stamped(self.clock() if stored is None else stored)
+        self.entries[key] = cached.stamped_bytes(self.clock() if stored is None else stored)
         self.bytes += weight
         while len(self.entries) > self.size or self.bytes > self.max_bytes:
             old_key, old = self.entries.popitem(last=False)
@@ -219,7 +221,8 @@ class Cache(PassThrough):
         self.max_ttl = max_ttl
         if not lowered:
             return
-        for key in [key for key, entry in self.entries.items() if entry.ttl > max_ttl]:
+        ttl_of = wire.CachedReply.STAMP.unpack_from
+        for key in [key for key, entry in self.entries.items() if ttl_of(entry)[1] > max_ttl]:
             self._drop(key)
 
     def _drop(self, key: bytes) -> None:
@@ -228,12 +231,13 @@ class Cache(PassThrough):
             self.bytes -= len(key) + len(entry)
 
 
-def _carries(entry: wire.CachedReply, addresses: Collection[bytes], search: bool = True) -> bool:
+def _carries(entry: bytes, addresses: Collection[bytes], search: bool = True) -> bool:
     """Whether a stored reply holds an A or AAAA record with one of `addresses`."""
     # For a few addresses, searching the bytes first (in C) spares parsing most entries.
     if search and len(addresses) <= PURGE_SEARCH_MAX and not any(a in entry for a in addresses):
         return False
     try:
-        return any(address in addresses for address in wire.record_addresses(entry.body))
+        body = wire.CachedReply(entry).body
+        return any(address in addresses for address in wire.record_addresses(body))
     except wire.WireError:
         return True  # the cache holds only replies it parsed: this cannot be, so drop it
