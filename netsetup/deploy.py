@@ -221,6 +221,9 @@ class Deployed:
     container_id: str = ""
     # Restarts by the restart policy: the forwarder's process exited (a setting it refuses).
     restarts: int = 0
+    # Running (or being restarted by its policy), whatever its health: a container still
+    # "starting" after a reboot, or "unhealthy", is a deployment a failed `up` must put back.
+    running: bool = False
 
 
 def inspect(client: Any, settings: Settings) -> Deployed | None:
@@ -255,6 +258,7 @@ def inspect(client: Any, settings: Settings) -> Deployed | None:
         subnet=subnets[0] if subnets else "",
         options=dict(options),
         health=health,
+        running=bool(state.get("Running") or state.get("Restarting")),
         published=published,
         container_id=container.id,
         restarts=int(container.attrs.get("RestartCount") or 0),

@@ -135,7 +135,8 @@ class Preflight:
 
     @property
     def running(self) -> bool:
-        return self.existing is not None and self.existing.health in ("healthy", "running")
+        """A deployment runs, healthy or not: one a failed `up` puts back as it was."""
+        return self.existing is not None and self.existing.running
 
 
 def up(settings: Settings, options: Options) -> str:

@@ -538,3 +538,21 @@ def test_status_says_a_hook_below_a_foreign_rule_is_not_complete() -> None:
     assert "complete" not in rows["firewall"]
     assert rows[f"  {hook}"] == "NOT FIRST, below: -A DOCKER-USER -j ACCEPT"
     assert rows["  hooks moved"].startswith("1 "), rows
+
+
+@pytest.mark.parametrize(("health", "running", "expected"), [
+    ("healthy", True, True), ("starting", True, True), ("unhealthy", True, True),
+    ("exited", False, False),
+])
+def test_a_running_deployment_is_one_to_put_back_whatever_its_health(
+    health: str, running: bool, expected: bool
+) -> None:
+    """A failed repeated `up` puts back what ran before: a forwarder still starting after a
+    reboot, or unhealthy, ran too (taking it for absent would tear the household's DNS down)."""
+    from netsetup.deploy import Deployed
+    from netsetup.host import Preflight
+
+    existing = Deployed("dnsapp-dnsproxy-1", "172.31.53.53", "dnsapp_dnsnet", "br-dnsapp",
+                        "172.31.53.0/24", {}, health, [], running=running)
+    found = Preflight(Settings(), None, existing, None, None, None, ())  # type: ignore[arg-type]
+    assert found.running is expected
