@@ -69,6 +69,9 @@ class Rule:
     why: str  # for the query log and metrics: local-domain, rfc6303, ddr, zone, ...
     group: str | None = None  # ROUTE: the group asked
     rank: int = BUILT_IN
+    # Whether the rule is about a zone, whose top exists (NODATA there), rather than a name to
+    # deny outright with everything below it (the canary, Private Relay's names).
+    zone: bool = True
 
 
 class NameTable:
@@ -186,9 +189,10 @@ def build_table(settings: HomeSettings) -> NameTable:
     if settings.block_ddr:
         put([to_wire(DDR_ZONE)], Rule(NODATA, "ddr"))
     if settings.block_doh_canary:
-        put([to_wire(DOH_CANARY)], Rule(NXDOMAIN, "canary"))
+        put([to_wire(DOH_CANARY)], Rule(NXDOMAIN, "canary", zone=False))
     if settings.block_private_relay:
-        put([to_wire(name) for name in PRIVATE_RELAY_NAMES], Rule(NXDOMAIN, "private-relay"))
+        put([to_wire(name) for name in PRIVATE_RELAY_NAMES],
+            Rule(NXDOMAIN, "private-relay", zone=False))
 
     def home(why: str) -> Rule:  # the LAN's resolver's, or nobody's
         if settings.local_dns:
@@ -247,8 +251,10 @@ def local_reply(query: wire.Query, rcode: int, answers: bytes = b"", ancount: in
 
 
 def rule_reply(query: wire.Query, rule: Rule, apex: int) -> tuple[bytes, int]:
-    """The reply and its rcode for a rule answered here (not ROUTE)."""
-    if rule.action == NXDOMAIN:
+    """The reply and its rcode for a rule answered here (not ROUTE). The top of a zone exists
+    (RFC 6303 section 3): it gets NODATA, not NXDOMAIN, which would tell a resolver that
+    nothing lies below it (RFC 8020), the LAN's reverse zone or the hosts file's names included."""
+    if rule.action == NXDOMAIN and (apex != 0 or not rule.zone):
         return local_reply(query, wire.NXDOMAIN,
                            authority=soa_record(query, apex, NEGATIVE_TTL)), wire.NXDOMAIN
     if rule.action == LOCALHOST and query.qclass == wire.CLASS_IN:

@@ -181,6 +181,12 @@ def test_without_a_local_dns_home_names_get_nxdomain_here(upstream, make_proxy, 
         assert RCODE[reply.header.rcode] == "NXDOMAIN", name
         assert (answers(reply), soa_owner(reply)) == ([], soa), name
         assert logged(proxy, name)[-1] == ("local", None, why)
+    # The top of each zone exists (RFC 6303, RFC 8020): NODATA, so nothing below it is hidden.
+    for name, soa in (("lan", "lan."), ("1.168.192.in-addr.arpa", "1.168.192.in-addr.arpa."),
+                      ("168.192.in-addr.arpa", "168.192.in-addr.arpa.")):
+        reply = ask(proxy.port, name, "A", tcp=tcp)
+        assert RCODE[reply.header.rcode] == "NOERROR", name
+        assert (answers(reply), soa_owner(reply)) == ([], soa), name
     assert upstream.seen == []
     # A top-level domain's delegation is not a home name: a validating stub's DS query passes.
     assert ask(proxy.port, "com", "DS", tcp=tcp).header.rcode == RCODE.NOERROR
