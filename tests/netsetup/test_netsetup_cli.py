@@ -708,3 +708,17 @@ def test_up_names_the_gateway_as_the_likely_local_dns(netns: str, tmp_path) -> N
     assert proc.stderr == ""
     assert ("# forwarder home names: LOCAL_DNS 192.168.77.1; LOCAL_REVERSE 192.168.77.0/24; "
             "HOSTS /etc/dnsproxy/hosts.d/hosts\n") in proc.stdout, proc.stdout
+
+
+def test_home_notes_heed_the_config_file(tmp_path) -> None:
+    """A config file that names the LAN's resolver gets no gateway hint; one with reverse
+    networks is told they give way to the LAN's (the environment beats the file)."""
+    from netsetup.home import notes
+
+    config = tmp_path / "dnsproxy.toml"
+    config.write_text('upstreams = ["192.0.2.53"]\nlocal_dns = ["192.168.1.1"]\n')
+    assert notes(Settings(), "192.168.1.0/24", "192.168.1.1", str(config)) == []
+    config.write_text('upstreams = ["192.0.2.53"]\nlocal_reverse = ["2001:db8:1::/56"]\n')
+    said = notes(Settings(local_dns=("192.168.1.1",)), "192.168.1.0/24", None, str(config))
+    assert len(said) == 1 and "give its networks as LOCAL_REVERSE" in said[0], said
+    assert notes(Settings(local_dns=("192.168.1.1",)), None, None, str(config)) == []
