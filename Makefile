@@ -11,6 +11,10 @@ UPSTREAMS     ?=#                         empty: the CONFIG file's, or (netsetup
 DOMESTIC_UPSTREAMS ?=#                    split DNS: domestic resolvers (README); empty: no split
 LISTS_DIR     ?=#                         split DNS lists: its domestic-domains/ foreign-domains/ domestic-ips/
 CONFIG        ?=#                         optional config file (TOML or CDNS), mounted read-only
+LOCAL_DNS     ?=#                         the LAN's resolver (the router), asked the home's names only
+LOCAL_DOMAINS ?=#                         the home's domains; empty: lan home.arpa internal localdomain
+LOCAL_REVERSE ?=#                         networks whose reverse names are the home's, besides the LAN
+HOSTS_FILE    ?=#                         a file in the /etc/hosts format (its directory mounted read-only)
 LAN_INTERFACE ?=#                         empty: the host tool picks the default route's interface
 LAN_CIDR      ?=#                         empty: the host tool reads it from LAN_INTERFACE
 SUBNET        ?= 172.31.53.0/24#          the appliance's own bridge network
@@ -52,12 +56,13 @@ help:
 	@echo "make up      set up, build the image if needed, deploy; prints where it answers"
 	@echo "make down    stop the appliance, remove its container and network"
 	@echo "make logs    follow the appliance's log (one JSON line per query)"
-	@echo "make reload  re-read the config file and the split DNS lists"
+	@echo "make reload  re-read the config file, the split DNS lists and the hosts file"
 	@echo "make check   ask the appliance through every exposed path (dig)"
 	@echo "make test    the whole test suite (needs root and Docker for parts of it)"
 	@echo "make image   build $(IMAGE) and $(NETSETUP_IMAGE) (and their bases, when changed)"
 	@echo "make lint    ruff"
 	@echo "settings: MODE LAN_IP UPSTREAMS DOMESTIC_UPSTREAMS LISTS_DIR CONFIG LAN_INTERFACE"
+	@echo "          LOCAL_DNS LOCAL_DOMAINS LOCAL_REVERSE HOSTS_FILE"
 	@echo "          LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG"
 	@echo "          METRICS_FROM_LAN BASE_IMAGE"
 
@@ -102,6 +107,10 @@ NETSETUP      = $(VENV)/bin/netsetup
 NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 $(foreach u,$(DOMESTIC_UPSTREAMS),--domestic-upstream '$(u)') \
                 $(if $(LISTS_DIR),--lists-dir '$(abspath $(LISTS_DIR))') \
+                $(foreach u,$(LOCAL_DNS),--local-dns '$(u)') \
+                $(foreach d,$(LOCAL_DOMAINS),--local-domain '$(d)') \
+                $(foreach n,$(LOCAL_REVERSE),--local-reverse '$(n)') \
+                $(if $(HOSTS_FILE),--hosts-file '$(abspath $(HOSTS_FILE))') \
                 $(if $(LAN_INTERFACE),--lan-interface $(LAN_INTERFACE)) \
                 $(if $(LAN_CIDR),--lan-cidr $(LAN_CIDR)) \
                 $(if $(LAN_IP),--lan-ip $(LAN_IP)) \
@@ -118,8 +127,9 @@ down:
 logs:
 	$(COMPOSE) -f compose.yaml logs --follow --tail=100
 
-# Re-read the config file and the split DNS lists (SIGHUP); a bad line keeps the lists in use
-# and is logged. Files added to or removed from LISTS_DIR need `make up` (they are named at start).
+# Re-read the config file, the split DNS lists and the hosts file (SIGHUP); a bad line keeps the
+# ones in use and is logged. Files added to or removed from LISTS_DIR need `make up` (they are
+# named at start), as does another HOSTS_FILE; the same one edited, however saved, needs only this.
 reload:
 	$(COMPOSE) -f compose.yaml kill -s SIGHUP dnsproxy
 

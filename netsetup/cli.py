@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from netsetup import check as check_mod
-from netsetup import host, routes, state
+from netsetup import home, host, routes, state
 from netsetup.errors import NetsetupError
 from netsetup.plan import Mode, Settings, check_settings, checked_network, parse_modes
 
@@ -96,6 +96,26 @@ def up(
         typer.Option(help="split DNS lists: files in its domestic-domains/, foreign-domains/ "
                           "and domestic-ips/ (mounted read-only)"),
     ] = None,
+    local_dns: Annotated[
+        list[str] | None,
+        typer.Option(help="the LAN's resolver (the router), asked the home's names only "
+                          "(repeat, or comma-separated; the forms of --upstream)"),
+    ] = None,
+    local_domain: Annotated[
+        list[str] | None,
+        typer.Option(help="a domain of the home's names (repeat; replaces the defaults lan, "
+                          "home.arpa, internal, localdomain)"),
+    ] = None,
+    local_reverse: Annotated[
+        list[str] | None,
+        typer.Option(help="a network whose reverse names are the home's, besides the LAN "
+                          "served (repeat)"),
+    ] = None,
+    hosts_file: Annotated[
+        str | None,
+        typer.Option(help="a file in the /etc/hosts format, answered by the appliance (its "
+                          "directory is mounted read-only)"),
+    ] = None,
     lan_interface: Annotated[
         str | None, typer.Option(help="LAN interface (default: the default route's)")
     ] = None,
@@ -116,7 +136,7 @@ def up(
     ] = False,
 ) -> None:
     """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
-    settings = check_settings(
+    settings = home.checked(check_settings(
         Settings(
             modes=parse_modes(mode),
             lan_ip=lan_ip,
@@ -131,8 +151,12 @@ def up(
             project=project,
             service=service,
             metrics_from_lan=metrics_from_lan,
+            local_dns=_split(local_dns),
+            local_domains=_split(local_domain),
+            local_reverse=_split(local_reverse),
+            hosts_file=hosts_file,
         )
-    )
+    ))
     options = host.Options(
         compose_file=compose_file, firewall=firewall, dry_run=dry_run, bridge=bridge
     )

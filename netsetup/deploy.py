@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dnsproxy.defaults import DEFAULT_ALLOWED
-from netsetup import state
+from netsetup import home, state
 from netsetup.errors import DeployFailed
 from netsetup.lists import list_files
 from netsetup.plan import OPT_BRIDGE_NAME, Settings
@@ -46,12 +46,13 @@ DEFAULT_UPSTREAMS = ("tls://1.1.1.1#cloudflare-dns.com", "tls://9.9.9.9#dns.quad
 
 def compose_env(
     settings: Settings, allow: tuple[str, ...] = (), publish_address: str = "",
-    xtables_lock: str = "",
+    xtables_lock: str = "", served_lan: str | None = None,
 ) -> dict[str, str]:
     """The variables compose.yaml reads; the Makefile passes the same names. `allow` is what the
     forwarder serves besides its defaults (the served LAN, the host's own address);
     `publish_address` the host's LAN address, the only one port mode listens on; `xtables_lock`
-    the host's iptables lock file, for a host service writing legacy tables beside the engine."""
+    the host's iptables lock file, for a host service writing legacy tables beside the engine;
+    `served_lan` the LAN served, whose reverse names are the home's."""
     env = dict(os.environ)
     env.update(
         {
@@ -70,6 +71,7 @@ def compose_env(
         env["LISTS_DIR"] = settings.lists_dir
         for variable, paths in list_files(settings.lists_dir).items():
             env[variable] = ",".join(paths)
+    env.update(home.compose_variables(settings, served_lan))
     if allow:
         env["ALLOW"] = " ".join([*DEFAULT_ALLOWED, *allow])
     if publish_address:
@@ -110,10 +112,10 @@ class Compose:
     @classmethod
     def for_settings(
         cls, settings: Settings, file: Path, allow: tuple[str, ...] = (),
-        publish_address: str = "", xtables_lock: str = "",
+        publish_address: str = "", xtables_lock: str = "", served_lan: str | None = None,
     ) -> Compose:  # fmt: skip
         """The variables compose_env gives, as the file reads them."""
-        env = compose_env(settings, allow, publish_address, xtables_lock)
+        env = compose_env(settings, allow, publish_address, xtables_lock, served_lan)
         names = compose_variables(file)
         return cls(settings.project, file, {k: env[k] for k in sorted(names) if k in env})
 

@@ -140,6 +140,24 @@ def lan(interface: str | None, cidr: str | None) -> Lan:
     return Lan(interface, str(network), address)
 
 
+def lan_gateway(interface: str, cidr: str) -> str | None:
+    """The gateway the host's routing table names on the LAN interface, inside the LAN: the
+    router, which is normally also the LAN's resolver. The default route's first, then any
+    route's. Only read: nothing is asked on the network."""
+    lan_net = ipaddress.ip_network(cidr, strict=False)
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            return None
+        routes = [r for r in ipr.get_routes(family=socket.AF_INET, table=254)
+                  if r.get_attr("RTA_OIF") == found[0] and r.get_attr("RTA_GATEWAY")]
+    for route in sorted(routes, key=lambda r: r["dst_len"]):  # the default route first
+        gateway = route.get_attr("RTA_GATEWAY")
+        if ipaddress.ip_address(gateway) in lan_net:
+            return str(gateway)
+    return None
+
+
 def check_subnet_free(subnet: str, bridge: str | None) -> None:
     """Refuse a subnet that overlaps a route of the host (our own bridge's route excepted)."""
     wanted = ipaddress.ip_network(subnet, strict=False)

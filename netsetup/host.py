@@ -19,6 +19,7 @@ compose itself fails.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netsetup import deploy, detect, hostnet, service, state, sysctl
+from netsetup import deploy, detect, home, hostnet, service, state, sysctl
 from netsetup import metrics as appliance_metrics
 from netsetup.errors import BadInput, VerifyFailed
 from netsetup.firewall import get_backend
@@ -145,10 +146,12 @@ def up(settings: Settings, options: Options) -> str:
     if not options.dry_run:
         detect.require_root()
     found = preflight(settings, options)
+    tell_home_names(found)
     if options.dry_run:
         served = f" and {', '.join(found.allow)}" if found.allow else " only"
         return (describe(found.plan, found.backend)
-                + f"# forwarder serves: loopback, private ranges{served}\n")  # fmt: skip
+                + f"# forwarder serves: loopback, private ranges{served}\n"
+                + home_names_line(found))  # fmt: skip
     undo = UndoStack()
     try:
         deployment, deployed_at = deploy_services(found, options, undo)
@@ -177,6 +180,23 @@ def preflight(settings: Settings, options: Options) -> Preflight:
     check_claims(settings, facts, existing, probe=not options.dry_run)
     allow = forwarder_allows(plan.served_lan, facts.lan_address)
     return Preflight(settings, client, existing, facts, backend, plan, allow)
+
+
+def tell_home_names(found: Preflight) -> None:
+    """The notes of home.notes, one line each: the gateway is named as the likely LOCAL_DNS."""
+    settings, facts, served = found.settings, found.facts, found.plan.served_lan
+    gateway = None if settings.local_dns else detect.lan_gateway(facts.lan_interface,
+                                                                  facts.lan_cidr)  # fmt: skip
+    for note in home.notes(settings, served, gateway, os.environ.get("CONFIG")):
+        print(f"netsetup: note: {note}", file=sys.stderr)
+
+
+def home_names_line(found: Preflight) -> str:
+    """The dry run's account of what the forwarder is given for names at home."""
+    variables = home.compose_variables(found.settings, found.plan.served_lan)
+    given = [f"{key} {value}" for key, value in variables.items()
+             if value and key != "HOSTS_DIR"]  # fmt: skip
+    return f"# forwarder home names: {'; '.join(given) or 'the defaults'}\n"
 
 
 def check_lan_served(settings: Settings, plan: Plan, facts: HostFacts) -> None:
@@ -227,7 +247,7 @@ def compose_for(
     # address would be one more way in, and through an engine's userland proxy an open one.
     publish = facts.lan_address if settings.published else ""
     return deploy.Compose.for_settings(
-        settings, file, allow, publish, xtables_lock_for(facts, backend)
+        settings, file, allow, publish, xtables_lock_for(facts, backend), plan.served_lan
     )
 
 

@@ -167,6 +167,12 @@ class Settings:
     metrics_from_lan: bool = False
     # LAN address mode: the address on the LAN the host answers ARP for and DNATs to the appliance.
     lan_ip: str | None = None
+    # Names at home (netsetup/home.py): the LAN's resolvers, the domains and reverse networks
+    # they answer besides the LAN's own (which netsetup adds), a hosts file on this host.
+    local_dns: tuple[str, ...] = ()
+    local_domains: tuple[str, ...] = ()
+    local_reverse: tuple[str, ...] = ()
+    hosts_file: str | None = None
 
     @property
     def direct(self) -> bool:

@@ -32,6 +32,11 @@ def run_dir() -> Path:
     return Path(os.environ.get("NETSETUP_RUN_DIR", "/run/netsetup"))
 
 
+# Settings held as tuples, written as lists (JSON) and read back as tuples: a record gives back
+# the settings it was written from, equal to them.
+TUPLE_SETTINGS = ("upstreams", "domestic_upstreams", "local_dns", "local_domains", "local_reverse")
+
+
 @dataclass(frozen=True)
 class Deployment:
     settings: dict = field(default_factory=dict)
@@ -58,8 +63,8 @@ class Deployment:
         # "mode" as a comma list ("both" for the default): a record older than lan mode reads
         # the same way, and an older netsetup still reads a record of the old modes.
         data["mode"] = settings.mode_text
-        data["upstreams"] = list(settings.upstreams)
-        data["domestic_upstreams"] = list(settings.domestic_upstreams)
+        for key in TUPLE_SETTINGS:
+            data[key] = list(getattr(settings, key))
         return cls(
             settings=data, bridge=facts.bridge, lan_interface=facts.lan_interface,
             lan_cidr=facts.lan_cidr, lan_address=facts.lan_address,
@@ -70,8 +75,8 @@ class Deployment:
     def to_settings(self) -> Settings:
         data = dict(self.settings)
         data["modes"] = parse_modes(str(data.pop("mode", "both")))
-        data["upstreams"] = tuple(data.get("upstreams", ()))
-        data["domestic_upstreams"] = tuple(data.get("domestic_upstreams", ()))
+        for key in TUPLE_SETTINGS:
+            data[key] = tuple(data.get(key, ()))
         known = {f.name for f in fields(Settings)}
         return Settings(**{k: v for k, v in data.items() if k in known})
 

@@ -9,31 +9,50 @@ Given a ZONE and an ANSWER, it serves only that zone, with that address, and ans
 for every other name, as a router serving its own names would: a forwarder that asks it first
 then asks its next upstream at once (REFUSED costs an upstream no health), so the answer's
 address tells which of the two answered.
-Usage: fake_upstream.py LISTEN_IP PORT LOGFILE [ZONE ANSWER]
+
+`--host NAME=ADDRESS` (repeatable) adds a device the way a router knows its DHCP clients: A
+for NAME, PTR for ADDRESS's reverse name, whatever else it serves.
+Usage: fake_upstream.py LISTEN_IP PORT LOGFILE [--host NAME=ADDRESS]... [ZONE ANSWER]
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socketserver
 import struct
 import sys
 import threading
 
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import PTR, QTYPE, RCODE, RR, A, DNSRecord
 
 ZONE = "example.test."
 ANSWER = "198.51.100.200"
 
 
+def host_records(hosts: list[str]) -> dict[tuple[str, int], RR]:
+    """NAME=ADDRESS pairs as their A and PTR records, by (lower-cased name, type)."""
+    records = {}
+    for pair in hosts:
+        name, _, address = pair.partition("=")
+        name = name.lower().rstrip(".") + "."
+        pointer = ipaddress.ip_address(address).reverse_pointer + "."
+        records[(name, QTYPE.A)] = RR(name, QTYPE.A, rdata=A(address), ttl=60)
+        records[(pointer, QTYPE.PTR)] = RR(pointer, QTYPE.PTR, rdata=PTR(name), ttl=60)
+    return records
+
+
 def answer(data: bytes, client: str, log_path: str, zone: str = ZONE, address: str = ANSWER,
-           outside: int = RCODE.NXDOMAIN) -> bytes:  # fmt: skip
+           outside: int = RCODE.NXDOMAIN, devices: dict | None = None) -> bytes:  # fmt: skip
     request = DNSRecord.parse(data)
     name = str(request.q.qname)
     with open(log_path, "a") as log:
         log.write(json.dumps({"client": client, "name": name}) + "\n")
     reply = request.reply()
-    if name.lower().endswith(zone) and request.q.qtype == QTYPE.A:
+    device = (devices or {}).get((name.lower(), request.q.qtype))
+    if device is not None:
+        reply.add_answer(device)
+    elif name.lower().endswith(zone) and request.q.qtype == QTYPE.A:
         reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=60))
     elif not name.lower().endswith(zone):
         reply.header.rcode = outside
@@ -45,9 +64,13 @@ def answer(data: bytes, client: str, log_path: str, zone: str = ZONE, address: s
 
 def main() -> None:
     host, port, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    served = {}
-    if len(sys.argv) > 5:
-        served = {"zone": sys.argv[4].lower(), "address": sys.argv[5], "outside": RCODE.REFUSED}
+    args, hosts = sys.argv[4:], []
+    while args[:1] == ["--host"]:
+        hosts.append(args[1])
+        args = args[2:]
+    served: dict = {"devices": host_records(hosts)}
+    if len(args) == 2:
+        served |= {"zone": args[0].lower(), "address": args[1], "outside": RCODE.REFUSED}
 
     class Udp(socketserver.BaseRequestHandler):
         def handle(self) -> None:

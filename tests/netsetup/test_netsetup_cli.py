@@ -6,6 +6,7 @@ the firewall and the engine's containers/networks before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -556,3 +557,186 @@ def test_a_running_deployment_is_one_to_put_back_whatever_its_health(
                         "172.31.53.0/24", {}, health, [], running=running)
     found = Preflight(Settings(), None, existing, None, None, None, ())  # type: ignore[arg-type]
     assert found.running is expected
+
+
+# ---- names at home (README "Names at home") ---------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def home_hosts(tmp_path: Path, text: str = "192.168.1.30 laptop.lan laptop\n") -> Path:
+    """A hosts file in a directory of its own, both readable by the appliance's user."""
+    folder = tmp_path / "home"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o755)
+    file = folder / "hosts"
+    file.write_text(text)
+    file.chmod(0o644)
+    return file
+
+
+def rendered(compose) -> dict[str, str]:
+    """The forwarder's environment and volumes as compose renders compose.yaml with a run's
+    variables (`compose config`: the file read, no engine asked), as {name or target: value}."""
+    from netsetup.deploy import compose_command
+    from netsetup.errors import DeployFailed
+
+    try:
+        command = compose_command()
+    except DeployFailed:
+        pytest.skip("no compose")
+    proc = subprocess.run([*command, "-f", str(compose.file), "config"], capture_output=True,
+                          text=True, env=compose.environment())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found, lines = {}, proc.stdout.splitlines()
+    for number, line in enumerate(lines):
+        text = line.strip().removeprefix("- ")
+        key, sep, value = text.partition(": ")
+        if key.startswith("DNSPROXY_") and sep:
+            found[key] = value.strip("'\"")
+        elif text.endswith(":ro") and text.count(":") == 2:  # docker-compose 1.29: SRC:DST:ro
+            source, target, _ = text.split(":")
+            found[target] = f"{source} ro"
+        elif key == "target":  # Compose v2: type, source, target, read_only, one per line
+            block = " ".join(lines[number - 2:number + 3])
+            source = block.split("source: ", 1)[1].split()[0]
+            found[value] = f"{source} ro" if "read_only: true" in block else source
+    return found
+
+
+def test_home_names_reach_compose_and_the_record(tmp_path, monkeypatch) -> None:
+    """LOCAL_DNS, LOCAL_DOMAINS and LOCAL_REVERSE reach the forwarder's environment, the LAN it
+    serves first among the reverse networks; the hosts file's directory is mounted read-only
+    and the forwarder is told the file's path in it. Without them the forwarder gets nothing
+    (its defaults or the config file's), whatever the environment `up` runs in holds, but the
+    LAN's reverse network. The deployment record keeps both, for the host service and a
+    rollback."""
+    from netsetup import home
+    from netsetup.firewall import get_backend
+    from netsetup.host import compose_for, recorded_compose
+    from netsetup.plan import check_settings, compute_plan
+
+    facts, backend, file = _facts(), get_backend("nft"), REPO / "compose.yaml"
+    hosts = home_hosts(tmp_path)
+    settings = home.checked(check_settings(Settings(
+        upstreams=("192.0.2.53",), local_dns=("192.168.1.1", "tcp://192.168.1.2"),
+        local_domains=("lan", "fritz.box"), local_reverse=("2001:db8:1::1/56",),
+        hosts_file=str(hosts))))  # fmt: skip
+    compose = compose_for(settings, file, compute_plan(settings, facts), facts, backend)
+    env = rendered(compose)
+    assert env["DNSPROXY_LOCAL_DNS"] == "192.168.1.1,tcp://192.168.1.2"
+    assert env["DNSPROXY_LOCAL_DOMAINS"] == "lan,fritz.box"
+    assert env["DNSPROXY_LOCAL_REVERSE"] == "192.168.1.0/24,2001:db8:1::/56"
+    assert env["DNSPROXY_HOSTS"] == "/etc/dnsproxy/hosts.d/hosts"
+    assert env["/etc/dnsproxy/hosts.d"] == f"{hosts.parent} ro"
+
+    record = state.Deployment.of(settings, facts, "auto", str(file), compose.variables)
+    again = state.Deployment.from_json(json.dumps(dataclasses.asdict(record)))
+    assert again.to_settings() == settings
+    assert recorded_compose(again, backend).variables == compose.variables
+
+    for variable, leaked in (("LOCAL_DNS", "10.9.9.9"), ("LOCAL_DOMAINS", "corp"),
+                             ("HOSTS_DIR", "/etc"), ("HOSTS", "/etc/dnsproxy/hosts.d/x")):
+        monkeypatch.setenv(variable, leaked)
+    plain = Settings(upstreams=("192.0.2.53",))
+    env = rendered(compose_for(plain, file, compute_plan(plain, facts), facts, backend))
+    assert env["DNSPROXY_LOCAL_DNS"] == env["DNSPROXY_LOCAL_DOMAINS"] == env["DNSPROXY_HOSTS"] == ""
+    assert env["DNSPROXY_LOCAL_REVERSE"] == "192.168.1.0/24"
+    assert env["/etc/dnsproxy/hosts.d"] == "/dev/null ro"
+
+
+def test_make_passes_the_home_names_to_netsetup() -> None:
+    """The make variables become netsetup's options: each resolver and domain its own option,
+    the hosts file as an absolute path (compose mounts it from anywhere)."""
+    proc = subprocess.run(
+        ["make", "-n", "-o", "venv", "-o", "deps", "-o", "image", "up",
+         "LOCAL_DNS=192.168.1.1 tls://192.168.1.2#router.lan", "LOCAL_DOMAINS=lan fritz.box",
+         "LOCAL_REVERSE=2001:db8:1::/56", "HOSTS_FILE=./hosts"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert ("--local-dns '192.168.1.1' --local-dns 'tls://192.168.1.2#router.lan' "
+            "--local-domain 'lan' --local-domain 'fritz.box' "
+            "--local-reverse '2001:db8:1::/56' "
+            f"--hosts-file '{REPO}/hosts'") in proc.stdout, proc.stdout  # fmt: skip
+
+
+HOME_BAD = [
+    (["--local-dns", "printer"], "--local-dns: bad upstream 'printer'"),
+    (["--local-dns", "https://dns.example/dns-query"], "https://dns.example/dns-query#IP"),
+    (["--local-domain", "a..b"], "--local-domain 'a..b'"),
+    (["--local-reverse", "192.168.1.0/33"], "--local-reverse '192.168.1.0/33' is not a network"),
+    (["--hosts-file", "{tmp}/missing"], "no such file"),
+    (["--hosts-file", "{tmp}"], "not a regular file"),
+    (["--hosts-file", "{bad}"], "hosts:2: not an IP address: 'laptop.lan'"),
+    (["--hosts-file", "{private}"], "chmod o+r"),
+]  # fmt: skip
+
+
+@needs_engine
+@pytest.mark.parametrize(("args", "word"), HOME_BAD, ids=[w for _, w in HOME_BAD])
+def test_home_names_bad_input_refused(tmp_path, args: list[str], word: str) -> None:
+    """What the forwarder would refuse at start is refused before anything is done: one line,
+    exit 2, nothing changed (not a forwarder that exits after it starts, and a rollback)."""
+    bad = home_hosts(tmp_path, "192.168.1.30 laptop.lan\nlaptop.lan 192.168.1.31\n")
+    (tmp_path / "other").mkdir()
+    private = home_hosts(tmp_path / "other")
+    private.chmod(0o600)
+    args = [a.format(tmp=tmp_path, bad=bad, private=private) for a in args]
+    before = host_snapshot()
+    assert_refused(run_cli("up", *SAFE, "--lan-interface", "lo", "--subnet", "172.31.254.0/24",
+                           "--ip", "172.31.254.53", *args), word)  # fmt: skip
+    assert host_snapshot() == before
+
+
+@needs_engine
+def test_up_names_the_gateway_as_the_likely_local_dns(netns: str, tmp_path) -> None:
+    """Without LOCAL_DNS, `up` says in one line that the home's names get NXDOMAIN and names
+    the LAN's gateway, read from the routing table, as the resolver to give; given one, it
+    says nothing. The dry run shows what the forwarder is given."""
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum0p"],
+        ["ip", "addr", "add", "192.168.77.2/24", "dev", "dum0"],
+        ["ip", "link", "set", "dum0p", "up"],
+        ["ip", "link", "set", "dum0", "up"],
+        ["ip", "route", "add", "default", "via", "192.168.77.1", "dev", "dum0"],
+    ):
+        subprocess.run(["ip", "netns", "exec", netns, *cmd], check=True)
+    hosts = home_hosts(tmp_path)
+    args = ["up", *SAFE, "--dry-run", "--lan-interface", "dum0", "--subnet", "172.31.254.0/24",
+            "--ip", "172.31.254.53", "--port", "5999", "--bridge", "br-dryrun"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "CONFIG"}
+
+    def dry_run(*extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["ip", "netns", "exec", netns, NETSETUP, *args, *extra],
+                              capture_output=True, text=True, env=env, cwd="/")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    proc = dry_run()
+    assert proc.stderr.splitlines() == [
+        "netsetup: note: home names (printer.lan, reverse lookups of 192.168.77.0/24) are "
+        "answered NXDOMAIN here; to resolve them, give LOCAL_DNS=192.168.77.1 (your LAN's "
+        "gateway)"
+    ], proc.stderr
+    assert "# forwarder home names: LOCAL_REVERSE 192.168.77.0/24\n" in proc.stdout
+
+    proc = dry_run("--local-dns", "192.168.77.1", "--hosts-file", str(hosts))
+    assert proc.stderr == ""
+    assert ("# forwarder home names: LOCAL_DNS 192.168.77.1; LOCAL_REVERSE 192.168.77.0/24; "
+            "HOSTS /etc/dnsproxy/hosts.d/hosts\n") in proc.stdout, proc.stdout
+
+
+def test_home_notes_heed_the_config_file(tmp_path) -> None:
+    """A config file that names the LAN's resolver gets no gateway hint; one with reverse
+    networks is told they give way to the LAN's (the environment beats the file)."""
+    from netsetup.home import notes
+
+    config = tmp_path / "dnsproxy.toml"
+    config.write_text('upstreams = ["192.0.2.53"]\nlocal_dns = ["192.168.1.1"]\n')
+    assert notes(Settings(), "192.168.1.0/24", "192.168.1.1", str(config)) == []
+    config.write_text('upstreams = ["192.0.2.53"]\nlocal_reverse = ["2001:db8:1::/56"]\n')
+    said = notes(Settings(local_dns=("192.168.1.1",)), "192.168.1.0/24", None, str(config))
+    assert len(said) == 1 and "give its networks as LOCAL_REVERSE" in said[0], said
+    assert notes(Settings(local_dns=("192.168.1.1",)), None, None, str(config)) == []

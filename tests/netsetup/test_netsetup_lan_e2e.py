@@ -3,10 +3,14 @@
 The LAN is a bridge with the host's LAN port, two clients and the LAN's router (topology.py,
 `switch`, `router`); one client has no route but its own subnet. Both ask LAN_IP, an address no
 interface holds, on port 53: the host answers ARP for it and hands the queries to the
-container, which sees each client's own address. The upstream is the router itself, which has
-no route to the appliance subnet, as a new user would set it up (`UPSTREAMS=<the router>`): it
-answers because the appliance's queries reach it with the host's address. A device already
-holding LAN_IP makes `up` refuse with one line and change nothing; a
+container, which sees each client's own address. The upstream is the "internet" resolver; the
+router, which has no route to the appliance subnet, is the LAN's resolver for the home's names
+as a new user would set it up (`LOCAL_DNS=<the router>`, with a `HOSTS_FILE`): it answers
+because the appliance's queries reach it with the host's address. A client resolves the router's
+printer and its reverse name (the LAN's network is a `--local-reverse` netsetup adds), the hosts
+file's names, and a public name; the internet resolver hears none of the home's names; an edited
+hosts file, saved as editors do (a new file renamed over the old), is read by `make reload`.
+A device already holding LAN_IP makes `up` refuse with one line and change nothing; a
 stranger on the WAN side that routes the LAN via the host gets no answer from LAN_IP; `make down`
 leaves firewall, proxy entries, routes and sysctls as they were. Run against this host's engine
 and a nested Docker 28 (dind.py), like test_netsetup_e2e.py.
@@ -14,9 +18,11 @@ and a nested Docker 28 (dind.py), like test_netsetup_e2e.py.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import dind
@@ -32,9 +38,20 @@ from test_netsetup_e2e import (
     make,
     pytestmark,  # noqa: F401 - the same marks and skip conditions
 )
-from topology import LAN_CLIENT, LAN_CLIENT2, LAN_HOST, LAN_NET, ROUTER, Topology
+from topology import (
+    INET_RESOLVER,
+    LAN_CLIENT,
+    LAN_CLIENT2,
+    LAN_HOST,
+    LAN_NET,
+    PRINTER,
+    PRINTER_NAME,
+    ROUTER,
+    Topology,
+)
 
 LAN_IP = "198.19.53.53"
+LAPTOP, TABLET = "198.19.53.30", "198.19.53.31"  # named by the hosts file, first and after an edit
 
 
 def host_state(engine: Engine, topo: Topology) -> dict:
@@ -63,13 +80,73 @@ def getent(topo: Topology, ns: str, name: str) -> str:
     return " ".join(sorted({line.split()[0] for line in out.splitlines()}))
 
 
-def lan_scenario(engine: Engine, project: str, subnet: str, ip: str) -> None:
+def reverse(address: str) -> str:
+    return ipaddress.ip_address(address).reverse_pointer + "."
+
+
+def save_as_editors_do(path: Path, text: str) -> None:
+    """A new file renamed over the old one: the old file's inode is gone from the directory."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    new.chmod(0o644)
+    os.replace(new, path)
+
+
+def wait_dig(topo: Topology, name: str, expected: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while (out := topo.dig(LAN_IP, name)) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return out
+
+
+def check_home_names(engine: Engine, project: str, topo: Topology, hosts_file: Path,
+                     variables: dict[str, str]) -> None:  # fmt: skip
+    """The router's device and its reverse name come from the router, the hosts file's names
+    from the appliance, a public name from the internet resolver, which hears none of the
+    others; the query log says why each went where it went."""
+    assert topo.dig(LAN_IP, PRINTER_NAME) == PRINTER
+    assert topo.dig(LAN_IP, PRINTER, qtype="PTR") == f"{PRINTER_NAME}."
+    assert topo.dig(LAN_IP, "laptop.lan") == LAPTOP
+    assert topo.dig(LAN_IP, LAPTOP, qtype="PTR") == "laptop.lan."
+    assert topo.dig(LAN_IP, "public.example.test") == ANSWER
+    save_as_editors_do(hosts_file, f"{TABLET} tablet.lan\n")
+    proc = make(engine, "reload", **variables)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert wait_dig(topo, "tablet.lan", TABLET) == TABLET
+
+    home = {f"{PRINTER_NAME}.", reverse(PRINTER), "laptop.lan.", reverse(LAPTOP), "tablet.lan."}
+    assert not home & topo.names_asked(), topo.names_asked()
+    assert topo.names_asked(of_router=True) == {f"{PRINTER_NAME}.", reverse(PRINTER)}
+    logged = {(r["name"], r["type"]): r for r in container_logs(engine, project) if "name" in r}
+    router, internet = f"{ROUTER}:53", f"{INET_RESOLVER}:53"
+    expected = {
+        (f"{PRINTER_NAME}.", "A"): ("forwarded", router, "local", "local-domain"),
+        (reverse(PRINTER), "PTR"): ("forwarded", router, "local", "local-reverse"),
+        ("laptop.lan.", "A"): ("local", None, None, "hosts"),
+        (reverse(LAPTOP), "PTR"): ("local", None, None, "hosts"),
+        ("tablet.lan.", "A"): ("local", None, None, "hosts"),
+        ("public.example.test.", "A"): ("forwarded", internet, None, None),
+    }
+    for key, decision in expected.items():
+        record = logged[key]
+        got = (record["reason"], record["upstream"], record.get("group"), record.get("why"))
+        assert got == decision, record
+
+
+def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Path) -> None:
+    """`shared`: a directory this process and the engine see at the same path (the hosts
+    file's, which netsetup checks here and the engine mounts)."""
     topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True)
     topo.create()
+    hosts_file = shared / "home" / "hosts"
+    hosts_file.parent.mkdir()
+    hosts_file.parent.chmod(0o755)  # the appliance's unprivileged user enters it
+    save_as_editors_do(hosts_file, f"{LAPTOP} laptop.lan laptop\n")
     variables = {
         "PROJECT": project, "BRIDGE": f"br-{project}"[:15], "SUBNET": subnet, "DNS_IP": ip,
-        "PORT": "5153", "UPSTREAMS": ROUTER, "MODE": "lan", "LAN_IP": LAN_IP,
-        "LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET,
+        "PORT": "5153", "UPSTREAMS": INET_RESOLVER, "MODE": "lan", "LAN_IP": LAN_IP,
+        "LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET, "LOCAL_DNS": ROUTER,
+        "HOSTS_FILE": str(hosts_file),
     }  # fmt: skip
     ours = (variables["BRIDGE"], subnet.rsplit(".", 1)[0] + ".", topo.lan_if, LAN_IP)
     engine.run("docker", "volume", "rm", "-f", f"{project}_cache")
@@ -97,9 +174,10 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str) -> None:
         own = engine.run("dig", f"@{LAN_IP}", "host.example.test", "+short", "+time=2").stdout
         assert own.split() == [ANSWER], own
 
-        # the appliance saw each client's own address; the router, an upstream on the LAN
-        # with no route to the appliance subnet, saw the host's (masqueraded: else its
-        # replies would have gone to its default route)
+        check_home_names(engine, project, topo, hosts_file, variables)
+        # the appliance saw each client's own address; the router, the LAN's resolver with
+        # no route to the appliance subnet, saw the host's (masqueraded: else its replies
+        # would have gone to its default route)
         seen = {r["client"] for r in container_logs(engine, project)
                 if str(r.get("name", "")).startswith(("udp-", "tcp-"))}  # fmt: skip
         assert seen == {LAN_CLIENT, LAN_CLIENT2}, seen
@@ -123,8 +201,9 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str) -> None:
         topo.destroy()
 
 
-def test_lan_mode_host_engine(appliance_image: tuple[str, ...]) -> None:  # noqa: F811
-    lan_scenario(Engine(), project="nslan", subnet="172.31.165.0/24", ip="172.31.165.53")
+def test_lan_mode_host_engine(appliance_image: tuple[str, ...], tmp_path: Path) -> None:  # noqa: F811
+    lan_scenario(Engine(), project="nslan", subnet="172.31.165.0/24", ip="172.31.165.53",
+                 shared=tmp_path)
 
 
 @pytest.mark.nested
@@ -139,6 +218,7 @@ def test_lan_mode_nested_docker28(appliance_image: tuple[str, ...]) -> None:  # 
         nested.docker("load", stdin=save.stdout, check=True, capture_output=True)
         assert save.wait() == 0
         engine = Engine(pid=nested.dockerd_pid(), env=nested.env())
-        lan_scenario(engine, project="nslannest", subnet="172.31.54.0/24", ip="172.31.54.53")
+        lan_scenario(engine, project="nslannest", subnet="172.31.54.0/24", ip="172.31.54.53",
+                     shared=Path(nested.report_dir))
     finally:
         nested.stop()

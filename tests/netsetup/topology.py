@@ -15,7 +15,8 @@ device already using it would. With `router` too, a fourth port is the LAN's rou
 (198.19.53.254) running a resolver of its own, as a home router does: it knows no route to the
 appliance subnet unless `route_on_router` adds the one direct mode asks the user for. It
 answers what the "internet" resolver does, or with `router_zone` only the names under
-ROUTER_ZONE, with ROUTER_ANSWER, and REFUSED for the rest (fake_upstream.py).
+ROUTER_ZONE, with ROUTER_ANSWER, and REFUSED for the rest (fake_upstream.py); and, as a home
+router knows its DHCP clients, PRINTER_NAME (A PRINTER) and PRINTER's reverse name.
 
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
@@ -42,6 +43,7 @@ LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 LAN_CLIENT2 = "198.19.53.11"
 ROUTER = "198.19.53.254"  # the LAN's router, also a resolver (with `router`)
 ROUTER_ZONE, ROUTER_ANSWER = "home.example.test.", "198.51.100.254"  # with `router_zone`
+PRINTER_NAME, PRINTER = "printer.lan", "198.19.53.20"  # a device the router names (with `router`)
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
@@ -180,7 +182,8 @@ class Topology:
         self.upstream_proc, self.upstream_log = resolver(self.inet_ns, INET_RESOLVER)
         if self.router:
             zone = (ROUTER_ZONE, ROUTER_ANSWER) if self.router_zone else ()
-            self.router_proc, self.router_log = resolver(self.router_ns, ROUTER, *zone)
+            self.router_proc, self.router_log = resolver(self.router_ns, ROUTER, *zone,
+                                                         hosts={PRINTER_NAME: PRINTER})
 
     def destroy(self) -> None:
         for proc in (self.upstream_proc, self.router_proc):
@@ -200,10 +203,12 @@ class Topology:
                 Path(log).unlink(missing_ok=True)
 
     def dig(self, server: str, name: str, port: int = 53, tcp: bool = False,
-            ns: str | None = None) -> str:  # fmt: skip
-        """Answers only (dig +short) from the client, or from namespace `ns`."""
+            ns: str | None = None, qtype: str = "A") -> str:  # fmt: skip
+        """Answers only (dig +short) from the client, or from namespace `ns`; qtype PTR asks
+        the reverse name of the address `name` (dig -x)."""
+        question = ["-x", name] if qtype == "PTR" else [name, qtype]
         cmd = ["ip", "netns", "exec", ns or self.lan_ns, "dig", f"@{server}", "-p", str(port),
-               name, "A", "+short", "+time=2", "+tries=3"]  # fmt: skip
+               *question, "+short", "+time=2", "+tries=3"]  # fmt: skip
         if tcp:
             cmd.append("+tcp")
         out = sh(*cmd, check=False).stdout
@@ -229,6 +234,11 @@ class Topology:
     def upstream_clients(self) -> list[str]:
         return [client for client, _ in queries_in(self.upstream_log)]
 
+    def names_asked(self, of_router: bool = False) -> set[str]:
+        """The names the internet resolver (or the router's) was asked, lower-cased."""
+        log = self.router_log if of_router else self.upstream_log
+        return {name.lower() for _, name in queries_in(log)}
+
     def router_clients(self, name: str | None = None) -> set[str]:
         """The addresses the router's resolver was asked `name` (any name: None) from."""
         return {client for client, asked in queries_in(self.router_log)
@@ -245,13 +255,16 @@ class Topology:
         return out
 
 
-def resolver(ns: str, address: str, *zone: str) -> tuple[subprocess.Popen, str]:
+def resolver(ns: str, address: str, *zone: str,
+             hosts: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:  # fmt: skip
     """The fake resolver (fake_upstream.py) on address:53 in namespace `ns`, and its query log;
-    `zone`: the zone and the answer it serves alone."""
+    `zone`: the zone and the answer it serves alone; `hosts`: devices it names (A and PTR)."""
     fd, log = tempfile.mkstemp(prefix="netsetup-upstream-", suffix=".jsonl")
     os.close(fd)
+    devices = [arg for name, ip in (hosts or {}).items() for arg in ("--host", f"{name}={ip}")]
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, FAKE_UPSTREAM, address, "53", log, *zone],
+        ["ip", "netns", "exec", ns, sys.executable, FAKE_UPSTREAM, address, "53", log,
+         *devices, *zone],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
