@@ -135,3 +135,23 @@ def notes(settings: Settings, served_lan: str | None, gateway: str | None,
         out.append("the config file's local_reverse is replaced by the LAN's network and "
                    "LOCAL_REVERSE: give its networks as LOCAL_REVERSE")  # fmt: skip
     return out
+
+
+def upstreams_on_the_lan(settings: Settings, lan_cidr: str) -> list[str]:
+    """The upstreams of every group (UPSTREAMS, DOMESTIC_UPSTREAMS, LOCAL_DNS) inside the LAN:
+    with direct mode among the modes the appliance's queries reach them with its own address
+    (plan.masquerade), and their replies come back only if they route the subnet via the host."""
+    from dnsproxy.upstreams import parse_spec  # noqa: PLC0415 - host side only, see above
+
+    lan = ipaddress.ip_network(lan_cidr, strict=False)
+    found = []
+    for spec in [*settings.upstreams, *settings.domestic_upstreams, *settings.local_dns]:
+        try:
+            parsed = parse_spec(spec)
+            host = parsed.bootstrap or parsed.host
+            if ipaddress.ip_address(host) in lan:
+                found.append(host)
+        except ValueError:
+            continue  # a name (DoH), or refused elsewhere
+    return list(dict.fromkeys(found))
+

@@ -189,6 +189,11 @@ def tell_home_names(found: Preflight) -> None:
                                                                   facts.lan_cidr)  # fmt: skip
     for note in home.notes(settings, served, gateway, os.environ.get("CONFIG")):
         print(f"netsetup: note: {note}", file=sys.stderr)
+    on_lan = home.upstreams_on_the_lan(settings, facts.lan_cidr) if settings.direct else []
+    if on_lan:
+        print(f"netsetup: warning: {', '.join(on_lan)} on the LAN: in direct mode the appliance "
+              f"asks it from its own address, so it must route {settings.subnet} via this host "
+              "(`netsetup routes`); without that route use MODE=port or lan", file=sys.stderr)
 
 
 def home_names_line(found: Preflight) -> str:

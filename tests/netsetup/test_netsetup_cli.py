@@ -740,3 +740,15 @@ def test_home_notes_heed_the_config_file(tmp_path) -> None:
     said = notes(Settings(local_dns=("192.168.1.1",)), "192.168.1.0/24", None, str(config))
     assert len(said) == 1 and "give its networks as LOCAL_REVERSE" in said[0], said
     assert notes(Settings(local_dns=("192.168.1.1",)), None, None, str(config)) == []
+
+
+def test_upstreams_on_the_lan_are_found_in_every_group() -> None:
+    """Direct mode leaves the LAN out of the masquerade: `up` warns of every upstream there."""
+    from netsetup.home import upstreams_on_the_lan
+
+    settings = Settings(upstreams=("tls://192.168.1.1#router.lan", "198.51.100.53"),
+                        domestic_upstreams=("192.168.1.2:5353",),
+                        local_dns=("192.168.1.1", "https://dns.lan/dns-query#192.168.1.3"))
+    assert upstreams_on_the_lan(settings, "192.168.1.0/24") == [
+        "192.168.1.1", "192.168.1.2", "192.168.1.3"]
+    assert upstreams_on_the_lan(settings, "10.0.0.0/8") == []
