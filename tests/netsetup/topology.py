@@ -13,6 +13,10 @@ the host's LAN interface, the client above, and a second client (198.19.53.11) t
 route but its own subnet, as a phone on a home LAN; it can also hold an address (`hold`), as a
 device already using it would.
 
+With `router` too, a "router" namespace on the switch runs radvd (Debian's), advertising an IPv6
+prefix, a DNS server of its own (RDNSS) and the O flag, as a dual-stack home router does; the
+host's LAN interface takes nothing from it (accept_ra 0), so the host's routes stay as they were.
+
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
 only its connected route, so it cannot reach the appliance subnet: answers reach the appliance
@@ -22,6 +26,7 @@ only if the host masquerades its queries. 192.0.2.0/24 is avoided because hosts 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +40,7 @@ from pathlib import Path
 # it the LAN. Answers here prove it does.
 LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 LAN_CLIENT2 = "198.19.53.11"
+ROUTER_PREFIX, ROUTER_RDNSS = "fd53:19::/64", "fd53:19::1"
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
@@ -49,6 +55,9 @@ class Topology:
     subnet: str
     pid: int | None = None  # netns of the engine; None for this host's
     switch: bool = False  # the LAN as a bridge with two clients (see above)
+    router: bool = False  # and an IPv6 router running radvd on it (see above)
+    radvd: subprocess.Popen | None = None
+    radvd_dir: str = ""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     upstream_proc: subprocess.Popen | None = None
     upstream_log: str = ""
@@ -74,9 +83,14 @@ class Topology:
         return f"nslan2-{self.tag}"
 
     @property
+    def router_ns(self) -> str:
+        return f"nsrt-{self.tag}"
+
+    @property
     def namespaces(self) -> tuple[str, ...]:
         extra = (self.switch_ns, self.lan2_ns) if self.switch else ()
-        return (self.lan_ns, self.inet_ns, self.wan_ns, *extra)
+        router = (self.router_ns,) if self.switch and self.router else ()
+        return (self.lan_ns, self.inet_ns, self.wan_ns, *extra, *router)
 
     @property
     def wan_if(self) -> str:
@@ -130,6 +144,40 @@ class Topology:
         self.engine_sh("ip", "link", "set", self.lan_if, "up")
         self._switch_port(self.lan_ns, "port1", LAN_CLIENT)
         self._switch_port(self.lan2_ns, "port2", LAN_CLIENT2)
+        if self.router:
+            self._ipv6_router()
+
+    def _ipv6_router(self) -> None:
+        """radvd in the router namespace, on the switch's third port; the host's LAN interface
+        hears it (the survey's raw socket does) but configures nothing from it."""
+        for key in ("accept_ra", "autoconf"):
+            self.engine_sh("sysctl", "-qw", f"net.ipv6.conf.{self.lan_if}.{key}=0")
+        ns = self.router_ns
+        sh("ip", "-n", self.switch_ns, "link", "add", "port3", "type", "veth", "peer", "name",
+           "eth0", "netns", ns)  # fmt: skip
+        sh("ip", "-n", self.switch_ns, "link", "set", "port3", "master", "br0", "up")
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        for link in ("lo", "eth0"):
+            sh("ip", "-n", ns, "link", "set", link, "up")
+        self.radvd_dir = tempfile.mkdtemp(prefix="netsetup-radvd-")
+        conf = Path(self.radvd_dir) / "radvd.conf"
+        conf.write_text(
+            "interface eth0 {\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n"
+            "  MaxRtrAdvInterval 4;\n  AdvOtherConfigFlag on;\n"
+            f"  prefix {ROUTER_PREFIX} {{ }};\n  RDNSS {ROUTER_RDNSS} {{ }};\n}};\n"
+        )
+        self.radvd = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "radvd", "-n", "-C", str(conf),
+             "-p", str(Path(self.radvd_dir) / "radvd.pid"), "-m", "stderr"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def router_address(self) -> str:
+        """The router's link-local address, the source of its advertisements."""
+        out = sh("ip", "-n", self.router_ns, "-6", "-o", "addr", "show", "dev", "eth0",
+                 "scope", "link").stdout  # fmt: skip
+        return out.split()[3].split("/")[0]
 
     def hold(self, address: str) -> None:
         """The second client takes `address` too, as a device already using it."""
@@ -164,6 +212,13 @@ class Topology:
         assert self.upstream_proc.stdout.readline().strip() == "ready"
 
     def destroy(self) -> None:
+        if self.radvd is not None:
+            self.radvd.terminate()
+            try:
+                self.radvd.wait(5)
+            except subprocess.TimeoutExpired:
+                self.radvd.kill()
+            shutil.rmtree(self.radvd_dir, ignore_errors=True)
         if self.upstream_proc is not None:
             self.upstream_proc.terminate()
             try:
