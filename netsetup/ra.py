@@ -18,9 +18,10 @@ on the host is changed.
 
 Each advertisement is checked as a host checks it (RFC 4861 6.1.2: hop limit 255, code 0, a
 link-local source, options with a non-zero length that fit) and parsed with every length
-checked: one that fails is ignored as a host would ignore it, never an error. A DHCPv6 exchange
-is not attempted: where a flag invites DHCPv6, the report says that servers handed out that
-way cannot be seen from here.
+checked: one that fails is ignored as a host would ignore it, never an error. Where one sets
+the M or O flag, clients ask DHCPv6 for DNS servers too, so the survey asks as well (one
+Information-Request, dhcpv6.py, at most dhcpv6.WAIT seconds more); where it cannot (the host's
+own DHCPv6 client holds the port) or nobody answers, the report says those servers went unseen.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import select
 import socket
 import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from netsetup import dhcpv6
 
 ICMP6_RS, ICMP6_RA = 133, 134
 OPT_RDNSS, OPT_DNSSL = 25, 31  # RFC 8106
@@ -144,13 +147,16 @@ def parse_ra(packet: bytes, source: str, hop_limit: int | None = None) -> Advert
 @dataclass(frozen=True)
 class Survey:
     """What listening on one interface found: the advertisements (the last one of each
-    router), or `note`, why nothing could be listened for."""
+    router), or `note`, why nothing could be listened for; the DHCPv6 servers' answers where
+    an advertisement invited DHCPv6, or `dhcpv6_note`, why there are none."""
 
     interface: str
     adverts: tuple[Advert, ...] = ()
     listened: float = 0.0  # seconds
     note: str = ""
     at: float = field(default_factory=time.time)
+    dhcpv6: tuple[dhcpv6.Answer, ...] = ()
+    dhcpv6_note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,9 +175,12 @@ class Survey:
                 )  # fmt: skip
                 for a in data["adverts"]
             )
+            answers = tuple(dhcpv6.Answer(str(a["server"]), tuple(str(d) for d in a["dns"]))
+                            for a in data.get("dhcpv6", ()))  # fmt: skip
             return cls(str(data["interface"]), adverts, float(data["listened"]),
-                       str(data["note"]), float(data["at"]))  # fmt: skip
-        except (TypeError, KeyError, ValueError):
+                       str(data["note"]), float(data["at"]), answers,
+                       str(data.get("dhcpv6_note", "")))  # fmt: skip
+        except (TypeError, KeyError, ValueError, AttributeError):
             return None
 
 
@@ -212,9 +221,20 @@ def _quiet(interface: str, exc: OSError) -> Survey:
 
 
 def listen(interface: str, listen_for: float = LISTEN, settle: float = SETTLE) -> Survey:
-    """Solicit the routers on `interface` and collect their advertisements; never raises for
-    what the host or the link lacks (no IPv6, no link-local address yet, no router): that is
-    a survey with a note, or with no advertisements."""
+    """Solicit the routers on `interface` and collect their advertisements, then, if one
+    invites DHCPv6, ask its DHCPv6 servers; never raises for what the host or the link lacks
+    (no IPv6, no link-local address yet, no router): that is a survey with a note, or with no
+    advertisements."""
+    started = time.monotonic()
+    heard = _advertisements(interface, listen_for, settle)
+    if not any(a.dhcpv6 for a in heard.adverts):
+        return heard
+    answers, note = dhcpv6.ask(interface)
+    return replace(heard, listened=round(time.monotonic() - started, 2), dhcpv6=answers,
+                   dhcpv6_note=note)  # fmt: skip
+
+
+def _advertisements(interface: str, listen_for: float, settle: float) -> Survey:
     started = time.monotonic()
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
@@ -258,28 +278,31 @@ def listen(interface: str, listen_for: float = LISTEN, settle: float = SETTLE) -
 
 @dataclass(frozen=True)
 class Competitor:
-    """A DNS server a router advertises that is not the appliance."""
+    """A DNS server handed out on the LAN that is not the appliance."""
 
-    router: str
+    router: str  # the advertising router, or the DHCPv6 server
     address: str
+    via: str  # "RDNSS" or "DHCPv6"
 
 
 def competing(survey: Survey, own: frozenset[str] = frozenset()) -> list[Competitor]:
-    """Every RDNSS address advertised with a lifetime, other than the appliance's own
-    addresses (`own`, IPv6 addresses as any notation writes them)."""
+    """Every DNS server advertised (RDNSS, with a lifetime) or handed out by DHCPv6, other
+    than the appliance's own addresses (`own`, IPv6 addresses in any notation)."""
     mine = {ipaddress.IPv6Address(a) for a in own if ":" in a}
+    found = [Competitor(a.router, d.address, "RDNSS")
+             for a in survey.adverts for d in a.dns if d.lifetime]  # fmt: skip
+    found += [Competitor(a.server, d, "DHCPv6") for a in survey.dhcpv6 for d in a.dns]
     seen: list[Competitor] = []
-    for advert in survey.adverts:
-        for server in advert.dns:
-            if server.lifetime and ipaddress.IPv6Address(server.address) not in mine:
-                found = Competitor(advert.router, server.address)
-                if found not in seen:
-                    seen.append(found)
+    for c in found:
+        if ipaddress.IPv6Address(c.address) not in mine and c not in seen:
+            seen.append(c)
     return seen
 
 
 def dhcpv6_routers(survey: Survey) -> list[Advert]:
-    return [a for a in survey.adverts if a.dhcpv6]
+    """The routers that invite DHCPv6 while what DHCPv6 hands out went unseen (nobody
+    answered, or we could not ask)."""
+    return [] if survey.dhcpv6 else [a for a in survey.adverts if a.dhcpv6]
 
 
 def _own_text(own: frozenset[str]) -> str:
@@ -287,21 +310,25 @@ def _own_text(own: frozenset[str]) -> str:
 
 
 def warnings(survey: Survey, own: frozenset[str] = frozenset()) -> list[str]:
-    """What `up` warns of: each competing server with its router, each router inviting
-    DHCPv6; nothing when there is nothing to change (or nothing could be seen)."""
+    """What `up` warns of: each competing server with its router or DHCPv6 server, each
+    router inviting DHCPv6 whose answer went unseen; nothing when there is nothing to change
+    (or nothing could be heard)."""
     mine = _own_text(own)
     instead = (f"or hand out the appliance's IPv6 address {mine} instead" if mine
                else "so that only the appliance remains")  # fmt: skip
-    lines = [
-        f"your router {c.router} advertises {c.address} as IPv6 DNS server (RDNSS) on "
-        f"{survey.interface}: dual-stack clients will ask it and bypass the appliance; turn "
-        f"off its RDNSS / DHCPv6 DNS, {instead}: see `netsetup routes`"
-        for c in competing(survey, own)
-    ]
+    unseen = f"unseen here ({survey.dhcpv6_note})" if survey.dhcpv6_note else "unseen here"
+    lines = []
+    for c in competing(survey, own):
+        who = (f"your router {c.router} advertises {c.address} as IPv6 DNS server (RDNSS)"
+               if c.via == "RDNSS" else
+               f"the DHCPv6 server {c.router} hands out {c.address} as IPv6 DNS server")
+        lines.append(f"{who} on {survey.interface}: dual-stack clients will ask it and bypass "
+                     f"the appliance; turn off its RDNSS / DHCPv6 DNS, {instead}: see "
+                     "`netsetup routes`")  # fmt: skip
     for advert in dhcpv6_routers(survey):
         lines.append(
             f"your router {advert.router} sets the {advert.flags} flag on {survey.interface}: "
-            "clients also ask its DHCPv6 server for DNS servers, which this check cannot see; "
+            f"clients also ask DHCPv6 for DNS servers, {unseen}; "
             "make it hand out no DNS server but the appliance's: see `netsetup routes`"
         )
     return lines
@@ -315,13 +342,14 @@ def summary(survey: Survey, own: frozenset[str] = frozenset()) -> str:
         return f"no router advertisement within {LISTEN:g} s on {survey.interface}"
     parts = []
     for c in competing(survey, own):
-        parts.append(f"COMPETING: {c.address} (RDNSS of {c.router})")
+        source = f"RDNSS of {c.router}" if c.via == "RDNSS" else f"DHCPv6 from {c.router}"
+        parts.append(f"COMPETING: {c.address} ({source})")
     for advert in dhcpv6_routers(survey):
-        parts.append(f"{advert.router} invites DHCPv6 ({advert.flags} flag): "
-                     "its DNS servers not seen")  # fmt: skip
+        why = f": {survey.dhcpv6_note}" if survey.dhcpv6_note else ""
+        parts.append(f"{advert.router} invites DHCPv6 ({advert.flags} flag), unseen{why}")
     if not parts:
         routers = ", ".join(a.router for a in survey.adverts)
-        return f"no other DNS server advertised (router {routers})"
+        return f"no other DNS server handed out (router {routers})"
     return "; ".join(parts) + ": see `netsetup routes`"
 
 
@@ -344,5 +372,5 @@ class Background:
             self._survey = Survey(self._interface, note=f"no IPv6 router seen: {exc}")
 
     def result(self) -> Survey:
-        self._thread.join(LISTEN + SETTLE + 1)
+        self._thread.join(LISTEN + dhcpv6.WAIT + 1)
         return self._survey or Survey(self._interface, note="no IPv6 router seen: no answer")

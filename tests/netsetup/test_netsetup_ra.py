@@ -34,6 +34,7 @@ from conftest import needs_root, netns_exec
 
 pytestmark = pytest.mark.netns
 PREFIX, RDNSS, OWN = "fd53:19::/64", "fd53:19::1", "fd53:19::53"
+DHCPV6_DNS = "fd53:19::2"
 HOST_ADDR = "198.18.19.2"
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 SURVEY = (
@@ -115,6 +116,28 @@ class Lan:
             assert time.monotonic() < deadline, "radvd did not start"
             time.sleep(0.05)
 
+    def start_dhcpv6(self, dns: str) -> None:
+        """dnsmasq on the router as a stateless DHCPv6 server handing out `dns` (option 23),
+        as OpenWrt's odhcpd does with its O flag."""
+        netns_exec(self.router, "ip", "addr", "add", f"{RDNSS}/64", "dev", "eth0", "nodad")
+        log_path = self.tmp / "dnsmasq.log"
+        log = open(log_path, "w")  # noqa: SIM115 - the process keeps it
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.router, "dnsmasq", "--keep-in-foreground",
+             "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
+             "--interface=eth0", f"--dhcp-range={PREFIX.split('/')[0]},ra-stateless",
+             f"--dhcp-option=option6:dns-server,[{dns}]", "--user=root",
+             f"--dhcp-leasefile={self.tmp / 'leases'}", f"--pid-file={self.tmp / 'dnsmasq.pid'}",
+             "--log-facility=-", "--log-dhcp"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.started.append(proc)
+        deadline = time.monotonic() + 10
+        while "DHCPv6" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "dnsmasq did not start"
+            time.sleep(0.05)
+
     def stop_radvd(self) -> None:
         if self.radvd is not None and self.radvd.poll() is None:
             self.radvd.terminate()
@@ -181,9 +204,35 @@ def test_the_routers_rdnss_and_address_are_reported(lan: Lan) -> None:
         competing, dhcpv6 = found["warnings"]
         assert f"your router {router} advertises {RDNSS} as IPv6 DNS server (RDNSS)" in competing
         assert "`netsetup routes`" in competing
+        # no DHCPv6 server here: what DHCPv6 hands out went unseen, and the flag says so
         assert f"your router {router} sets the O flag" in dhcpv6
+        assert "unseen here (no DHCPv6 reply within 1 s)" in dhcpv6
         assert found["summary"].startswith(f"COMPETING: {RDNSS} (RDNSS of {router})")
         print(f"forwarding={forwarding}: listened {found['survey']['listened']} s")
+
+
+def test_the_dhcpv6_servers_dns_is_reported_when_the_o_flag_invites_it(lan: Lan) -> None:
+    lan.start_radvd(other=True)
+    lan.start_dhcpv6(DHCPV6_DNS)
+    router = lan.router_address()
+    found = lan.survey()
+    assert found["survey"]["dhcpv6"] == [{"server": router, "dns": [DHCPV6_DNS]}]
+    (line,) = found["warnings"]  # the server is named; the flag alone warns no more
+    assert line.startswith(f"the DHCPv6 server {router} hands out {DHCPV6_DNS} as IPv6 DNS "
+                           "server on lan0: dual-stack clients will ask it")  # fmt: skip
+    assert lan.survey(own=(DHCPV6_DNS,))["warnings"] == []  # the appliance's own: fine
+    # the host's own DHCPv6 client holds port 546: nothing asked, and the report says so
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", lan.host, sys.executable, "-c",
+         "import socket, sys; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); "
+         "s.bind(('::', 546)); print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lan.started.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    (line,) = lan.survey()["warnings"]
+    assert f"your router {router} sets the O flag" in line
+    assert "DHCPv6 not asked: port 546 is taken" in line
 
 
 def test_a_router_with_no_rdnss_gives_no_warning(lan: Lan) -> None:
@@ -191,7 +240,7 @@ def test_a_router_with_no_rdnss_gives_no_warning(lan: Lan) -> None:
     found = lan.survey()
     assert [a["router"] for a in found["survey"]["adverts"]] == [lan.router_address()]
     assert found["warnings"] == []
-    assert found["summary"] == f"no other DNS server advertised (router {lan.router_address()})"
+    assert found["summary"] == f"no other DNS server handed out (router {lan.router_address()})"
 
 
 def test_the_appliances_own_address_is_not_competing(lan: Lan) -> None:

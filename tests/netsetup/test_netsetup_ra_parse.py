@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from netsetup.dhcpv6 import Answer, client_id, information_request, parse_reply
 from netsetup.ra import (
     Advert,
     DnsServer,
@@ -132,8 +133,9 @@ def test_the_solicitation_is_an_rs_with_nothing_else() -> None:
     assert router_solicitation() == bytes([133, 0, 0, 0, 0, 0, 0, 0])
 
 
-def survey(*adverts: Advert, note: str = "") -> Survey:
-    return Survey("lan0", tuple(adverts), 0.4, note)
+def survey(*adverts: Advert, note: str = "", answers: tuple[Answer, ...] = (),
+           dhcpv6_note: str = "") -> Survey:  # fmt: skip
+    return Survey("lan0", tuple(adverts), 0.4, note, dhcpv6=answers, dhcpv6_note=dhcpv6_note)
 
 
 def test_competing_servers_exclude_the_appliance_and_withdrawn_ones() -> None:
@@ -154,8 +156,9 @@ def test_up_warns_with_router_address_and_what_to_change() -> None:
     (line,) = warnings(survey(advert), own=frozenset({"fd00::53"}))
     assert "hand out the appliance's IPv6 address fd00::53 instead" in line
     dhcp = Advert("fe80::2", True, False, 1800)
-    (line,) = warnings(survey(dhcp))
-    assert "fe80::2 sets the M flag" in line and "cannot see" in line
+    (line,) = warnings(survey(dhcp, dhcpv6_note="no DHCPv6 reply within 1 s"))
+    assert "fe80::2 sets the M flag" in line
+    assert "unseen here (no DHCPv6 reply within 1 s)" in line
 
 
 def test_nothing_to_change_means_no_warning_and_a_quiet_summary() -> None:
@@ -166,12 +169,62 @@ def test_nothing_to_change_means_no_warning_and_a_quiet_summary() -> None:
                                                                         "seen: lan0 is down")):
         assert warnings(found, own) == []
     assert summary(survey()) == "no router advertisement within 3 s on lan0"
-    assert summary(survey(silent)) == f"no other DNS server advertised (router {ROUTER})"
+    assert summary(survey(silent)) == f"no other DNS server handed out (router {ROUTER})"
     assert summary(survey(only_ours), own) == summary(survey(silent))
     assert summary(survey(note="no IPv6 router seen: x")) == "no IPv6 router seen: x"
     busy = survey(Advert(ROUTER, False, True, 1800, dns=(DnsServer(RDNSS1, 600),)))
-    assert summary(busy).startswith(f"COMPETING: {RDNSS1} (RDNSS of {ROUTER}); {ROUTER} "
-                                    "invites DHCPv6 (O flag)")  # fmt: skip
+    assert summary(busy) == (f"COMPETING: {RDNSS1} (RDNSS of {ROUTER}); {ROUTER} invites "
+                             "DHCPv6 (O flag), unseen: see `netsetup routes`")  # fmt: skip
+
+
+def test_dhcpv6_answers_are_competitors_too_and_settle_the_flag() -> None:
+    """A DHCPv6 server that answered says what the O flag leads to: its servers compete
+    (the appliance's excepted), and the flag alone warns no more."""
+    invites = Advert(ROUTER, False, True, 1800)
+    answered = survey(invites, answers=(Answer("fe80::2", (RDNSS2, "fd00::53")),))
+    (c,) = competing(answered, own=frozenset({"fd00::53"}))
+    assert (c.router, c.address, c.via) == ("fe80::2", RDNSS2, "DHCPv6")
+    (line,) = warnings(answered, own=frozenset({"fd00::53"}))
+    assert line.startswith(f"the DHCPv6 server fe80::2 hands out {RDNSS2} as IPv6 DNS server")
+    assert summary(answered, frozenset({"fd00::53"})) == (
+        f"COMPETING: {RDNSS2} (DHCPv6 from fe80::2): see `netsetup routes`")
+    only_ours = survey(invites, answers=(Answer("fe80::2", ("fd00::53",)),))
+    assert warnings(only_ours, frozenset({"fd00::53"})) == []
+    assert summary(only_ours, frozenset({"fd00::53"})).startswith("no other DNS server")
+
+
+XID = b"\x01\x02\x03"
+
+
+def reply(*options: tuple[int, bytes], xid: bytes = XID, kind: int = 7) -> bytes:
+    return bytes([kind]) + xid + b"".join(struct.pack("!HH", c, len(d)) + d for c, d in options)
+
+
+def test_the_information_request_asks_for_dns_servers_and_nothing_else() -> None:
+    duid = client_id()
+    packet = information_request(XID, duid)
+    assert packet[0] == 11 and packet[1:4] == XID
+    options, pos = {}, 4
+    while pos < len(packet):
+        code, size = struct.unpack_from("!HH", packet, pos)
+        options[code] = packet[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+    assert options == {1: duid, 8: b"\0\0", 6: struct.pack("!HH", 23, 24)}
+    assert duid[:2] == b"\0\x04" and len(duid) == 18  # DUID-UUID: no hardware address
+
+
+def test_a_dhcpv6_reply_is_parsed_strictly() -> None:
+    dns = ipaddress.IPv6Address(RDNSS1).packed + ipaddress.IPv6Address(RDNSS2).packed
+    server_id = (2, b"\0\x03\0\x01" + bytes(6))
+    assert parse_reply(reply(server_id, (23, dns)), XID) == (RDNSS1, RDNSS2)
+    assert parse_reply(reply(server_id), XID) == ()
+    assert parse_reply(reply((23, dns + b"\0")), XID) == ()  # no multiple of 16: ignored alone
+    assert parse_reply(reply((23, dns), xid=b"\0\0\0"), XID) is None  # not ours
+    assert parse_reply(reply((23, dns), kind=2), XID) is None  # an Advertise, not a Reply
+    whole = reply(server_id, (23, dns))
+    for cut in range(len(whole)):  # cut anywhere: ignored, or fewer servers, never an error
+        part = parse_reply(whole[:cut], XID)
+        assert part is None or set(part) <= {RDNSS1, RDNSS2}
 
 
 def test_a_survey_survives_its_record_and_a_damaged_one_reads_as_none() -> None:
