@@ -236,3 +236,40 @@ def test_a_survey_survives_its_record_and_a_damaged_one_reads_as_none() -> None:
     for bad in (None, {}, "x", {**found.as_dict(), "adverts": [{"router": 1}]},
                 {**found.as_dict(), "at": "soon"}):  # fmt: skip
         assert Survey.from_dict(bad) is None
+
+
+def test_status_shows_the_recorded_line_with_its_age() -> None:
+    from netsetup.cli import ipv6_dns_row, status_rows
+
+    assert ipv6_dns_row(None) == "not listened for yet: run netsetup check"
+    import time
+
+    row = ipv6_dns_row({"summary": "COMPETING: fd53::1 (RDNSS of fe80::1): see `netsetup "
+                                   "routes`", "at": time.time() - 42, "interface": "lan0"})
+    assert row.startswith("COMPETING: fd53::1 (RDNSS of fe80::1)")
+    assert row.endswith("(42 s ago, on lan0)")
+    info = {"up": False, "engine": {"error": "x"}, "iptables": "nft",
+            "sysctl": {"net.ipv4.ip_forward": "0"}}  # fmt: skip
+    assert dict(status_rows(info))["IPv6 DNS"] == "not listened for yet: run netsetup check"
+
+
+def test_routes_say_stop_advertising_until_the_appliance_has_an_ipv6_address() -> None:
+    from netsetup.routes import ipv6_dns_sections, render_text
+
+    stop = render_text(ipv6_dns_sections(None, "192.168.1.53"))
+    for line in ("uci set dhcp.lan.ra_dns='0'", "uci set dhcp.lan.dns_service='0'",
+                 "uci -q delete dhcp.lan.dns", "/etc/init.d/odhcpd restart",
+                 "/ipv6 nd set [find interface=bridge] advertise-dns=no",
+                 "other-configuration=no", "remove the RDNSS { ... }; block",
+                 "AdvOtherConfigFlag off;", "ipv6.ignore-auto-dns yes",
+                 "[IPv6AcceptRA] UseDNS=no and [DHCPv6] UseDNS=no",
+                 'networksetup -setdnsservers "Wi-Fi" 192.168.1.53'):  # fmt: skip
+        assert line in stop, line
+    assert "fd00" not in stop and "IPv6 DNS: what the LAN's routers" not in stop
+    handed = render_text(ipv6_dns_sections("fd00::53", "192.168.1.53", ["heard this"]))
+    for line in ("uci add_list dhcp.lan.dns='fd00::53'", "advertise-dns=yes dns=fd00::53",
+                 "RDNSS fd00::53 { };", "ipv6.dns fd00::53",
+                 'netsh interface ipv6 set dnsservers name="Ethernet" static fd00::53 primary',
+                 'networksetup -setdnsservers "Wi-Fi" 192.168.1.53 fd00::53', "heard this"):
+        assert line in handed, line
+    assert "ra_dns='0'" not in handed and "advertise-dns=no" not in handed
