@@ -76,24 +76,25 @@ def test_several_rdnss_options_all_count() -> None:
     assert advert.dns == (DnsServer(RDNSS1, 600), DnsServer(RDNSS2, 0))
 
 
-@pytest.mark.parametrize(
-    ("why", "packet", "source", "hops"),
-    [
-        ("not an advertisement", struct.pack("!BBHI", 133, 0, 0, 0) + bytes(12), ROUTER, 255),
-        ("a code other than 0", header(code=1), ROUTER, 255),
-        ("shorter than its header", header()[:15], ROUTER, 255),
-        ("empty", b"", ROUTER, 255),
-        ("routed here (hop limit below 255)", header() + rdnss(RDNSS1), ROUTER, 254),
-        ("a global source", header() + rdnss(RDNSS1), "2001:db8::1", 255),
-        ("a source that is no address", header(), "router", 255),
-        ("a zero-length option", header() + b"\x19\x00" + rdnss(RDNSS1), ROUTER, 255),
-        ("a zero-length option last", header() + rdnss(RDNSS1) + bytes(8), ROUTER, 255),
-        ("an option that runs past the end", header() + rdnss(RDNSS1)[:-1], ROUTER, 255),
-        ("an option claiming more than the packet", header() + b"\x19\xff" + bytes(6),
-         ROUTER, 255),
-        ("half an option header", header() + b"\x19", ROUTER, 255),
-    ],
-)
+INVALID = [
+    ("not an advertisement", struct.pack("!BBHI", 133, 0, 0, 0) + bytes(12), ROUTER, 255),
+    ("a code other than 0", header(code=1), ROUTER, 255),
+    ("shorter than its header", header()[:15], ROUTER, 255),
+    ("empty", b"", ROUTER, 255),
+    ("routed here (hop limit below 255)", header() + rdnss(RDNSS1), ROUTER, 254),
+    ("a global source", header() + rdnss(RDNSS1), "2001:db8::1", 255),
+    ("a source that is no address", header(), "router", 255),
+    ("a zero-length option", header() + b"\x19\x00" + rdnss(RDNSS1), ROUTER, 255),
+    ("a zero-length option last", header() + rdnss(RDNSS1) + bytes(8), ROUTER, 255),
+    ("an option that runs past the end", header() + rdnss(RDNSS1)[:-1], ROUTER, 255),
+    ("an option claiming more than the packet", header() + b"\x19\xff" + bytes(6),
+     ROUTER, 255),
+    ("half an option header", header() + b"\x19", ROUTER, 255),
+]
+
+
+@pytest.mark.parametrize(("why", "packet", "source", "hops"), INVALID,
+                         ids=[case[0] for case in INVALID])  # fmt: skip
 def test_an_invalid_advertisement_is_ignored_whole(why, packet, source, hops) -> None:
     assert parse_ra(packet, source, hops) is None, why
 
