@@ -144,6 +144,19 @@ def parse_ra(packet: bytes, source: str, hop_limit: int | None = None) -> Advert
     )
 
 
+def merge(known: Advert | None, advert: Advert) -> Advert:
+    """Two advertisements from one router (a repeat, or two daemons on it, or options split
+    over messages): a host takes the servers of each, so the survey keeps both's servers and
+    flags; the newer lifetimes win."""
+    if known is None:
+        return advert
+    dns = {d.address: d for d in (*known.dns, *advert.dns)}
+    search = dict.fromkeys((*known.search, *advert.search))
+    return replace(advert, managed=known.managed or advert.managed,
+                   other=known.other or advert.other, dns=tuple(dns.values()),
+                   search=tuple(search))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Survey:
     """What listening on one interface found: the advertisements (the last one of each
@@ -269,7 +282,7 @@ def _advertisements(interface: str, listen_for: float, settle: float) -> Survey:
                 continue
             if not adverts:
                 deadline = min(deadline, time.monotonic() + settle)
-            adverts[advert.router] = advert
+            adverts[advert.router] = merge(adverts.get(advert.router), advert)
     return Survey(interface, tuple(adverts.values()), round(time.monotonic() - started, 2))
 
 

@@ -117,15 +117,16 @@ class Lan:
             time.sleep(0.05)
 
     def start_dhcpv6(self, dns: str) -> None:
-        """dnsmasq on the router as a stateless DHCPv6 server handing out `dns` (option 23),
-        as OpenWrt's odhcpd does with its O flag."""
+        """dnsmasq on the router as a DHCPv6 server handing out `dns` (option 23), as
+        OpenWrt's odhcpd does with its O flag; no addresses (`static`, no host configured)
+        and no advertisements of its own (an `ra-` mode would send some, with the server)."""
         netns_exec(self.router, "ip", "addr", "add", f"{RDNSS}/64", "dev", "eth0", "nodad")
         log_path = self.tmp / "dnsmasq.log"
         log = open(log_path, "w")  # noqa: SIM115 - the process keeps it
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.router, "dnsmasq", "--keep-in-foreground",
              "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
-             "--interface=eth0", f"--dhcp-range={PREFIX.split('/')[0]},ra-stateless",
+             "--interface=eth0", f"--dhcp-range={PREFIX.split('/')[0]},static",
              f"--dhcp-option=option6:dns-server,[{dns}]", "--user=root",
              f"--dhcp-leasefile={self.tmp / 'leases'}", f"--pid-file={self.tmp / 'dnsmasq.pid'}",
              "--log-facility=-", "--log-dhcp"],

@@ -17,6 +17,7 @@ from netsetup.ra import (
     DnsServer,
     Survey,
     competing,
+    merge,
     parse_ra,
     router_solicitation,
     summary,
@@ -91,6 +92,19 @@ INVALID = [
      ROUTER, 255),
     ("half an option header", header() + b"\x19", ROUTER, 255),
 ]
+
+
+def test_two_advertisements_of_one_router_add_up() -> None:
+    """radvd and a DHCPv6 server's own advertisements on one router, or a repeat: the host
+    takes the servers of both, so the survey does."""
+    first = Advert(ROUTER, False, False, 1800, dns=(DnsServer(RDNSS1, 600),), search=("a.test",))
+    second = Advert(ROUTER, False, True, 900, dns=(DnsServer(RDNSS2, 60),
+                                                   DnsServer(RDNSS1, 0)))  # fmt: skip
+    both = merge(first, second)
+    assert both.other and not both.managed and both.lifetime == 900
+    assert both.dns == (DnsServer(RDNSS1, 0), DnsServer(RDNSS2, 60))  # the newer lifetime wins
+    assert both.search == ("a.test",)
+    assert merge(None, first) == first
 
 
 @pytest.mark.parametrize(("why", "packet", "source", "hops"), INVALID,
