@@ -63,8 +63,8 @@ def getent(topo: Topology, ns: str, name: str) -> str:
 
 
 def lan_scenario(engine: Engine, project: str, subnet: str, ip: str) -> None:
-    # The LAN's IPv6 router (radvd) on this host's engine; a nested engine's namespace has
-    # IPv6 off, where the survey says so in one quiet line.
+    # The LAN's IPv6 router (radvd) on this host's engine only: the survey is the host
+    # tool's, the same on every engine, and a nested run would only cost time.
     topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=engine.pid is None)
     topo.create()
     variables = {
