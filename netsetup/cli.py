@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from netsetup import check as check_mod
-from netsetup import home, host, routes, state
+from netsetup import home, host, ra, routes, state
 from netsetup.errors import NetsetupError
 from netsetup.plan import Mode, Settings, check_settings, checked_network, parse_modes
 
@@ -258,6 +258,7 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if info.get("raw_drop"):
         rows.append(("raw DROP", info["raw_drop"][0]))
     rows.append(("ip_forward", info["sysctl"]["net.ipv4.ip_forward"]))
+    rows.append(("IPv6 DNS", ipv6_dns_row(info.get("ipv6_dns"))))
     counts = info.get("counts") or {}
     if "error" in counts:
         rows.append(("counts", f"unavailable: {counts['error']}"))
@@ -269,6 +270,14 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
             for key, value in counts[group].items() or {"-": ""}.items():
                 rows.append((f"  {label}", f"{key} {value}".strip()))
     return rows
+
+
+def ipv6_dns_row(found: dict[str, Any] | None) -> str:
+    """What the LAN's routers hand out over IPv6, as the last `up` or `check` heard it."""
+    if not found:
+        return "not listened for yet: run netsetup check"
+    age = time.time() - float(found.get("at", 0))
+    return f"{found.get('summary')} ({age:.0f} s ago, on {found.get('interface')})"
 
 
 def host_service_rows(host_service: dict[str, Any]) -> list[tuple[str, str]]:
@@ -320,6 +329,7 @@ def check_cmd(
         raise NetsetupError(f"project {project} is not deployed: run netsetup up first")
     settings = saved.to_settings()
     lan_hint = saved.lan_cidr if saved.lan_cidr else None
+    survey = ra.Background(saved.lan_interface)  # heard while the queries run
     results = [
         check_mod.query(probe, name, qtype, qclass, timeout, lan_hint)
         for probe in check_mod.probes(
@@ -343,6 +353,11 @@ def check_cmd(
                 "; ".join(r.answers) or "-",
             )
         console.print(table)
+    heard = survey.result()
+    line = f"IPv6 DNS: {ra.summary(heard, host.appliance_ipv6(settings))}"
+    # --json keeps stdout the list of results it always was
+    print(line, file=sys.stderr if as_json else sys.stdout)
+    host.record_ipv6_dns(project, heard)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
 
@@ -389,6 +404,11 @@ def routes_cmd(
     if lan_mode:
         # lan mode needs no route: what to set comes first, the routed alternatives after
         sections = routes.lan_sections(lan_ip or str(settings.lan_ip), cidr) + sections
+    own6 = sorted(host.appliance_ipv6(settings))
+    survey = ra.Survey.from_dict(state.load_ipv6_dns(project))
+    seen = ra.warnings(survey, frozenset(own6)) if survey else []
+    ipv4_dns = (lan_ip or str(settings.lan_ip)) if lan_mode else (ip or settings.ip)
+    sections += routes.ipv6_dns_sections(own6[0] if own6 else None, ipv4_dns, seen)
     print(routes.render_text(sections), end="")
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netsetup import deploy, detect, home, hostnet, service, state, sysctl
+from netsetup import deploy, detect, home, hostnet, ra, service, state, sysctl
 from netsetup import metrics as appliance_metrics
-from netsetup.errors import BadInput, VerifyFailed
+from netsetup.errors import BadInput, NetsetupError, VerifyFailed
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, rule_lines
 from netsetup.firewall.iptables_legacy import XTABLES_LOCK
@@ -152,6 +152,8 @@ def up(settings: Settings, options: Options) -> str:
         return (describe(found.plan, found.backend)
                 + f"# forwarder serves: loopback, private ranges{served}\n"
                 + home_names_line(found))  # fmt: skip
+    # Who else hands out DNS over IPv6, heard while compose and the waits run.
+    survey = ra.Background(found.facts.lan_interface)
     undo = UndoStack()
     try:
         deployment, deployed_at = deploy_services(found, options, undo)
@@ -159,7 +161,31 @@ def up(settings: Settings, options: Options) -> str:
     except BaseException:
         undo.unwind()
         raise
+    warn_ipv6_dns(settings, survey.result())
     return describe(found.plan, found.backend)
+
+
+def appliance_ipv6(settings: Settings) -> frozenset[str]:
+    """The appliance's own IPv6 addresses: a router may hand these out. None yet (the
+    appliance answers on IPv4 only); LAN_IP6 belongs here once it exists."""
+    return frozenset()
+
+
+def warn_ipv6_dns(settings: Settings, survey: ra.Survey) -> None:
+    """Warn of every DNS server the LAN's routers hand out over IPv6 besides the appliance
+    (never a failure: the deployment works, the LAN leaks around it), and keep what was heard
+    for `status` and `routes`."""
+    for line in ra.warnings(survey, appliance_ipv6(settings)):
+        print(f"netsetup: warning: {line}", file=sys.stderr)
+    record_ipv6_dns(settings.project, survey)
+
+
+def record_ipv6_dns(project: str, survey: ra.Survey) -> None:
+    """Keep a survey for `status` and `routes`; one that cannot be kept costs a warning only."""
+    try:
+        state.save_ipv6_dns(project, survey.as_dict())
+    except NetsetupError as exc:
+        print(f"netsetup: warning: {exc}", file=sys.stderr)
 
 
 def preflight(settings: Settings, options: Options) -> Preflight:
@@ -465,6 +491,24 @@ def status(project: str, options: Options) -> dict:
         if plan.neighbours or plan.routes:
             out["lan_address"] = hostnet.state(plan.neighbours, plan.routes)
     out["sysctl"] = {"net.ipv4.ip_forward": sysctl.get("net.ipv4.ip_forward")}
+    out["ipv6_dns"] = ipv6_dns_status(project, settings)
     if deployed and deployed.ip:
         out["counts"] = appliance_metrics.fetch(deployed.ip)
     return out
+
+
+def ipv6_dns_status(project: str, settings: Settings) -> dict[str, Any] | None:
+    """What the last `up` or `check` heard from the LAN's routers, as status shows it: read
+    from its record, not heard afresh, so that status stays quick and sends nothing onto the
+    LAN (`netsetup check` listens again)."""
+    survey = ra.Survey.from_dict(state.load_ipv6_dns(project))
+    if survey is None:
+        return None
+    own = appliance_ipv6(settings)
+    return {
+        "summary": ra.summary(survey, own),
+        "at": survey.at,
+        "interface": survey.interface,
+        "competing": [c.address for c in ra.competing(survey, own)],
+        "dhcpv6": [a.router for a in ra.dhcpv6_routers(survey)],
+    }

@@ -139,6 +139,78 @@ def lan_sections(lan_ip: str, lan_cidr: str) -> list[Section]:
     ]
 
 
+def ipv6_dns_sections(
+    lan_ip6: str | None, ipv4_dns: str, seen: list[str] | None = None
+) -> list[Section]:
+    """How to keep the LAN's routers from handing out an IPv6 DNS server of their own (RDNSS in
+    their advertisements, or DHCPv6), which dual-stack clients ask beside the appliance: stop
+    it, or, once the appliance has an IPv6 address (`lan_ip6`), hand that out instead. `seen`
+    is what the last survey found (ra.warnings' words), shown first."""
+    found = [Section("IPv6 DNS: what the LAN's routers hand out",
+                     "seen by the last `netsetup up` or `netsetup check`",
+                     seen)] if seen else []  # fmt: skip
+    if lan_ip6:
+        generic = [f"IPv6 DNS server: {lan_ip6} only, in router advertisements (RDNSS) and "
+                   "DHCPv6 alike"]  # fmt: skip
+        openwrt = ["uci -q delete dhcp.lan.dns",
+                   f"uci add_list dhcp.lan.dns='{lan_ip6}'  # odhcpd: RA (RDNSS) and DHCPv6"]
+        routeros = [f"/ipv6 nd set [find interface=bridge] advertise-dns=yes dns={lan_ip6}"]
+        radvd = [f"RDNSS {lan_ip6} {{ }};  (the only RDNSS block of the LAN's interface)"]
+        linux = [f"nmcli connection modify CONN ipv6.ignore-auto-dns yes ipv6.dns {lan_ip6}",
+                 "nmcli connection up CONN"]
+        windows = [f'netsh interface ipv6 set dnsservers name="Ethernet" static {lan_ip6} '
+                   "primary"]  # fmt: skip
+        macos = [f'networksetup -setdnsservers "Wi-Fi" {ipv4_dns} {lan_ip6}',
+                 "(servers set by hand replace those the network hands out, IPv6 ones too)"]
+    else:
+        generic = ["the appliance has no IPv6 address: turn off the router's IPv6 DNS "
+                   "announcement (RDNSS in router advertisements, DNS in DHCPv6);",
+                   "clients then ask the IPv4 server DHCP hands out, the appliance"]
+        openwrt = ["uci set dhcp.lan.ra_dns='0'  # no RDNSS in router advertisements",
+                   "uci set dhcp.lan.dns_service='0'  # the router does not announce itself",
+                   "uci -q delete dhcp.lan.dns  # nor any other server (RA and DHCPv6)"]
+        routeros = ["/ipv6 nd set [find interface=bridge] advertise-dns=no"]
+        radvd = ["remove the RDNSS { ... }; block (and DNSSL) of the LAN's interface"]
+        linux = ["nmcli connection modify CONN ipv6.ignore-auto-dns yes",
+                 "nmcli connection up CONN"]
+        windows = ["a static IPv4 DNS server is not enough: Windows still asks the IPv6 one "
+                   "the router hands out; change the router"]
+        macos = [f'networksetup -setdnsservers "Wi-Fi" {ipv4_dns}',
+                 "(servers set by hand replace those the network hands out, IPv6 ones too)"]
+    return [
+        *found,
+        Section("IPv6 DNS: any router", "its IPv6 / LAN settings (\"IPv6 DNS server\", "
+                "\"RDNSS\", \"DNS from ISP\")", generic),  # fmt: skip
+        Section("IPv6 DNS: OpenWrt (odhcpd, uci)", "ssh to the router", [
+            *openwrt,
+            "uci commit dhcp && /etc/init.d/odhcpd restart",
+        ]),
+        Section("IPv6 DNS: MikroTik RouterOS v7",
+                "RouterOS terminal (bridge: the LAN's interface there, as in the default "
+                "configuration)", [
+                    *routeros,
+                    "/ipv6 nd set [find interface=bridge] other-configuration=no  # unless a "
+                    "DHCPv6 server must serve the LAN: clients ask it for DNS servers too",
+                ]),  # fmt: skip
+        Section("IPv6 DNS: radvd", "/etc/radvd.conf on the router, then reload radvd", [
+            *radvd,
+            "AdvOtherConfigFlag off;  unless a DHCPv6 server must serve the LAN",
+        ]),
+        Section("IPv6 DNS: Linux client",
+                "NetworkManager (CONN as `nmcli connection show` names it); systemd-networkd "
+                "in the .network file", [
+                    *linux,
+                    "systemd-networkd: [IPv6AcceptRA] UseDNS=no and [DHCPv6] UseDNS=no",
+                ]),  # fmt: skip
+        Section("IPv6 DNS: Windows client", "elevated command prompt", windows),
+        Section("IPv6 DNS: macOS client",
+                "Terminal (the service's name as `networksetup -listallnetworkservices` "
+                "prints it)", macos),  # fmt: skip
+        Section("IPv6 DNS: phones, TVs", "Android, iOS and the like",
+                ["they take what the router hands out: change the router"]),
+    ]
+
+
 def render_text(sections: list[Section]) -> str:
     out: list[str] = []
     for section in sections:

@@ -121,7 +121,27 @@ def save(project: str, deployment: Deployment) -> None:
 
 
 def delete(project: str) -> None:
+    """The deployment record, and what was heard on its LAN with it."""
     path_for(project).unlink(missing_ok=True)
+    ipv6_dns_path_for(project).unlink(missing_ok=True)
+
+
+def ipv6_dns_path_for(project: str) -> Path:
+    """What the last `up` or `check` heard from the LAN's routers (ra.Survey): a moment's
+    view of the LAN, kept for `status` and `routes`, which do not listen themselves."""
+    return run_dir() / f"{project}.ipv6-dns.json"
+
+
+def load_ipv6_dns(project: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(ipv6_dns_path_for(project).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def save_ipv6_dns(project: str, survey: dict[str, Any]) -> None:
+    write_json(ipv6_dns_path_for(project), survey)
 
 
 def load_sync(project: str) -> dict[str, Any] | None:

@@ -12,8 +12,9 @@ file's names, and a public name; the internet resolver hears none of the home's 
 hosts file, saved as editors do (a new file renamed over the old), is read by `make reload`.
 A device already holding LAN_IP makes `up` refuse with one line and change nothing; a
 stranger on the WAN side that routes the LAN via the host gets no answer from LAN_IP; `make down`
-leaves firewall, proxy entries, routes and sysctls as they were. Run against this host's engine
-and a nested Docker 28 (dind.py), like test_netsetup_e2e.py.
+leaves firewall, proxy entries, routes and sysctls as they were. On this host's engine the
+router also advertises IPv6 with a DNS server of its own: `up` names it, with the router. Run
+against this host's engine and a nested Docker 28 (dind.py), like test_netsetup_e2e.py.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from topology import (
     PRINTER,
     PRINTER_NAME,
     ROUTER,
+    ROUTER_RDNSS,
     Topology,
 )
 
@@ -136,7 +138,10 @@ def check_home_names(engine: Engine, project: str, topo: Topology, hosts_file: P
 def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Path) -> None:
     """`shared`: a directory this process and the engine see at the same path (the hosts
     file's, which netsetup checks here and the engine mounts)."""
-    topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True)
+    # The router also advertises IPv6 (radvd) on this host's engine only: the survey is the
+    # host tool's, the same on every engine, and a nested run would only cost time.
+    topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True,
+                    ipv6_router=engine.pid is None)
     topo.create()
     hosts_file = shared / "home" / "hosts"
     hosts_file.parent.mkdir()
@@ -166,6 +171,10 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Pat
         proc = make(engine, "up", **variables)
         upped = True
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        if topo.ipv6_router:  # the router's own IPv6 DNS server is named, with the router
+            assert (f"your router {topo.router_address()} advertises {ROUTER_RDNSS} as IPv6 "
+                    "DNS server (RDNSS)") in proc.stderr, proc.stderr  # fmt: skip
+            assert "sets the O flag" in proc.stderr, proc.stderr
         for ns in (topo.lan_ns, topo.lan2_ns):  # the second knows no route but its subnet
             assert topo.dig(LAN_IP, f"udp-{ns}.example.test", ns=ns) == ANSWER
             assert topo.dig(LAN_IP, f"tcp-{ns}.example.test", tcp=True, ns=ns) == ANSWER

@@ -16,7 +16,9 @@ device already using it would. With `router` too, a fourth port is the LAN's rou
 appliance subnet unless `route_on_router` adds the one direct mode asks the user for. It
 answers what the "internet" resolver does, or with `router_zone` only the names under
 ROUTER_ZONE, with ROUTER_ANSWER, and REFUSED for the rest (fake_upstream.py); and, as a home
-router knows its DHCP clients, PRINTER_NAME (A PRINTER) and PRINTER's reverse name.
+router knows its DHCP clients, PRINTER_NAME (A PRINTER) and PRINTER's reverse name. With
+`ipv6_router` as well, the router also runs radvd (Debian's), advertising an IPv6 prefix, a DNS
+server of its own (RDNSS) and the O flag, as a dual-stack home router does.
 
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,7 @@ LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 LAN_CLIENT2 = "198.19.53.11"
 ROUTER = "198.19.53.254"  # the LAN's router, also a resolver (with `router`)
 ROUTER_ZONE, ROUTER_ANSWER = "home.example.test.", "198.51.100.254"  # with `router_zone`
+ROUTER_PREFIX, ROUTER_RDNSS = "fd53:19::/64", "fd53:19::1"  # with `ipv6_router`
 PRINTER_NAME, PRINTER = "printer.lan", "198.19.53.20"  # a device the router names (with `router`)
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
@@ -60,6 +64,9 @@ class Topology:
     switch: bool = False  # the LAN as a bridge with two clients (see above)
     router: bool = False  # and a router with a resolver on it (needs `switch`)
     router_zone: bool = False  # which serves ROUTER_ZONE only (see above)
+    ipv6_router: bool = False  # and advertises IPv6 with radvd (see above; needs `router`)
+    radvd: subprocess.Popen | None = None
+    radvd_dir: str = ""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     upstream_proc: subprocess.Popen | None = None
     upstream_log: str = ""
@@ -150,6 +157,37 @@ class Topology:
         self._switch_port(self.lan2_ns, "port2", LAN_CLIENT2)
         if self.router:
             self._switch_port(self.router_ns, "port3", ROUTER)
+            if self.ipv6_router:
+                self._ipv6_router()
+
+    def _ipv6_router(self) -> None:
+        """radvd on the router, advertising an IPv6 prefix, a DNS server of its own (RDNSS) and
+        the O flag, as a dual-stack home router does; the host's LAN interface hears it (the
+        survey's raw socket does) but configures nothing from it (accept_ra 0), so the host's
+        routes stay as they were."""
+        for key in ("accept_ra", "autoconf"):
+            self.engine_sh("sysctl", "-qw", f"net.ipv6.conf.{self.lan_if}.{key}=0")
+        ns = self.router_ns
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        self.radvd_dir = tempfile.mkdtemp(prefix="netsetup-radvd-")
+        conf = Path(self.radvd_dir) / "radvd.conf"
+        conf.write_text(
+            "interface eth0 {\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n"
+            "  MaxRtrAdvInterval 4;\n  AdvOtherConfigFlag on;\n"
+            f"  prefix {ROUTER_PREFIX} {{ }};\n  RDNSS {ROUTER_RDNSS} {{ }};\n}};\n"
+        )
+        self.radvd = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "radvd", "-n", "-C", str(conf),
+             "-p", str(Path(self.radvd_dir) / "radvd.pid"), "-m", "stderr"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def router_address(self) -> str:
+        """The router's IPv6 link-local address, the source of its advertisements."""
+        out = sh("ip", "-n", self.router_ns, "-6", "-o", "addr", "show", "dev", "eth0",
+                 "scope", "link").stdout  # fmt: skip
+        return out.split()[3].split("/")[0]
 
     def route_on_router(self, present: bool = True) -> None:
         """The route direct mode asks the user to add on the LAN's router: SUBNET via the host
@@ -186,6 +224,13 @@ class Topology:
                                                          hosts={PRINTER_NAME: PRINTER})
 
     def destroy(self) -> None:
+        if self.radvd is not None:
+            self.radvd.terminate()
+            try:
+                self.radvd.wait(5)
+            except subprocess.TimeoutExpired:
+                self.radvd.kill()
+            shutil.rmtree(self.radvd_dir, ignore_errors=True)
         for proc in (self.upstream_proc, self.router_proc):
             if proc is None:
                 continue
