@@ -723,9 +723,16 @@ def test_up_names_the_gateway_as_the_likely_local_dns(netns: str, tmp_path) -> N
     assert "# forwarder home names: LOCAL_REVERSE 192.168.77.0/24\n" in proc.stdout
 
     proc = dry_run("--local-dns", "192.168.77.1", "--hosts-file", str(hosts))
-    assert proc.stderr == ""
+    # The default modes include direct, which leaves the LAN out of the masquerade: the router
+    # must route the subnet, and `up` says so.
+    assert proc.stderr.splitlines() == [
+        "netsetup: warning: 192.168.77.1 on the LAN: in direct mode the appliance asks it from "
+        "its own address, so it must route 172.31.254.0/24 via this host (`netsetup routes`); "
+        "without that route use MODE=port or lan"], proc.stderr
     assert ("# forwarder home names: LOCAL_DNS 192.168.77.1; LOCAL_REVERSE 192.168.77.0/24; "
             "HOSTS /etc/dnsproxy/hosts.d/hosts\n") in proc.stdout, proc.stdout
+    proc = dry_run("--local-dns", "192.168.77.1", "--mode", "port")
+    assert proc.stderr == ""
 
 
 def test_home_notes_heed_the_config_file(tmp_path) -> None:
