@@ -109,6 +109,14 @@ class NameTable:
         name = key[:wire.skip_name(key, 0)]
         return self.match(name, int.from_bytes(key[len(name):len(name) + 2], "big")) is not None
 
+    def routes_key(self, key: bytes) -> bool:
+        """Whether the table sends a question (a key, as for `claims`) to a group: what a
+        change of routing may have cached from elsewhere. Names it answers itself need no
+        forgetting: that answer comes before the cache's."""
+        name = key[:wire.skip_name(key, 0)]
+        hit = self.match(name, int.from_bytes(key[len(name):len(name) + 2], "big"))
+        return hit is not None and hit[0].action == ROUTE
+
     def routes(self) -> bool:
         """Whether any name is sent to a group (else the zone router has nothing to do)."""
         return (any(rule.action == ROUTE for rule in self.rules.values())
