@@ -193,7 +193,7 @@ class Cache(PassThrough):
         """Drop every entry whose key `claimed` says is no longer the upstreams' to answer
         (names a new configuration sends elsewhere); counted by `why`, the number dropped. A
         scan of the whole cache at once: at start-up, before the loop serves."""
-        return self._finish(Scan(why, lambda key, entry: claimed(key), keys=list(self.entries)),
+        return self._finish(Scan(why, lambda key, entry: claimed(key), keys=list(dict.keys(self.entries))),
                             all_at_once=True)
 
     def forget_soon(self, claimed: Callable[[bytes], bool], why: str, guard: float,
@@ -214,7 +214,7 @@ class Cache(PassThrough):
             return 0
         if guard:
             self._bar(addresses)
-        scan = Scan(why, None, addresses=set(addresses), keys=list(self.entries))
+        scan = Scan(why, None, addresses=set(addresses), keys=list(dict.keys(self.entries)))
         return self._finish(scan, all_at_once=True)
 
     def purge_soon(self, addresses: set[bytes], why: str,
@@ -248,7 +248,9 @@ class Cache(PassThrough):
         """The first waiting scan starts: its keys are those cached now (anything stored later
         was refused if it should have gone), its first slice at once."""
         scan = self.scans[0]
-        scan.keys = list(self.entries)
+        # dict's own view: the OrderedDict's walks its links and looks each key up (7 ms
+        # at 100k entries, against 1 ms).
+        scan.keys = list(dict.keys(self.entries))
         self._slice()
 
     def _slice(self) -> None:
