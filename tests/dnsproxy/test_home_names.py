@@ -9,6 +9,7 @@ what it received must stay empty for every home name, over UDP and TCP alike.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import time
@@ -423,6 +424,91 @@ def test_sighup_rereads_the_hosts_file_and_keeps_it_on_a_bad_line(upstream, host
     assert upstream.seen == []
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {line["why"] for line in lines if "why" in line} == {"hosts"}
+
+
+def zone_config(path, upstream, office, zoned: bool) -> None:
+    zones = f'zones = ["corp.example={office.address}"]\n' if zoned else ""
+    path.write_text(f'upstreams = ["{upstream.address}"]\n{zones}')
+
+
+def test_a_reload_removing_a_zone_forgets_its_cached_answers(upstream, office, tmp_path):
+    """The zone's resolver answered wiki.corp.example and it was cached; the zone is removed
+    from the configuration (SIGHUP): the next query goes to the public upstream."""
+    config = tmp_path / "dnsproxy.toml"
+    zone_config(config, upstream, office, zoned=True)
+    port = free_port()
+    proc = DnsproxyProcess("--listen", f"127.0.0.1:{port}", "--config", str(config), port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [OFFICE_ADDRESS]
+        assert addresses(ask(port, "wiki.corp.example")) == [OFFICE_ADDRESS]  # cached
+        assert addresses(ask(port, "www.example")) == [GENUINE]
+        zone_config(config, upstream, office, zoned=False)
+        proc.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)  # the reload reads the file in a thread, then swaps
+        assert addresses(ask(port, "wiki.corp.example")) == [GENUINE]
+        assert addresses(ask(port, "www.example")) == [GENUINE]  # not routed: kept
+    finally:
+        assert proc.terminate()[0] == 0
+    assert office.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("www.example", "udp") == 1
+    assert "cache: 1 entry for names now routed elsewhere dropped" in proc.stderr
+
+
+def test_an_answer_of_a_removed_zone_in_flight_across_the_reload_is_not_cached(
+        upstream, office, tmp_path):
+    """The zone's resolver is slow; while it is asked, a reload removes the zone. Its answer,
+    coming after the swap, still reaches the client that asked, but is not cached."""
+    config = tmp_path / "dnsproxy.toml"
+    zone_config(config, upstream, office, zoned=True)
+    office.rule("slow.corp.example", answers=[OFFICE_ADDRESS], delay=1.2)
+    port = free_port()
+    proc = DnsproxyProcess("--listen", f"127.0.0.1:{port}", "--config", str(config), port=port)
+    try:
+        asked = concurrent.futures.ThreadPoolExecutor(1).submit(ask, port, "slow.corp.example")
+        time.sleep(0.1)
+        zone_config(config, upstream, office, zoned=False)
+        proc.proc.send_signal(signal.SIGHUP)
+        assert addresses(asked.result(5)) == [OFFICE_ADDRESS]
+        assert addresses(ask(port, "slow.corp.example")) == [GENUINE]
+    finally:
+        assert proc.terminate()[0] == 0
+    assert "configuration reloaded" in proc.stderr
+    assert office.count("slow.corp.example", "udp") == 1
+    assert upstream.count("slow.corp.example", "udp") == 1
+
+
+def test_a_restart_with_a_zone_removed_forgets_its_cached_answers(upstream, office, tmp_path):
+    """The cache file holds the zone's resolver's answer; the next start has no such zone:
+    the routing saved beside the cache file tells, and the public upstream is asked."""
+    state = tmp_path / "state"
+    port = free_port()
+    common = ("--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
+              "--state-dir", str(state))
+    first = DnsproxyProcess(*common, "--zone", f"corp.example={office.address}", port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [OFFICE_ADDRESS]
+        assert addresses(ask(port, "www.example")) == [GENUINE]
+    finally:
+        assert first.terminate()[0] == 0
+    second = DnsproxyProcess(*common, port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [GENUINE]
+        assert addresses(ask(port, "www.example")) == [GENUINE]
+    finally:
+        assert second.terminate()[0] == 0
+    assert office.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("www.example", "udp") == 1  # from the cache file: not routed
+    assert "cache: 1 entry for names now routed elsewhere dropped" in second.stderr
+    # The same routing again: nothing more is forgotten.
+    third = DnsproxyProcess(*common, port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [GENUINE]
+    finally:
+        assert third.terminate()[0] == 0
+    assert upstream.count("wiki.corp.example", "udp") == 1
+    assert "now routed elsewhere" not in third.stderr
 
 
 # --- the pure parts ---
