@@ -12,6 +12,7 @@ from dnslib import AAAA, CNAME, NS, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from dnsproxy import wire
 from dnsproxy.metrics import Metrics
+from dnsproxy.pipeline import Request
 from dnsproxy.stages import cache as cache_stage
 from dnsproxy.stages.cache import Cache
 
@@ -377,11 +378,19 @@ def test_addresses_learned_while_a_purge_runs_are_all_purged(monkeypatch):
     packed = {address: ipaddress.ip_address(address).packed for address in carriers}
     told: list[tuple[str, int]] = []
     refused: list[bool] = []
+    served: list[bool] = []
+
+    def ask(name: str) -> None:  # the pipeline's question to the cache, as a query would
+        query = wire.parse_query(DNSRecord.question(name, "A").pack())
+        served.append(cache.answer(Request(query, ("127.0.0.1", 53), "udp", 0.0)) is not None)
 
     async def learn_three() -> None:
         loop = asyncio.get_running_loop()
         cache.purge_soon({packed[first]}, "learned", lambda n: told.append((first, n)))
         assert cache.scans, "a cache of 60 entries takes more than one slice of 4"
+        # A hit the pass has not reached yet is not served: n55 carries the first address.
+        ask("n55.example")
+        ask("n58.example")  # GENUINE: served
         # Between the first pass's slices: two more learns, and a reply carrying one of them.
         loop.call_soon(cache.purge_soon, {packed[second]}, "learned",
                        lambda n: told.append((second, n)))
@@ -394,8 +403,10 @@ def test_addresses_learned_while_a_purge_runs_are_all_purged(monkeypatch):
 
     asyncio.run(learn_three())
     assert refused == [True]
+    assert served == [False, True]
     assert not any(key in cache.entries for keys in carriers.values() for key in keys)
     assert len(cache.entries) == 24  # the GENUINE ones
     # The first pass took the first address; the next took both that came during it.
     assert told == [(first, 12), (second, 24), (third, 24)]
     assert cache.metrics.get("dnsproxy_cache_purged_total", why="learned") == 36
+    assert cache.metrics.get("dnsproxy_cache_misses_total") == 1
