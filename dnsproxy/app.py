@@ -373,8 +373,10 @@ class Service:
             self._log_rerouted(dropped)
             self.cache_routing = routing
 
-        claimed = rerouted_by(old, self.forwarding.home)
-        self.cache.forget_soon(claimed, "rerouted", guard, done)
+        if not any(table is not None and table.routes() for table in (old, self.forwarding.home)):
+            self.cache_routing = routing  # nothing was or is routed: nothing to scan for
+            return
+        self.cache.forget_soon(rerouted_by(old, self.forwarding.home), "rerouted", guard, done)
 
     @staticmethod
     def _log_rerouted(dropped: int) -> None:

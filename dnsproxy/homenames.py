@@ -103,16 +103,11 @@ class NameTable:
             return self.single_label, len(name) - 1  # the zone is the root
         return None
 
-    def claims(self, key: bytes) -> bool:
-        """Whether the table decides a question (a question key, as caches hold it, with any
-        bytes after type and class): for forgetting cached answers a new table overrides."""
-        name = key[:wire.skip_name(key, 0)]
-        return self.match(name, int.from_bytes(key[len(name):len(name) + 2], "big")) is not None
-
     def routes_key(self, key: bytes) -> bool:
-        """Whether the table sends a question (a key, as for `claims`) to a group: what a
-        change of routing may have cached from elsewhere. Names it answers itself need no
-        forgetting: that answer comes before the cache's."""
+        """Whether the table sends a question (a question key, as caches hold it, with any
+        bytes after type and class) to a group: what a change of routing may have cached from
+        elsewhere. Names it answers itself need no forgetting: the special-names stage answers
+        them before the cache is asked, so a cached answer for them is never served."""
         name = key[:wire.skip_name(key, 0)]
         hit = self.match(name, int.from_bytes(key[len(name):len(name) + 2], "big"))
         return hit is not None and hit[0].action == ROUTE

@@ -586,16 +586,22 @@ def test_a_bad_hosts_line_says_file_line_and_why(tmp_path, line, why):
     assert str(caught.value) == f"{path}:2: {why}"
 
 
-def test_the_table_claims_the_cached_questions_it_decides():
-    """What a cache purge needs: whether a cache key (question key, then a DO/CD byte) is one
-    the table answers or routes, so an answer cached before is not served over it."""
-    s = build_settings(cli("--upstream", "127.0.0.2", "--local-dns", "127.0.0.4"), {})
-    table = homenames.build_table(s)
+def test_the_table_says_which_cached_questions_it_routes():
+    """What forgetting after a change of routing needs: whether a cache key (question key, then
+    a DO/CD byte) is one the table sends to a group. Those it answers itself are not: their
+    answer comes before the cache's."""
     def key(name: str, qtype: int = 1) -> bytes:
         return to_wire(name) + qtype.to_bytes(2, "big") + b"\x00\x01" + b"\x00"
-    assert table.claims(key("printer.lan")) and table.claims(key("nas"))
-    assert table.claims(key("x.invalid")) and table.claims(key("localhost", 28))
-    assert not table.claims(key("example.org")) and not table.claims(key("com", 43))
+
+    s = build_settings(cli("--upstream", "127.0.0.2", "--local-dns", "127.0.0.4",
+                           "--zone", "corp.example=127.0.0.5"), {})
+    table = homenames.build_table(s)
+    assert table.routes_key(key("printer.lan")) and table.routes_key(key("nas"))
+    assert table.routes_key(key("wiki.corp.example", 28))
+    assert not table.routes_key(key("x.invalid")) and not table.routes_key(key("localhost", 28))
+    assert not table.routes_key(key("example.org")) and not table.routes_key(key("com", 43))
+    alone = homenames.build_table(build_settings(cli("--upstream", "127.0.0.2"), {}))
+    assert not alone.routes_key(key("printer.lan"))  # NXDOMAIN here: nothing to forget
 
 
 def test_answers_cached_before_a_name_was_routed_home_are_forgotten(upstream, office, tmp_path):
