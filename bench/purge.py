@@ -7,7 +7,8 @@ carrying any of them, in one pass over the whole cache, a slice of entries per l
 the whole pass from the purge to its end, for 1 and for 40 addresses, on the loops the forwarder
 runs on (asyncio, and uvloop when installed). The cache holds `--entries` A answers (one or two
 addresses each, as the forwarder stores them); one in a thousand carries a forged address.
-Nothing is sent anywhere.
+Also a reload's forget after a change of routing: every key tested against the old and the new
+table of names at home (a household's: the LAN's resolver, one zone). Nothing is sent anywhere.
 
 Usage: python bench/purge.py [--entries N] [--rounds N]
 """
@@ -25,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dnsproxy import wire  # noqa: E402
+from dnsproxy import homenames, wire  # noqa: E402
+from dnsproxy.app import rerouted_by  # noqa: E402
+from dnsproxy.config import build_settings  # noqa: E402
 from dnsproxy.metrics import Metrics  # noqa: E402
 from dnsproxy.stages import cache as cache_stage  # noqa: E402
 from dnsproxy.stages.cache import Cache  # noqa: E402
@@ -59,7 +62,7 @@ def fill(count: int, forgeries: int) -> Cache:
     return cache
 
 
-async def one_pass(cache: Cache, addresses: set[bytes]) -> tuple[float, float, int]:
+async def one_pass(cache: Cache, addresses: set[bytes] | None) -> tuple[float, float, int]:
     """The longest step (the first: the keys taken and a slice, within `purge_soon`; or a
     later slice) and the whole pass (seconds), and the entries dropped."""
     slices: list[float] = []
@@ -72,8 +75,15 @@ async def one_pass(cache: Cache, addresses: set[bytes]) -> tuple[float, float, i
 
     cache._slice = timed
     finished = asyncio.get_running_loop().create_future()
+    table = homenames.build_table(build_settings(
+        {"upstreams": ["127.0.0.2"], "local_dns": ["127.0.0.4"],
+         "zones": ["corp.example=127.0.0.5"]}, {}))
+    claimed = rerouted_by(table, table)  # the old table and the new
     started = time.perf_counter()
-    cache.purge_soon(addresses, "learned", finished.set_result)
+    if addresses is None:
+        cache.forget_soon(claimed, "rerouted", 3.0, finished.set_result)
+    else:
+        cache.purge_soon(addresses, "learned", finished.set_result)
     first = time.perf_counter() - started
     dropped = await finished
     whole = time.perf_counter() - started
@@ -82,21 +92,22 @@ async def one_pass(cache: Cache, addresses: set[bytes]) -> tuple[float, float, i
 
 
 def run(loop_name: str, new_loop, entries: int, rounds: int) -> None:
-    for count in (1, 40):
+    for count in (1, 40, 0):
         longest, total, dropped_counts = [], [], []
         for _ in range(rounds):
-            cache = fill(entries, count)
+            cache = fill(entries, max(count, 1))
             gc.collect()  # not in the middle of a pass: the forwarder freezes what it starts with
             loop = new_loop()
             try:
                 worst, whole, dropped = loop.run_until_complete(
-                    one_pass(cache, {forged(i) for i in range(count)}))
+                    one_pass(cache, {forged(i) for i in range(count)} if count else None))
             finally:
                 loop.close()
             longest.append(worst)
             total.append(whole)
             dropped_counts.append(dropped)
-        print(f"{loop_name:8} {entries} entries, {count:2} addresses: longest step "
+        what = f"{count:2} addresses" if count else "forget (2 tables)"
+        print(f"{loop_name:8} {entries} entries, {what}: longest step "
               f"{statistics.median(longest) * 1000:.2f} ms (max {max(longest) * 1000:.2f}), "
               f"whole pass {statistics.median(total) * 1000:.0f} ms, "
               f"{dropped_counts[0]} dropped, slice {cache_stage.SCAN_SLICE} entries")

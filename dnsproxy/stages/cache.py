@@ -62,9 +62,9 @@ PURGE_GUARD = 60.0
 # Above this many barred addresses, a store parses the reply rather than search it for each.
 PURGE_SEARCH_MAX = 8
 # Entries a scan (purge, forget) looks at per event-loop step once the loop serves. At 100k
-# entries (bench/purge.py): a slice about 0.6 ms, the first step (the keys taken too) about 2 ms,
-# the whole pass 35 ms, for 1 address as for 40.
-SCAN_SLICE = 2000
+# entries (bench/purge.py, a busy 2-core machine): a purge's slice about 0.6 ms, a forget's 1.2,
+# the first step (the keys taken too) under 3.5; the whole pass 35-70 ms, for 1 address as for 40.
+SCAN_SLICE = 1000
 
 Refresher = Callable[[wire.Query], Awaitable["wire.CachedReply | None"]]
 
@@ -196,7 +196,7 @@ class Cache(PassThrough):
         """Drop every entry whose key `claimed` says is no longer the upstreams' to answer
         (names a new configuration sends elsewhere); counted by `why`, the number dropped. A
         scan of the whole cache at once: at start-up, before the loop serves."""
-        scan = Scan(why, lambda key, entry: claimed(key), keys=list(dict.keys(self.entries)))
+        scan = Scan(why, None, claimed=claimed, keys=list(dict.keys(self.entries)))
         return self._finish(scan, all_at_once=True)
 
     def forget_soon(self, claimed: Callable[[bytes], bool], why: str, guard: float,
@@ -205,8 +205,7 @@ class Cache(PassThrough):
         stored for `guard` seconds (and not before the scan ends), so an old upstream's answer
         in flight does not come back. `done` is told the number dropped."""
         self.rerouting.append((claimed, self.clock() + guard))
-        self._queue(Scan(why, lambda key, entry: claimed(key), claimed=claimed,
-                         done=[done] if done else []))
+        self._queue(Scan(why, None, claimed=claimed, done=[done] if done else []))
 
     def purge(self, addresses: set[bytes], why: str, guard: bool = True) -> int:
         """Drop every entry carrying one of `addresses` (packed A/AAAA data) in any section,
@@ -335,13 +334,13 @@ def _carries(entry: bytes, addresses: Collection[bytes], search: bool = True) ->
 
 @dataclass(eq=False)
 class Scan:
-    """One pass over the keys cached when it began, dropping the entries `doomed` names (or,
-    for `addresses`, the entries carrying one of them); resumed slice by slice."""
+    """One pass over the keys cached when it began, dropping the entries whose key `claimed`
+    names (a forget) or that carry one of `addresses` (a purge); resumed slice by slice."""
 
     why: str  # the label of dnsproxy_cache_purged_total
-    doomed: Callable[[bytes, bytes], bool] | None  # (key, stamped entry); None: by addresses
+    doomed: Callable[[bytes, bytes], bool] | None  # (key, stamped entry): a purge's, once begun
     addresses: set[bytes] | None = None  # packed A/AAAA data; grows until the pass begins
-    claimed: Callable[[bytes], bool] | None = None  # a forget's: whose guard ends after it
+    claimed: Callable[[bytes], bool] | None = None  # a forget's test of a key
     done: list[Callable[[int], None]] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     at: int = 0  # keys[:at] looked at
@@ -349,14 +348,20 @@ class Scan:
 
     def step(self, cache: Cache, count: int) -> bool:
         """Look at the next `count` keys; whether any are left."""
-        if self.doomed is None:
-            self.doomed = _carrying(self.addresses)
-        doomed, entries, end = self.doomed, cache.entries, min(self.at + count, len(self.keys))
-        for key in self.keys[self.at:end]:
-            entry = entries.get(key)
-            if entry is not None and doomed(key, entry):
-                cache._drop(key)
-                self.dropped += 1
+        entries, end = cache.entries, min(self.at + count, len(self.keys))
+        keys = self.keys[self.at:end]
+        if self.claimed is not None:  # by key alone: the entry need not be read
+            claimed = self.claimed
+            doomed = [key for key in keys if claimed(key) and key in entries]
+        else:
+            if self.doomed is None:
+                self.doomed = _carrying(self.addresses)
+            test = self.doomed
+            doomed = [key for key in keys
+                      if (entry := entries.get(key)) is not None and test(key, entry)]
+        for key in doomed:
+            cache._drop(key)
+        self.dropped += len(doomed)
         self.at = end
         if end < len(self.keys):
             return True
