@@ -17,7 +17,7 @@ import time
 import pytest
 from dnslib import EDNS0, PTR, QTYPE, RCODE, RR, DNSRecord
 
-from dnsproxy import homenames, hosts
+from dnsproxy import homenames, hosts, routingfile
 from dnsproxy.config import ConfigError, build_settings
 from dnsproxy.domainlists import to_wire
 
@@ -604,9 +604,13 @@ def test_the_table_says_which_cached_questions_it_routes():
     assert not alone.routes_key(key("printer.lan"))  # NXDOMAIN here: nothing to forget
 
 
-def test_answers_cached_before_a_name_was_routed_home_are_forgotten(upstream, office, tmp_path):
+@pytest.mark.parametrize("saved", [pytest.param(True, id="routing-saved"),
+                                   pytest.param(False, id="no-routing-file")])
+def test_answers_cached_before_a_name_was_routed_home_are_forgotten(upstream, office, tmp_path,
+                                                                    saved):
     """A cache file from before a --zone was set holds the public upstream's answer for a name
-    under it: at the next start that entry goes, and the zone's resolver answers."""
+    under it: at the next start that entry goes, and the zone's resolver answers. Also when
+    the cache file has no routing beside it (an older version's): what is routed now goes."""
     state = tmp_path / "state"
     port = free_port()
     common = ("--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
@@ -616,6 +620,8 @@ def test_answers_cached_before_a_name_was_routed_home_are_forgotten(upstream, of
         assert addresses(ask(port, "intranet.corp.example")) == [GENUINE]
     finally:
         assert first.terminate()[0] == 0
+    if not saved:
+        (state / routingfile.FILE_NAME).unlink()
     second = DnsproxyProcess(*common, "--zone", f"corp.example={office.address}", port=port)
     try:
         assert addresses(ask(port, "intranet.corp.example")) == [OFFICE_ADDRESS]
