@@ -15,9 +15,10 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import cachefile, domainlists, homenames, hosts
+from . import cachefile, domainlists, homenames, hosts, routingfile
 from .config import ConfigError, Settings, build_settings, parse_listen
 from .forgery import (
     LEARNED_FILE,
@@ -264,12 +265,6 @@ def build_forwarding(prepared: Prepared, metrics: Metrics, querylog: QueryLog,
     return Forwarding(Pipeline(stages, resolver), forwarder, access, resolver, forged, home)
 
 
-def routing_of(settings: Settings) -> tuple:
-    """The settings that decide which names go to which group of upstreams (see homenames.py):
-    when a reload changes them, cached answers of the old routing may be wrong."""
-    return (settings.local_dns, settings.local_domains, settings.local_reverse, settings.zones)
-
-
 @dataclass
 class StateSnapshot:
     """What a save writes, taken on the event loop in a few milliseconds (references to the
@@ -278,6 +273,7 @@ class StateSnapshot:
 
     cache: cachefile.Snapshot
     learned: tuple[list[bytes], list[bytes]] | None  # learned and genuine, when kept
+    routing: routingfile.Routing  # what the cache's answers were asked under
 
 
 class Service:
@@ -314,9 +310,13 @@ class Service:
             if count:
                 log.info("forged addresses: %d learned ones read from %s", count,
                          self.learned_file)
+        # The routing the cache's answers were asked under: the current one, once what the
+        # last change of routing made wrong is forgotten (saved beside the cache file).
+        self.cache_routing = routingfile.routing_of(settings)
+        self.routing_file = routingfile.path_in(settings.state_dir) if settings.state_dir else None
         if self.cache_file:
             self._purge({*self.forwarding.forged, *self.learned.forged.addresses}, "loaded")
-            self._forget_rerouted()
+            self._forget_loaded_routing()
         self.saver: asyncio.Task | None = None
         # One thread writes every save, in the order they were taken: two saves never run at
         # once, and a later one (the last, at stop) is written after an earlier one in flight.
@@ -334,36 +334,72 @@ class Service:
         self.closing: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
 
-    def _learned_forged(self, address: bytes) -> None:
-        self.metrics.inc("dnsproxy_forged_learned_total")
-        dropped = self.cache.purge({address}, "learned")
-        log.info("forged address learned: %s (%d cached %s carrying it dropped)",
-                 ipaddress.ip_address(address), dropped, "entry" if dropped == 1 else "entries")
+    def _learned_forged(self, addresses: list[bytes]) -> None:
+        """A race's new learned addresses: each counted and logged, the cache purged of them
+        in one pass (in slices: one forgery may carry dozens)."""
+        self.metrics.inc("dnsproxy_forged_learned_total", len(addresses))
+        for address in addresses:
+            log.info("forged address learned: %s", ipaddress.ip_address(address))
+        self.cache.purge_soon(set(addresses), "learned", self._purged("learned"))
 
     def _unlearned_forged(self, address: bytes) -> None:
         self.metrics.inc("dnsproxy_forged_unlearned_total")
         log.warning("learned forged address %s unlearned: an encrypted upstream answered with it",
                     ipaddress.ip_address(address))
 
-    def _forget_rerouted(self) -> None:
-        """Cached answers for names the home table now routes (to the LAN's resolver, a zone's)
-        came from elsewhere (a public upstream's NXDOMAIN for printer.lan, say): they go."""
-        table = self.forwarding.home
-        if table is None or not table.routes():
+    def _forget_loaded_routing(self) -> None:
+        """At start-up, before serving: the cache file's answers were asked under the routing
+        saved beside it. If that differs from the current one, what either table routes goes
+        (a zone removed: its resolver's answers; a zone added: the public upstreams'). With
+        no routing saved, what the current table routes goes."""
+        saved = routingfile.load(self.routing_file) if self.routing_file else None
+        if saved == self.cache_routing:
             return
-        dropped = self.cache.forget(table.claims, "rerouted")
+        old = routingfile.table_of(saved) if saved is not None else None
+        new = self.forwarding.home
+        if old is None and (new is None or not new.routes()):
+            return
+        self._log_rerouted(self.cache.forget(rerouted_by(old, new), "rerouted"))
+
+    def _forget_rerouted(self, old: homenames.NameTable | None, routing: routingfile.Routing,
+                         guard: float) -> None:
+        """A reload changed the routing: cached answers for names the old table or the new one
+        routes (to the LAN's resolver, a zone's) came from the wrong place (a public upstream's
+        NXDOMAIN for printer.lan, or a removed zone's answer for wiki.corp.example): they go,
+        in slices. Answers for them are not stored for `guard` seconds: the old resolvers'
+        queries in flight (their deadline is the timeout) would bring them back."""
+
+        def done(dropped: int) -> None:
+            self._log_rerouted(dropped)
+            self.cache_routing = routing
+
+        if not any(table is not None and table.routes() for table in (old, self.forwarding.home)):
+            self.cache_routing = routing  # nothing was or is routed: nothing to scan for
+            return
+        self.cache.forget_soon(rerouted_by(old, self.forwarding.home), "rerouted", guard, done)
+
+    @staticmethod
+    def _log_rerouted(dropped: int) -> None:
         if dropped:
             log.info("cache: %d %s for names now routed elsewhere dropped", dropped,
                      "entry" if dropped == 1 else "entries")
 
     def _purge(self, addresses: set[bytes], why: str) -> None:
         """Cached replies carrying addresses now known as forged go (see stages/cache.py):
-        those the operator listed by a reload ("listed"), or, at start-up, those on the
-        lists that a cache file brought back ("loaded")."""
-        dropped = self.cache.purge(addresses, why, guard=why != "loaded")
-        if dropped:
-            log.warning("cache: %d %s carrying forged addresses dropped (%s)", dropped,
-                        "entry" if dropped == 1 else "entries", why)
+        those the operator listed by a reload ("listed", in slices), or, at start-up, those on
+        the lists that a cache file brought back ("loaded", at once: nothing is served yet)."""
+        if why == "loaded":
+            self._purged(why)(self.cache.purge(addresses, why, guard=False))
+        else:
+            self.cache.purge_soon(addresses, why, self._purged(why))
+
+    @staticmethod
+    def _purged(why: str) -> Callable[[int], None]:
+        def done(dropped: int) -> None:
+            if dropped:
+                log.warning("cache: %d %s carrying forged addresses dropped (%s)", dropped,
+                            "entry" if dropped == 1 else "entries", why)
+        return done
 
     def allowed(self, address: str) -> bool:
         """The current access control (a reload replaces it), for what precedes the pipeline."""
@@ -415,7 +451,7 @@ class Service:
 
     def snapshot_state(self) -> StateSnapshot:
         learned = self.learned.forged.snapshot() if self.learned_file else None
-        return StateSnapshot(cachefile.snapshot(self.cache), learned)
+        return StateSnapshot(cachefile.snapshot(self.cache), learned, self.cache_routing)
 
     def write_state(self, snapshot: StateSnapshot) -> None:
         """In the writer thread: reads the snapshot and the file names, nothing else. Empties
@@ -438,6 +474,12 @@ class Service:
         except OSError as exc:
             log.warning("cannot save the cache to %s: %s", self.cache_file, exc.strerror)
             return
+        if self.routing_file:  # after the cache file: never older than its answers' routing
+            try:
+                routingfile.write(snapshot.routing, self.routing_file)
+            except OSError as exc:
+                log.warning("cannot save the routing to %s: %s", self.routing_file,
+                            exc.strerror)
         log.debug("cache: %d entries saved to %s in %.0f ms", count, self.cache_file,
                   (time.perf_counter() - started) * 1000)
 
@@ -481,8 +523,9 @@ class Service:
         self.forwarding = forwarding
         self.responder.pipeline = forwarding.pipeline
         self._purge(forwarding.forged - old.forged, "listed")
-        if routing_of(settings) != routing_of(self.settings):
-            self._forget_rerouted()
+        routing = routingfile.routing_of(settings)
+        if routing != routingfile.routing_of(self.settings):
+            self._forget_rerouted(old.home, routing, settings.timeout + 1)
         restart_only = [name for name in RESTART_ONLY
                         if getattr(settings, name) != getattr(self.settings, name)]
         if restart_only:
@@ -526,6 +569,18 @@ class Service:
         if self.closing:
             await asyncio.wait(self.closing, timeout=0.5)
         self.querylog.flush()
+
+
+def rerouted_by(old: homenames.NameTable | None,
+                new: homenames.NameTable | None) -> Callable[[bytes], bool]:
+    """Whether a cache key is a question the old table or the new one sends to a group."""
+    tables = [table.routes_key for table in (old, new) if table is not None and table.routes()]
+    if len(tables) == 1:
+        return tables[0]
+    if not tables:
+        return lambda key: False
+    first, second = tables  # unrolled: a scan asks this of every cached key
+    return lambda key: first(key) or second(key)
 
 
 def raise_open_file_limit() -> None:

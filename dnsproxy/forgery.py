@@ -156,7 +156,7 @@ class LearnedAddresses:
     """
 
     def __init__(self, size: int = 4096, genuine_size: int = 65536,
-                 on_learn: Callable[[bytes], None] | None = None,
+                 on_learn: Callable[[list[bytes]], None] | None = None,
                  on_unlearn: Callable[[bytes], None] | None = None) -> None:
         self.size = size
         self.genuine_size = genuine_size
@@ -194,19 +194,20 @@ class LearnedAddresses:
         too; the number of new addresses. `winner` shields only within this race: over UDP it
         may be a slipped forgery, and one over TCP was vouched for by its transport already."""
         shielded = winner.addresses
-        added = 0
+        added: list[bytes] = []
         for reply in losers:
             for address in reply.addresses:
                 if (address in shielded or address in self.genuine
                         or address in self.addresses):
                     continue
                 self.addresses[address] = None
-                added += 1
-                if self.on_learn is not None:
-                    self.on_learn(address)
+                added.append(address)
         while len(self.addresses) > self.size:
             self.addresses.popitem(last=False)
-        return added
+        # Told once for the race: what follows (a purge of the cache) is one pass for all.
+        if added and self.on_learn is not None:
+            self.on_learn(added)
+        return len(added)
 
     # --- kept in the state directory ---
 

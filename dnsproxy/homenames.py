@@ -106,11 +106,18 @@ class NameTable:
             return self.single_label, len(name) - 1  # the zone is the root
         return None
 
-    def claims(self, key: bytes) -> bool:
-        """Whether the table decides a question (a question key, as caches hold it, with any
-        bytes after type and class): for forgetting cached answers a new table overrides."""
-        name = key[:wire.skip_name(key, 0)]
-        return self.match(name, int.from_bytes(key[len(name):len(name) + 2], "big")) is not None
+    def routes_key(self, key: bytes) -> bool:
+        """Whether the table sends a question to a group, given as a cache key (the question
+        key, then one byte for DO and CD): what a change of routing may have cached from
+        elsewhere. Names it answers itself need no forgetting: the special-names stage answers
+        them before the cache is asked, so a cached answer for them is never served. The
+        special-names stage's quick test first: a scan asks this of every cached key."""
+        end = len(key) - 5  # the name's end: type, class and the DO/CD byte follow
+        if not key.endswith(self.tails, 0, end) and not (self.single_label is not None
+                                                          and key[0] + 2 == end):
+            return False
+        hit = self.match(key[:end], int.from_bytes(key[end:end + 2], "big"))
+        return hit is not None and hit[0].action == ROUTE
 
     def routes(self) -> bool:
         """Whether any name is sent to a group (else the zone router has nothing to do)."""

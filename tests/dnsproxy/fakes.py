@@ -53,6 +53,7 @@ class Behaviour:
     formerr_on_opt: bool = False  # an old server: FORMERR without OPT to a query with OPT
     tcp_reset: bool = False  # reset the TCP connection instead of answering (a middlebox)
     forged_answer: str | None = None  # the address the forgeries carry, if not the usual
+    forged_answers: tuple[str, ...] = ()  # the addresses, when the forgeries carry several
     # The answers over TCP and TLS, if not the UDP ones: a resolver poisoned at its source
     # hands the injector's address out over a stream too.
     stream_answers: list[str] | None = None
@@ -180,13 +181,15 @@ class FakeUpstream:
         return reply.pack()
 
     @staticmethod
-    def forged(query: DNSRecord, kind: str, address: str | None = None) -> bytes:
+    def forged(query: DNSRecord, kind: str, address: str | None = None,
+               several: tuple[str, ...] = ()) -> bytes:
         reply = query.reply()
         if kind == "formerr":  # posing as a server that does not know EDNS
             reply.header.rcode = RCODE.FORMERR
             return reply.pack()
         address = address or (FORGED_LISTED if kind == "forged-address" else FORGED_UNLISTED)
-        reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=3600, rdata=A(address)))
+        for each in several or (address,):
+            reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=3600, rdata=A(each)))
         if kind == "wrong-id":
             reply.header.id = (query.header.id + 1) & 0xFFFF
         if kind == "wrong-question":  # reply() shares the question object: replace, not edit
@@ -216,7 +219,7 @@ class FakeUpstream:
                 continue
             for kind in b.forgeries:
                 sock = self.spoofer if kind == "other-port" else self.udp
-                sock.sendto(self.forged(query, kind, b.forged_answer), client)
+                sock.sendto(self.forged(query, kind, b.forged_answer, b.forged_answers), client)
             reply = self.genuine(query, b, truncated=b.truncate_udp)
             if b.delay:
                 threading.Timer(b.delay, self._send_udp, (reply, client)).start()

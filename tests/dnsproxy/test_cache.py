@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
 import time
@@ -11,6 +12,8 @@ from dnslib import AAAA, CNAME, NS, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from dnsproxy import wire
 from dnsproxy.metrics import Metrics
+from dnsproxy.pipeline import Request
+from dnsproxy.stages import cache as cache_stage
 from dnsproxy.stages.cache import Cache
 
 from .fakes import GENUINE, addresses, ask, send_raw
@@ -355,3 +358,55 @@ def _entry_for(name: str, address: str) -> wire.CachedReply:
     record.add_answer(RR(query.q.qname, QTYPE.A, ttl=60, rdata=A(address)))
     data = bytes(record.pack())
     return wire.strip_opt(data, wire.parse_reply(data))
+
+
+def test_addresses_learned_while_a_purge_runs_are_all_purged(monkeypatch):
+    """A purge on the serving loop runs in slices. Addresses learned while one runs (two
+    learns here, between its slices) wait for the next pass over the whole cache, which takes
+    them both; each is barred at once, so no reply carrying one is stored meanwhile, and no
+    entry carrying any of them is left."""
+    monkeypatch.setattr(cache_stage, "SCAN_SLICE", 4)
+    first, second, third = "203.0.113.1", "203.0.113.2", "203.0.113.3"
+    cache = Cache(1000, Metrics())
+    carriers = {address: [] for address in (first, second, third)}
+    for i in range(60):  # one entry in five carries one of the addresses
+        address = (first, second, third, GENUINE, GENUINE)[i % 5]
+        key = _stored(cache, f"n{i}.example", lambda r, q, a=address: (
+            r.add_answer(RR(q, QTYPE.A, ttl=60, rdata=A(a)))))
+        if address != GENUINE:
+            carriers[address].append(key)
+    packed = {address: ipaddress.ip_address(address).packed for address in carriers}
+    told: list[tuple[str, int]] = []
+    refused: list[bool] = []
+    served: list[bool] = []
+
+    def ask(name: str) -> None:  # the pipeline's question to the cache, as a query would
+        query = wire.parse_query(DNSRecord.question(name, "A").pack())
+        served.append(cache.answer(Request(query, ("127.0.0.1", 53), "udp", 0.0)) is not None)
+
+    async def learn_three() -> None:
+        loop = asyncio.get_running_loop()
+        cache.purge_soon({packed[first]}, "learned", lambda n: told.append((first, n)))
+        assert cache.scans, "a cache of 60 entries takes more than one slice of 4"
+        # A hit the pass has not reached yet is not served: n55 carries the first address.
+        ask("n55.example")
+        ask("n58.example")  # GENUINE: served
+        # Between the first pass's slices: two more learns, and a reply carrying one of them.
+        loop.call_soon(cache.purge_soon, {packed[second]}, "learned",
+                       lambda n: told.append((second, n)))
+        loop.call_soon(cache.purge_soon, {packed[third]}, "learned",
+                       lambda n: told.append((third, n)))
+        loop.call_soon(lambda: refused.append(not cache.store(
+            carriers[third][0], _entry_for("n2.example", third))))
+        while cache.scans:
+            await asyncio.sleep(0)
+
+    asyncio.run(learn_three())
+    assert refused == [True]
+    assert served == [False, True]
+    assert not any(key in cache.entries for keys in carriers.values() for key in keys)
+    assert len(cache.entries) == 24  # the GENUINE ones
+    # The first pass took the first address; the next took both that came during it.
+    assert told == [(first, 12), (second, 24), (third, 24)]
+    assert cache.metrics.get("dnsproxy_cache_purged_total", why="learned") == 36
+    assert cache.metrics.get("dnsproxy_cache_misses_total") == 1

@@ -9,6 +9,7 @@ what it received must stay empty for every home name, over UDP and TCP alike.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import time
@@ -16,7 +17,7 @@ import time
 import pytest
 from dnslib import EDNS0, PTR, QTYPE, RCODE, RR, DNSRecord
 
-from dnsproxy import homenames, hosts
+from dnsproxy import homenames, hosts, routingfile
 from dnsproxy.config import ConfigError, build_settings
 from dnsproxy.domainlists import to_wire
 
@@ -431,6 +432,91 @@ def test_sighup_rereads_the_hosts_file_and_keeps_it_on_a_bad_line(upstream, host
     assert {line["why"] for line in lines if "why" in line} == {"hosts"}
 
 
+def zone_config(path, upstream, office, zoned: bool) -> None:
+    zones = f'zones = ["corp.example={office.address}"]\n' if zoned else ""
+    path.write_text(f'upstreams = ["{upstream.address}"]\n{zones}')
+
+
+def test_a_reload_removing_a_zone_forgets_its_cached_answers(upstream, office, tmp_path):
+    """The zone's resolver answered wiki.corp.example and it was cached; the zone is removed
+    from the configuration (SIGHUP): the next query goes to the public upstream."""
+    config = tmp_path / "dnsproxy.toml"
+    zone_config(config, upstream, office, zoned=True)
+    port = free_port()
+    proc = DnsproxyProcess("--listen", f"127.0.0.1:{port}", "--config", str(config), port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [OFFICE_ADDRESS]
+        assert addresses(ask(port, "wiki.corp.example")) == [OFFICE_ADDRESS]  # cached
+        assert addresses(ask(port, "www.example")) == [GENUINE]
+        zone_config(config, upstream, office, zoned=False)
+        proc.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)  # the reload reads the file in a thread, then swaps
+        assert addresses(ask(port, "wiki.corp.example")) == [GENUINE]
+        assert addresses(ask(port, "www.example")) == [GENUINE]  # not routed: kept
+    finally:
+        assert proc.terminate()[0] == 0
+    assert office.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("www.example", "udp") == 1
+    assert "cache: 1 entry for names now routed elsewhere dropped" in proc.stderr
+
+
+def test_an_answer_of_a_removed_zone_in_flight_across_the_reload_is_not_cached(
+        upstream, office, tmp_path):
+    """The zone's resolver is slow; while it is asked, a reload removes the zone. Its answer,
+    coming after the swap, still reaches the client that asked, but is not cached."""
+    config = tmp_path / "dnsproxy.toml"
+    zone_config(config, upstream, office, zoned=True)
+    office.rule("slow.corp.example", answers=[OFFICE_ADDRESS], delay=1.2)
+    port = free_port()
+    proc = DnsproxyProcess("--listen", f"127.0.0.1:{port}", "--config", str(config), port=port)
+    try:
+        asked = concurrent.futures.ThreadPoolExecutor(1).submit(ask, port, "slow.corp.example")
+        time.sleep(0.1)
+        zone_config(config, upstream, office, zoned=False)
+        proc.proc.send_signal(signal.SIGHUP)
+        assert addresses(asked.result(5)) == [OFFICE_ADDRESS]
+        assert addresses(ask(port, "slow.corp.example")) == [GENUINE]
+    finally:
+        assert proc.terminate()[0] == 0
+    assert "configuration reloaded" in proc.stderr
+    assert office.count("slow.corp.example", "udp") == 1
+    assert upstream.count("slow.corp.example", "udp") == 1
+
+
+def test_a_restart_with_a_zone_removed_forgets_its_cached_answers(upstream, office, tmp_path):
+    """The cache file holds the zone's resolver's answer; the next start has no such zone:
+    the routing saved beside the cache file tells, and the public upstream is asked."""
+    state = tmp_path / "state"
+    port = free_port()
+    common = ("--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
+              "--state-dir", str(state))
+    first = DnsproxyProcess(*common, "--zone", f"corp.example={office.address}", port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [OFFICE_ADDRESS]
+        assert addresses(ask(port, "www.example")) == [GENUINE]
+    finally:
+        assert first.terminate()[0] == 0
+    second = DnsproxyProcess(*common, port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [GENUINE]
+        assert addresses(ask(port, "www.example")) == [GENUINE]
+    finally:
+        assert second.terminate()[0] == 0
+    assert office.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("wiki.corp.example", "udp") == 1
+    assert upstream.count("www.example", "udp") == 1  # from the cache file: not routed
+    assert "cache: 1 entry for names now routed elsewhere dropped" in second.stderr
+    # The same routing again: nothing more is forgotten.
+    third = DnsproxyProcess(*common, port=port)
+    try:
+        assert addresses(ask(port, "wiki.corp.example")) == [GENUINE]
+    finally:
+        assert third.terminate()[0] == 0
+    assert upstream.count("wiki.corp.example", "udp") == 1
+    assert "now routed elsewhere" not in third.stderr
+
+
 # --- the pure parts ---
 
 
@@ -506,21 +592,31 @@ def test_a_bad_hosts_line_says_file_line_and_why(tmp_path, line, why):
     assert str(caught.value) == f"{path}:2: {why}"
 
 
-def test_the_table_claims_the_cached_questions_it_decides():
-    """What a cache purge needs: whether a cache key (question key, then a DO/CD byte) is one
-    the table answers or routes, so an answer cached before is not served over it."""
-    s = build_settings(cli("--upstream", "127.0.0.2", "--local-dns", "127.0.0.4"), {})
-    table = homenames.build_table(s)
+def test_the_table_says_which_cached_questions_it_routes():
+    """What forgetting after a change of routing needs: whether a cache key (question key, then
+    a DO/CD byte) is one the table sends to a group. Those it answers itself are not: their
+    answer comes before the cache's."""
     def key(name: str, qtype: int = 1) -> bytes:
         return to_wire(name) + qtype.to_bytes(2, "big") + b"\x00\x01" + b"\x00"
-    assert table.claims(key("printer.lan")) and table.claims(key("nas"))
-    assert table.claims(key("x.invalid")) and table.claims(key("localhost", 28))
-    assert not table.claims(key("example.org")) and not table.claims(key("com", 43))
+
+    s = build_settings(cli("--upstream", "127.0.0.2", "--local-dns", "127.0.0.4",
+                           "--zone", "corp.example=127.0.0.5"), {})
+    table = homenames.build_table(s)
+    assert table.routes_key(key("printer.lan")) and table.routes_key(key("nas"))
+    assert table.routes_key(key("wiki.corp.example", 28))
+    assert not table.routes_key(key("x.invalid")) and not table.routes_key(key("localhost", 28))
+    assert not table.routes_key(key("example.org")) and not table.routes_key(key("com", 43))
+    alone = homenames.build_table(build_settings(cli("--upstream", "127.0.0.2"), {}))
+    assert not alone.routes_key(key("printer.lan"))  # NXDOMAIN here: nothing to forget
 
 
-def test_answers_cached_before_a_name_was_routed_home_are_forgotten(upstream, office, tmp_path):
+@pytest.mark.parametrize("saved", [pytest.param(True, id="routing-saved"),
+                                   pytest.param(False, id="no-routing-file")])
+def test_answers_cached_before_a_name_was_routed_home_are_forgotten(upstream, office, tmp_path,
+                                                                    saved):
     """A cache file from before a --zone was set holds the public upstream's answer for a name
-    under it: at the next start that entry goes, and the zone's resolver answers."""
+    under it: at the next start that entry goes, and the zone's resolver answers. Also when
+    the cache file has no routing beside it (an older version's): what is routed now goes."""
     state = tmp_path / "state"
     port = free_port()
     common = ("--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
@@ -530,6 +626,8 @@ def test_answers_cached_before_a_name_was_routed_home_are_forgotten(upstream, of
         assert addresses(ask(port, "intranet.corp.example")) == [GENUINE]
     finally:
         assert first.terminate()[0] == 0
+    if not saved:
+        (state / routingfile.FILE_NAME).unlink()
     second = DnsproxyProcess(*common, "--zone", f"corp.example={office.address}", port=port)
     try:
         assert addresses(ask(port, "intranet.corp.example")) == [OFFICE_ADDRESS]

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from dnsproxy import cachefile
+from dnsproxy import cachefile, routingfile
 
 from .fakes import GENUINE, FakeUpstream, ProxyThread, addresses, ask, free_port
 from .process import DnsproxyProcess
@@ -98,7 +98,8 @@ def test_a_stop_during_a_save_leaves_the_newest_file_whole(upstream, tmp_path, h
         held.released.set()
         proxy.close()
     assert saved_names(state / cachefile.FILE_NAME) == ["before.example.", "during.example."]
-    assert sorted(os.listdir(state)) == [cachefile.FILE_NAME, "forged-learned.json"]
+    assert sorted(os.listdir(state)) == sorted([cachefile.FILE_NAME, "forged-learned.json",
+                                                routingfile.FILE_NAME])
 
 
 # --- reloads: a named pipe in place of the domestic list ---

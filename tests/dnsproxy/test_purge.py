@@ -6,10 +6,13 @@ restart; and a refresh in flight across a reload does not put it back."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 
 import pytest
+
+from dnsproxy.stages import cache as cache_stage
 
 from .fakes import FORGED_UNLISTED, GENUINE, addresses, ask, free_port
 from .process import DnsproxyProcess
@@ -52,6 +55,39 @@ def test_learning_an_address_drops_the_cached_forgery_that_carried_it(upstream, 
     assert upstream.count("slipped.example", "udp") == 2  # not from the cache
     assert proxy.metrics.get("dnsproxy_responses_total", reason="stale") == 0
     assert proxy.metrics.get("dnsproxy_cache_purged_total", why="learned") == 1
+
+
+def test_a_forgery_carrying_forty_addresses_purges_them_in_one_pass(upstream, make_proxy,
+                                                                   monkeypatch, caplog):
+    """An injector's caught forgery carries 40 addresses, each of which a cached answer holds
+    too: every such entry goes, in one pass over the cache (run in many slices here), and the
+    entries carrying none of them stay and are answered from the cache."""
+    monkeypatch.setattr(cache_stage, "SCAN_SLICE", 3)  # the pass spans many loop steps
+    caplog.set_level(logging.INFO, logger="dnsproxy")
+    forty = tuple(f"203.0.113.{100 + i}" for i in range(40))
+    proxy = make_proxy("--upstream", upstream.address)
+    teach_edns(proxy, upstream)
+    for i, address in enumerate(forty):
+        upstream.rule(f"carrier{i}.example", answers=[address])
+        assert addresses(ask(proxy.port, f"carrier{i}.example")) == [address]
+    assert addresses(ask(proxy.port, "bystander.example")) == [GENUINE]
+    upstream.rule("caught.example", forgeries=("no-edns",), forged_answers=forty, delay=0.05)
+    assert addresses(ask(proxy.port, "caught.example")) == [GENUINE]
+    assert learned(proxy) == set(forty)
+    while proxy.service.cache.scans:  # the pass's slices, queries answered between them
+        proxy.sync()
+    assert proxy.metrics.get("dnsproxy_forged_learned_total") == 40
+    assert proxy.metrics.get("dnsproxy_cache_purged_total", why="learned") == 40
+    assert addresses(ask(proxy.port, "bystander.example")) == [GENUINE]
+    assert upstream.count("bystander.example") == 1  # the cache answered
+    for i in range(40):
+        upstream.rule(f"carrier{i}.example")  # now answered with GENUINE
+        assert addresses(ask(proxy.port, f"carrier{i}.example")) == [GENUINE]
+        assert upstream.count(f"carrier{i}.example", "udp") == 2
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum(line.startswith("forged address learned: ") for line in lines) == 40
+    assert [line for line in lines if "carrying forged addresses" in line] == [
+        "cache: 40 entries carrying forged addresses dropped (learned)"]  # one pass
 
 
 def test_a_reload_listing_an_address_drops_the_cached_forgery(upstream, tmp_path):
