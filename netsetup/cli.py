@@ -209,26 +209,8 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         served = lan["served"] or "not served (not private: set LAN_CIDR to serve it)"
         rows.append(("LAN", f"{lan['interface']} {lan['cidr']}, host {lan['address']}, {served}"))
     rows.append(("iptables", info["iptables"]))
-    fw = info.get("firewall")
-    if fw:
-        not_first = fw.get("hooks_not_first") or {}
-        if not_first:
-            verdict = ("NOT FIRST: a rule above our hook decides before it (the host service "
-                       "moves ours back within seconds, if it runs)")  # fmt: skip
-        elif not fw["complete"]:
-            verdict = "INCOMPLETE (the host service repairs it within seconds, if it runs)"
-        elif fw["extra"]:
-            verdict = "STALE pieces of ours not in the plan (the host service removes them)"
-        else:
-            verdict = "complete"
-        rows.append(("firewall", verdict))
-        for name, present in {**fw["chains"], **fw["hooks"]}.items():
-            word = "present" if present else "MISSING"
-            if name in not_first:
-                word = f"NOT FIRST, below: {not_first[name]}"
-            rows.append((f"  {name}", word))
-        for name in fw["extra"]:
-            rows.append((f"  {name}", "EXTRA"))
+    for label, key in (("firewall", "firewall"), ("firewall6", "firewall6")):
+        rows += firewall_rows(label, info.get(key))
     for entry, present in (info.get("lan_address") or {}).items():
         rows.append(("  lan mode", f"{entry}: {'present' if present else 'MISSING'}"))
     if info.get("raw_drop"):
@@ -244,6 +226,33 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
                              ("latency ms", "upstream_latency_ms")):
             for key, value in counts[group].items() or {"-": ""}.items():
                 rows.append((f"  {label}", f"{key} {value}".strip()))
+    return rows
+
+
+def firewall_rows(label: str, fw: dict | None) -> list[tuple[str, str]]:
+    """One family's rows of `status`: its verdict, then each chain and hook (IPv4 as
+    "firewall", IPv6 as "firewall6", present only where the plan has IPv6)."""
+    rows: list[tuple[str, str]] = []
+    if not fw:
+        return rows
+    not_first = fw.get("hooks_not_first") or {}
+    if not_first:
+        verdict = ("NOT FIRST: a rule above our hook decides before it (the host service "
+                   "moves ours back within seconds, if it runs)")  # fmt: skip
+    elif not fw["complete"]:
+        verdict = "INCOMPLETE (the host service repairs it within seconds, if it runs)"
+    elif fw["extra"]:
+        verdict = "STALE pieces of ours not in the plan (the host service removes them)"
+    else:
+        verdict = "complete"
+    rows.append((label, verdict))
+    for name, present in {**fw["chains"], **fw["hooks"]}.items():
+        word = "present" if present else "MISSING"
+        if name in not_first:
+            word = f"NOT FIRST, below: {not_first[name]}"
+        rows.append((f"  {name}", word))
+    for name in fw["extra"]:
+        rows.append((f"  {name}", "EXTRA"))
     return rows
 
 

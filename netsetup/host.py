@@ -87,7 +87,9 @@ def gather_facts(
         lan_address=lan.address,
     )
     backend = get_backend(iptables.value)
-    facts = replace(facts, docker_user=backend.has_docker_user())
+    # ip6tables is read only where IPv6 is asked for: no IPv4-only host has it touched.
+    docker_user6 = settings.ipv6 and get_backend(iptables.value, 6).has_docker_user()
+    facts = replace(facts, docker_user=backend.has_docker_user(), docker_user6=docker_user6)
     return facts, backend
 
 
@@ -109,7 +111,8 @@ def warn_if_forwarding_opens(facts: HostFacts, backend: FirewallBackend) -> None
 
 
 def describe(plan: Plan, backend: FirewallBackend) -> str:
-    return render_plan(plan, backend.describe(plan.firewall))
+    return render_plan(plan, backend.describe(plan.firewall),
+                       get_backend(backend.name, 6).describe(plan.firewall6))  # fmt: skip
 
 
 def raw_drop_lines(backend: FirewallBackend, ip: str) -> list[str]:
@@ -417,7 +420,9 @@ def status(project: str, options: Options) -> dict:
     backend = get_backend(backend_name or detect.iptables_backend(options.firewall).value)
     out["iptables"] = backend.name
     if saved:
-        facts = saved.facts(detect.IptablesBackend(backend.name), backend.has_docker_user())
+        backend6 = get_backend(backend.name, 6)
+        facts = saved.facts(detect.IptablesBackend(backend.name), backend.has_docker_user(),
+                            settings.ipv6 and backend6.has_docker_user())  # fmt: skip
         plan = compute_plan(settings, facts)
         fw = backend.state(plan.firewall)
         out["settings"] = saved.settings
@@ -435,6 +440,13 @@ def status(project: str, options: Options) -> dict:
             "hooks_not_first": fw.hooks_not_first,
             "rules": fw.rules_present,
         }
+        if plan.firewall6.chains:
+            fw6 = backend6.state(plan.firewall6)
+            out["firewall6"] = {
+                "complete": fw6.complete, "extra": fw6.extra, "chains": fw6.chains_present,
+                "hooks": fw6.hooks_present, "hooks_not_first": fw6.hooks_not_first,
+                "rules": fw6.rules_present,
+            }  # fmt: skip
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)
         if plan.neighbours or plan.routes:
             out["lan_address"] = hostnet.state(plan.neighbours, plan.routes)

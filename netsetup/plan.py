@@ -40,6 +40,15 @@ Why the rules are what they are:
 * The nat hook sits first in POSTROUTING, which Docker never flushes either.
 * Whatever else removes the rules (a reboot, a firewall reload) is repaired by the host service
   (service.py), which applies this same plan and re-checks it every few seconds.
+* IPv6 joins the same plan, not a second copy (Plan.firewall6, firewall6_plan): only where a
+  LAN address over IPv6 (LAN_IP6) is asked for, so a host without it gets exactly the rules it
+  always had. The same chains by name in ip6tables, the same default deny (only the LAN's IPv6
+  prefix reaches the appliance's IPv6 address, and only DNS), the same LAN address translation,
+  written by the same backend kind. The engine's IPv6 firewall is its own: Docker 20.10 writes no
+  ip6tables by default (no DOCKER-USER there: our hook goes first in FORWARD), 27+ does.
+  The appliance's own traffic over IPv6 is masqueraded only when an IPv6 upstream is given: its
+  upstream traffic stays IPv4 otherwise. Nothing on the LAN routes the appliance's IPv6 subnet
+  (direct mode's route is an IPv4 one), so that masquerade leaves no destination out.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
 from netsetup.errors import BadInput
@@ -76,6 +86,7 @@ def lan_chain(project: str) -> str:
 
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_GATEWAY_MODE = "com.docker.network.bridge.gateway_mode_ipv4"
+OPT_GATEWAY_MODE6 = "com.docker.network.bridge.gateway_mode_ipv6"
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 
 
@@ -167,6 +178,13 @@ class Settings:
     metrics_from_lan: bool = False
     # LAN address mode: the address on the LAN the host answers ARP for and DNATs to the appliance.
     lan_ip: str | None = None
+    # The same over IPv6 (proxy NDP): with it, and only with it, the plan has IPv6 rules. The
+    # LAN's IPv6 prefix it lies in is the one served over IPv6; the appliance's bridge gets an
+    # IPv6 subnet of its own, with the appliance at ip6.
+    lan_ip6: str | None = None
+    lan_cidr6: str | None = None
+    subnet6: str = "fd53:53::/64"
+    ip6: str = "fd53:53::53"
 
     @property
     def direct(self) -> bool:
@@ -187,6 +205,40 @@ class Settings:
     @property
     def mode_text(self) -> str:
         return modes_text(self.modes)
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether the appliance is reached over IPv6 too (LAN_IP6 given, in lan mode)."""
+        return self.lan and self.lan_ip6 is not None
+
+    @property
+    def ipv6_upstreams(self) -> bool:
+        """Whether any upstream is an IPv6 address: only then does the appliance's own traffic
+        leave over IPv6. A value the forwarder would refuse counts as none (it checks them)."""
+        return any(upstream_is_ipv6(u) for u in (*self.upstreams, *self.domestic_upstreams))
+
+
+def upstream_is_ipv6(spec: str) -> bool:
+    """Whether an --upstream value (``IP[:PORT]``, ``[IPv6]:PORT``, ``scheme://...``, see the
+    forwarder's parse_spec) names an IPv6 address. Read here rather than with the forwarder's
+    parser: the host service's image carries only the constants of the forwarder."""
+    scheme, sep, text = spec.strip().partition("://")
+    text = text if sep else scheme
+    if sep and scheme.lower() == "https":
+        try:
+            host = urlsplit("https://" + text.partition("#")[0]).hostname or ""
+        except ValueError:
+            return False
+    else:
+        text = text.partition("#")[0].rstrip("/")
+        if text.startswith("["):
+            host = text[1:].partition("]")[0]
+        else:
+            host = text if text.count(":") > 1 else text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def checked_network(option: str, value: str) -> str:
@@ -287,6 +339,8 @@ class HostFacts:
     # Whether FORWARD jumps to a DOCKER-USER chain (read from iptables-save): not so where the
     # engine manages no iptables chains, be it the nftables backend or "iptables": false.
     docker_user: bool = True
+    # The same in ip6tables: Docker 20.10 writes none by default ("ip6tables": false), 27+ does.
+    docker_user6: bool = False
 
     @property
     def engine_major_minor(self) -> tuple[int, int]:
@@ -300,6 +354,10 @@ class HostFacts:
     def has_docker_user(self) -> bool:
         return self.engine_firewall == "iptables" and self.docker_user
 
+    @property
+    def has_docker_user6(self) -> bool:
+        return self.engine_firewall == "iptables" and self.docker_user6
+
 
 @dataclass
 class Plan:
@@ -308,6 +366,8 @@ class Plan:
     sysctls: dict[str, str] = field(default_factory=dict)
     network_options: dict[str, str] = field(default_factory=dict)
     firewall: FirewallPlan = field(default_factory=FirewallPlan)
+    # ip6tables: empty (no chains, nothing applied) unless the settings ask for IPv6.
+    firewall6: FirewallPlan = field(default_factory=lambda: FirewallPlan(family=6))
     # Checks made after deployment, against what the engine actually installed.
     verify_no_raw_drop: bool = False
     notes: list[str] = field(default_factory=list)
@@ -341,6 +401,11 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
         plan.sysctls[proxy_delay_key(facts.lan_interface)] = "0"
         plan.neighbours.append(ProxyNeighbour(settings.lan_ip, facts.lan_interface))
         plan.routes.append(HostRoute(f"{settings.lan_ip}/32", facts.bridge))
+    if settings.ipv6:
+        # Docker 28 protects IPv6 containers from direct routing as it does IPv4 ones (a raw
+        # DROP) unless the network is nat-unprotected for IPv6 too.
+        plan.network_options[OPT_GATEWAY_MODE6] = "nat-unprotected"
+        plan.firewall6 = firewall6_plan(settings, facts)
     major_minor = facts.engine_major_minor
     if major_minor < (27, 1):
         plan.notes.append(
@@ -435,6 +500,76 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
     return fw
 
 
+def firewall6_plan(settings: Settings, facts: HostFacts) -> FirewallPlan:
+    """The IPv6 share of the plan, as firewall_plan is the IPv4 one: in ip6tables, the same
+    chain names, the default deny for the appliance's IPv6 address (only the LAN's IPv6 prefix,
+    only DNS), the translation of LAN_IP6:53 to it, and a masquerade only when an IPv6 upstream
+    is given. The chains are declared even when a piece is empty, so a change of settings
+    flushes what no longer applies in the same apply."""
+    subnet6, ip6, bridge = settings.subnet6, settings.ip6, facts.bridge
+    lan_if, project, served = facts.lan_interface, settings.project, settings.lan_cidr6
+    forward_chain, nat_chain = (c.name for c in own_chains(project)[:2])
+    fw = FirewallPlan(family=6)
+    fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
+
+    def accept(**match: object) -> Rule:
+        return Rule(table="filter", chain=forward_chain, target="ACCEPT", **match)  # type: ignore[arg-type]
+
+    fw.rules.append(
+        accept(destination=subnet6, out_interface=bridge, ctstate="RELATED,ESTABLISHED",
+               comment=f"{project}: replies to connections the appliance made")
+    )  # fmt: skip
+    if served is not None:
+        lan_ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
+        if settings.metrics_from_lan:
+            lan_ports.append(("tcp", METRICS_PORT, "metrics"))
+        for proto, port, what in lan_ports:
+            fw.rules.append(
+                accept(source=served, destination=ip6, in_interface=lan_if,
+                       out_interface=bridge, protocol=proto, dport=port,
+                       comment=f"{project}: LAN to appliance {what}")
+            )  # fmt: skip
+    if not facts.has_docker_user6:
+        fw.rules.append(
+            accept(source=ip6, in_interface=bridge, out_interface=bridge, not_out_interface=True,
+                   comment=f"{project}: appliance to upstreams, and its replies")
+        )  # fmt: skip
+    fw.rules.append(
+        Rule(table="filter", chain=forward_chain, target="DROP", in_interface=bridge,
+             not_in_interface=True, out_interface=bridge,
+             comment=f"{project}: nothing else reaches the appliance network")
+    )  # fmt: skip
+    if settings.ipv6_upstreams:
+        fw.rules.append(
+            Rule(table="nat", chain=nat_chain, source=subnet6, out_interface=bridge,
+                 not_out_interface=True, target="MASQUERADE",
+                 comment=f"{project}: appliance to IPv6 upstreams")
+        )  # fmt: skip
+    hook_chain = "DOCKER-USER" if facts.has_docker_user6 else "FORWARD"
+    fw.hooks.append(
+        Rule(table="filter", chain=hook_chain, target=forward_chain,
+             comment=f"{project}: hook", position=1)
+    )  # fmt: skip
+    fw.hooks.append(
+        Rule(table="nat", chain="POSTROUTING", target=nat_chain,
+             comment=f"{project}: hook", position=1)
+    )  # fmt: skip
+    chain = lan_chain(project)
+    fw.chains.append(Chain("nat", chain))
+    for proto in ("udp", "tcp"):
+        fw.rules.append(
+            Rule(table="nat", chain=chain, destination=settings.lan_ip6, protocol=proto,
+                 dport=DNS_PORT, target="DNAT", to_destination=f"[{ip6}]:{DNS_PORT}",
+                 comment=f"{project}: LAN address to appliance DNS/{proto}")
+        )  # fmt: skip
+    for hook_chain in ("PREROUTING", "OUTPUT"):
+        fw.hooks.append(
+            Rule(table="nat", chain=hook_chain, target=chain,
+                 comment=f"{project}: LAN address hook", position=1)
+        )  # fmt: skip
+    return fw
+
+
 def masquerade(settings: Settings, facts: HostFacts, chain: str) -> Rule:
     """What the appliance sends out of its subnet leaves with the host's address, except, where
     the LAN routes the subnet (direct mode), what goes to the LAN (see the module docstring).
@@ -500,8 +635,9 @@ def forwarder_allows(served_lan: str | None, host_address: str | None) -> tuple[
     return tuple(n for n in (served_lan, own) if n)
 
 
-def render_plan(plan: Plan, firewall_text: str) -> str:
-    """The human-readable plan: what `--dry-run` prints and golden files pin."""
+def render_plan(plan: Plan, firewall_text: str, firewall6_text: str = "") -> str:
+    """The human-readable plan: what `--dry-run` prints and golden files pin (the IPv6 firewall
+    only when the plan has one)."""
     s, f = plan.settings, plan.facts
     lines = [
         f"# netsetup plan: mode {s.mode_text}, project {s.project}",
@@ -513,6 +649,9 @@ def render_plan(plan: Plan, firewall_text: str) -> str:
     ]
     if s.lan:
         lines.append(f"# LAN address: {s.lan_ip} port 53 (answered by the host, DNATed)")
+    if s.ipv6:
+        lines.append(f"# LAN address over IPv6: {s.lan_ip6} port 53 in {s.lan_cidr6}, "
+                     f"appliance {s.ip6} in {s.subnet6}")  # fmt: skip
     lines += [
         "",
     ]
@@ -534,4 +673,6 @@ def render_plan(plan: Plan, firewall_text: str) -> str:
         lines.append(f"note: {note}")
     lines.append("")
     lines.append(firewall_text.rstrip("\n"))
+    if plan.firewall6.chains:
+        lines += ["", firewall6_text.rstrip("\n")]
     return "\n".join(lines) + "\n"
