@@ -84,6 +84,14 @@ def up(
     lan_ip: Annotated[
         str | None, typer.Option(help="lan mode: a free LAN address the appliance answers on")
     ] = None,
+    lan_ip6: Annotated[
+        str | None,
+        typer.Option(help="lan mode over IPv6 too: a free address on the LAN's IPv6 prefix"),
+    ] = None,
+    lan_cidr6: Annotated[
+        str | None,
+        typer.Option(help="the LAN's IPv6 prefix (default: the LAN interface's, a ULA first)"),
+    ] = None,
     upstream: Annotated[
         list[str] | None, typer.Option(help="upstream resolver (repeat, or comma-separated)")
     ] = None,
@@ -104,6 +112,12 @@ def up(
     ] = None,
     subnet: Annotated[str, typer.Option(help="appliance subnet")] = DEFAULT.subnet,
     ip: Annotated[str, typer.Option(help="appliance container address")] = DEFAULT.ip,
+    subnet6: Annotated[
+        str, typer.Option(help="appliance IPv6 subnet (with --lan-ip6)")
+    ] = DEFAULT.subnet6,
+    ip6: Annotated[
+        str, typer.Option(help="appliance container IPv6 address (with --lan-ip6)")
+    ] = DEFAULT.ip6,
     port: Annotated[int, typer.Option(help="host port published for port mode")] = DEFAULT.port,
     dry_run: Annotated[bool, typer.Option(help="print the plan, change nothing")] = False,
     project: ProjectOpt = DEFAULT.project,
@@ -120,6 +134,10 @@ def up(
         Settings(
             modes=parse_modes(mode),
             lan_ip=lan_ip,
+            lan_ip6=lan_ip6,
+            lan_cidr6=lan_cidr6,
+            subnet6=subnet6,
+            ip6=ip6,
             upstreams=_split(upstream),
             domestic_upstreams=_split(domestic_upstream),
             lists_dir=lists_dir,

@@ -146,6 +146,11 @@ def up(settings: Settings, options: Options) -> str:
     rendered plan (printed by the CLI)."""
     if not options.dry_run:
         detect.require_root()
+        if settings.ipv6:
+            # The plan and its checks exist; the appliance's IPv6 network, proxy NDP and the
+            # sysctls it needs do not yet: refused rather than half deployed.
+            raise BadInput(f"--lan-ip6 {settings.lan_ip6}: only --dry-run serves IPv6 so far "
+                           "(the appliance's IPv6 network is not deployed yet)")  # fmt: skip
     found = preflight(settings, options)
     if options.dry_run:
         served = f" and {', '.join(found.allow)}" if found.allow else " only"
@@ -174,10 +179,15 @@ def preflight(settings: Settings, options: Options) -> Preflight:
     )
     facts, backend = gather_facts(client, settings, options, bridge)
     warn_if_forwarding_opens(facts, backend)
+    if settings.ipv6 and settings.lan_cidr6 is None:
+        prefixes = detect.interface_prefixes6(facts.lan_interface)
+        assert settings.lan_ip6 is not None  # settings.ipv6
+        lan_cidr6 = detect.choose_prefix6(prefixes, settings.lan_ip6, facts.lan_interface)
+        settings = replace(settings, lan_cidr6=lan_cidr6)
     plan = compute_plan(settings, facts)
     check_lan_served(settings, plan, facts)
     check_claims(settings, facts, existing, probe=not options.dry_run)
-    allow = forwarder_allows(plan.served_lan, facts.lan_address)
+    allow = allowed(settings, plan, facts)
     return Preflight(settings, client, existing, facts, backend, plan, allow)
 
 
@@ -207,6 +217,8 @@ def check_claims(
     detect.check_subnet_free(settings.subnet, facts.bridge)
     if settings.lan and settings.lan_ip:
         detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr, probe=probe)
+    if settings.ipv6 and settings.lan_ip6 and settings.lan_cidr6:
+        detect.check_lan_ip6(settings.lan_ip6, settings.lan_cidr6)
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
@@ -220,11 +232,20 @@ def xtables_lock_for(facts: HostFacts, backend: FirewallBackend) -> str:
     return XTABLES_LOCK if backend.name == "legacy" and facts.has_docker_user else ""
 
 
+def allowed(settings: Settings, plan: Plan, facts: HostFacts) -> tuple[str, ...]:
+    """Whom the forwarder serves besides its defaults: the served LAN and the host, and over
+    IPv6 the LAN's IPv6 prefix (a global one is outside the defaults)."""
+    allow = forwarder_allows(plan.served_lan, facts.lan_address)
+    if settings.ipv6 and settings.lan_cidr6:
+        allow = (*allow, settings.lan_cidr6)
+    return allow
+
+
 def compose_for(
     settings: Settings, file: Path, plan: Plan, facts: HostFacts, backend: FirewallBackend
 ) -> deploy.Compose:
     """The compose run that deploys `settings` on this host."""
-    allow = forwarder_allows(plan.served_lan, facts.lan_address)
+    allow = allowed(settings, plan, facts)
     # Direct mode publishes on loopback only (the host's own checks): a port on the LAN
     # address would be one more way in, and through an engine's userland proxy an open one.
     publish = facts.lan_address if settings.published else ""

@@ -279,6 +279,7 @@ def check_settings(settings: Settings) -> Settings:
     if not settings.modes:
         raise BadInput("--mode is empty: give a comma list of port, direct, lan")
     lan_ip = check_lan_ip_syntax(settings, subnet, lan_cidr)
+    settings = check_ipv6_settings(settings)
     lists_dir = settings.lists_dir
     if lists_dir is not None:
         lists_dir = os.path.abspath(lists_dir)
@@ -313,6 +314,70 @@ def check_lan_ip_syntax(
     if lan_cidr is not None:
         check_lan_ip_in(lan_ip, ipaddress.ip_network(lan_cidr))
     return str(lan_ip)
+
+
+def checked_network6(option: str, value: str) -> ipaddress.IPv6Network:
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise BadInput(f"{option} {value!r} is not an IPv6 network (like fd53:53::/64)") from None
+    if network.version != 6:
+        raise BadInput(f"{option} {value}: an IPv6 network is expected here")
+    return network
+
+
+def check_ipv6_settings(settings: Settings) -> Settings:
+    """What can be said of the IPv6 settings before looking at the host (exit 2); they are
+    normalized. LAN_IP6 comes with lan mode, as LAN_IP does; LAN_CIDR6 alone means nothing."""
+    if settings.lan_ip6 is None:
+        if settings.lan_cidr6 is not None:
+            raise BadInput(f"--lan-cidr6 {settings.lan_cidr6} is given but no --lan-ip6 (LAN_IP6)")
+        return settings
+    if not settings.lan:
+        raise BadInput(f"--lan-ip6 {settings.lan_ip6} is given but lan is not in --mode")
+    subnet6 = checked_network6("--subnet6", settings.subnet6)
+    if subnet6.prefixlen > 120:
+        raise BadInput(f"--subnet6 {subnet6} is too small: it needs a gateway and the appliance")
+    try:
+        ip6 = ipaddress.IPv6Address(settings.ip6)
+    except ValueError:
+        raise BadInput(f"--ip6 {settings.ip6!r} is not an IPv6 address") from None
+    if ip6 not in subnet6 or ip6 in (subnet6.network_address, subnet6.network_address + 1):
+        raise BadInput(f"--ip6 {ip6} must be a host address inside --subnet6 {subnet6}, "
+                       "not its first two (subnet-router anycast, gateway)")  # fmt: skip
+    try:
+        lan_ip6 = ipaddress.IPv6Address(settings.lan_ip6)
+    except ValueError:
+        raise BadInput(f"--lan-ip6 {settings.lan_ip6!r} is not an IPv6 address") from None
+    if any((lan_ip6.is_link_local, lan_ip6.is_multicast, lan_ip6.is_loopback,
+            lan_ip6.is_unspecified)):  # fmt: skip
+        raise BadInput(f"--lan-ip6 {lan_ip6} is not a unicast address a LAN prefix holds "
+                       "(link-local, multicast, loopback and :: are not)")  # fmt: skip
+    if lan_ip6 in subnet6:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is inside the appliance --subnet6 {subnet6}: "
+                       "it must be an address on the LAN")  # fmt: skip
+    lan_cidr6 = None
+    if settings.lan_cidr6 is not None:
+        lan6 = checked_network6("--lan-cidr6", settings.lan_cidr6)
+        check_lan_ip6_in(lan_ip6, lan6)
+        lan_cidr6 = str(lan6)
+    return replace(settings, lan_ip6=str(lan_ip6), lan_cidr6=lan_cidr6, subnet6=str(subnet6),
+                   ip6=str(ip6))  # fmt: skip
+
+
+def check_lan_ip6_in(lan_ip6: ipaddress.IPv6Address, lan6: ipaddress.IPv6Network) -> None:
+    """LAN_IP6 must be a host address of the LAN's IPv6 prefix: not outside it, not its
+    subnet-router anycast address (the prefix itself, RFC 4291 2.6.1), not one of the reserved
+    subnet anycast addresses (the last 128 of a prefix with 64-bit interface identifiers,
+    RFC 2526)."""
+    if lan_ip6 not in lan6:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is outside the LAN's IPv6 prefix {lan6}: clients "
+                       "could not reach it without a route")  # fmt: skip
+    if lan_ip6 == lan6.network_address and lan6.prefixlen < 127:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is the subnet-router anycast address of {lan6}")
+    if lan6.prefixlen <= 64 and int(lan_ip6) & 0xFFFF_FFFF_FFFF_FFFF >= 0xFDFF_FFFF_FFFF_FF80:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is a reserved subnet anycast address of {lan6} "
+                       "(RFC 2526): choose another")  # fmt: skip
 
 
 def check_lan_ip_in(lan_ip: ipaddress.IPv4Address, lan: ipaddress.IPv4Network) -> None:
