@@ -331,7 +331,8 @@ def recorded_compose(deployment: state.Deployment, backend: FirewallBackend) -> 
     settings = deployment.to_settings()
     file = Path(deployment.compose_file or "compose.yaml").resolve()
     if deployment.environment:
-        return deploy.Compose(settings.project, file, dict(deployment.environment))
+        return deploy.Compose(settings.project, file, dict(deployment.environment),
+                              deploy.overlays_for(settings, file))  # fmt: skip
     facts = deployment.facts(detect.IptablesBackend(backend.name), backend.has_docker_user())
     return compose_for(settings, file, compute_plan(settings, facts), facts, backend)
 

@@ -8,6 +8,8 @@ advertises beside it.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import netns_exec
@@ -52,3 +54,47 @@ def test_prefixes_are_read_from_the_interface(netns: str) -> None:
             "print(' '.join(sorted(p(sys.argv[1]))))")  # fmt: skip
     out = netns_exec(netns, sys.executable, "-c", code, "lan0").stdout.split()
     assert out == [GLOBAL, ULA]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def compose_tool() -> None:
+    from netsetup.deploy import compose_command  # noqa: PLC0415
+    from netsetup.errors import NetsetupError  # noqa: PLC0415
+
+    try:
+        compose_command()
+    except NetsetupError:
+        pytest.skip("no compose tool")
+
+
+def test_the_ipv6_overlay_is_read_only_with_lan_ip6_and_keeps_the_whole_network() -> None:
+    """With LAN_IP6 compose reads compose.ipv6.yaml after compose.yaml: the network gets its IPv6
+    subnet and keeps every option of the base file (docker-compose 1.29 replaces a network an
+    overlay names rather than merging it), the container keeps its IPv4 address beside its
+    IPv6 one, and the forwarder listens on IPv6 too. Without LAN_IP6 nothing of it is read."""
+    compose_tool()
+    from netsetup.deploy import Compose  # noqa: PLC0415
+    from netsetup.plan import Settings, parse_modes  # noqa: PLC0415
+
+    lan = Settings(modes=parse_modes("lan"), lan_ip="192.168.1.53", upstreams=("192.0.2.53",))
+    plain = Compose.for_settings(lan, REPO / "compose.yaml")
+    assert plain.overlays == () and "SUBNET6" not in plain.variables
+    assert "enable_ipv6" not in plain.run("config").stdout
+
+    ipv6 = replace(lan, lan_ip6="fd00:1::53", lan_cidr6="fd00:1::/64", subnet6="fd53:99::/64",
+                   ip6="fd53:99::53")  # fmt: skip
+    compose = Compose.for_settings(ipv6, REPO / "compose.yaml")
+    assert compose.overlays == (REPO / "compose.ipv6.yaml",)
+    assert (compose.variables["SUBNET6"], compose.variables["DNS_IP6"]) == (
+        "fd53:99::/64", "fd53:99::53")  # fmt: skip
+    config = compose.run("config").stdout
+    for line in ("enable_ipv6: true", "subnet: 172.31.53.0/24", "subnet: fd53:99::/64",
+                 "com.docker.network.bridge.name: br-dnsapp",
+                 "com.docker.network.bridge.enable_ip_masquerade: 'false'",
+                 "com.docker.network.bridge.gateway_mode_ipv4: nat-unprotected",
+                 "com.docker.network.bridge.gateway_mode_ipv6: nat-unprotected",
+                 "ipv4_address: 172.31.53.53", "ipv6_address: fd53:99::53",
+                 "DNSPROXY_LISTEN: 0.0.0.0:53,[::]:53"):  # fmt: skip
+        assert line in config.replace('"false"', "'false'"), line
