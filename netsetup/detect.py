@@ -180,12 +180,25 @@ def host_addresses6() -> set[str]:
                 for a in ipr.get_addr(family=socket.AF_INET6)}  # fmt: skip
 
 
-def check_lan_ip6(lan_ip6: str, lan_cidr6: str) -> None:
+def check_lan_ip6(lan_ip6: str, lan_cidr6: str, interface: str, probe: bool = True) -> None:
     """Refuse a LAN_IP6 the host must not claim: outside the LAN's IPv6 prefix, one of its
-    anycast addresses, or an address of the host itself."""
+    anycast addresses, an address of the host itself, or one a device on the LAN holds (a
+    duplicate address probe, which sends a few solicitations from :: and changes nothing).
+    Once the host answers for LAN_IP6 itself (proxy NDP), a repeated `up` must skip the probe
+    as check_lan_ip does for its proxy ARP entry."""
+    from netsetup import ndprobe  # noqa: PLC0415
+
     check_lan_ip6_in(ipaddress.IPv6Address(lan_ip6), ipaddress.IPv6Network(lan_cidr6))
     if lan_ip6 in host_addresses6():
         raise AddressTaken(f"--lan-ip6 {lan_ip6} is an address of this host: choose a free one")
+    if not probe:
+        return
+    claim = ndprobe.in_use(interface, lan_ip6)
+    if claim is not None:
+        raise AddressTaken(
+            f"--lan-ip6 {lan_ip6} is in use on {interface}: {claim} answered a duplicate "
+            "address probe; choose a free address"
+        )
 
 
 def check_subnet_free(subnet: str, bridge: str | None) -> None:

@@ -218,7 +218,8 @@ def check_claims(
     if settings.lan and settings.lan_ip:
         detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr, probe=probe)
     if settings.ipv6 and settings.lan_ip6 and settings.lan_cidr6:
-        detect.check_lan_ip6(settings.lan_ip6, settings.lan_cidr6)
+        detect.check_lan_ip6(settings.lan_ip6, settings.lan_cidr6, facts.lan_interface,
+                             probe=probe)  # fmt: skip
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
