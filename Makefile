@@ -7,6 +7,10 @@ SHELL := /bin/bash
 # ---- settings ----------------------------------------------------------------------------------
 MODE          ?= both#                    comma list of port, direct, lan (both = port,direct): how LAN clients reach the appliance
 LAN_IP        ?=#                         lan mode: a free address on the LAN, answered by the host (port 53)
+LAN_IP6       ?=#                         lan mode over IPv6 too: a free address on the LAN's IPv6 prefix (a ULA)
+LAN_CIDR6     ?=#                         empty: the LAN interface's IPv6 prefix (a ULA first)
+SUBNET6       ?= fd53:53::/64#            the appliance bridge's IPv6 subnet (with LAN_IP6)
+DNS_IP6       ?= fd53:53::53#             the container's fixed IPv6 address in SUBNET6
 UPSTREAMS     ?=#                         empty: the CONFIG file's, or (netsetup's default) DNS over TLS to public resolvers
 DOMESTIC_UPSTREAMS ?=#                    split DNS: domestic resolvers (README); empty: no split
 LISTS_DIR     ?=#                         split DNS lists: its domestic-domains/ foreign-domains/ domestic-ips/
@@ -63,7 +67,7 @@ help:
 	@echo "make lint    ruff"
 	@echo "settings: MODE LAN_IP UPSTREAMS DOMESTIC_UPSTREAMS LISTS_DIR CONFIG LAN_INTERFACE"
 	@echo "          LOCAL_DNS LOCAL_DOMAINS LOCAL_REVERSE HOSTS_FILE"
-	@echo "          LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG"
+	@echo "          LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG LAN_IP6 LAN_CIDR6 SUBNET6 DNS_IP6"
 	@echo "          METRICS_FROM_LAN BASE_IMAGE"
 
 # ---- set-up ------------------------------------------------------------------------------------
@@ -114,6 +118,8 @@ NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 $(if $(LAN_INTERFACE),--lan-interface $(LAN_INTERFACE)) \
                 $(if $(LAN_CIDR),--lan-cidr $(LAN_CIDR)) \
                 $(if $(LAN_IP),--lan-ip $(LAN_IP)) \
+                $(if $(LAN_IP6),--lan-ip6 $(LAN_IP6) --subnet6 $(SUBNET6) --ip6 $(DNS_IP6)) \
+                $(if $(LAN_CIDR6),--lan-cidr6 $(LAN_CIDR6)) \
                 --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT) \
                 $(if $(filter 1,$(METRICS_FROM_LAN)),--metrics-from-lan)
 

@@ -84,6 +84,14 @@ def up(
     lan_ip: Annotated[
         str | None, typer.Option(help="lan mode: a free LAN address the appliance answers on")
     ] = None,
+    lan_ip6: Annotated[
+        str | None,
+        typer.Option(help="lan mode over IPv6 too: a free address on the LAN's IPv6 prefix"),
+    ] = None,
+    lan_cidr6: Annotated[
+        str | None,
+        typer.Option(help="the LAN's IPv6 prefix (default: the LAN interface's, a ULA first)"),
+    ] = None,
     upstream: Annotated[
         list[str] | None, typer.Option(help="upstream resolver (repeat, or comma-separated)")
     ] = None,
@@ -124,6 +132,12 @@ def up(
     ] = None,
     subnet: Annotated[str, typer.Option(help="appliance subnet")] = DEFAULT.subnet,
     ip: Annotated[str, typer.Option(help="appliance container address")] = DEFAULT.ip,
+    subnet6: Annotated[
+        str, typer.Option(help="appliance IPv6 subnet (with --lan-ip6)")
+    ] = DEFAULT.subnet6,
+    ip6: Annotated[
+        str, typer.Option(help="appliance container IPv6 address (with --lan-ip6)")
+    ] = DEFAULT.ip6,
     port: Annotated[int, typer.Option(help="host port published for port mode")] = DEFAULT.port,
     dry_run: Annotated[bool, typer.Option(help="print the plan, change nothing")] = False,
     project: ProjectOpt = DEFAULT.project,
@@ -140,6 +154,10 @@ def up(
         Settings(
             modes=parse_modes(mode),
             lan_ip=lan_ip,
+            lan_ip6=lan_ip6,
+            lan_cidr6=lan_cidr6,
+            subnet6=subnet6,
+            ip6=ip6,
             upstreams=_split(upstream),
             domestic_upstreams=_split(domestic_upstream),
             lists_dir=lists_dir,
@@ -233,26 +251,8 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         served = lan["served"] or "not served (not private: set LAN_CIDR to serve it)"
         rows.append(("LAN", f"{lan['interface']} {lan['cidr']}, host {lan['address']}, {served}"))
     rows.append(("iptables", info["iptables"]))
-    fw = info.get("firewall")
-    if fw:
-        not_first = fw.get("hooks_not_first") or {}
-        if not_first:
-            verdict = ("NOT FIRST: a rule above our hook decides before it (the host service "
-                       "moves ours back within seconds, if it runs)")  # fmt: skip
-        elif not fw["complete"]:
-            verdict = "INCOMPLETE (the host service repairs it within seconds, if it runs)"
-        elif fw["extra"]:
-            verdict = "STALE pieces of ours not in the plan (the host service removes them)"
-        else:
-            verdict = "complete"
-        rows.append(("firewall", verdict))
-        for name, present in {**fw["chains"], **fw["hooks"]}.items():
-            word = "present" if present else "MISSING"
-            if name in not_first:
-                word = f"NOT FIRST, below: {not_first[name]}"
-            rows.append((f"  {name}", word))
-        for name in fw["extra"]:
-            rows.append((f"  {name}", "EXTRA"))
+    for label, key in (("firewall", "firewall"), ("firewall6", "firewall6")):
+        rows += firewall_rows(label, info.get(key))
     for entry, present in (info.get("lan_address") or {}).items():
         rows.append(("  lan mode", f"{entry}: {'present' if present else 'MISSING'}"))
     if info.get("raw_drop"):
@@ -278,6 +278,33 @@ def ipv6_dns_row(found: dict[str, Any] | None) -> str:
         return "not listened for yet: run netsetup check"
     age = time.time() - float(found.get("at", 0))
     return f"{found.get('summary')} ({age:.0f} s ago, on {found.get('interface')})"
+
+
+def firewall_rows(label: str, fw: dict | None) -> list[tuple[str, str]]:
+    """One family's rows of `status`: its verdict, then each chain and hook (IPv4 as
+    "firewall", IPv6 as "firewall6", present only where the plan has IPv6)."""
+    rows: list[tuple[str, str]] = []
+    if not fw:
+        return rows
+    not_first = fw.get("hooks_not_first") or {}
+    if not_first:
+        verdict = ("NOT FIRST: a rule above our hook decides before it (the host service "
+                   "moves ours back within seconds, if it runs)")  # fmt: skip
+    elif not fw["complete"]:
+        verdict = "INCOMPLETE (the host service repairs it within seconds, if it runs)"
+    elif fw["extra"]:
+        verdict = "STALE pieces of ours not in the plan (the host service removes them)"
+    else:
+        verdict = "complete"
+    rows.append((label, verdict))
+    for name, present in {**fw["chains"], **fw["hooks"]}.items():
+        word = "present" if present else "MISSING"
+        if name in not_first:
+            word = f"NOT FIRST, below: {not_first[name]}"
+        rows.append((f"  {name}", word))
+    for name in fw["extra"]:
+        rows.append((f"  {name}", "EXTRA"))
+    return rows
 
 
 def host_service_rows(host_service: dict[str, Any]) -> list[tuple[str, str]]:

@@ -78,6 +78,9 @@ def compose_env(
         env["PUBLISH_ADDRESS"] = publish_address
     if xtables_lock:
         env["XTABLES_LOCK"] = xtables_lock
+    if settings.ipv6:
+        env["SUBNET6"] = settings.subnet6
+        env["DNS_IP6"] = settings.ip6
     env["NETSETUP_PROJECT"] = settings.project
     env["NETSETUP_STATE_DIR"] = str(state.state_dir())
     env["NETSETUP_RUN_DIR"] = str(state.run_dir())
@@ -98,6 +101,16 @@ def compose_variables(file: Path) -> set[str]:
     return set(_VARIABLE.findall(text.replace("$$", "")))
 
 
+# Beside the compose file, added to it only when LAN_IP6 is set (compose files cannot be
+# conditional): the appliance network's IPv6 subnet and the container's IPv6 address.
+IPV6_OVERLAY = "compose.ipv6.yaml"
+
+
+def overlays_for(settings: Settings, file: Path) -> tuple[Path, ...]:
+    """The files compose reads after `file` for these settings."""
+    return (file.with_name(IPV6_OVERLAY),) if settings.ipv6 else ()
+
+
 @dataclass(frozen=True)
 class Compose:
     """One project's compose file and the values of the variables it reads."""
@@ -108,6 +121,8 @@ class Compose:
     # whatever this process's environment holds (a rollback must not inherit the failed
     # `up`'s CONFIG, say).
     variables: dict[str, str] = field(default_factory=dict)
+    # Files read after `file`, each overriding what it names (overlays_for).
+    overlays: tuple[Path, ...] = ()
 
     @classmethod
     def for_settings(
@@ -116,15 +131,19 @@ class Compose:
     ) -> Compose:  # fmt: skip
         """The variables compose_env gives, as the file reads them."""
         env = compose_env(settings, allow, publish_address, xtables_lock, served_lan)
-        names = compose_variables(file)
-        return cls(settings.project, file, {k: env[k] for k in sorted(names) if k in env})
+        overlays = overlays_for(settings, file)
+        names = set().union(*(compose_variables(f) for f in (file, *overlays)))
+        return cls(settings.project, file, {k: env[k] for k in sorted(names) if k in env},
+                   overlays)  # fmt: skip
 
     def environment(self) -> dict[str, str]:
-        names = compose_variables(self.file) | set(self.variables)
+        names = set().union(*(compose_variables(f) for f in (self.file, *self.overlays)))
+        names |= set(self.variables)
         return {k: v for k, v in os.environ.items() if k not in names} | self.variables
 
     def _cmd(self, *args: str) -> list[str]:
-        return [*compose_command(), "-p", self.project, "-f", str(self.file), *args]
+        files = [arg for f in (self.file, *self.overlays) for arg in ("-f", str(f))]
+        return [*compose_command(), "-p", self.project, *files, *args]
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -147,8 +166,9 @@ class Compose:
         return match.group(1) if match else None
 
     def up(self) -> None:
-        if not self.file.exists():
-            raise DeployFailed(f"compose file {self.file} not found")
+        for file in (self.file, *self.overlays):
+            if not file.exists():
+                raise DeployFailed(f"compose file {file} not found")
         proc = self.run("up", "-d", check=False)
         if proc.returncode != 0 and "ContainerConfig" in proc.stderr + proc.stdout:
             # docker-compose 1.29 cannot recreate a container on engines 25+ (their image

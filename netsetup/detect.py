@@ -23,7 +23,7 @@ from netsetup.errors import (
     PortTaken,
     SubnetOverlap,
 )
-from netsetup.plan import IptablesBackend, check_lan_ip_in
+from netsetup.plan import IptablesBackend, check_lan_ip6_in, check_lan_ip_in
 
 
 def require_root() -> None:
@@ -156,6 +156,67 @@ def lan_gateway(interface: str, cidr: str) -> str | None:
         if ipaddress.ip_address(gateway) in lan_net:
             return str(gateway)
     return None
+
+
+def interface_prefixes6(interface: str) -> list[str]:
+    """The IPv6 prefixes of the interface's global and unique local addresses (the kernel's
+    order), each as NETWORK/LEN; link-local ones are no LAN prefix."""
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            raise InterfaceNotFound(f"interface {interface} not found")
+        addrs = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                 for a in ipr.get_addr(family=socket.AF_INET6, index=found[0])]  # fmt: skip
+    prefixes: list[str] = []
+    for address, length in addrs:
+        network = ipaddress.IPv6Network(f"{address}/{length}", strict=False)
+        if not ipaddress.IPv6Address(address).is_link_local and str(network) not in prefixes:
+            prefixes.append(str(network))
+    return prefixes
+
+
+def choose_prefix6(prefixes: list[str], lan_ip6: str, interface: str) -> str:
+    """The LAN's IPv6 prefix for LAN_IP6: the first of the interface's prefixes holding it; a
+    LAN_IP6 in none of them is refused, naming them. Whether that is a ULA or the ISP's prefix
+    is the user's choice of LAN_IP6 (README: a ULA outlives the ISP's prefix changes)."""
+    address = ipaddress.IPv6Address(lan_ip6)
+    holding = [p for p in prefixes if address in ipaddress.IPv6Network(p)]
+    if not holding:
+        have = ", ".join(prefixes) or "none"
+        raise AddressTaken(
+            f"--lan-ip6 {lan_ip6} is on none of {interface}'s IPv6 prefixes ({have}): choose "
+            "an address on one (a ULA the router advertises is the robust choice), or give "
+            "--lan-cidr6"
+        )
+    return holding[0]
+
+
+def host_addresses6() -> set[str]:
+    """Every IPv6 address of this host (of its network namespace), on any interface."""
+    with _ipr() as ipr:
+        return {str(ipaddress.IPv6Address(a.get_attr("IFA_ADDRESS")))
+                for a in ipr.get_addr(family=socket.AF_INET6)}  # fmt: skip
+
+
+def check_lan_ip6(lan_ip6: str, lan_cidr6: str, interface: str, probe: bool = True) -> None:
+    """Refuse a LAN_IP6 the host must not claim: outside the LAN's IPv6 prefix, one of its
+    anycast addresses, an address of the host itself, or one a device on the LAN holds (a
+    duplicate address probe, which sends a few solicitations from :: and changes nothing).
+    Once the host answers for LAN_IP6 itself (proxy NDP), a repeated `up` must skip the probe
+    as check_lan_ip does for its proxy ARP entry."""
+    from netsetup import ndprobe  # noqa: PLC0415
+
+    check_lan_ip6_in(ipaddress.IPv6Address(lan_ip6), ipaddress.IPv6Network(lan_cidr6))
+    if lan_ip6 in host_addresses6():
+        raise AddressTaken(f"--lan-ip6 {lan_ip6} is an address of this host: choose a free one")
+    if not probe:
+        return
+    claim = ndprobe.in_use(interface, lan_ip6)
+    if claim is not None:
+        raise AddressTaken(
+            f"--lan-ip6 {lan_ip6} is in use on {interface}: {claim} answered a duplicate "
+            "address probe; choose a free address"
+        )
 
 
 def check_subnet_free(subnet: str, bridge: str | None) -> None:

@@ -88,7 +88,9 @@ def gather_facts(
         lan_address=lan.address,
     )
     backend = get_backend(iptables.value)
-    facts = replace(facts, docker_user=backend.has_docker_user())
+    # ip6tables is read only where IPv6 is asked for: no IPv4-only host has it touched.
+    docker_user6 = settings.ipv6 and get_backend(iptables.value, 6).has_docker_user()
+    facts = replace(facts, docker_user=backend.has_docker_user(), docker_user6=docker_user6)
     return facts, backend
 
 
@@ -110,7 +112,8 @@ def warn_if_forwarding_opens(facts: HostFacts, backend: FirewallBackend) -> None
 
 
 def describe(plan: Plan, backend: FirewallBackend) -> str:
-    return render_plan(plan, backend.describe(plan.firewall))
+    return render_plan(plan, backend.describe(plan.firewall),
+                       get_backend(backend.name, 6).describe(plan.firewall6))  # fmt: skip
 
 
 def raw_drop_lines(backend: FirewallBackend, ip: str) -> list[str]:
@@ -145,6 +148,11 @@ def up(settings: Settings, options: Options) -> str:
     rendered plan (printed by the CLI)."""
     if not options.dry_run:
         detect.require_root()
+        if settings.ipv6:
+            # The plan and its checks exist; the appliance's IPv6 network, proxy NDP and the
+            # sysctls it needs do not yet: refused rather than half deployed.
+            raise BadInput(f"--lan-ip6 {settings.lan_ip6}: only --dry-run serves IPv6 so far "
+                           "(the appliance's IPv6 network is not deployed yet)")  # fmt: skip
     found = preflight(settings, options)
     tell_home_names(found)
     if options.dry_run:
@@ -201,10 +209,15 @@ def preflight(settings: Settings, options: Options) -> Preflight:
     )
     facts, backend = gather_facts(client, settings, options, bridge)
     warn_if_forwarding_opens(facts, backend)
+    if settings.ipv6 and settings.lan_cidr6 is None:
+        prefixes = detect.interface_prefixes6(facts.lan_interface)
+        assert settings.lan_ip6 is not None  # settings.ipv6
+        lan_cidr6 = detect.choose_prefix6(prefixes, settings.lan_ip6, facts.lan_interface)
+        settings = replace(settings, lan_cidr6=lan_cidr6)
     plan = compute_plan(settings, facts)
     check_lan_served(settings, plan, facts)
     check_claims(settings, facts, existing, probe=not options.dry_run)
-    allow = forwarder_allows(plan.served_lan, facts.lan_address)
+    allow = allowed(settings, plan, facts)
     return Preflight(settings, client, existing, facts, backend, plan, allow)
 
 
@@ -256,6 +269,9 @@ def check_claims(
     detect.check_subnet_free(settings.subnet, facts.bridge)
     if settings.lan and settings.lan_ip:
         detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr, probe=probe)
+    if settings.ipv6 and settings.lan_ip6 and settings.lan_cidr6:
+        detect.check_lan_ip6(settings.lan_ip6, settings.lan_cidr6, facts.lan_interface,
+                             probe=probe)  # fmt: skip
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
@@ -269,11 +285,20 @@ def xtables_lock_for(facts: HostFacts, backend: FirewallBackend) -> str:
     return XTABLES_LOCK if backend.name == "legacy" and facts.has_docker_user else ""
 
 
+def allowed(settings: Settings, plan: Plan, facts: HostFacts) -> tuple[str, ...]:
+    """Whom the forwarder serves besides its defaults: the served LAN and the host, and over
+    IPv6 the LAN's IPv6 prefix (a global one is outside the defaults)."""
+    allow = forwarder_allows(plan.served_lan, facts.lan_address)
+    if settings.ipv6 and settings.lan_cidr6:
+        allow = (*allow, settings.lan_cidr6)
+    return allow
+
+
 def compose_for(
     settings: Settings, file: Path, plan: Plan, facts: HostFacts, backend: FirewallBackend
 ) -> deploy.Compose:
     """The compose run that deploys `settings` on this host."""
-    allow = forwarder_allows(plan.served_lan, facts.lan_address)
+    allow = allowed(settings, plan, facts)
     # Direct mode publishes on loopback only (the host's own checks): a port on the LAN
     # address would be one more way in, and through an engine's userland proxy an open one.
     publish = facts.lan_address if settings.published else ""
@@ -359,7 +384,8 @@ def recorded_compose(deployment: state.Deployment, backend: FirewallBackend) -> 
     settings = deployment.to_settings()
     file = Path(deployment.compose_file or "compose.yaml").resolve()
     if deployment.environment:
-        return deploy.Compose(settings.project, file, dict(deployment.environment))
+        return deploy.Compose(settings.project, file, dict(deployment.environment),
+                              deploy.overlays_for(settings, file))  # fmt: skip
     facts = deployment.facts(detect.IptablesBackend(backend.name), backend.has_docker_user())
     return compose_for(settings, file, compute_plan(settings, facts), facts, backend)
 
@@ -469,7 +495,9 @@ def status(project: str, options: Options) -> dict:
     backend = get_backend(backend_name or detect.iptables_backend(options.firewall).value)
     out["iptables"] = backend.name
     if saved:
-        facts = saved.facts(detect.IptablesBackend(backend.name), backend.has_docker_user())
+        backend6 = get_backend(backend.name, 6)
+        facts = saved.facts(detect.IptablesBackend(backend.name), backend.has_docker_user(),
+                            settings.ipv6 and backend6.has_docker_user())  # fmt: skip
         plan = compute_plan(settings, facts)
         fw = backend.state(plan.firewall)
         out["settings"] = saved.settings
@@ -487,6 +515,13 @@ def status(project: str, options: Options) -> dict:
             "hooks_not_first": fw.hooks_not_first,
             "rules": fw.rules_present,
         }
+        if plan.firewall6.chains:
+            fw6 = backend6.state(plan.firewall6)
+            out["firewall6"] = {
+                "complete": fw6.complete, "extra": fw6.extra, "chains": fw6.chains_present,
+                "hooks": fw6.hooks_present, "hooks_not_first": fw6.hooks_not_first,
+                "rules": fw6.rules_present,
+            }  # fmt: skip
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)
         if plan.neighbours or plan.routes:
             out["lan_address"] = hostnet.state(plan.neighbours, plan.routes)

@@ -40,6 +40,15 @@ Why the rules are what they are:
 * The nat hook sits first in POSTROUTING, which Docker never flushes either.
 * Whatever else removes the rules (a reboot, a firewall reload) is repaired by the host service
   (service.py), which applies this same plan and re-checks it every few seconds.
+* IPv6 joins the same plan, not a second copy (Plan.firewall6, firewall6_plan): only where a
+  LAN address over IPv6 (LAN_IP6) is asked for, so a host without it gets exactly the rules it
+  always had. The same chains by name in ip6tables, the same default deny (only the LAN's IPv6
+  prefix reaches the appliance's IPv6 address, and only DNS), the same LAN address translation,
+  written by the same backend kind. The engine's IPv6 firewall is its own: Docker 20.10 writes no
+  ip6tables by default (no DOCKER-USER there: our hook goes first in FORWARD), 27+ does.
+  The appliance's own traffic over IPv6 is masqueraded only when an IPv6 upstream is given: its
+  upstream traffic stays IPv4 otherwise. Nothing on the LAN routes the appliance's IPv6 subnet
+  (direct mode's route is an IPv4 one), so that masquerade leaves no destination out.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
 from netsetup.errors import BadInput
@@ -76,6 +86,7 @@ def lan_chain(project: str) -> str:
 
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_GATEWAY_MODE = "com.docker.network.bridge.gateway_mode_ipv4"
+OPT_GATEWAY_MODE6 = "com.docker.network.bridge.gateway_mode_ipv6"
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 
 
@@ -173,6 +184,13 @@ class Settings:
     local_domains: tuple[str, ...] = ()
     local_reverse: tuple[str, ...] = ()
     hosts_file: str | None = None
+    # The same over IPv6 (proxy NDP): with it, and only with it, the plan has IPv6 rules. The
+    # LAN's IPv6 prefix it lies in is the one served over IPv6; the appliance's bridge gets an
+    # IPv6 subnet of its own, with the appliance at ip6.
+    lan_ip6: str | None = None
+    lan_cidr6: str | None = None
+    subnet6: str = "fd53:53::/64"
+    ip6: str = "fd53:53::53"
 
     @property
     def direct(self) -> bool:
@@ -193,6 +211,40 @@ class Settings:
     @property
     def mode_text(self) -> str:
         return modes_text(self.modes)
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether the appliance is reached over IPv6 too (LAN_IP6 given, in lan mode)."""
+        return self.lan and self.lan_ip6 is not None
+
+    @property
+    def ipv6_upstreams(self) -> bool:
+        """Whether any upstream is an IPv6 address: only then does the appliance's own traffic
+        leave over IPv6. A value the forwarder would refuse counts as none (it checks them)."""
+        return any(upstream_is_ipv6(u) for u in (*self.upstreams, *self.domestic_upstreams))
+
+
+def upstream_is_ipv6(spec: str) -> bool:
+    """Whether an --upstream value (``IP[:PORT]``, ``[IPv6]:PORT``, ``scheme://...``, see the
+    forwarder's parse_spec) names an IPv6 address. Read here rather than with the forwarder's
+    parser: the host service's image carries only the constants of the forwarder."""
+    scheme, sep, text = spec.strip().partition("://")
+    text = text if sep else scheme
+    if sep and scheme.lower() == "https":
+        try:
+            host = urlsplit("https://" + text.partition("#")[0]).hostname or ""
+        except ValueError:
+            return False
+    else:
+        text = text.partition("#")[0].rstrip("/")
+        if text.startswith("["):
+            host = text[1:].partition("]")[0]
+        else:
+            host = text if text.count(":") > 1 else text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def checked_network(option: str, value: str) -> str:
@@ -233,6 +285,7 @@ def check_settings(settings: Settings) -> Settings:
     if not settings.modes:
         raise BadInput("--mode is empty: give a comma list of port, direct, lan")
     lan_ip = check_lan_ip_syntax(settings, subnet, lan_cidr)
+    settings = check_ipv6_settings(settings)
     lists_dir = settings.lists_dir
     if lists_dir is not None:
         lists_dir = os.path.abspath(lists_dir)
@@ -269,6 +322,70 @@ def check_lan_ip_syntax(
     return str(lan_ip)
 
 
+def checked_network6(option: str, value: str) -> ipaddress.IPv6Network:
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise BadInput(f"{option} {value!r} is not an IPv6 network (like fd53:53::/64)") from None
+    if network.version != 6:
+        raise BadInput(f"{option} {value}: an IPv6 network is expected here")
+    return network
+
+
+def check_ipv6_settings(settings: Settings) -> Settings:
+    """What can be said of the IPv6 settings before looking at the host (exit 2); they are
+    normalized. LAN_IP6 comes with lan mode, as LAN_IP does; LAN_CIDR6 alone means nothing."""
+    if settings.lan_ip6 is None:
+        if settings.lan_cidr6 is not None:
+            raise BadInput(f"--lan-cidr6 {settings.lan_cidr6} is given but no --lan-ip6 (LAN_IP6)")
+        return settings
+    if not settings.lan:
+        raise BadInput(f"--lan-ip6 {settings.lan_ip6} is given but lan is not in --mode")
+    subnet6 = checked_network6("--subnet6", settings.subnet6)
+    if subnet6.prefixlen > 120:
+        raise BadInput(f"--subnet6 {subnet6} is too small: it needs a gateway and the appliance")
+    try:
+        ip6 = ipaddress.IPv6Address(settings.ip6)
+    except ValueError:
+        raise BadInput(f"--ip6 {settings.ip6!r} is not an IPv6 address") from None
+    if ip6 not in subnet6 or ip6 in (subnet6.network_address, subnet6.network_address + 1):
+        raise BadInput(f"--ip6 {ip6} must be a host address inside --subnet6 {subnet6}, "
+                       "not its first two (subnet-router anycast, gateway)")  # fmt: skip
+    try:
+        lan_ip6 = ipaddress.IPv6Address(settings.lan_ip6)
+    except ValueError:
+        raise BadInput(f"--lan-ip6 {settings.lan_ip6!r} is not an IPv6 address") from None
+    if any((lan_ip6.is_link_local, lan_ip6.is_multicast, lan_ip6.is_loopback,
+            lan_ip6.is_unspecified)):  # fmt: skip
+        raise BadInput(f"--lan-ip6 {lan_ip6} is not a unicast address a LAN prefix holds "
+                       "(link-local, multicast, loopback and :: are not)")  # fmt: skip
+    if lan_ip6 in subnet6:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is inside the appliance --subnet6 {subnet6}: "
+                       "it must be an address on the LAN")  # fmt: skip
+    lan_cidr6 = None
+    if settings.lan_cidr6 is not None:
+        lan6 = checked_network6("--lan-cidr6", settings.lan_cidr6)
+        check_lan_ip6_in(lan_ip6, lan6)
+        lan_cidr6 = str(lan6)
+    return replace(settings, lan_ip6=str(lan_ip6), lan_cidr6=lan_cidr6, subnet6=str(subnet6),
+                   ip6=str(ip6))  # fmt: skip
+
+
+def check_lan_ip6_in(lan_ip6: ipaddress.IPv6Address, lan6: ipaddress.IPv6Network) -> None:
+    """LAN_IP6 must be a host address of the LAN's IPv6 prefix: not outside it, not its
+    subnet-router anycast address (the prefix itself, RFC 4291 2.6.1), not one of the reserved
+    subnet anycast addresses (the last 128 of a prefix with 64-bit interface identifiers,
+    RFC 2526)."""
+    if lan_ip6 not in lan6:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is outside the LAN's IPv6 prefix {lan6}: clients "
+                       "could not reach it without a route")  # fmt: skip
+    if lan_ip6 == lan6.network_address and lan6.prefixlen < 127:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is the subnet-router anycast address of {lan6}")
+    if lan6.prefixlen <= 64 and int(lan_ip6) & 0xFFFF_FFFF_FFFF_FFFF >= 0xFDFF_FFFF_FFFF_FF80:
+        raise BadInput(f"--lan-ip6 {lan_ip6} is a reserved subnet anycast address of {lan6} "
+                       "(RFC 2526): choose another")  # fmt: skip
+
+
 def check_lan_ip_in(lan_ip: ipaddress.IPv4Address, lan: ipaddress.IPv4Network) -> None:
     """LAN_IP must be a host address of the LAN: clients reach it with no route of their own."""
     if lan_ip not in lan:
@@ -293,6 +410,8 @@ class HostFacts:
     # Whether FORWARD jumps to a DOCKER-USER chain (read from iptables-save): not so where the
     # engine manages no iptables chains, be it the nftables backend or "iptables": false.
     docker_user: bool = True
+    # The same in ip6tables: Docker 20.10 writes none by default ("ip6tables": false), 27+ does.
+    docker_user6: bool = False
 
     @property
     def engine_major_minor(self) -> tuple[int, int]:
@@ -306,6 +425,10 @@ class HostFacts:
     def has_docker_user(self) -> bool:
         return self.engine_firewall == "iptables" and self.docker_user
 
+    @property
+    def has_docker_user6(self) -> bool:
+        return self.engine_firewall == "iptables" and self.docker_user6
+
 
 @dataclass
 class Plan:
@@ -314,6 +437,8 @@ class Plan:
     sysctls: dict[str, str] = field(default_factory=dict)
     network_options: dict[str, str] = field(default_factory=dict)
     firewall: FirewallPlan = field(default_factory=FirewallPlan)
+    # ip6tables: empty (no chains, nothing applied) unless the settings ask for IPv6.
+    firewall6: FirewallPlan = field(default_factory=lambda: FirewallPlan(family=6))
     # Checks made after deployment, against what the engine actually installed.
     verify_no_raw_drop: bool = False
     notes: list[str] = field(default_factory=list)
@@ -347,6 +472,11 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
         plan.sysctls[proxy_delay_key(facts.lan_interface)] = "0"
         plan.neighbours.append(ProxyNeighbour(settings.lan_ip, facts.lan_interface))
         plan.routes.append(HostRoute(f"{settings.lan_ip}/32", facts.bridge))
+    if settings.ipv6:
+        # Docker 28 protects IPv6 containers from direct routing as it does IPv4 ones (a raw
+        # DROP) unless the network is nat-unprotected for IPv6 too.
+        plan.network_options[OPT_GATEWAY_MODE6] = "nat-unprotected"
+        plan.firewall6 = firewall6_plan(settings, facts)
     major_minor = facts.engine_major_minor
     if major_minor < (27, 1):
         plan.notes.append(
@@ -441,6 +571,76 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
     return fw
 
 
+def firewall6_plan(settings: Settings, facts: HostFacts) -> FirewallPlan:
+    """The IPv6 share of the plan, as firewall_plan is the IPv4 one: in ip6tables, the same
+    chain names, the default deny for the appliance's IPv6 address (only the LAN's IPv6 prefix,
+    only DNS), the translation of LAN_IP6:53 to it, and a masquerade only when an IPv6 upstream
+    is given. The chains are declared even when a piece is empty, so a change of settings
+    flushes what no longer applies in the same apply."""
+    subnet6, ip6, bridge = settings.subnet6, settings.ip6, facts.bridge
+    lan_if, project, served = facts.lan_interface, settings.project, settings.lan_cidr6
+    forward_chain, nat_chain = (c.name for c in own_chains(project)[:2])
+    fw = FirewallPlan(family=6)
+    fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
+
+    def accept(**match: object) -> Rule:
+        return Rule(table="filter", chain=forward_chain, target="ACCEPT", **match)  # type: ignore[arg-type]
+
+    fw.rules.append(
+        accept(destination=subnet6, out_interface=bridge, ctstate="RELATED,ESTABLISHED",
+               comment=f"{project}: replies to connections the appliance made")
+    )  # fmt: skip
+    if served is not None:
+        lan_ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
+        if settings.metrics_from_lan:
+            lan_ports.append(("tcp", METRICS_PORT, "metrics"))
+        for proto, port, what in lan_ports:
+            fw.rules.append(
+                accept(source=served, destination=ip6, in_interface=lan_if,
+                       out_interface=bridge, protocol=proto, dport=port,
+                       comment=f"{project}: LAN to appliance {what}")
+            )  # fmt: skip
+    if not facts.has_docker_user6:
+        fw.rules.append(
+            accept(source=ip6, in_interface=bridge, out_interface=bridge, not_out_interface=True,
+                   comment=f"{project}: appliance to upstreams, and its replies")
+        )  # fmt: skip
+    fw.rules.append(
+        Rule(table="filter", chain=forward_chain, target="DROP", in_interface=bridge,
+             not_in_interface=True, out_interface=bridge,
+             comment=f"{project}: nothing else reaches the appliance network")
+    )  # fmt: skip
+    if settings.ipv6_upstreams:
+        fw.rules.append(
+            Rule(table="nat", chain=nat_chain, source=subnet6, out_interface=bridge,
+                 not_out_interface=True, target="MASQUERADE",
+                 comment=f"{project}: appliance to IPv6 upstreams")
+        )  # fmt: skip
+    hook_chain = "DOCKER-USER" if facts.has_docker_user6 else "FORWARD"
+    fw.hooks.append(
+        Rule(table="filter", chain=hook_chain, target=forward_chain,
+             comment=f"{project}: hook", position=1)
+    )  # fmt: skip
+    fw.hooks.append(
+        Rule(table="nat", chain="POSTROUTING", target=nat_chain,
+             comment=f"{project}: hook", position=1)
+    )  # fmt: skip
+    chain = lan_chain(project)
+    fw.chains.append(Chain("nat", chain))
+    for proto in ("udp", "tcp"):
+        fw.rules.append(
+            Rule(table="nat", chain=chain, destination=settings.lan_ip6, protocol=proto,
+                 dport=DNS_PORT, target="DNAT", to_destination=f"[{ip6}]:{DNS_PORT}",
+                 comment=f"{project}: LAN address to appliance DNS/{proto}")
+        )  # fmt: skip
+    for hook_chain in ("PREROUTING", "OUTPUT"):
+        fw.hooks.append(
+            Rule(table="nat", chain=hook_chain, target=chain,
+                 comment=f"{project}: LAN address hook", position=1)
+        )  # fmt: skip
+    return fw
+
+
 def masquerade(settings: Settings, facts: HostFacts, chain: str) -> Rule:
     """What the appliance sends out of its subnet leaves with the host's address, except, where
     the LAN routes the subnet (direct mode), what goes to the LAN (see the module docstring).
@@ -506,8 +706,9 @@ def forwarder_allows(served_lan: str | None, host_address: str | None) -> tuple[
     return tuple(n for n in (served_lan, own) if n)
 
 
-def render_plan(plan: Plan, firewall_text: str) -> str:
-    """The human-readable plan: what `--dry-run` prints and golden files pin."""
+def render_plan(plan: Plan, firewall_text: str, firewall6_text: str = "") -> str:
+    """The human-readable plan: what `--dry-run` prints and golden files pin (the IPv6 firewall
+    only when the plan has one)."""
     s, f = plan.settings, plan.facts
     lines = [
         f"# netsetup plan: mode {s.mode_text}, project {s.project}",
@@ -519,6 +720,9 @@ def render_plan(plan: Plan, firewall_text: str) -> str:
     ]
     if s.lan:
         lines.append(f"# LAN address: {s.lan_ip} port 53 (answered by the host, DNATed)")
+    if s.ipv6:
+        lines.append(f"# LAN address over IPv6: {s.lan_ip6} port 53 in {s.lan_cidr6}, "
+                     f"appliance {s.ip6} in {s.subnet6}")  # fmt: skip
     lines += [
         "",
     ]
@@ -540,4 +744,6 @@ def render_plan(plan: Plan, firewall_text: str) -> str:
         lines.append(f"note: {note}")
     lines.append("")
     lines.append(firewall_text.rstrip("\n"))
+    if plan.firewall6.chains:
+        lines += ["", firewall6_text.rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,10 @@ Each repair is one log line and a count in the sync record that `netsetup status
 hooks have their own count too). What the first sync
 found is recorded too: after a reboot or a daemon restart that is the repair that mattered.
 
+IPv6 is the same plan's other family (Plan.firewall6), written to ip6tables by the backend of the
+same flavour, checked and repaired in the same sync; where the plan has none, the IPv6 chains a
+previous plan had are removed at the first sync and whenever IPv6 is switched off.
+
 On SIGTERM (compose down, docker stop, shutdown) it removes exactly its chains and hooks and puts
 back the sysctls it changed. The sysctl values it found are kept in the sync record, written
 before it changes them, so a restarted service (a crash, an image update, a kill in the middle
@@ -36,7 +40,7 @@ from typing import Any
 from netsetup import detect, hostnet, state, sysctl
 from netsetup.errors import NetsetupError
 from netsetup.firewall import get_backend
-from netsetup.firewall.base import FirewallBackend, FirewallState
+from netsetup.firewall.base import FirewallBackend, FirewallState, declared_chains
 from netsetup.hostnet import HostRoute, ProxyNeighbour
 from netsetup.plan import IptablesBackend, Plan, compute_plan, own_chains
 
@@ -64,6 +68,8 @@ def missing_pieces(fw: FirewallState) -> list[str]:
 class HostService:
     backend: FirewallBackend
     project: str
+    # ip6tables, of the backend's flavour (by default from its name).
+    backend6: FirewallBackend | None = None
     deployment: state.Deployment | None = None
     syncs: int = 0
     repairs: int = 0
@@ -82,14 +88,27 @@ class HostService:
     # away from lan mode, another LAN_IP) are removed at the next sync.
     neighbours: list[ProxyNeighbour] = field(default_factory=list)
     routes: list[HostRoute] = field(default_factory=list)
+    # Whether the last sync applied IPv6 rules: if the next plan has none, they are removed.
+    ipv6_applied: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend6 is None:
+            self.backend6 = get_backend(self.backend.name, 6)
+
+    @property
+    def ip6(self) -> FirewallBackend:
+        assert self.backend6 is not None  # set in __post_init__
+        return self.backend6
 
     def plan(self, deployment: state.Deployment) -> Plan:
         # Whether FORWARD passes DOCKER-USER is read every time: a flush may have taken the
         # engine's jump away, and then our hook belongs first in FORWARD until it is back.
+        settings = deployment.to_settings()
         facts = deployment.facts(
-            detect.IptablesBackend(self.backend.name), self.backend.has_docker_user()
-        )
-        return compute_plan(deployment.to_settings(), facts)
+            detect.IptablesBackend(self.backend.name), self.backend.has_docker_user(),
+            settings.ipv6 and self.ip6.has_docker_user(),
+        )  # fmt: skip
+        return compute_plan(settings, facts)
 
     def sync(self) -> list[str]:
         """Bring the host to the plan; return what had to be put back (empty: all in place)."""
@@ -102,16 +121,37 @@ class HostService:
         self.complete = False  # a report written mid-sync (below) must not claim this record
         plan = self.plan(deployment)
         found = self.sync_sysctls(plan)
-        fw = self.backend.state(plan.firewall)
-        if not fw.exact:
-            found += missing_pieces(fw)
-            self.backend.apply(plan.firewall)
-            self.hooks_moved += len(fw.hooks_not_first)
-            fw = self.backend.state(plan.firewall)
+        exact = True
+        for backend, firewall, family in ((self.backend, plan.firewall, ""),
+                                          (self.ip6, plan.firewall6, "ipv6 ")):  # fmt: skip
+            if not firewall.chains:
+                continue
+            fw = backend.state(firewall)
+            if not fw.exact:
+                found += [family + piece for piece in missing_pieces(fw)]
+                backend.apply(firewall)
+                self.hooks_moved += len(fw.hooks_not_first)
+                fw = backend.state(firewall)
+            exact = exact and fw.exact
+        if plan.firewall6.chains:
+            self.ipv6_applied = True
+        elif self.ipv6_applied or self.syncs == 0:
+            # IPv6 switched off (here, or before this service started): its chains go.
+            found += self.remove_ipv6()
+            self.ipv6_applied = False
         found += self.sync_host_entries(plan)
-        self.complete = fw.exact
+        self.complete = exact
         self.syncs += 1
         return found
+
+    def remove_ipv6(self) -> list[str]:
+        """Remove our ip6tables chains and hooks, if there are any; say so if there were."""
+        chains = own_chains(self.project)
+        present = [f"ipv6 {c.table}/{c.name} (stale)" for c in chains
+                   if c.name in declared_chains(self.ip6.save(c.table))]  # fmt: skip
+        if present:
+            self.ip6.remove(chains)
+        return present
 
     def sync_sysctls(self, plan: Plan) -> list[str]:
         """Set the plan's sysctls; put back those it no longer sets (a switch away from lan
@@ -238,7 +278,8 @@ def remove_host_plan(
     report: the service on its way out, or `netsetup down` for a service that could not. Proxy
     entries and routes are found from the deployment record and from the last report (which
     names a LAN_IP the record may no longer hold, after a killed service); firewall pieces by
-    name."""
+    name, in both families (ip6tables whether or not the record asks for IPv6: a record may
+    have changed since)."""
     # A netlink failure, or a record this version cannot read, must not keep the firewall and
     # sysctls from being put back: every step runs, and the first failure is raised at the end
     # (the report stays for a later sweep).
@@ -246,7 +287,8 @@ def remove_host_plan(
     report = state.load_sync(project) or {}
     for step in (lambda: hostnet.remove(*host_entries(deployment)),
                  lambda: hostnet.remove(*entries_from_json(report.get("host_entries"))),
-                 lambda: backend.remove(own_chains(project))):  # fmt: skip
+                 lambda: backend.remove(own_chains(project)),
+                 lambda: get_backend(backend.name, 6).remove(own_chains(project))):  # fmt: skip
         try:
             step()
         except (NetsetupError, OSError) as exc:

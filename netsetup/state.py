@@ -80,12 +80,15 @@ class Deployment:
         known = {f.name for f in fields(Settings)}
         return Settings(**{k: v for k, v in data.items() if k in known})
 
-    def facts(self, iptables: IptablesBackend, docker_user: bool) -> HostFacts:
+    def facts(
+        self, iptables: IptablesBackend, docker_user: bool, docker_user6: bool = False
+    ) -> HostFacts:
         """Host facts for the plan: the deployment's, with what must be read live."""
         return HostFacts(
             engine_version=self.engine_version, engine_firewall=self.engine_firewall,
             iptables=iptables, bridge=self.bridge, lan_interface=self.lan_interface,
             lan_cidr=self.lan_cidr, lan_address=self.lan_address, docker_user=docker_user,
+            docker_user6=docker_user6,
         )  # fmt: skip
 
     def fingerprint(self) -> str:

@@ -21,5 +21,7 @@ rule.create_match("conntrack").ctstate = "RELATED,ESTABLISHED"
 rule.create_match("comment").comment = "netsetup: smoke"
 for target in ("ACCEPT", "DROP", "MASQUERADE", "RETURN"):
     rule.target = iptc.Target(rule, target)
-for tool in ("iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save"):
+for tool in ("iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save",
+             "ip6tables-nft-save", "ip6tables-nft-restore", "ip6tables-legacy-save",
+             "ip6tables-legacy-restore"):  # fmt: skip
     subprocess.run([tool, "--version"], check=True, stdout=subprocess.DEVNULL)

@@ -65,6 +65,7 @@ class FirewallState:
 class FirewallBackend(ABC):
     name: str
     save_command: list[str]
+    family: int = 4  # 4: iptables, 6: ip6tables
 
     @abstractmethod
     def describe(self, plan: FirewallPlan) -> str:
@@ -80,10 +81,16 @@ class FirewallBackend(ABC):
         """Delete every hook into the given chains, then the chains; absent ones are skipped."""
 
     def save(self, table: str) -> str:
-        """``iptables-save -t TABLE`` for this backend, empty when the table is not loaded."""
-        proc = subprocess.run(
-            [*self.save_command, "-t", table], capture_output=True, text=True, check=False
-        )
+        """``iptables-save -t TABLE`` for this backend, empty when the table is not loaded (or,
+        for ip6tables, the tool is not installed: then nothing of ours is there either)."""
+        try:
+            proc = subprocess.run(
+                [*self.save_command, "-t", table], capture_output=True, text=True, check=False
+            )
+        except FileNotFoundError:
+            if self.family == 4:
+                raise
+            return ""
         if proc.returncode != 0:
             return ""
         return proc.stdout

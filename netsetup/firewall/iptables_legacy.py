@@ -22,6 +22,7 @@ from typing import Any
 
 from netsetup.errors import FirewallFailed
 from netsetup.firewall.base import FirewallBackend
+from netsetup.firewall.iptables_nft import NftBackend
 from netsetup.firewall.model import COMMENT_TAG, Chain, FirewallPlan, Rule, is_netsetup_hook
 
 
@@ -211,3 +212,43 @@ class LegacyBackend(FirewallBackend):
                     if table.is_chain(name):
                         iptc.Chain(table, name).flush()
                         table.delete_chain(name)
+
+
+class LegacyRestoreBackend(NftBackend):
+    """Legacy ip6tables, written by ``ip6tables-legacy-restore --noflush`` (the nf_tables
+    backend's script, the legacy tools): one commit per table, all or nothing.
+
+    Not python-iptables: libxtables registers an extension for the address family current when
+    it is first loaded, so in one process whichever family loads DNAT first keeps it, and the
+    other's ``Target(rule, "DNAT")`` fails with "can't find target DNAT" (checked with
+    python-iptables 1.2.0 and iptables 1.8.9, in both orders). The host service writes both
+    families every sync, so IPv6 goes through the tool. ``--wait`` takes the xtables lock that
+    LegacyBackend holds by hand, so the two never write at once.
+    """
+
+    name = "legacy"
+    describe_kind = "legacy tables; one commit per table"
+
+    def __init__(self) -> None:
+        super().__init__(6)
+        self.save_command = ["ip6tables-legacy-save"]
+        self.restore_command = ["ip6tables-legacy-restore", "--noflush", "--wait"]
+
+    @property
+    def program(self) -> str:
+        return "ip6tables-legacy"
+
+    def loaded(self, table: str) -> bool:
+        try:
+            return table in Path("/proc/net/ip6_tables_names").read_text().split()
+        except OSError:
+            return False
+
+    def save(self, table: str) -> str:
+        # Reading a legacy table that is not loaded would load it: nothing of ours is there.
+        return super().save(table) if self.loaded(table) else ""
+
+    def remove(self, chains: list[Chain]) -> None:
+        # Every `down` removes both families; on a host that never had legacy IPv6 rules
+        # nothing is read or loaded.
+        super().remove([c for c in chains if self.loaded(c.table)])

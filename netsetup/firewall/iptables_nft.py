@@ -22,18 +22,27 @@ from netsetup.firewall.base import (
 from netsetup.firewall.model import Chain, FirewallPlan
 
 
-def _tool(name: str) -> str:
-    """Prefer the explicitly nft-backed binary; plain `iptables-restore` is nft on such hosts."""
-    nft = name.replace("iptables", "iptables-nft", 1)
-    return nft if shutil.which(nft) else name
+def _tool(action: str, family: int = 4) -> str:
+    """Prefer the explicitly nft-backed binary (``iptables-nft-save``, ``ip6tables-nft-save``);
+    plain ``iptables-save`` is nft on such hosts."""
+    program = "iptables" if family == 4 else "ip6tables"
+    nft = f"{program}-nft-{action}"
+    return nft if shutil.which(nft) else f"{program}-{action}"
 
 
 class NftBackend(FirewallBackend):
     name = "nft"
+    describe_kind = "nf_tables; one atomic call"
 
-    def __init__(self) -> None:
-        self.save_command = [_tool("iptables-save")]
-        self.restore_command = [_tool("iptables-restore"), "--noflush"]
+    def __init__(self, family: int = 4) -> None:
+        self.family = family
+        self.save_command = [_tool("save", family)]
+        self.restore_command = [_tool("restore", family), "--noflush"]
+
+    @property
+    def program(self) -> str:
+        """The restore tool as the plan names it."""
+        return "iptables" if self.family == 4 else "ip6tables"
 
     def apply_script(self, plan: FirewallPlan, dumps: dict[str, str] | None = None) -> str:
         """The restore script that brings the tables from `dumps` (current state) to the plan.
@@ -63,7 +72,8 @@ class NftBackend(FirewallBackend):
         return "\n".join(out) + "\n"
 
     def describe(self, plan: FirewallPlan) -> str:
-        header = "# firewall: iptables-restore --noflush <<EOF (nf_tables; one atomic call)"
+        header = (f"# firewall: {self.program}-restore --noflush <<EOF "
+                  f"({self.describe_kind})")  # fmt: skip
         return header + "\n" + self.apply_script(plan) + "EOF\n"
 
     def apply(self, plan: FirewallPlan) -> None:

@@ -51,7 +51,8 @@ class Rule:
     protocol: str | None = None
     dport: int | None = None
     ctstate: str | None = None
-    # DNAT's --to-destination (ADDRESS:PORT), printed after the target as iptables-save does.
+    # DNAT's --to-destination (ADDRESS:PORT, or [ADDRESS]:PORT for IPv6), printed after the
+    # target as iptables-save does.
     to_destination: str | None = None
     # Position for rules in chains we do not own (hooks): 1 means "first", None means append.
     position: int | None = None
@@ -105,6 +106,9 @@ class FirewallPlan:
     chains: list[Chain] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     hooks: list[Rule] = field(default_factory=list)
+    # 4: iptables, 6: ip6tables. The two families' tables are separate: the same chain name
+    # in each, written by the same backend kind for the family (firewall.get_backend).
+    family: int = 4
 
     def tables(self) -> list[str]:
         seen: list[str] = []
@@ -127,8 +131,11 @@ class FirewallPlan:
 
 
 def _cidr(address: str) -> str:
-    """iptables-save prints a host address as /32; keep ours in the same shape."""
-    return address if "/" in address else f"{address}/32"
+    """iptables-save prints a host address as /32 (ip6tables-save as /128); keep ours in the
+    same shape."""
+    if "/" in address:
+        return address
+    return f"{address}/128" if ":" in address else f"{address}/32"
 
 
 def _quote(text: str) -> str:

@@ -3,6 +3,10 @@
 The engines are the ones the plan must serve: 20.10 (Debian bookworm), 26.1 (trixie), 28.5 (sid)
 and 29 (iptables or, experimentally, native nftables as the engine's firewall); "28-noiptables" is
 Docker 28 with ``"iptables": false`` in daemon.json, which creates no DOCKER-USER chain.
+Engines from 27 on write ip6tables too (DOCKER-USER there); 20.10 and 26 do not by default.
+
+A mode may carry two words that are not modes: ``ipv6`` adds a LAN address over IPv6 (LAN_IP6
+on the LAN's IPv6 prefix), ``ipv6up`` that and an IPv6 upstream.
 """
 
 from __future__ import annotations
@@ -32,18 +36,27 @@ def facts(engine: str = "20.10", backend: str = "nft") -> HostFacts:
         lan_cidr="192.168.1.0/24",
         lan_address="192.168.1.2",
         docker_user=not engine.endswith("-noiptables"),
+        docker_user6=int(engine.split("-")[0].split(".")[0]) >= 27
+        and not engine.endswith("-noiptables"),
     )
 
 
 LAN_IP = "192.168.1.53"  # LAN address mode's address in the facts' LAN
+LAN_CIDR6 = "fd00:1::/64"  # the LAN's IPv6 prefix (a ULA the router advertises)
+LAN_IP6 = "fd00:1::53"
+UPSTREAM6 = "[2001:db8::53]:53"
 
 
 def settings(mode: str = "both") -> Settings:
-    modes = parse_modes(mode)
+    words = mode.split(",")
+    ipv6 = "ipv6" in words or "ipv6up" in words
+    modes = parse_modes(",".join(w for w in words if w not in ("ipv6", "ipv6up")))
     return Settings(
         modes=modes,
         lan_ip=LAN_IP if "lan" in modes else None,
-        upstreams=("198.51.100.53",),
+        lan_ip6=LAN_IP6 if ipv6 else None,
+        lan_cidr6=LAN_CIDR6 if ipv6 else None,
+        upstreams=("198.51.100.53", UPSTREAM6) if "ipv6up" in words else ("198.51.100.53",),
         subnet="172.31.53.0/24",
         ip="172.31.53.53",
         port=5053,

@@ -26,6 +26,8 @@ from netsetup.firewall.base import forward_jumps_to_docker_user
 DRIVER = str(Path(__file__).parent / "fw_driver.py")
 SAVE = {"nft": "iptables-nft-save", "legacy": "iptables-legacy-save"}
 CLI = {"nft": "iptables-nft", "legacy": "iptables-legacy"}
+SAVE6 = {"nft": "ip6tables-nft-save", "legacy": "ip6tables-legacy-save"}
+CLI6 = {"nft": "ip6tables-nft", "legacy": "ip6tables-legacy"}
 
 pytestmark = pytest.mark.netns
 
@@ -93,6 +95,47 @@ def test_no_docker_user_hooks_from_forward(netns: str, backend: str, engine: str
     assert forward[0].endswith("-j NETSETUP-dnsapp")
     driver(netns, backend, engine, "both", "remove")
     assert save(netns, backend) == before
+
+
+def save6(ns: str, backend: str) -> dict[str, list[str]]:
+    return normalize(netns_exec(ns, SAVE6[backend]).stdout)
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+@pytest.mark.parametrize(("engine", "mode"), [("20.10", "lan,ipv6"), ("28", "port,lan,ipv6up")])
+def test_ipv6_plan_applied_twice_then_removed(
+    netns: str, backend: str, engine: str, mode: str
+) -> None:
+    """The IPv6 share of the plan goes to ip6tables through the same backend: hooked from
+    FORWARD where the engine writes no ip6tables (20.10), from DOCKER-USER where it does (28);
+    idempotent; removed to the byte, IPv4 tables included."""
+    docker_like(netns, backend)
+    if engine == "28":
+        ipt6 = CLI6[backend]
+        netns_exec(netns, ipt6, "-P", "FORWARD", "DROP")
+        netns_exec(netns, ipt6, "-N", "DOCKER-USER")
+        netns_exec(netns, ipt6, "-A", "DOCKER-USER", "-j", "RETURN")
+        netns_exec(netns, ipt6, "-A", "FORWARD", "-j", "DOCKER-USER")
+    before, before6 = save(netns, backend), save6(netns, backend)
+
+    driver(netns, backend, engine, mode, "apply")
+    once6 = save6(netns, backend)
+    state = json.loads(driver(netns, backend, engine, mode, "state"))
+    assert state["complete"] and state["complete6"] and not state["extra6"]
+    driver(netns, backend, engine, mode, "apply")
+    assert save6(netns, backend) == once6, "a second apply changed ip6tables"
+
+    hook_chain = "DOCKER-USER" if engine == "28" else "FORWARD"
+    hooks = [ln for ln in once6["filter"] if ln.startswith(f"-A {hook_chain}")]
+    assert hooks[0].endswith("-j NETSETUP-dnsapp")
+    assert any("-d fd53:53::53/128" in ln and "--dport 53" in ln and ln.endswith("-j ACCEPT")
+               for ln in once6["filter"])  # fmt: skip
+    assert any("--to-destination [fd53:53::53]:53" in ln for ln in once6["nat"])
+    masquerade = [ln for ln in once6["nat"] if ln.endswith("-j MASQUERADE")]
+    assert bool(masquerade) == mode.endswith("ipv6up"), "IPv6 masquerade only for IPv6 upstreams"
+
+    driver(netns, backend, engine, mode, "remove")
+    assert (save(netns, backend), save6(netns, backend)) == (before, before6)
 
 
 def test_docker_user_detected_from_the_dump() -> None:

@@ -24,6 +24,12 @@ CASES = [(engine, backend, "both") for engine in ENGINES for backend in BACKENDS
 ] + [
     # LAN address mode: alone, and with the others, on both firewall backends
     ("28", "nft", "lan"), ("28", "legacy", "port,direct,lan"), ("20.10", "nft", "direct,lan"),
+] + [
+    # A LAN address over IPv6 too: engines without ip6tables of their own (20.10, 26) and with
+    # (28, 29), both backends; an IPv6 upstream adds the IPv6 masquerade
+    ("20.10", "nft", "lan,ipv6"), ("20.10", "legacy", "port,direct,lan,ipv6"),
+    ("26", "nft", "lan,ipv6up"), ("28", "nft", "lan,ipv6"), ("28", "legacy", "lan,ipv6up"),
+    ("29-nftables", "nft", "lan,ipv6"),
 ]
 
 
@@ -33,7 +39,8 @@ def golden_name(engine: str, backend: str, mode: str) -> str:
 
 def rendered(engine: str, backend: str, mode: str) -> str:
     plan = compute_plan(settings(mode), facts(engine, backend))
-    return render_plan(plan, get_backend(backend).describe(plan.firewall))
+    return render_plan(plan, get_backend(backend).describe(plan.firewall),
+                       get_backend(backend, 6).describe(plan.firewall6))  # fmt: skip
 
 
 @pytest.mark.parametrize(("engine", "backend", "mode"), CASES)

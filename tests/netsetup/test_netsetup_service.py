@@ -244,3 +244,61 @@ def test_service_moves_our_hook_back_first(
     assert code == 0, out
     logged = [ln for ln in out.splitlines() if "not first" in ln]
     assert logged == [f"netsetup-service: repaired: {moved}"] * 2, out
+
+
+RESTORE6 = {"nft": "ip6tables-nft-restore", "legacy": "ip6tables-legacy-restore"}
+
+
+@pytest.mark.parametrize(("engine", "flavour"), [("20.10", "nft"), ("28", "legacy")])
+def test_service_keeps_the_ipv6_plan_and_drops_it_when_ipv6_is_off(
+    netns: str, own_state: None, engine: str, flavour: str
+) -> None:
+    """The IPv6 share of the plan (LAN_IP6 given) is applied, repaired after an ip6tables
+    reload and checked by the same service as IPv4; a record without IPv6 takes the IPv6
+    chains away at the next sync, the IPv4 ones staying; stop leaves ip6tables as it was."""
+    from test_netsetup_backends import CLI6, save6  # noqa: PLC0415
+
+    docker_like(netns, flavour)
+    if engine == "28":
+        for args in (["-N", "DOCKER-USER"], ["-A", "DOCKER-USER", "-j", "RETURN"],
+                     ["-A", "FORWARD", "-j", "DOCKER-USER"]):  # fmt: skip
+            netns_exec(netns, CLI6[flavour], *args)
+    # the interfaces the plan names (LAN_IP's proxy entry and route need them)
+    netns_exec(netns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer")
+    netns_exec(netns, "ip", "link", "add", "br-dnsapp", "type", "bridge")
+    for link in ("eth0", "br-dnsapp"):
+        netns_exec(netns, "ip", "link", "set", link, "up")
+    saved6 = netns_exec(netns, f"ip6tables-{flavour}-save").stdout
+    before6 = save6(netns, flavour)
+    record = state.Deployment.of(settings("lan,ipv6"), facts(engine, flavour), flavour, "")
+    state.save(PROJECT, record)
+
+    service = Service(netns)
+    try:
+        report = service.wait(lambda r: r["complete"])
+        found = report["first_sync"]["found"]
+        assert any(piece.startswith("ipv6 ") for piece in found), found
+        applied6 = save6(netns, flavour)
+        hook_chain = "DOCKER-USER" if engine == "28" else "FORWARD"
+        hooks = [ln for ln in applied6["filter"] if ln.startswith(f"-A {hook_chain} ")]
+        assert hooks[0].endswith("-j NETSETUP-dnsapp"), applied6
+        assert any("-j DNAT --to-destination [fd53:53::53]:53" in ln for ln in applied6["nat"])
+
+        # a firewall reload, IPv6 side: every table flushed, the saved ruleset loaded
+        for table in ("filter", "nat"):
+            netns_exec(netns, CLI6[flavour], "-t", table, "-F")
+            netns_exec(netns, CLI6[flavour], "-t", table, "-X")
+        netns_exec(netns, RESTORE6[flavour], input=saved6)
+        report = service.wait(lambda r: r["repairs"] == 1 and r["complete"])
+        assert any(w.startswith("ipv6 ") for w in report["last_repair"]["what"]), report
+        assert save6(netns, flavour) == applied6
+
+        state.save(PROJECT, state.Deployment.of(settings("lan"), facts(engine, flavour),
+                                                flavour, ""))  # fmt: skip
+        service.wait(lambda r: r["repairs"] == 2 and r["complete"])
+        assert save6(netns, flavour) == before6, "IPv6 switched off: its chains stay"
+        assert "NETSETUP-dnsapp" in "\n".join(save(netns, flavour)["filter"])
+    finally:
+        code, out = service.stop()
+    assert code == 0, out
+    assert save6(netns, flavour) == before6
