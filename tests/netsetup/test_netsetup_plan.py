@@ -54,7 +54,7 @@ def test_the_masquerade_reads_the_modes_traits() -> None:
         ("[2001:db8::53]:53", True), ("2001:db8::53", True),
         ("tls://[2001:db8::1]:853#dns.example", True), ("https://[2001:db8::1]/dns-query", True),
         ("udp://[fd00::1]", True), ("198.51.100.53", False), ("198.51.100.53:5353", False),
-        ("tls://1.1.1.1#cloudflare-dns.com", False), ("https://dns.example/dns-query", False),
+        ("tls://192.0.2.1#dns.example", False), ("https://dns.example/dns-query", False),
         ("not an address", False),
     ],
 )  # fmt: skip
