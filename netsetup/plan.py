@@ -518,10 +518,39 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
     the host or hits the published port on the host's WAN address. The host's own traffic to
     the container does not pass FORWARD, so `netsetup status` still reads the metrics.
     """
-    subnet, ip, bridge, lan_if = settings.subnet, settings.ip, facts.bridge, facts.lan_interface
+    return family_plan(
+        settings, facts, family=4, subnet=settings.subnet, ip=settings.ip, served=served_lan,
+        docker_user=facts.has_docker_user, masquerade=masquerade(settings, facts),
+        lan_ip=settings.lan_ip if settings.lan else None,
+        to_destination=f"{settings.ip}:{DNS_PORT}")  # fmt: skip
+
+
+def firewall6_plan(settings: Settings, facts: HostFacts) -> FirewallPlan:
+    """The IPv6 share of the plan, through the same builder as the IPv4 one: in ip6tables, the
+    same chain names, the default deny for the appliance's IPv6 address (only the LAN's IPv6
+    prefix, only DNS), the translation of LAN_IP6:53 to it, and a masquerade only when an IPv6
+    upstream is given."""
     project = settings.project
+    masq = None
+    if settings.ipv6_upstreams:
+        masq = Rule(table="nat", chain=own_chains(project)[1].name, source=settings.subnet6,
+                    out_interface=facts.bridge, not_out_interface=True, target="MASQUERADE",
+                    comment=f"{project}: appliance to IPv6 upstreams")  # fmt: skip
+    return family_plan(
+        settings, facts, family=6, subnet=settings.subnet6, ip=settings.ip6,
+        served=settings.lan_cidr6, docker_user=facts.has_docker_user6, masquerade=masq,
+        lan_ip=settings.lan_ip6, to_destination=f"[{settings.ip6}]:{DNS_PORT}")  # fmt: skip
+
+
+def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: str, ip: str,
+                served: str | None, docker_user: bool, masquerade: Rule | None,
+                lan_ip: str | None, to_destination: str) -> FirewallPlan:  # fmt: skip
+    """One address family's chains, rules and hooks (see firewall_plan for why each rule): the
+    chains are declared even when a piece is empty, so a change of settings flushes what no
+    longer applies in the same apply."""
+    bridge, lan_if, project = facts.bridge, facts.lan_interface, settings.project
     forward_chain, nat_chain = (c.name for c in own_chains(project)[:2])
-    fw = FirewallPlan()
+    fw = FirewallPlan(family=family)
     fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
 
     def accept(**match: object) -> Rule:
@@ -531,17 +560,17 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
         accept(destination=subnet, out_interface=bridge, ctstate="RELATED,ESTABLISHED",
                comment=f"{project}: replies to connections the appliance made")
     )  # fmt: skip
-    if served_lan is not None:
+    if served is not None:
         lan_ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
         if settings.metrics_from_lan:
             lan_ports.append(("tcp", METRICS_PORT, "metrics"))
         for proto, port, what in lan_ports:
             fw.rules.append(
-                accept(source=served_lan, destination=ip, in_interface=lan_if,
+                accept(source=served, destination=ip, in_interface=lan_if,
                        out_interface=bridge, protocol=proto, dport=port,
                        comment=f"{project}: LAN to appliance {what}")
             )  # fmt: skip
-    if not facts.has_docker_user:
+    if not docker_user:
         # Hooked from FORWARD, no engine rules follow ours to let the appliance out; from
         # DOCKER-USER its traffic falls through to the engine's (isolation between networks).
         fw.rules.append(
@@ -553,8 +582,9 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
              not_in_interface=True, out_interface=bridge,
              comment=f"{project}: nothing else reaches the appliance network")
     )  # fmt: skip
-    fw.rules.append(masquerade(settings, facts, nat_chain))
-    hook_chain = "DOCKER-USER" if facts.has_docker_user else "FORWARD"
+    if masquerade is not None:
+        fw.rules.append(masquerade)
+    hook_chain = "DOCKER-USER" if docker_user else "FORWARD"
     fw.hooks.append(
         Rule(table="filter", chain=hook_chain, target=forward_chain,
              comment=f"{project}: hook", position=1)
@@ -564,91 +594,21 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
              comment=f"{project}: hook", position=1)
     )  # fmt: skip
     # Declared in every mode, empty but for lan mode: a switch away from lan then flushes it and
-    # deletes its hooks (no DNAT of LAN_IP is left behind) with the same apply.
+    # deletes its hooks (no DNAT of the LAN address is left behind) with the same apply.
     fw.chains.append(Chain("nat", lan_chain(project)))
-    if settings.lan and settings.lan_ip:
-        lan_nat(fw, settings)
+    if lan_ip:
+        lan_nat(fw, project, lan_ip, to_destination)
     return fw
 
 
-def firewall6_plan(settings: Settings, facts: HostFacts) -> FirewallPlan:
-    """The IPv6 share of the plan, as firewall_plan is the IPv4 one: in ip6tables, the same
-    chain names, the default deny for the appliance's IPv6 address (only the LAN's IPv6 prefix,
-    only DNS), the translation of LAN_IP6:53 to it, and a masquerade only when an IPv6 upstream
-    is given. The chains are declared even when a piece is empty, so a change of settings
-    flushes what no longer applies in the same apply."""
-    subnet6, ip6, bridge = settings.subnet6, settings.ip6, facts.bridge
-    lan_if, project, served = facts.lan_interface, settings.project, settings.lan_cidr6
-    forward_chain, nat_chain = (c.name for c in own_chains(project)[:2])
-    fw = FirewallPlan(family=6)
-    fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
-
-    def accept(**match: object) -> Rule:
-        return Rule(table="filter", chain=forward_chain, target="ACCEPT", **match)  # type: ignore[arg-type]
-
-    fw.rules.append(
-        accept(destination=subnet6, out_interface=bridge, ctstate="RELATED,ESTABLISHED",
-               comment=f"{project}: replies to connections the appliance made")
-    )  # fmt: skip
-    if served is not None:
-        lan_ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
-        if settings.metrics_from_lan:
-            lan_ports.append(("tcp", METRICS_PORT, "metrics"))
-        for proto, port, what in lan_ports:
-            fw.rules.append(
-                accept(source=served, destination=ip6, in_interface=lan_if,
-                       out_interface=bridge, protocol=proto, dport=port,
-                       comment=f"{project}: LAN to appliance {what}")
-            )  # fmt: skip
-    if not facts.has_docker_user6:
-        fw.rules.append(
-            accept(source=ip6, in_interface=bridge, out_interface=bridge, not_out_interface=True,
-                   comment=f"{project}: appliance to upstreams, and its replies")
-        )  # fmt: skip
-    fw.rules.append(
-        Rule(table="filter", chain=forward_chain, target="DROP", in_interface=bridge,
-             not_in_interface=True, out_interface=bridge,
-             comment=f"{project}: nothing else reaches the appliance network")
-    )  # fmt: skip
-    if settings.ipv6_upstreams:
-        fw.rules.append(
-            Rule(table="nat", chain=nat_chain, source=subnet6, out_interface=bridge,
-                 not_out_interface=True, target="MASQUERADE",
-                 comment=f"{project}: appliance to IPv6 upstreams")
-        )  # fmt: skip
-    hook_chain = "DOCKER-USER" if facts.has_docker_user6 else "FORWARD"
-    fw.hooks.append(
-        Rule(table="filter", chain=hook_chain, target=forward_chain,
-             comment=f"{project}: hook", position=1)
-    )  # fmt: skip
-    fw.hooks.append(
-        Rule(table="nat", chain="POSTROUTING", target=nat_chain,
-             comment=f"{project}: hook", position=1)
-    )  # fmt: skip
-    chain = lan_chain(project)
-    fw.chains.append(Chain("nat", chain))
-    for proto in ("udp", "tcp"):
-        fw.rules.append(
-            Rule(table="nat", chain=chain, destination=settings.lan_ip6, protocol=proto,
-                 dport=DNS_PORT, target="DNAT", to_destination=f"[{ip6}]:{DNS_PORT}",
-                 comment=f"{project}: LAN address to appliance DNS/{proto}")
-        )  # fmt: skip
-    for hook_chain in ("PREROUTING", "OUTPUT"):
-        fw.hooks.append(
-            Rule(table="nat", chain=hook_chain, target=chain,
-                 comment=f"{project}: LAN address hook", position=1)
-        )  # fmt: skip
-    return fw
-
-
-def masquerade(settings: Settings, facts: HostFacts, chain: str) -> Rule:
+def masquerade(settings: Settings, facts: HostFacts) -> Rule:
     """What the appliance sends out of its subnet leaves with the host's address, except, where
     the LAN routes the subnet (direct mode), what goes to the LAN (see the module docstring).
     Only connections the appliance starts are translated: a LAN client's query goes out through
     the bridge, which the rule leaves out, and keeps the client's address."""
     project = settings.project
-    rule = Rule(table="nat", chain=chain, source=settings.subnet, out_interface=facts.bridge,
-                not_out_interface=True, target="MASQUERADE",
+    rule = Rule(table="nat", chain=own_chains(project)[1].name, source=settings.subnet,
+                out_interface=facts.bridge, not_out_interface=True, target="MASQUERADE",
                 comment=f"{project}: appliance to upstreams, LAN included")  # fmt: skip
     if not settings.lan_routes_subnet:
         return rule
@@ -656,18 +616,18 @@ def masquerade(settings: Settings, facts: HostFacts, chain: str) -> Rule:
                    comment=f"{project}: appliance to upstreams, not to the LAN")  # fmt: skip
 
 
-def lan_nat(fw: FirewallPlan, settings: Settings) -> None:
+def lan_nat(fw: FirewallPlan, project: str, lan_ip: str, to_destination: str) -> None:
     """LAN address mode: LAN_IP:53 is translated to the appliance, from the LAN (PREROUTING)
     and from the host itself (OUTPUT). The client's address is kept, so the appliance logs and
     limits it; conntrack undoes the translation on the replies. The filter chain's LAN DNS
     rules (present in every mode) then let the translated queries in; nothing else to LAN_IP
     is translated, so it follows the /32 route into the bridge and meets the default deny.
     A chain of its own: MASQUERADE (the other nat chain) is valid in POSTROUTING only."""
-    chain, project = lan_chain(settings.project), settings.project
+    chain = lan_chain(project)
     for proto in ("udp", "tcp"):
         fw.rules.append(
-            Rule(table="nat", chain=chain, destination=settings.lan_ip, protocol=proto,
-                 dport=DNS_PORT, target="DNAT", to_destination=f"{settings.ip}:{DNS_PORT}",
+            Rule(table="nat", chain=chain, destination=lan_ip, protocol=proto,
+                 dport=DNS_PORT, target="DNAT", to_destination=to_destination,
                  comment=f"{project}: LAN address to appliance DNS/{proto}")
         )  # fmt: skip
     for hook_chain in ("PREROUTING", "OUTPUT"):
