@@ -214,14 +214,15 @@ def domain_lines(path: str, text: str, loaded: Loaded) -> Iterator[tuple[int, st
         yield number, line
 
 
-def _read(path: str, what: str) -> str:
+def read_text(path: str, what: str, error: type[ValueError] = ListError) -> str:
+    """A list file's text, or `error` in one line: unreadable, or not UTF-8."""
     try:
         with open(path, encoding="utf-8") as handle:
             return handle.read()
     except OSError as exc:
-        raise ListError(f"cannot read {what} file {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ListError(f"{path}: not UTF-8 text") from None
+        raise error(f"{path}: not UTF-8 text") from None
 
 
 def parse_range(text: str) -> tuple[int, int, int]:
@@ -272,7 +273,7 @@ def load(domestic_domains: list[str] = (), foreign_domains: list[str] = (),
     # Domestic first, foreign after: a name on both ends up foreign (see the module's doc).
     for group, paths in ((DOMESTIC, domestic_domains), (FOREIGN, foreign_domains)):
         for path in paths:
-            text = _read(path, f"{group} domains")
+            text = read_text(path, f"{group} domains")
             loaded.files.append(path)
             for number, name in domain_lines(path, text, loaded):
                 try:
@@ -285,7 +286,7 @@ def load(domestic_domains: list[str] = (), foreign_domains: list[str] = (),
     v6: list[int] = []
     for path in domestic_ips:
         loaded.files.append(path)
-        for number, raw in _lines(_read(path, "domestic ranges")):
+        for number, raw in _lines(read_text(path, "domestic ranges")):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue

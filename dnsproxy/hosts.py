@@ -17,7 +17,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from . import wire
-from .domainlists import to_wire
+from .domainlists import read_text, to_wire
 
 TYPE_PTR = 12
 HOSTS_TTL = 60  # seconds: a SIGHUP's changes reach clients within a minute
@@ -36,16 +36,6 @@ class HostsTable:
     files: list[str] = field(default_factory=list)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise HostsError(f"cannot read hosts file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise HostsError(f"{path}: not UTF-8 text") from None
-
-
 def _address(text: str) -> bytes:
     """Packed; an IPv6 zone (`fe80::1%eth0`, as some systems' files have) is dropped."""
     return ipaddress.ip_address(text).packed
@@ -59,7 +49,7 @@ def load(paths: list[str], ttl: int = HOSTS_TTL) -> HostsTable:
     table = HostsTable()
     for path in paths:
         table.files.append(path)
-        for number, raw in enumerate(_read(path).splitlines(), 1):
+        for number, raw in enumerate(read_text(path, "hosts", HostsError).splitlines(), 1):
             fields = raw.split("#", 1)[0].split()
             if not fields:
                 continue
