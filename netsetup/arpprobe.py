@@ -16,6 +16,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ETH_P_ARP = 0x0806
@@ -35,7 +36,7 @@ class Claim:
     """A device that answered for the address."""
 
     mac: str
-    op: str  # "reply" or "request"
+    op: str  # ARP: "reply" or "request"; IPv6: "advertisement" or "in use"
 
     def __str__(self) -> str:
         return f"{self.mac} ({self.op})"
@@ -73,11 +74,20 @@ def in_use(interface: str, address: str, probes: int = PROBES) -> Claim | None:
     """Send `probes` ARP probes for `address` on `interface`; the first device that claims the
     address, or None when nothing did within the wait."""
     target = ipaddress.IPv4Address(address).packed
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
-        sock.bind((interface, ETH_P_ARP))
+    return probe(interface, ETH_P_ARP, lambda mac: probe_frame(mac, address),
+                 lambda frame, mac: claim_in(frame, target, mac), probes)  # fmt: skip
+
+
+def probe(interface: str, ethertype: int, frame_from: Callable[[bytes], bytes],
+          claim_from: Callable[[bytes, bytes], Claim | None], probes: int = PROBES,
+          ) -> Claim | None:  # fmt: skip
+    """Send `probes` frames (built from this interface's MAC) a second or so apart on a packet
+    socket for `ethertype`, and listen after each: the first claim `claim_from(frame, own MAC)`
+    finds in what others sent, or None. Shared by the ARP probe and IPv6's (ndprobe.py)."""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype)) as sock:
+        sock.bind((interface, ethertype))
         own_mac = mac_of(sock)
-        frame = probe_frame(own_mac, address)
-        deadline = 0.0
+        frame = frame_from(own_mac)
         for n in range(probes):
             sock.send(frame)
             deadline = time.monotonic() + (INTERVAL if n < probes - 1 else WAIT_AFTER)
@@ -88,7 +98,7 @@ def in_use(interface: str, address: str, probes: int = PROBES) -> Claim | None:
                 data, meta = sock.recvfrom(2048)
                 if meta[2] == PACKET_OUTGOING:
                     continue
-                claim = claim_in(data, target, own_mac)
+                claim = claim_from(data, own_mac)
                 if claim:
                     return claim
     return None

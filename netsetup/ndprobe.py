@@ -15,34 +15,18 @@ the host.
 from __future__ import annotations
 
 import ipaddress
-import select
-import socket
 import struct
-import time
-from dataclasses import dataclass
+
+from netsetup.arpprobe import PROBES, Claim, probe
 
 ETH_P_IPV6 = 0x86DD
 IPPROTO_ICMPV6 = 58
 NEIGHBOR_SOLICITATION, NEIGHBOR_ADVERTISEMENT = 135, 136
 HOP_LIMIT = 255  # RFC 4861: neighbour discovery packets with any other hop limit are dropped
-PACKET_OUTGOING = 4  # sll_pkttype of frames this host sent itself
 UNSPECIFIED = bytes(16)
-# RFC 4862 sends DupAddrDetectTransmits (1) solicitations and waits RetransTimer (1 s); as in
-# arpprobe.py, a few shorter rounds keep `up` quick and give a busy device more chances.
-PROBES = 3
-INTERVAL = 0.35
-WAIT_AFTER = 0.6
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A device that answered for the address."""
-
-    mac: str
-    op: str  # "advertisement" or "in use" (a packet from the address)
-
-    def __str__(self) -> str:
-        return f"{self.mac} ({self.op})"
+# RFC 4862 sends DupAddrDetectTransmits (1) solicitations and waits RetransTimer (1 s); as
+# arpprobe.py does for ARP, a few shorter rounds (its PROBES and timing) keep `up` quick and
+# give a busy device more chances.
 
 
 def solicited_node(address: bytes) -> bytes:
@@ -99,21 +83,5 @@ def in_use(interface: str, address: str, probes: int = PROBES) -> Claim | None:
     """Send `probes` DAD probes for `address` on `interface`; the first device that claims the
     address, or None when nothing did within the wait."""
     target = ipaddress.IPv6Address(address).packed
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IPV6)) as sock:
-        sock.bind((interface, ETH_P_IPV6))
-        own_mac = sock.getsockname()[4]
-        frame = probe_frame(own_mac, address)
-        for n in range(probes):
-            sock.send(frame)
-            deadline = time.monotonic() + (INTERVAL if n < probes - 1 else WAIT_AFTER)
-            while (left := deadline - time.monotonic()) > 0:
-                ready, _, _ = select.select([sock], [], [], left)
-                if not ready:
-                    break
-                data, meta = sock.recvfrom(2048)
-                if meta[2] == PACKET_OUTGOING:
-                    continue
-                claim = claim_in(data, target, own_mac)
-                if claim:
-                    return claim
-    return None
+    return probe(interface, ETH_P_IPV6, lambda mac: probe_frame(mac, address),
+                 lambda frame, mac: claim_in(frame, target, mac), probes)  # fmt: skip
