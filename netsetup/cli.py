@@ -192,6 +192,8 @@ def up(
             paths.append(f"{host_address} port {port} (port mode)")
         if settings.lan:
             paths.append(f"{settings.lan_ip} port 53 (LAN address mode: no route needed)")
+        if settings.ipv6:
+            paths.append(f"{settings.lan_ip6} port 53 over IPv6")
         print(f"netsetup: up: LAN clients ask {' or '.join(paths)}", file=sys.stderr)
 
 

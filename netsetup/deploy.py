@@ -246,6 +246,7 @@ class Deployed:
     # Running (or being restarted by its policy), whatever its health: a container still
     # "starting" after a reboot, or "unhealthy", is a deployment a failed `up` must put back.
     running: bool = False
+    ipv6: bool = False  # the network has an IPv6 subnet (compose.ipv6.yaml)
 
 
 def inspect(client: Any, settings: Settings) -> Deployed | None:
@@ -284,6 +285,7 @@ def inspect(client: Any, settings: Settings) -> Deployed | None:
         published=published,
         container_id=container.id,
         restarts=int(container.attrs.get("RestartCount") or 0),
+        ipv6=bool(net.attrs.get("EnableIPv6")),
     )
 
 

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from netsetup import sysctl
 from netsetup.errors import (
     AddressTaken,
     InterfaceNotFound,
@@ -175,6 +176,32 @@ def interface_prefixes6(interface: str) -> list[str]:
     return prefixes
 
 
+RTPROT_RA = 9  # linux/rtnetlink.h: a route the kernel learned from a router advertisement
+
+
+def ra_interfaces(lan_interface: str) -> tuple[str, ...]:
+    """Interfaces that configure the host's IPv6 from router advertisements (accept_ra not 0):
+    the LAN interface, and every other that holds a default route learned from one. Forwarding
+    would cost each its default route (plan.ipv6_sysctls). A repeated `up` finds accept_ra at
+    the 2 it set, still not 0: the same interfaces."""
+    with _ipr() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        learned = [names.get(route.get_attr("RTA_OIF"))
+                   for route in ipr.get_routes(family=socket.AF_INET6, table=254)
+                   if route["dst_len"] == 0 and route["proto"] == RTPROT_RA]  # fmt: skip
+    found: list[str] = []
+    for name in [lan_interface, *sorted(n for n in learned if n)]:
+        if name in found:
+            continue
+        try:
+            taking = sysctl.get(f"net.ipv6.conf.{name}.accept_ra") != "0"
+        except OSError:  # no IPv6 on it (disable_ipv6 at boot): nothing to keep
+            taking = False
+        if taking:
+            found.append(name)
+    return tuple(found)
+
+
 def choose_prefix6(prefixes: list[str], lan_ip6: str, interface: str) -> str:
     """The LAN's IPv6 prefix for LAN_IP6: the first of the interface's prefixes holding it; a
     LAN_IP6 in none of them is refused, naming them. Whether that is a ULA or the ISP's prefix
@@ -202,14 +229,14 @@ def check_lan_ip6(lan_ip6: str, lan_cidr6: str, interface: str, probe: bool = Tr
     """Refuse a LAN_IP6 the host must not claim: outside the LAN's IPv6 prefix, one of its
     anycast addresses, an address of the host itself, or one a device on the LAN holds (a
     duplicate address probe, which sends a few solicitations from :: and changes nothing).
-    Once the host answers for LAN_IP6 itself (proxy NDP), a repeated `up` must skip the probe
-    as check_lan_ip does for its proxy ARP entry."""
-    from netsetup import ndprobe  # noqa: PLC0415
+    Once the host answers for LAN_IP6 itself (proxy NDP), a repeated `up` skips the probe, as
+    check_lan_ip does for its proxy ARP entry."""
+    from netsetup import hostnet, ndprobe  # noqa: PLC0415
 
     check_lan_ip6_in(ipaddress.IPv6Address(lan_ip6), ipaddress.IPv6Network(lan_cidr6))
     if lan_ip6 in host_addresses6():
         raise AddressTaken(f"--lan-ip6 {lan_ip6} is an address of this host: choose a free one")
-    if not probe:
+    if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip6, interface)):
         return
     claim = ndprobe.in_use(interface, lan_ip6)
     if claim is not None:

@@ -104,8 +104,10 @@ def compose_variables(settings: Settings, served_lan: str | None) -> dict[str, s
 
 
 def reverse_networks(settings: Settings, served_lan: str | None) -> list[str]:
-    """The networks whose reverse names are the home's: the LAN served, then LOCAL_REVERSE."""
-    return list(dict.fromkeys([*([served_lan] if served_lan else []), *settings.local_reverse]))
+    """The networks whose reverse names are the home's: the LAN served, its IPv6 prefix (with
+    LAN_IP6), then LOCAL_REVERSE."""
+    lan = [n for n in (served_lan, settings.lan_cidr6 if settings.ipv6 else None) if n]
+    return list(dict.fromkeys([*lan, *settings.local_reverse]))
 
 
 def config_sets(key: str, config: str | None) -> bool:

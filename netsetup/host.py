@@ -90,25 +90,36 @@ def gather_facts(
     backend = get_backend(iptables.value)
     # ip6tables is read only where IPv6 is asked for: no IPv4-only host has it touched.
     docker_user6 = settings.ipv6 and get_backend(iptables.value, 6).has_docker_user()
-    facts = replace(facts, docker_user=backend.has_docker_user(), docker_user6=docker_user6)
+    ra_taking = detect.ra_interfaces(lan.interface) if settings.ipv6 else ()
+    facts = replace(facts, docker_user=backend.has_docker_user(), docker_user6=docker_user6,
+                    ra_interfaces=ra_taking)  # fmt: skip
     return facts, backend
 
 
-def warn_if_forwarding_opens(facts: HostFacts, backend: FirewallBackend) -> None:
-    """Turning IPv4 forwarding on makes the host a router between all its interfaces. An engine
-    that manages iptables sets FORWARD's policy to DROP when it does so; where none does and
-    the policy is ACCEPT, that is a change beyond the appliance the user should know of."""
-    if facts.has_docker_user or sysctl.get("net.ipv4.ip_forward") == "1":
-        return
-    policies = [ln.split()[1] for ln in backend.save("filter").splitlines()
-                if ln.startswith(":FORWARD ")]  # fmt: skip
-    if policies == ["ACCEPT"]:
-        print(
-            "netsetup: warning: IPv4 forwarding is off and the FORWARD policy is ACCEPT: turning "
-            "forwarding on for the appliance makes this host route between all its networks; "
-            "set the policy to DROP (iptables -P FORWARD DROP) unless it should",
-            file=sys.stderr,
-        )
+def warn_if_forwarding_opens(settings: Settings, facts: HostFacts,
+                             backend: FirewallBackend) -> None:  # fmt: skip
+    """Turning forwarding on makes the host a router between all its interfaces. An engine that
+    manages iptables sets FORWARD's policy to DROP when it does so; where none does and the
+    policy is ACCEPT, that is a change beyond the appliance the user should know of. IPv6 as
+    IPv4, where LAN_IP6 is served (Docker 20.10 manages no ip6tables by default)."""
+    families = [(4, "net.ipv4.ip_forward", facts.has_docker_user, backend)]
+    if settings.ipv6:
+        families.append((6, "net.ipv6.conf.all.forwarding", facts.has_docker_user6,
+                         get_backend(backend.name, 6)))  # fmt: skip
+    for family, key, engine_guards, tables in families:
+        if engine_guards or sysctl.get(key) == "1":
+            continue
+        policies = [ln.split()[1] for ln in tables.save("filter").splitlines()
+                    if ln.startswith(":FORWARD ")]  # fmt: skip
+        if policies == ["ACCEPT"]:
+            command = "iptables" if family == 4 else "ip6tables"
+            print(
+                f"netsetup: warning: IPv{family} forwarding is off and the FORWARD policy is "
+                "ACCEPT: turning forwarding on for the appliance makes this host route between "
+                f"all its networks; set the policy to DROP ({command} -P FORWARD DROP) unless "
+                "it should",
+                file=sys.stderr,
+            )
 
 
 def describe(plan: Plan, backend: FirewallBackend) -> str:
@@ -148,11 +159,6 @@ def up(settings: Settings, options: Options) -> str:
     rendered plan (printed by the CLI)."""
     if not options.dry_run:
         detect.require_root()
-        if settings.ipv6:
-            # The plan and its checks exist; the appliance's IPv6 network, proxy NDP and the
-            # sysctls it needs do not yet: refused rather than half deployed.
-            raise BadInput(f"--lan-ip6 {settings.lan_ip6}: only --dry-run serves IPv6 so far "
-                           "(the appliance's IPv6 network is not deployed yet)")  # fmt: skip
     found = preflight(settings, options)
     tell_home_names(found)
     if options.dry_run:
@@ -174,9 +180,11 @@ def up(settings: Settings, options: Options) -> str:
 
 
 def appliance_ipv6(settings: Settings) -> frozenset[str]:
-    """The appliance's own IPv6 addresses: a router may hand these out. None yet (the
-    appliance answers on IPv4 only); LAN_IP6 belongs here once it exists."""
-    return frozenset()
+    """The appliance's own IPv6 addresses, which a router may well hand out: LAN_IP6, and the
+    container's own (a router on the host itself could name it)."""
+    if not settings.ipv6:
+        return frozenset()
+    return frozenset(a for a in (settings.lan_ip6, settings.ip6) if a)
 
 
 def warn_ipv6_dns(settings: Settings, survey: ra.Survey) -> None:
@@ -201,6 +209,7 @@ def preflight(settings: Settings, options: Options) -> Preflight:
     serves, and the subnet, LAN_IP and port free."""
     client = detect.docker_client()
     existing = deploy.inspect(client, settings)
+    check_network_family(settings, existing)
     bridge = (
         options.bridge
         or (existing.bridge if existing else None)
@@ -208,7 +217,6 @@ def preflight(settings: Settings, options: Options) -> Preflight:
         or f"br-{settings.project}"
     )
     facts, backend = gather_facts(client, settings, options, bridge)
-    warn_if_forwarding_opens(facts, backend)
     if settings.ipv6 and settings.lan_cidr6 is None:
         prefixes = detect.interface_prefixes6(facts.lan_interface)
         assert settings.lan_ip6 is not None  # settings.ipv6
@@ -217,8 +225,20 @@ def preflight(settings: Settings, options: Options) -> Preflight:
     plan = compute_plan(settings, facts)
     check_lan_served(settings, plan, facts)
     check_claims(settings, facts, existing, probe=not options.dry_run)
+    warn_if_forwarding_opens(settings, facts, backend)  # only once nothing refuses
     allow = allowed(settings, plan, facts)
     return Preflight(settings, client, existing, facts, backend, plan, allow)
+
+
+def check_network_family(settings: Settings, existing: deploy.Deployed | None) -> None:
+    """The engine cannot give a running network IPv6, nor take it away: compose would fail
+    halfway. Refused here, in one line, with what to do."""
+    if existing is None or existing.ipv6 == settings.ipv6:
+        return
+    change = "serve LAN_IP6" if settings.ipv6 else "stop serving LAN_IP6"
+    has = "has no" if settings.ipv6 else "has an"
+    raise BadInput(f"to {change}, the network {existing.network} ({has} IPv6 subnet) must be "
+                   "created anew: run `make down`, then `make up` again")  # fmt: skip
 
 
 def tell_home_names(found: Preflight) -> None:
@@ -323,7 +343,12 @@ def deploy_services(
         Path(lock).touch(exist_ok=True)  # as iptables would: a missing source becomes a directory
     # The record first: the host service reads it (a change reaches a running service).
     previous = state.load(project)
+    preset = presets(found.plan, previous)
+    deployment = replace(deployment, sysctls_found=preset.found)
     state.save(project, deployment)
+    if preset.changed:
+        undo.push("sysctls", lambda: restore_sysctls(preset.changed))
+        set_sysctls(found.plan, preset.changed)
     if found.running and previous is not None:
         # A repeated `up`: whatever fails from here on, the deployment that ran is put back.
         undo.push(
@@ -339,6 +364,42 @@ def deploy_services(
         undo.push("compose up", lambda: down_services(project, compose))
     compose.up()
     return deployment, time.time()
+
+
+@dataclass(frozen=True)
+class Presets:
+    found: dict[str, str]  # every key set before the engine, with the host's own value
+    changed: dict[str, str]  # those this `up` changes, with the value it finds
+
+
+def presets(plan: Plan, previous: state.Deployment | None) -> Presets:
+    """The plan's IPv6 sysctls, which `up` sets itself before compose runs: the engine turns
+    IPv6 forwarding on when it creates an IPv6 network, and the interfaces that take router
+    advertisements must have accept_ra at 2 before that (plan.ipv6_sysctls). The host service
+    then finds them set; the record tells it, and `down`, what the host had. A key a previous
+    `up` set keeps the value that one found."""
+    kept = previous.sysctls_found if previous else {}
+    found: dict[str, str] = {}
+    changed: dict[str, str] = {}
+    for key, value in plan.sysctls.items():
+        if not key.startswith("net.ipv6."):
+            continue
+        if key in kept:
+            found[key] = kept[key]
+        elif (now := sysctl.get(key)) != value:
+            found[key] = changed[key] = now
+    return Presets(found, changed)
+
+
+def set_sysctls(plan: Plan, keys: dict[str, str]) -> None:
+    for key, value in plan.sysctls.items():  # the plan's order: accept_ra before forwarding
+        if key in keys:
+            sysctl.set_value(key, value)
+
+
+def restore_sysctls(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        sysctl.set_value(key, value)
 
 
 def verify(

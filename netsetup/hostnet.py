@@ -4,9 +4,13 @@ LAN address mode makes the host answer ARP for LAN_IP with its own MAC address. 
 that for a proxy entry (``ip neigh add proxy LAN_IP dev LAN_IF``) only when its route to LAN_IP
 leaves by another interface, hence the host route ``LAN_IP/32 dev BRIDGE``; that route also
 sends whatever for LAN_IP is not DNATed (anything but DNS) into the bridge, where the filter
-chain's default deny drops it. Both are values here, like firewall rules (firewall/model.py):
-the plan lists them, `--dry-run` prints them, and this backend applies, checks and removes them
-through netlink (pyroute2), idempotently: adding what is there or deleting what is not is a no-op.
+chain's default deny drops it. LAN_IP6 gets the same pair: a proxy NDP entry (the kernel answers
+neighbour solicitations for it where the interface forwards and has proxy_ndp on) and a /128
+route into the bridge, for the same reason: without it, what is not DNATed would be routed back
+out of the LAN interface it came in by. All are values here, like firewall rules
+(firewall/model.py): the plan lists them, `--dry-run` prints them, and this backend applies,
+checks and removes them through netlink (pyroute2), idempotently: adding what is there or
+deleting what is not is a no-op.
 """
 
 from __future__ import annotations
@@ -35,26 +39,49 @@ class HostNetFailed(NetsetupError):
     """A netlink change was refused (no such interface, no permission)."""
 
 
+def family_of(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _ip(family: int) -> str:
+    return "ip -6" if family == socket.AF_INET6 else "ip"
+
+
 @dataclass(frozen=True)
 class ProxyNeighbour:
-    """The host answers ARP for `address` on `interface` with its own MAC address."""
+    """The host answers ARP (IPv4) or neighbour solicitations (IPv6) for `address` on
+    `interface` with its own MAC address."""
 
-    address: str
+    address: str  # as ipaddress prints it: what the kernel's entries are compared with
     interface: str
 
+    @property
+    def family(self) -> int:
+        return family_of(self.address)
+
     def render(self) -> str:
-        return f"ip neigh add proxy {self.address} dev {self.interface}"
+        return f"{_ip(self.family)} neigh add proxy {self.address} dev {self.interface}"
 
 
 @dataclass(frozen=True)
 class HostRoute:
-    """A host route ``destination dev interface`` (scope link: no gateway)."""
+    """A host route ``destination dev interface`` (no gateway)."""
 
-    destination: str  # ADDRESS/32
+    destination: str  # ADDRESS/32 or ADDRESS/128
     interface: str
 
+    @property
+    def family(self) -> int:
+        return family_of(self.destination)
+
+    @property
+    def scope(self) -> int:
+        """IPv4 routes without a gateway are scope link; IPv6 ones universe, as `ip` makes
+        them (deletion must name the scope: pyroute2 sends 0 otherwise)."""
+        return SCOPE_LINK if self.family == socket.AF_INET else 0
+
     def render(self) -> str:
-        return f"ip route add {self.destination} dev {self.interface}"
+        return f"{_ip(self.family)} route add {self.destination} dev {self.interface}"
 
 
 @contextmanager
@@ -71,13 +98,14 @@ def _index(ipr: Any, interface: str) -> int | None:
 
 
 def proxy_entries(ipr: Any = None) -> set[tuple[str, int]]:
-    """Every IPv4 proxy entry of this namespace as (address, interface index).
+    """Every proxy entry of this namespace, IPv4 and IPv6, as (address, interface index).
 
     The kernel lists proxy entries only for a dump request whose ndmsg flags are exactly
     NTF_PROXY; pyroute2's dump does not put the flags in the request (0.9 filters replies on
-    our side instead), so this one request is made on a plain netlink socket.
+    our side instead), so this one request is made on a plain netlink socket. Family
+    AF_UNSPEC: the kernel walks the ARP and the NDP table both.
     """
-    request = struct.pack("=BxxxiHBB", socket.AF_INET, 0, 0, NTF_PROXY, 0)
+    request = struct.pack("=BxxxiHBB", socket.AF_UNSPEC, 0, 0, NTF_PROXY, 0)
     header = struct.pack("=IHHII", 16 + len(request), RTM_GETNEIGH,
                          NLM_F_REQUEST | NLM_F_DUMP, 1, 0)  # fmt: skip
     found: set[tuple[str, int]] = set()
@@ -107,8 +135,10 @@ def _proxy_entry(body: bytes) -> set[tuple[str, int]]:
         length, kind = struct.unpack_from("=HH", body, offset)
         if length < 4:
             break
-        if kind == NDA_DST and family == socket.AF_INET and flags & NTF_PROXY:
-            return {(socket.inet_ntoa(body[offset + 4 : offset + 8]), index)}
+        size = {socket.AF_INET: 4, socket.AF_INET6: 16}.get(family)
+        if kind == NDA_DST and size and flags & NTF_PROXY:
+            address = socket.inet_ntop(family, body[offset + 4 : offset + 4 + size])
+            return {(address, index)}
         offset += (length + 3) & ~3
     return set()
 
@@ -121,7 +151,7 @@ def has_proxy(entry: ProxyNeighbour) -> bool:
 
 def _route_present(ipr: Any, route: HostRoute, index: int) -> bool:
     address, prefix = route.destination.split("/")
-    for msg in ipr.get_routes(family=socket.AF_INET, table=254):
+    for msg in ipr.get_routes(family=route.family, table=254):
         if (
             msg["dst_len"] == int(prefix)
             and msg.get_attr("RTA_DST") == address
@@ -154,14 +184,14 @@ def apply(neighbours: list[ProxyNeighbour], routes: list[HostRoute]) -> list[str
             index = _require(ipr, entry.interface, entry.render())
             if (entry.address, index) not in proxies:
                 _call(entry.render(), ipr.neigh, "add", dst=entry.address, ifindex=index,
-                      flags=NTF_PROXY, family=socket.AF_INET)  # fmt: skip
+                      flags=NTF_PROXY, family=entry.family)  # fmt: skip
                 added.append(entry.render())
         for route in routes:
             index = _require(ipr, route.interface, route.render())
             if not _route_present(ipr, route, index):
                 # "replace": a route to the same /32 by another device is ours to correct
                 _call(route.render(), ipr.route, "replace", dst=route.destination, oif=index,
-                      scope=SCOPE_LINK, proto=RTPROT_STATIC)  # fmt: skip
+                      family=route.family, scope=route.scope, proto=RTPROT_STATIC)  # fmt: skip
                 added.append(route.render())
     return added
 
@@ -174,12 +204,12 @@ def remove(neighbours: list[ProxyNeighbour], routes: list[HostRoute]) -> None:
             index = _index(ipr, entry.interface)
             if index is not None and (entry.address, index) in proxies:
                 _call(entry.render(), ipr.neigh, "del", dst=entry.address, ifindex=index,
-                      flags=NTF_PROXY, family=socket.AF_INET, missing_ok=True)  # fmt: skip
+                      flags=NTF_PROXY, family=entry.family, missing_ok=True)  # fmt: skip
         for route in routes:
             index = _index(ipr, route.interface)
             if index is not None and _route_present(ipr, route, index):
                 _call(route.render(), ipr.route, "del", dst=route.destination, oif=index,
-                      scope=SCOPE_LINK, missing_ok=True)  # fmt: skip
+                      family=route.family, scope=route.scope, missing_ok=True)  # fmt: skip
 
 
 def _require(ipr: Any, interface: str, what: str) -> int:

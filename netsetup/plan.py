@@ -412,6 +412,10 @@ class HostFacts:
     docker_user: bool = True
     # The same in ip6tables: Docker 20.10 writes none by default ("ip6tables": false), 27+ does.
     docker_user6: bool = False
+    # Interfaces that configure the host's own IPv6 from router advertisements (accept_ra not 0:
+    # the LAN interface, and any other holding a default route learned from one), read where
+    # IPv6 is served: forwarding would make them ignore advertisements (see ipv6_sysctls).
+    ra_interfaces: tuple[str, ...] = ()
 
     @property
     def engine_major_minor(self) -> tuple[int, int]:
@@ -445,13 +449,33 @@ class Plan:
     # The LAN network the forwarder serves and the firewall lets in; None when the detected LAN
     # is not private and was not given (see lan_to_allow): then only the host reaches it.
     served_lan: str | None = None
-    # LAN address mode: the host answers ARP for LAN_IP and routes it into the bridge (hostnet.py).
+    # LAN address mode: the host answers ARP for LAN_IP (NDP for LAN_IP6) and routes it into the
+    # bridge (hostnet.py).
     neighbours: list[ProxyNeighbour] = field(default_factory=list)
     routes: list[HostRoute] = field(default_factory=list)
 
 
-def proxy_delay_key(interface: str) -> str:
-    return f"net.ipv4.neigh.{interface}.proxy_delay"
+def proxy_delay_key(interface: str, family: int = 4) -> str:
+    return f"net.ipv{family}.neigh.{interface}.proxy_delay"
+
+
+def ipv6_sysctls(facts: HostFacts) -> dict[str, str]:
+    """What LAN_IP6 needs of the kernel, in the order it is set.
+
+    Proxy NDP answers only on an interface that forwards, and the kernel forwards IPv6 only with
+    all.forwarding on (which turns every interface's forwarding on). An interface that forwards
+    ignores router advertisements unless accept_ra is 2, and turning forwarding on deletes the
+    default routes learned from them: the host would lose its own IPv6 default route. So
+    accept_ra goes to 2 first, on each interface that takes advertisements. The engine turns
+    all.forwarding on itself when it creates an IPv6 network: `up` sets these before it does
+    (host.preset_sysctls), so the values found are the host's own.
+    """
+    out = {f"net.ipv6.conf.{name}.accept_ra": "2" for name in facts.ra_interfaces}
+    out["net.ipv6.conf.all.forwarding"] = "1"
+    out[f"net.ipv6.conf.{facts.lan_interface}.proxy_ndp"] = "1"
+    # as for proxy ARP: a solicitation's answer would wait up to 0.8 s
+    out[proxy_delay_key(facts.lan_interface, 6)] = "0"
+    return out
 
 
 def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
@@ -477,6 +501,10 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
         # DROP) unless the network is nat-unprotected for IPv6 too.
         plan.network_options[OPT_GATEWAY_MODE6] = "nat-unprotected"
         plan.firewall6 = firewall6_plan(settings, facts)
+        plan.sysctls.update(ipv6_sysctls(facts))
+        assert settings.lan_ip6 is not None  # settings.ipv6
+        plan.neighbours.append(ProxyNeighbour(settings.lan_ip6, facts.lan_interface))
+        plan.routes.append(HostRoute(f"{settings.lan_ip6}/128", facts.bridge))
     major_minor = facts.engine_major_minor
     if major_minor < (27, 1):
         plan.notes.append(

@@ -159,15 +159,18 @@ class HostService:
         the change (SIGKILL, an out-of-memory kill) leaves in its report what the host had,
         for the next service or `down`'s sweep to put back."""
         found = []
+        # what `up` set itself before the engine ran, with the value it found (host.presets)
+        set_by_up = self.deployment.sysctls_found if self.deployment else {}
         for key, value in plan.sysctls.items():
             old = sysctl.get(key)
-            if old == value:
-                continue
             if key not in self.sysctls_before:  # one kept stays: the value now may be ours
-                self.sysctls_before[key] = old
-                self.record()
-            sysctl.set_value(key, value)
-            found.append(f"sysctl {key} was {old}")
+                original = set_by_up.get(key, old)
+                if original != value:
+                    self.sysctls_before[key] = original
+                    self.record()
+            if old != value:
+                sysctl.set_value(key, value)
+                found.append(f"sysctl {key} was {old}")
         for key in [k for k in self.sysctls_before if k not in plan.sysctls]:
             sysctl.set_value(key, self.sysctls_before[key])
             found.append(f"sysctl {key} put back to {self.sysctls_before.pop(key)}")
@@ -242,14 +245,15 @@ def entries_to_json(neighbours: list[ProxyNeighbour], routes: list[HostRoute]) -
 
 def entries_from_json(data: Any) -> tuple[list[ProxyNeighbour], list[HostRoute]]:
     """What a report says was applied; nothing from a report of another shape (an older one),
-    and no entry that is not an IPv4 address (a /32 for routes) on an interface name."""
+    and no entry that is not an address (a host route for routes) on an interface name."""
     try:
         neighbours = [ProxyNeighbour(str(a), str(i)) for a, i in data["neighbours"]]
         routes = [HostRoute(str(d), str(i)) for d, i in data["routes"]]
         for n in neighbours:
-            ipaddress.IPv4Address(n.address)
+            ipaddress.ip_address(n.address)
         for r in routes:
-            if ipaddress.IPv4Network(r.destination).prefixlen != 32:
+            network = ipaddress.ip_network(r.destination)
+            if network.prefixlen != network.max_prefixlen:
                 raise ValueError(r.destination)
         if not all(e.interface for e in [*neighbours, *routes]):
             raise ValueError("no interface")
@@ -293,7 +297,9 @@ def remove_host_plan(
             step()
         except (NetsetupError, OSError) as exc:
             failed.append(exc)
-    for key, old in sysctls_before.items():
+    # what `up` set before the engine ran, for a service that never adopted it (killed first)
+    set_by_up = deployment.sysctls_found if deployment else {}
+    for key, old in {**set_by_up, **sysctls_before}.items():
         sysctl.set_value(key, old)
     if failed:
         raise failed[0]

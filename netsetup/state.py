@@ -52,6 +52,10 @@ class Deployment:
     # file, what deploys these containers again. The settings alone do not say it all: CONFIG,
     # QUERY_LOG or IMAGE come from the environment `up` ran in.
     environment: dict[str, str] = field(default_factory=dict)
+    ra_interfaces: list[str] = field(default_factory=list)  # HostFacts.ra_interfaces
+    # Sysctls `up` set itself before the engine could change them (host.preset_sysctls), with
+    # the values it found: the host service adopts them as its own finds, `down` puts them back.
+    sysctls_found: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -70,6 +74,7 @@ class Deployment:
             lan_cidr=facts.lan_cidr, lan_address=facts.lan_address,
             engine_version=facts.engine_version, engine_firewall=facts.engine_firewall,
             firewall=firewall, compose_file=compose_file, environment=dict(environment or {}),
+            ra_interfaces=list(facts.ra_interfaces),
         )  # fmt: skip
 
     def to_settings(self) -> Settings:
@@ -88,7 +93,7 @@ class Deployment:
             engine_version=self.engine_version, engine_firewall=self.engine_firewall,
             iptables=iptables, bridge=self.bridge, lan_interface=self.lan_interface,
             lan_cidr=self.lan_cidr, lan_address=self.lan_address, docker_user=docker_user,
-            docker_user6=docker_user6,
+            docker_user6=docker_user6, ra_interfaces=tuple(self.ra_interfaces),
         )  # fmt: skip
 
     def fingerprint(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import socketserver
 import struct
 import sys
@@ -88,10 +89,18 @@ def main() -> None:
                 out = answer(data, self.client_address[0], log_path, **served)
                 self.wfile.write(struct.pack("!H", len(out)) + out)
 
-    socketserver.ThreadingUDPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    udp = socketserver.ThreadingUDPServer((host, port), Udp)
-    tcp = socketserver.ThreadingTCPServer((host, port), Tcp)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class UdpServer(socketserver.ThreadingUDPServer):
+        address_family = family
+        allow_reuse_address = True
+
+    class TcpServer(socketserver.ThreadingTCPServer):
+        address_family = family
+        allow_reuse_address = True
+
+    udp = UdpServer((host, port), Udp)
+    tcp = TcpServer((host, port), Tcp)
     threading.Thread(target=tcp.serve_forever, daemon=True).start()
     print("ready", flush=True)
     udp.serve_forever()

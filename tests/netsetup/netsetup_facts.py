@@ -38,6 +38,7 @@ def facts(engine: str = "20.10", backend: str = "nft") -> HostFacts:
         docker_user=not engine.endswith("-noiptables"),
         docker_user6=int(engine.split("-")[0].split(".")[0]) >= 27
         and not engine.endswith("-noiptables"),
+        ra_interfaces=("eth0",),  # the LAN interface takes router advertisements (read for IPv6)
     )
 
 

@@ -246,27 +246,34 @@ def test_legacy_writes_wait_for_the_xtables_lock(netns: str, tmp_path) -> None:
     assert save(netns, "legacy") != before
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize(
     ("engine", "policy", "warned"),
     [("28-noiptables", "ACCEPT", True), ("28-noiptables", "DROP", False), ("28", "ACCEPT", False)],
 )
 def test_warns_when_forwarding_would_route_everything(
-    netns: str, engine: str, policy: str, warned: bool
+    netns: str, engine: str, policy: str, warned: bool, family: int
 ) -> None:
     """Forwarding off, no engine to set FORWARD to DROP, policy ACCEPT: `up` says what turning
-    forwarding on would open."""
-    netns_exec(netns, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
-    netns_exec(netns, CLI["nft"], "-P", "FORWARD", policy)
+    forwarding on would open; for IPv6 where LAN_IP6 is served, in ip6tables."""
+    key = "net/ipv4/ip_forward" if family == 4 else "net/ipv6/conf/all/forwarding"
+    netns_exec(netns, "sh", "-c", f"echo 0 > /proc/sys/{key}")
+    if family == 6:  # IPv4 already forwards here: its warning is not the one under test
+        netns_exec(netns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+    netns_exec(netns, (CLI if family == 4 else CLI6)["nft"], "-P", "FORWARD", policy)
+    mode = "lan" if family == 4 else "lan,ipv6"
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from netsetup_facts import facts; from netsetup.firewall import get_backend;"
+        "from netsetup_facts import facts, settings; from netsetup.firewall import get_backend;"
         "from netsetup.host import warn_if_forwarding_opens;"
-        "warn_if_forwarding_opens(facts(sys.argv[2]), get_backend('nft'))"
+        "warn_if_forwarding_opens(settings(sys.argv[3]), facts(sys.argv[2]), get_backend('nft'))"
     )
     here = str(Path(__file__).parent)
-    proc = netns_exec(netns, sys.executable, "-c", code, here, engine)
-    assert ("FORWARD policy is ACCEPT" in proc.stderr) == warned, proc.stderr
-    assert netns_exec(netns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0"
+    proc = netns_exec(netns, sys.executable, "-c", code, here, engine, mode)
+    warning = f"IPv{family} forwarding is off and the FORWARD policy is ACCEPT"
+    assert (warning in proc.stderr) == warned, proc.stderr
+    assert proc.stderr.count("FORWARD policy") == warned, proc.stderr  # the other family is fine
+    assert netns_exec(netns, "cat", f"/proc/sys/{key}").stdout.strip() == "0"
 
 
 def status_in(ns: str) -> dict:

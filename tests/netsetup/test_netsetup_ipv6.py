@@ -98,3 +98,15 @@ def test_the_ipv6_overlay_is_read_only_with_lan_ip6_and_keeps_the_whole_network(
                  "ipv4_address: 172.31.53.53", "ipv6_address: fd53:99::53",
                  "DNSPROXY_LISTEN: 0.0.0.0:53,[::]:53"):  # fmt: skip
         assert line in config.replace('"false"', "'false'"), line
+
+
+def test_the_lan_s_ipv6_prefix_is_one_of_the_home_s_reverse_zones() -> None:
+    """With LAN_IP6 the prefix's reverse names are the home's, as the LAN's IPv4 ones are:
+    asked of LOCAL_DNS, never of the public upstream."""
+    from netsetup_facts import settings  # noqa: PLC0415
+
+    from netsetup.home import reverse_networks  # noqa: PLC0415
+
+    assert reverse_networks(settings("lan,ipv6"), "192.168.1.0/24") == [
+        "192.168.1.0/24", "fd00:1::/64"]  # fmt: skip
+    assert reverse_networks(settings("lan"), "192.168.1.0/24") == ["192.168.1.0/24"]

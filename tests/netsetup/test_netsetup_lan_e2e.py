@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -43,28 +44,47 @@ from topology import (
     INET_RESOLVER,
     LAN_CLIENT,
     LAN_CLIENT2,
+    LAN_CLIENT2_6,
+    LAN_CLIENT6,
     LAN_HOST,
     LAN_NET,
     PRINTER,
     PRINTER_NAME,
     ROUTER,
     ROUTER_RDNSS,
+    WAN_CLIENT6,
     Topology,
 )
 
 LAN_IP = "198.19.53.53"
+LAN_IP6 = "fd53:19::53"  # on the prefix the router advertises
 LAPTOP, TABLET = "198.19.53.30", "198.19.53.31"  # named by the hosts file, first and after an edit
 
 
 def host_state(engine: Engine, topo: Topology) -> dict:
-    """All `up` may change on the host: firewall, neighbour proxies, routes, sysctls."""
-    sysctls = ("net/ipv4/ip_forward", f"net/ipv4/neigh/{topo.lan_if}/proxy_delay")
+    """All `up` may change on the host: firewall (both families), neighbour proxies, routes,
+    sysctls. A learned route's remaining lifetime is no change of ours, nor the kernel's own
+    link-local routes (a new link's appear once its address passed DAD)."""
+    lan = topo.lan_if
+    sysctls = ("net/ipv4/ip_forward", f"net/ipv4/neigh/{lan}/proxy_delay",
+               "net/ipv6/conf/all/forwarding", "net/ipv6/conf/default/forwarding",
+               f"net/ipv6/conf/{lan}/forwarding",
+               f"net/ipv6/conf/{lan}/accept_ra", f"net/ipv6/conf/{lan}/proxy_ndp",
+               f"net/ipv6/neigh/{lan}/proxy_delay")  # fmt: skip
+    routes6 = engine.run("ip", "-6", "route", "show", "table", "all").stdout
     return {
         "firewall": engine.firewall(),
         "proxies": engine.run("ip", "neigh", "show", "proxy").stdout,
+        "proxies6": engine.run("ip", "-6", "neigh", "show", "proxy").stdout,
         "routes": engine.run("ip", "-4", "route", "show", "table", "all").stdout,
+        "routes6": [re.sub(r" expires \d+sec", "", line) for line in routes6.splitlines()
+                    if not ("fe80::" in line and "proto kernel" in line)],
         "sysctls": [engine.run("cat", f"/proc/sys/{key}").stdout for key in sysctls],
     }
+
+
+def default_route6(engine: Engine) -> str:
+    return engine.run("ip", "-6", "route", "show", "default").stdout
 
 
 def getent(topo: Topology, ns: str, name: str) -> str:
@@ -135,13 +155,14 @@ def check_home_names(engine: Engine, project: str, topo: Topology, hosts_file: P
         assert got == decision, record
 
 
-def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Path) -> None:
+def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: str,
+                 shared: Path) -> None:  # fmt: skip
     """`shared`: a directory this process and the engine see at the same path (the hosts
     file's, which netsetup checks here and the engine mounts)."""
-    # The router also advertises IPv6 (radvd) on this host's engine only: the survey is the
-    # host tool's, the same on every engine, and a nested run would only cost time.
-    topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True,
-                    ipv6_router=engine.pid is None)
+    # The router also advertises IPv6 (radvd); a nested engine's host takes its default route
+    # from it (this host's namespace is the machine's: its routes are not the test's).
+    topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True, ipv6_router=True,
+                    host_takes_ra=engine.pid is not None, subnet6=subnet6)
     topo.create()
     hosts_file = shared / "home" / "hosts"
     hosts_file.parent.mkdir()
@@ -151,10 +172,16 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Pat
         "PROJECT": project, "BRIDGE": f"br-{project}"[:15], "SUBNET": subnet, "DNS_IP": ip,
         "PORT": "5153", "UPSTREAMS": INET_RESOLVER, "MODE": "lan", "LAN_IP": LAN_IP,
         "LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET, "LOCAL_DNS": ROUTER,
-        "HOSTS_FILE": str(hosts_file),
+        "HOSTS_FILE": str(hosts_file), "LAN_IP6": LAN_IP6, "SUBNET6": subnet6,
+        "DNS_IP6": subnet6.replace("::/64", "::53"),
     }  # fmt: skip
     ours = (variables["BRIDGE"], subnet.rsplit(".", 1)[0] + ".", topo.lan_if, LAN_IP)
     engine.run("docker", "volume", "rm", "-f", f"{project}_cache")
+    if topo.host_takes_ra:
+        deadline = time.monotonic() + 15
+        while "proto ra" not in default_route6(engine) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "proto ra" in default_route6(engine), "the router's advertisement was not heard"
     before = host_state(engine, topo)
     upped = False
     try:
@@ -171,17 +198,25 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Pat
         proc = make(engine, "up", **variables)
         upped = True
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        if topo.ipv6_router:  # the router's own IPv6 DNS server is named, with the router
-            assert (f"your router {topo.router_address()} advertises {ROUTER_RDNSS} as IPv6 "
-                    "DNS server (RDNSS)") in proc.stderr, proc.stderr  # fmt: skip
-            assert "sets the O flag" in proc.stderr, proc.stderr
+        # the router's own IPv6 DNS server is named, with the router
+        assert (f"your router {topo.router_address()} advertises {ROUTER_RDNSS} as IPv6 "
+                "DNS server (RDNSS)") in proc.stderr, proc.stderr  # fmt: skip
+        assert "sets the O flag" in proc.stderr, proc.stderr
+        assert f"or {LAN_IP6} port 53 over IPv6" in proc.stderr, proc.stderr
+        if topo.host_takes_ra:  # forwarding is on, and the host kept its own default route
+            assert "proto ra" in default_route6(engine), default_route6(engine)
         for ns in (topo.lan_ns, topo.lan2_ns):  # the second knows no route but its subnet
             assert topo.dig(LAN_IP, f"udp-{ns}.example.test", ns=ns) == ANSWER
             assert topo.dig(LAN_IP, f"tcp-{ns}.example.test", tcp=True, ns=ns) == ANSWER
+            # and over IPv6, by LAN_IP6 on the prefix
+            assert topo.dig(LAN_IP6, f"udp6-{ns}.example.test", ns=ns) == ANSWER
+            assert topo.dig(LAN_IP6, f"tcp6-{ns}.example.test", tcp=True, ns=ns) == ANSWER
         assert getent(topo, topo.lan2_ns, "glibc.example.test") == ANSWER
         # the host itself asks LAN_IP too
-        own = engine.run("dig", f"@{LAN_IP}", "host.example.test", "+short", "+time=2").stdout
-        assert own.split() == [ANSWER], own
+        for server in (LAN_IP, LAN_IP6):
+            own = engine.run("dig", f"@{server}", "host.example.test", "+short",
+                             "+time=2").stdout  # fmt: skip
+            assert own.split() == [ANSWER], (server, own)
 
         check_home_names(engine, project, topo, hosts_file, variables)
         # the appliance saw each client's own address; the router, the LAN's resolver with
@@ -190,12 +225,22 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Pat
         seen = {r["client"] for r in container_logs(engine, project)
                 if str(r.get("name", "")).startswith(("udp-", "tcp-"))}  # fmt: skip
         assert seen == {LAN_CLIENT, LAN_CLIENT2}, seen
+        seen6 = {r["client"] for r in container_logs(engine, project)
+                 if str(r.get("name", "")).startswith(("udp6-", "tcp6-"))}  # fmt: skip
+        assert seen6 == {LAN_CLIENT6, LAN_CLIENT2_6}, seen6
         assert topo.router_clients() == {LAN_HOST}
 
         # a stranger on the WAN side routing the LAN via the host: no answer from LAN_IP
         assert_nothing_answers(topo.dig_full(topo.wan_ns, LAN_IP, "wan.example.test"))
         assert_nothing_answers(topo.dig_full(topo.wan_ns, LAN_IP, "wan-tcp.example.test",
                                              tcp=True))  # fmt: skip
+        # nor over IPv6, by LAN_IP6 or by the appliance's own IPv6 address
+        for server in (LAN_IP6, variables["DNS_IP6"]):
+            for tcp in (False, True):
+                assert_nothing_answers(topo.dig_full(topo.wan_ns, server, "wan6.example.test",
+                                                     tcp=tcp))  # fmt: skip
+        # the forwarder serves the LAN's prefix only: the stranger was not even refused
+        assert WAN_CLIENT6 not in {r.get("client") for r in container_logs(engine, project)}
 
         proc = make(engine, "down", **variables)
         upped = False
@@ -212,22 +257,23 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, shared: Pat
 
 def test_lan_mode_host_engine(appliance_image: tuple[str, ...], tmp_path: Path) -> None:  # noqa: F811
     lan_scenario(Engine(), project="nslan", subnet="172.31.165.0/24", ip="172.31.165.53",
-                 shared=tmp_path)
+                 subnet6="fd53:165::/64", shared=tmp_path)
 
 
 @pytest.mark.nested
-def test_lan_mode_nested_docker28(appliance_image: tuple[str, ...]) -> None:  # noqa: F811
-    if not shutil.which("mmdebstrap") and not dind.image_exists(dind.image_for("sid")):
+@pytest.mark.parametrize("suite", ["sid", "trixie"])  # Docker 28.5 and 26.1
+def test_lan_mode_nested_engine(appliance_image: tuple[str, ...], suite: str) -> None:  # noqa: F811
+    if not shutil.which("mmdebstrap") and not dind.image_exists(dind.image_for(suite)):
         pytest.skip("mmdebstrap missing and no cached nested-engine image")
-    dind.build_image("sid")
-    name = f"netsetup-test-dind-lan-{os.getpid()}"
-    nested = dind.start_engine(name, "sid")
+    dind.build_image(suite)
+    name = f"netsetup-test-dind-lan-{suite}-{os.getpid()}"
+    nested = dind.start_engine(name, suite)
     try:
         save = subprocess.Popen(["docker", "save", *IMAGES], stdout=subprocess.PIPE)
         nested.docker("load", stdin=save.stdout, check=True, capture_output=True)
         assert save.wait() == 0
         engine = Engine(pid=nested.dockerd_pid(), env=nested.env())
         lan_scenario(engine, project="nslannest", subnet="172.31.54.0/24", ip="172.31.54.53",
-                     shared=Path(nested.report_dir))
+                     subnet6="fd53:54::/64", shared=Path(nested.report_dir))
     finally:
         nested.stop()

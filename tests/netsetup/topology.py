@@ -18,7 +18,11 @@ answers what the "internet" resolver does, or with `router_zone` only the names 
 ROUTER_ZONE, with ROUTER_ANSWER, and REFUSED for the rest (fake_upstream.py); and, as a home
 router knows its DHCP clients, PRINTER_NAME (A PRINTER) and PRINTER's reverse name. With
 `ipv6_router` as well, the router also runs radvd (Debian's), advertising an IPv6 prefix, a DNS
-server of its own (RDNSS) and the O flag, as a dual-stack home router does.
+server of its own (RDNSS) and the O flag, as a dual-stack home router does; the host and the
+clients have fixed addresses on that prefix, and the stranger an IPv6 one, routing the prefix
+and `subnet6` via the host. With `host_takes_ra` the host's LAN interface takes its IPv6 default
+route from the router's advertisements; never in this host's own namespace, whose routes are
+the machine's.
 
 The engine's netns is the host's (pid None) or a nested engine's (the pid of its dockerd). The
 client routes the appliance subnet via the host, as the LAN's router would; the resolver has
@@ -46,7 +50,11 @@ LAN_NET, LAN_HOST, LAN_CLIENT = "198.19.53.0/24", "198.19.53.1", "198.19.53.10"
 LAN_CLIENT2 = "198.19.53.11"
 ROUTER = "198.19.53.254"  # the LAN's router, also a resolver (with `router`)
 ROUTER_ZONE, ROUTER_ANSWER = "home.example.test.", "198.51.100.254"  # with `router_zone`
-ROUTER_PREFIX, ROUTER_RDNSS = "fd53:19::/64", "fd53:19::1"  # with `ipv6_router`
+# With `ipv6_router`: the LAN's IPv6 prefix (the router's RDNSS is its own address there), the
+# host's and the clients' fixed addresses on it, the stranger's and the host's WAN side
+ROUTER_PREFIX, ROUTER_RDNSS = "fd53:19::/64", "fd53:19::1"
+LAN_HOST6, LAN_CLIENT6, LAN_CLIENT2_6 = "fd53:19::2", "fd53:19::10", "fd53:19::11"
+WAN_HOST6, WAN_CLIENT6 = "2001:db8:53::1", "2001:db8:53::10"
 PRINTER_NAME, PRINTER = "printer.lan", "198.19.53.20"  # a device the router names (with `router`)
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
@@ -65,6 +73,8 @@ class Topology:
     router: bool = False  # and a router with a resolver on it (needs `switch`)
     router_zone: bool = False  # which serves ROUTER_ZONE only (see above)
     ipv6_router: bool = False  # and advertises IPv6 with radvd (see above; needs `router`)
+    host_takes_ra: bool = False  # the host learns its default route from it (needs a `pid`)
+    subnet6: str = "fd53:53::/64"  # the appliance's IPv6 subnet, which the stranger routes
     radvd: subprocess.Popen | None = None
     radvd_dir: str = ""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
@@ -162,11 +172,19 @@ class Topology:
 
     def _ipv6_router(self) -> None:
         """radvd on the router, advertising an IPv6 prefix, a DNS server of its own (RDNSS) and
-        the O flag, as a dual-stack home router does; the host's LAN interface hears it (the
-        survey's raw socket does) but configures nothing from it (accept_ra 0), so the host's
-        routes stay as they were."""
-        for key in ("accept_ra", "autoconf"):
-            self.engine_sh("sysctl", "-qw", f"net.ipv6.conf.{self.lan_if}.{key}=0")
+        the O flag, as a dual-stack home router does. The host's LAN interface hears it (the
+        survey's raw socket does); it takes no address from it (autoconf 0: its own is fixed),
+        and its default route only with `host_takes_ra` (accept_ra 1, a Linux host's default);
+        else accept_ra 0 keeps the host's routes as they were."""
+        assert self.pid or not self.host_takes_ra, "the machine's own routes are not the test's"
+        self.engine_sh("sysctl", "-qw", f"net.ipv6.conf.{self.lan_if}.autoconf=0")
+        self.engine_sh("sysctl", "-qw",
+                       f"net.ipv6.conf.{self.lan_if}.accept_ra={int(self.host_takes_ra)}")
+        self.engine_sh("ip", "-6", "addr", "add", f"{LAN_HOST6}/64", "dev", self.lan_if, "nodad")
+        for ns, address in ((self.lan_ns, LAN_CLIENT6), (self.lan2_ns, LAN_CLIENT2_6),
+                            (self.router_ns, ROUTER_RDNSS)):  # fmt: skip
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=0")
+            sh("ip", "-n", ns, "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
         ns = self.router_ns
         sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
         sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
@@ -211,6 +229,13 @@ class Topology:
             self._pair(self.lan_if, self.lan_ns, LAN_HOST, LAN_CLIENT)
         self._pair(self.inet_if, self.inet_ns, INET_HOST, INET_RESOLVER)
         self._pair(self.wan_if, self.wan_ns, WAN_HOST, WAN_CLIENT)
+        if self.ipv6_router:  # the stranger over IPv6 too
+            self.engine_sh("ip", "-6", "addr", "add", f"{WAN_HOST6}/64", "dev", self.wan_if,
+                           "nodad")  # fmt: skip
+            sh("ip", "-n", self.wan_ns, "-6", "addr", "add", f"{WAN_CLIENT6}/64", "dev", "eth0",
+               "nodad")  # fmt: skip
+            for prefix in (ROUTER_PREFIX, self.subnet6):
+                sh("ip", "-n", self.wan_ns, "-6", "route", "add", prefix, "via", WAN_HOST6)
         # the LAN's router would route the appliance subnet to the host; the client does it here
         sh("ip", "netns", "exec", self.lan_ns, "ip", "route", "add", self.subnet, "via", LAN_HOST)
         sh("ip", "netns", "exec", self.wan_ns, "ip", "route", "add", self.subnet, "via", WAN_HOST)
