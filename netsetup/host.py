@@ -100,12 +100,12 @@ def warn_if_forwarding_opens(settings: Settings, facts: HostFacts,
                              backend: FirewallBackend) -> None:  # fmt: skip
     """Turning forwarding on makes the host a router between all its interfaces. An engine that
     manages iptables sets FORWARD's policy to DROP when it does so; where none does and the
-    policy is ACCEPT, that is a change beyond the appliance the user should know of. IPv6 as
-    IPv4, where LAN_IP6 is served (Docker 20.10 manages no ip6tables by default)."""
+    policy is ACCEPT, that is a change beyond the appliance the user should know of. IPv6 too,
+    where LAN_IP6 is served, whatever the engine: `up` turns IPv6 forwarding on before the
+    engine would (host.presets), so no engine sets that policy."""
     families = [(4, "net.ipv4.ip_forward", facts.has_docker_user, backend)]
     if settings.ipv6:
-        families.append((6, "net.ipv6.conf.all.forwarding", facts.has_docker_user6,
-                         get_backend(backend.name, 6)))  # fmt: skip
+        families.append((6, "net.ipv6.conf.all.forwarding", False, get_backend(backend.name, 6)))
     for family, key, engine_guards, tables in families:
         if engine_guards or sysctl.get(key) == "1":
             continue
@@ -180,11 +180,9 @@ def up(settings: Settings, options: Options) -> str:
 
 
 def appliance_ipv6(settings: Settings) -> frozenset[str]:
-    """The appliance's own IPv6 addresses, which a router may well hand out: LAN_IP6, and the
-    container's own (a router on the host itself could name it)."""
-    if not settings.ipv6:
-        return frozenset()
-    return frozenset(a for a in (settings.lan_ip6, settings.ip6) if a)
+    """The appliance's IPv6 address on the LAN, LAN_IP6: the one a router should hand out, so
+    no competitor when it does."""
+    return frozenset([settings.lan_ip6]) if settings.ipv6 and settings.lan_ip6 else frozenset()
 
 
 def warn_ipv6_dns(settings: Settings, survey: ra.Survey) -> None:

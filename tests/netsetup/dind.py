@@ -164,6 +164,9 @@ def start_engine(
             "-v", f"{run_dir}:/var/run",
             "-v", f"{report_dir}:{report_dir}",
             "--tmpfs", "/var/lib/docker:exec,size=3g",
+            # a host of its own has IPv6 (the engine turns it off where its network has none)
+            "--sysctl", "net.ipv6.conf.all.disable_ipv6=0",
+            "--sysctl", "net.ipv6.conf.default.disable_ipv6=0",
             image_for(suite),
             "sh", "-c",
             f"mount -t tmpfs none /tmp; {legacy}"

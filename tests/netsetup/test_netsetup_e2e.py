@@ -56,6 +56,10 @@ pytestmark = [
 ]
 
 
+FLAVOURS = (("nft", "iptables-nft-save"), ("legacy", "iptables-legacy-save"),
+            ("nft6", "ip6tables-nft-save"), ("legacy6", "ip6tables-legacy-save"))  # fmt: skip
+
+
 @dataclass
 class Engine:
     """Where the appliance runs: this host's engine, or a nested one (pid of its netns)."""
@@ -79,11 +83,11 @@ class Engine:
         )
 
     def firewall(self) -> dict:
-        """Every table of both iptables flavours, normalized, plus IPv4 forwarding."""
-        nft = normalize(self.run("iptables-nft-save").stdout)
-        legacy = normalize(self.run("iptables-legacy-save").stdout)
+        """Every table of both iptables flavours, for IPv4 and IPv6, normalized, plus IPv4
+        forwarding."""
+        tables = {flavour: normalize(self.run(command).stdout) for flavour, command in FLAVOURS}
         forward = self.run("cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
-        return {"nft": nft, "legacy": legacy, "ip_forward": forward}
+        return {**tables, "ip_forward": forward}
 
 
 def assert_same_firewall(
@@ -103,7 +107,7 @@ def assert_same_firewall(
         assert after == before
         return
     assert after["ip_forward"] == before["ip_forward"]
-    for flavour in ("nft", "legacy"):
+    for flavour, _ in FLAVOURS:
         for table in set(before[flavour]) | set(after[flavour]):
             old, new = set(before[flavour].get(table, [])), set(after[flavour].get(table, []))
             mine = [ln for ln in old ^ new if any(word in ln for word in ("etsetup", *ours))]

@@ -195,13 +195,22 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: st
         assert host_state(engine, topo) == before
         topo.release(LAN_IP)
 
+        # every route the host loses while `up` runs (forwarding turned on before accept_ra is
+        # 2 deletes the learned default route; the next advertisement would bring it back)
+        monitor = subprocess.Popen([*engine.prefix(), "ip", "-6", "monitor", "route"],
+                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
         proc = make(engine, "up", **variables)
         upped = True
+        monitor.terminate()
+        deleted = [ln for ln in monitor.communicate()[0].splitlines()
+                   if ln.startswith("Deleted default")]  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert not deleted, f"the host lost its IPv6 default route: {deleted}"
         # the router's own IPv6 DNS server is named, with the router
         assert (f"your router {topo.router_address()} advertises {ROUTER_RDNSS} as IPv6 "
                 "DNS server (RDNSS)") in proc.stderr, proc.stderr  # fmt: skip
         assert "sets the O flag" in proc.stderr, proc.stderr
+        assert f"hand out the appliance's IPv6 address {LAN_IP6} instead" in proc.stderr
         assert f"or {LAN_IP6} port 53 over IPv6" in proc.stderr, proc.stderr
         if topo.host_takes_ra:  # forwarding is on, and the host kept its own default route
             assert "proto ra" in default_route6(engine), default_route6(engine)
