@@ -41,7 +41,9 @@ from test_netsetup_e2e import (
     pytestmark,  # noqa: F401 - the same marks and skip conditions
 )
 from topology import (
+    INET_HOST6,
     INET_RESOLVER,
+    INET_RESOLVER6,
     LAN_CLIENT,
     LAN_CLIENT2,
     LAN_CLIENT2_6,
@@ -122,7 +124,7 @@ def wait_dig(topo: Topology, name: str, expected: str, timeout: float = 10) -> s
 
 
 def check_home_names(engine: Engine, project: str, topo: Topology, hosts_file: Path,
-                     variables: dict[str, str]) -> None:  # fmt: skip
+                     variables: dict[str, str], internet: str) -> None:  # fmt: skip
     """The router's device and its reverse name come from the router, the hosts file's names
     from the appliance, a public name from the internet resolver, which hears none of the
     others; the query log says why each went where it went."""
@@ -140,7 +142,7 @@ def check_home_names(engine: Engine, project: str, topo: Topology, hosts_file: P
     assert not home & topo.names_asked(), topo.names_asked()
     assert topo.names_asked(of_router=True) == {f"{PRINTER_NAME}.", reverse(PRINTER)}
     logged = {(r["name"], r["type"]): r for r in container_logs(engine, project) if "name" in r}
-    router, internet = f"{ROUTER}:53", f"{INET_RESOLVER}:53"
+    router = f"{ROUTER}:53"
     expected = {
         (f"{PRINTER_NAME}.", "A"): ("forwarded", router, "local", "local-domain"),
         (reverse(PRINTER), "PTR"): ("forwarded", router, "local", "local-reverse"),
@@ -160,9 +162,12 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: st
     """`shared`: a directory this process and the engine see at the same path (the hosts
     file's, which netsetup checks here and the engine mounts)."""
     # The router also advertises IPv6 (radvd); a nested engine's host takes its default route
-    # from it (this host's namespace is the machine's: its routes are not the test's).
+    # from it (this host's namespace is the machine's: its routes are not the test's). On this
+    # host's engine the internet resolver is reached over IPv6 only, an IPv6 upstream.
     topo = Topology(subnet=subnet, pid=engine.pid, switch=True, router=True, ipv6_router=True,
-                    host_takes_ra=engine.pid is not None, subnet6=subnet6)
+                    host_takes_ra=engine.pid is not None, subnet6=subnet6,
+                    inet6=engine.pid is None)  # fmt: skip
+    upstream = f"[{INET_RESOLVER6}]:53" if topo.inet6 else INET_RESOLVER
     topo.create()
     hosts_file = shared / "home" / "hosts"
     hosts_file.parent.mkdir()
@@ -170,7 +175,7 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: st
     save_as_editors_do(hosts_file, f"{LAPTOP} laptop.lan laptop\n")
     variables = {
         "PROJECT": project, "BRIDGE": f"br-{project}"[:15], "SUBNET": subnet, "DNS_IP": ip,
-        "PORT": "5153", "UPSTREAMS": INET_RESOLVER, "MODE": "lan", "LAN_IP": LAN_IP,
+        "PORT": "5153", "UPSTREAMS": upstream, "MODE": "lan", "LAN_IP": LAN_IP,
         "LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET, "LOCAL_DNS": ROUTER,
         "HOSTS_FILE": str(hosts_file), "LAN_IP6": LAN_IP6, "SUBNET6": subnet6,
         "DNS_IP6": subnet6.replace("::/64", "::53"),
@@ -227,7 +232,10 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: st
                              "+time=2").stdout  # fmt: skip
             assert own.split() == [ANSWER], (server, own)
 
-        check_home_names(engine, project, topo, hosts_file, variables)
+        check_home_names(engine, project, topo, hosts_file, variables,
+                         upstream if topo.inet6 else f"{INET_RESOLVER}:53")
+        if topo.inet6:  # the IPv6 upstream, which knows no route back, was asked masqueraded
+            assert set(topo.upstream_clients()) == {INET_HOST6}, topo.upstream_clients()
         # the appliance saw each client's own address; the router, the LAN's resolver with
         # no route to the appliance subnet, saw the host's (masqueraded: else its replies
         # would have gone to its default route)

@@ -57,6 +57,7 @@ LAN_HOST6, LAN_CLIENT6, LAN_CLIENT2_6 = "fd53:19::2", "fd53:19::10", "fd53:19::1
 WAN_HOST6, WAN_CLIENT6 = "2001:db8:53::1", "2001:db8:53::10"
 PRINTER_NAME, PRINTER = "printer.lan", "198.19.53.20"  # a device the router names (with `router`)
 INET_HOST, INET_RESOLVER = "198.51.100.1", "198.51.100.53"
+INET_HOST6, INET_RESOLVER6 = "2001:db8:51::1", "2001:db8:51::53"  # with `inet6`
 WAN_HOST, WAN_CLIENT = "203.0.113.1", "203.0.113.10"
 FAKE_UPSTREAM = str(Path(__file__).parent / "fake_upstream.py")
 
@@ -75,6 +76,7 @@ class Topology:
     ipv6_router: bool = False  # and advertises IPv6 with radvd (see above; needs `router`)
     host_takes_ra: bool = False  # the host learns its default route from it (needs a `pid`)
     subnet6: str = "fd53:53::/64"  # the appliance's IPv6 subnet, which the stranger routes
+    inet6: bool = False  # the "internet" resolver answers on INET_RESOLVER6, over IPv6 only
     radvd: subprocess.Popen | None = None
     radvd_dir: str = ""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
@@ -242,7 +244,13 @@ class Topology:
         # and the LAN too: the host's LAN address is reachable from its WAN side (Linux answers
         # for any of its addresses on any interface) unless a rule says otherwise
         sh("ip", "netns", "exec", self.wan_ns, "ip", "route", "add", LAN_NET, "via", WAN_HOST)
-        self.upstream_proc, self.upstream_log = resolver(self.inet_ns, INET_RESOLVER)
+        if self.inet6:  # it knows its own prefix only, as on IPv4
+            self.engine_sh("ip", "-6", "addr", "add", f"{INET_HOST6}/64", "dev", self.inet_if,
+                           "nodad")  # fmt: skip
+            sh("ip", "-n", self.inet_ns, "-6", "addr", "add", f"{INET_RESOLVER6}/64", "dev",
+               "eth0", "nodad")  # fmt: skip
+        self.upstream_proc, self.upstream_log = resolver(
+            self.inet_ns, INET_RESOLVER6 if self.inet6 else INET_RESOLVER)
         if self.router:
             zone = (ROUTER_ZONE, ROUTER_ANSWER) if self.router_zone else ()
             self.router_proc, self.router_log = resolver(self.router_ns, ROUTER, *zone,
