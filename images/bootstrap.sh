@@ -7,7 +7,8 @@
 #   images/bootstrap.sh RECIPE_DIR TAG     (FORCE=1 rebuilds)
 #
 #   images/base      dnsproxy-base:bookworm   the forwarder's base: Python, dnslib, uvloop, httpx
-#   images/netsetup  netsetup-base:bookworm   the host service's: Python, iptables, python-iptables
+#   images/netsetup  netsetup-base:bookworm   the host service's: Python, iptables, python-iptables,
+#                                             keepalived
 #
 # RECIPE_DIR/packages names the packages, comma separated; RECIPE_DIR/keep and smoke.py tell
 # trim.py what stays. The image carries a label with a hash of the recipe, of this script and of

@@ -23,12 +23,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Paths (relative to the root) removed after the packages: build-time state and parts of the
-# Python stdlib a DNS forwarder never imports. apt's and dpkg's configuration stays: mmdebstrap
+# Paths (relative to the root) removed after the packages: build-time state, parts of the
+# Python stdlib a DNS forwarder never imports, and libperl's Perl modules (keepalived links
+# libperl through net-snmp, nothing runs Perl). apt's and dpkg's configuration stays: mmdebstrap
 # removes its own files there after this hook, and apt's caches and lists in its cleanup.
 DROP_PATHS = [
     "var/cache/debconf", "var/cache/ldconfig", "var/log", "usr/share/man", "usr/share/info",
     "usr/share/locale", "usr/share/lintian", "usr/share/bug", "usr/lib/x86_64-linux-gnu/gconv",
+    "usr/lib/x86_64-linux-gnu/perl", "usr/bin/perl5.36-x86_64-linux-gnu",
+    "usr/bin/cpan5.36-x86_64-linux-gnu",
     "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib", "usr/lib/python3.11/tkinter",
     "usr/lib/python3.11/turtledemo", "usr/lib/python3.11/ensurepip", "usr/lib/python3.11/lib2to3",
     "usr/lib/python3.11/pydoc_data", "usr/lib/python3.11/distutils", "usr/lib/python3.11/venv",
