@@ -11,6 +11,9 @@ LAN_IP6       ?=#                         lan mode over IPv6 too: a free address
 LAN_CIDR6     ?=#                         empty: the LAN interface's IPv6 prefix (a ULA first)
 SUBNET6       ?= fd53:53::/64#            the appliance bridge's IPv6 subnet (with LAN_IP6)
 DNS_IP6       ?= fd53:53::53#             the container's fixed IPv6 address in SUBNET6
+HA_PEERS      ?=#                         failover: the other host's LAN address, sharing LAN_IP (VRRP)
+HA_PRIORITY   ?= 100#                     failover: this host's VRRP priority (1-254)
+HA_VRID       ?= 53#                      failover: the VRRP router id both hosts use (1-255)
 UPSTREAMS     ?=#                         empty: the CONFIG file's, or (netsetup's default) DNS over TLS to public resolvers
 DOMESTIC_UPSTREAMS ?=#                    split DNS: domestic resolvers (README); empty: no split
 LISTS_DIR     ?=#                         split DNS lists: its domestic-domains/ foreign-domains/ domestic-ips/
@@ -68,7 +71,7 @@ help:
 	@echo "settings: MODE LAN_IP UPSTREAMS DOMESTIC_UPSTREAMS LISTS_DIR CONFIG LAN_INTERFACE"
 	@echo "          LOCAL_DNS LOCAL_DOMAINS LOCAL_REVERSE HOSTS_FILE"
 	@echo "          LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG LAN_IP6 LAN_CIDR6 SUBNET6 DNS_IP6"
-	@echo "          METRICS_FROM_LAN BASE_IMAGE"
+	@echo "          HA_PEERS HA_PRIORITY HA_VRID METRICS_FROM_LAN BASE_IMAGE"
 
 # ---- set-up ------------------------------------------------------------------------------------
 venv: $(VENV)/.installed
@@ -120,6 +123,8 @@ NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 $(if $(LAN_IP),--lan-ip $(LAN_IP)) \
                 $(if $(LAN_IP6),--lan-ip6 $(LAN_IP6) --subnet6 $(SUBNET6) --ip6 $(DNS_IP6)) \
                 $(if $(LAN_CIDR6),--lan-cidr6 $(LAN_CIDR6)) \
+                $(foreach p,$(HA_PEERS),--ha-peer '$(p)') \
+                $(if $(HA_PEERS),--ha-priority $(HA_PRIORITY) --ha-vrid $(HA_VRID)) \
                 --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT) \
                 $(if $(filter 1,$(METRICS_FROM_LAN)),--metrics-from-lan)
 

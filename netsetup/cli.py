@@ -148,6 +148,18 @@ def up(
     metrics_from_lan: Annotated[
         bool, typer.Option(help="let the LAN read the metrics port too (default: the host only)")
     ] = False,
+    ha_peer: Annotated[
+        list[str] | None,
+        typer.Option(help="failover: the other host's LAN address, sharing LAN_IP by VRRP "
+                          "(repeat, or comma-separated)"),
+    ] = None,
+    ha_priority: Annotated[
+        int, typer.Option(help="failover: this host's VRRP priority (1-254; the higher is "
+                               "master when both start)"),
+    ] = DEFAULT.ha_priority,
+    ha_vrid: Annotated[
+        int, typer.Option(help="failover: the VRRP router id the hosts share (1-255)"),
+    ] = DEFAULT.ha_vrid,
 ) -> None:
     """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
     settings = home.checked(check_settings(
@@ -173,6 +185,9 @@ def up(
             local_domains=_split(local_domain),
             local_reverse=_split(local_reverse),
             hosts_file=hosts_file,
+            ha_peers=_split(ha_peer),
+            ha_priority=ha_priority,
+            ha_vrid=ha_vrid,
         )
     ))
     options = host.Options(
@@ -194,6 +209,8 @@ def up(
             paths.append(f"{settings.lan_ip} port 53 (LAN address mode: no route needed)")
         if settings.ipv6:
             paths.append(f"{settings.lan_ip6} port 53 over IPv6")
+        if settings.ha:
+            paths[-1] += f" (shared by VRRP with {', '.join(settings.ha_peers)})"
         print(f"netsetup: up: LAN clients ask {' or '.join(paths)}", file=sys.stderr)
 
 
@@ -337,6 +354,30 @@ def host_service_rows(host_service: dict[str, Any]) -> list[tuple[str, str]]:
                                       "had got above one)"))  # fmt: skip
     if report.get("last_error"):
         rows.append(("  last error", str(report["last_error"])))
+    return rows + failover_rows(report.get("failover"))
+
+
+def failover_rows(failover: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """With HA: the role, the health keepalived is given, the last transition and why."""
+    if not isinstance(failover, dict):
+        return []
+    role = str(failover.get("role") or "unknown").upper()
+    rows = [("failover", f"{role} (health: {failover.get('health') or 'not checked yet'})")]
+    last = failover.get("last_transition")
+    count = int(failover.get("transitions") or 0)
+    if isinstance(last, dict):
+        ago = time.time() - float(last.get("at", 0))
+        rows.append(("  transitions", f"{count}, last {ago:.0f} s ago: {last.get('from')} -> "
+                                      f"{last.get('to')}, {last.get('why')}"))  # fmt: skip
+    else:
+        rows.append(("  transitions", f"{count}"))
+    peers = failover.get("peers") or {}
+    for peer, heard in sorted(peers.items()):
+        ago = time.time() - float(heard.get("at", 0))
+        rows.append((f"  peer {peer}", f"advertised {ago:.1f} s ago, priority "
+                                       f"{heard.get('priority')}"))  # fmt: skip
+    if not peers:
+        rows.append(("  peers", "none heard (a master hears no backup: they stay silent)"))
     return rows
 
 

@@ -101,14 +101,17 @@ def compose_variables(file: Path) -> set[str]:
     return set(_VARIABLE.findall(text.replace("$$", "")))
 
 
-# Beside the compose file, added to it only when LAN_IP6 is set (compose files cannot be
-# conditional): the appliance network's IPv6 subnet and the container's IPv6 address.
+# Beside the compose file, added to it only when their setting is given (compose files cannot
+# be conditional): with LAN_IP6 the appliance network's IPv6 subnet and the container's IPv6
+# address; with HA_PEERS keepalived, which holds LAN_IP.
 IPV6_OVERLAY = "compose.ipv6.yaml"
+HA_OVERLAY = "compose.ha.yaml"
 
 
 def overlays_for(settings: Settings, file: Path) -> tuple[Path, ...]:
     """The files compose reads after `file` for these settings."""
-    return (file.with_name(IPV6_OVERLAY),) if settings.ipv6 else ()
+    wanted = ((IPV6_OVERLAY, settings.ipv6), (HA_OVERLAY, settings.ha))
+    return tuple(file.with_name(name) for name, given in wanted if given)
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,8 @@ def lan(interface: str | None, cidr: str | None) -> Lan:
             (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
             for a in ipr.get_addr(family=socket.AF_INET, index=found[0])
         ]
+    # a /32 on the LAN interface is a VRRP address (HA) or the like, never the host's own
+    addrs = sorted(addrs, key=lambda pair: pair[1] == 32)
     if cidr is not None:
         network = ipaddress.ip_network(cidr, strict=False)
         inside = [a for a, _ in addrs if ipaddress.ip_address(a) in network]
@@ -225,20 +227,26 @@ def host_addresses6() -> set[str]:
                 for a in ipr.get_addr(family=socket.AF_INET6)}  # fmt: skip
 
 
-def check_lan_ip6(lan_ip6: str, lan_cidr6: str, interface: str, probe: bool = True) -> None:
+def check_lan_ip6(lan_ip6: str, lan_cidr6: str, interface: str, probe: bool = True,
+                  peers: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Refuse a LAN_IP6 the host must not claim: outside the LAN's IPv6 prefix, one of its
     anycast addresses, an address of the host itself, or one a device on the LAN holds (a
     duplicate address probe, which sends a few solicitations from :: and changes nothing).
     Once the host answers for LAN_IP6 itself (proxy NDP), a repeated `up` skips the probe, as
-    check_lan_ip does for its proxy ARP entry."""
+    check_lan_ip does for its proxy ARP entry; with failover `peers` the address held here or
+    by a peer passes, as there."""
     from netsetup import hostnet, ndprobe  # noqa: PLC0415
 
     check_lan_ip6_in(ipaddress.IPv6Address(lan_ip6), ipaddress.IPv6Network(lan_cidr6))
     if lan_ip6 in host_addresses6():
+        if peers:
+            return
         raise AddressTaken(f"--lan-ip6 {lan_ip6} is an address of this host: choose a free one")
     if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip6, interface)):
         return
     claim = ndprobe.in_use(interface, lan_ip6)
+    if claim is not None and claim.mac in peer_macs(interface, peers):
+        return
     if claim is not None:
         raise AddressTaken(
             f"--lan-ip6 {lan_ip6} is in use on {interface}: {claim} answered a duplicate "
@@ -272,24 +280,38 @@ def host_addresses() -> set[str]:
         return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
 
 
-def check_lan_ip(lan_ip: str, interface: str, lan_cidr: str, probe: bool = True) -> None:
+def check_lan_ip(lan_ip: str, interface: str, lan_cidr: str, probe: bool = True,
+                 peers: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Refuse a LAN_IP the host must not claim: outside the LAN, its network or broadcast
     address, one of the host's own, or one a device on the LAN answers ARP for (a probe, which
     sends a few ARP frames and changes nothing). A repeated `up` finds our own proxy entry and
-    skips the probe: the host itself would answer it."""
+    skips the probe: the host itself would answer it. With failover `peers`, LAN_IP is the
+    address they share: held here already (this host is master) or by a peer (found by the MAC
+    address each peer answers for its own address with), it is no one else's."""
     from netsetup import arpprobe, hostnet  # noqa: PLC0415
 
     check_lan_ip_in(ipaddress.IPv4Address(lan_ip), ipaddress.IPv4Network(lan_cidr))
     if lan_ip in host_addresses():
+        if peers:
+            return
         raise AddressTaken(f"--lan-ip {lan_ip} is an address of this host: choose a free one")
     if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip, interface)):
         return
     claim = arpprobe.in_use(interface, lan_ip)
+    if claim is not None and claim.mac in peer_macs(interface, peers):
+        return
     if claim is not None:
         raise AddressTaken(
             f"--lan-ip {lan_ip} is in use on {interface}: {claim} answered an ARP probe; "
             "choose a free address (outside the DHCP pool)"
         )
+
+
+def peer_macs(interface: str, peers: tuple[str, ...]) -> set[str]:
+    """The MAC addresses the failover peers answer ARP for their own addresses with."""
+    from netsetup import arpprobe  # noqa: PLC0415
+
+    return {c.mac for c in (arpprobe.in_use(interface, peer) for peer in peers) if c}
 
 
 def check_port_free(port: int) -> None:

@@ -19,6 +19,7 @@ compose itself fails.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netsetup import deploy, detect, home, hostnet, ra, service, state, sysctl
+from netsetup import deploy, detect, home, hostnet, ra, service, state, sysctl, vrrp
 from netsetup import metrics as appliance_metrics
 from netsetup.errors import BadInput, NetsetupError, VerifyFailed
 from netsetup.firewall import get_backend
@@ -176,7 +177,34 @@ def up(settings: Settings, options: Options) -> str:
         undo.unwind()
         raise
     warn_ipv6_dns(settings, survey.result())
+    if found.plan.vrrp is not None:
+        tell_failover_role(settings.project, found.plan.vrrp)
     return describe(found.plan, found.backend)
+
+
+def tell_failover_role(project: str, held: vrrp.Vrrp, timeout: float = 10.0) -> None:
+    """Which role this host took: master once it holds LAN_IP; backup once it has been healthy
+    for longer than a backup waits for a master's advertisement without taking over."""
+    deadline = time.monotonic() + timeout
+    healthy_since = None
+    health = None
+    while time.monotonic() < deadline:
+        if vrrp.holds(held.interface, held.address):
+            print(f"netsetup: up: failover: this host is MASTER: it holds {held.address}",
+                  file=sys.stderr)  # fmt: skip
+            return
+        report = state.load_sync(project) or {}
+        health = (report.get("failover") or {}).get("health")
+        if health == "ok":
+            healthy_since = healthy_since or time.monotonic()
+            if time.monotonic() - healthy_since > 3 * vrrp.ADVERT_INTERVAL + 1:
+                peers = ", ".join(held.peers)
+                print(f"netsetup: up: failover: this host is BACKUP: a peer ({peers}) holds "
+                      f"{held.address}", file=sys.stderr)  # fmt: skip
+                return
+        time.sleep(0.2)
+    print(f"netsetup: warning: failover: this host does not take {held.address}: "
+          f"{health or 'the host service has not judged its health yet'}", file=sys.stderr)
 
 
 def appliance_ipv6(settings: Settings) -> frozenset[str]:
@@ -285,16 +313,31 @@ def check_claims(
     """What the deployment claims on the host is free: the subnet, LAN_IP (probed on the LAN
     unless a dry run), the published port (unless this deployment already publishes it)."""
     detect.check_subnet_free(settings.subnet, facts.bridge)
+    check_peers_on_lan(settings, facts)
     if settings.lan and settings.lan_ip:
-        detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr, probe=probe)
+        detect.check_lan_ip(settings.lan_ip, facts.lan_interface, facts.lan_cidr, probe=probe,
+                            peers=settings.ha_peers)  # fmt: skip
     if settings.ipv6 and settings.lan_ip6 and settings.lan_cidr6:
         detect.check_lan_ip6(settings.lan_ip6, settings.lan_cidr6, facts.lan_interface,
-                             probe=probe)  # fmt: skip
+                             probe=probe, peers=settings.ha_peers)  # fmt: skip
     publishing = existing is not None and any(
         p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
     )
     if settings.published and not publishing:
         detect.check_port_free(settings.port)
+
+
+def check_peers_on_lan(settings: Settings, facts: HostFacts) -> None:
+    """The failover peers are other hosts of this LAN (checked against the LAN found here,
+    which the settings alone may not have known)."""
+    lan = ipaddress.ip_network(facts.lan_cidr, strict=False)
+    for peer in settings.ha_peers:
+        if ipaddress.ip_address(peer) not in lan:
+            raise BadInput(f"--ha-peer {peer} is outside the LAN {lan} on "
+                           f"{facts.lan_interface}: VRRP peers share the LAN")  # fmt: skip
+        if peer == facts.lan_address:
+            raise BadInput(f"--ha-peer {peer} is this host's own address: give the other "
+                           "host's")  # fmt: skip
 
 
 def xtables_lock_for(facts: HostFacts, backend: FirewallBackend) -> str:
@@ -360,8 +403,39 @@ def deploy_services(
         if not deploy.volume_exists(found.client, cache):  # a cache kept by `down` stays
             undo.push("cache volume", lambda: deploy.remove_volume(found.client, cache))
         undo.push("compose up", lambda: down_services(project, compose))
+    changed = write_keepalived_config(found.plan, undo)
     compose.up()
+    if changed and found.running:  # keepalived reads its configuration at start only
+        compose.run("restart", VRRP_SERVICE)
     return deployment, time.time()
+
+
+VRRP_SERVICE = "vrrp"  # compose.ha.yaml
+
+
+def write_keepalived_config(plan: Plan, undo: UndoStack) -> bool:
+    """keepalived's configuration beside the deployment record (HA only), its inverse on
+    `undo`; whether it changed."""
+    if plan.vrrp is None:
+        return False
+    path = state.keepalived_path_for(plan.settings.project)
+    text = plan.vrrp.render()
+    try:
+        old = path.read_text()
+    except OSError:
+        old = None
+    if old == text:
+        return False
+    state.write_text(path, text)
+
+    def put_back() -> None:
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            state.write_text(path, old)
+
+    undo.push("keepalived configuration", put_back)
+    return True
 
 
 @dataclass(frozen=True)
@@ -514,19 +588,37 @@ def down(project: str, options: Options) -> list[str]:
     if not compose.file.exists():
         remove_deployment(project, saved)
         return [f"no compose file {compose.file}: host rules removed only"]
+    said = []
     try:
         detect.docker_client()
+        if saved is not None and settings.ha and hand_over(compose, settings, saved):
+            said.append(f"{settings.lan_ip} handed over to the peer")
         compose.down()
     finally:
         remove_deployment(project, saved)
-    return ["services stopped and removed (compose down); host rules removed"]
+    return [*said, "services stopped and removed (compose down); host rules removed"]
+
+
+def hand_over(compose: deploy.Compose, settings: Settings, saved: state.Deployment) -> bool:
+    """A master leaving on purpose: keepalived stops first (it tells the peers, priority 0),
+    and the appliance and its rules stay until a peer surely holds LAN_IP (as long as a backup
+    waits for a silent master), answering the clients that still send here meanwhile: a
+    planned handover without a gap. Whether this host was master."""
+    assert settings.lan_ip is not None  # settings.ha
+    if not vrrp.holds(saved.lan_interface, settings.lan_ip):
+        return False
+    compose.run("stop", VRRP_SERVICE, check=False)
+    time.sleep(3 * vrrp.ADVERT_INTERVAL + 0.2)
+    return True
 
 
 def remove_deployment(project: str, saved: state.Deployment | None) -> None:
     """The record first: a host service that compose could not stop then has no plan to put
-    back at its next sync; then the sweep, with the record's proxy entries and routes."""
+    back at its next sync; then the sweep, with the record's proxy entries and routes; then
+    the health the host service gave keepalived (HA)."""
     state.delete(project)
     sweep(project, saved)
+    state.health_path_for(project).unlink(missing_ok=True)
 
 
 def status(project: str, options: Options) -> dict:

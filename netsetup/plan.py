@@ -64,10 +64,12 @@ from netsetup.errors import BadInput
 from netsetup.firewall.model import CHAIN_PREFIX, Chain, FirewallPlan, Rule
 from netsetup.hostnet import HostRoute, ProxyNeighbour
 from netsetup.lists import list_files
+from netsetup.vrrp import DEFAULT_PRIORITY, DEFAULT_VRID, Vrrp, check_peers
 
 MAX_CHAIN = 28  # iptables' limit on chain names
 
 
+INPUT_SUFFIX = "-IN"  # the filter chain for what reaches the host itself (HA: VRRP, the VIP)
 LAN_SUFFIX = "-LAN"  # upper case: compose project names are lower case, so no project's own
 
 
@@ -76,7 +78,13 @@ def own_chains(project: str) -> list[Chain]:
     project never touches another's rules; plus the nat chain of LAN address mode (listed
     whatever the modes, so `down` removes it after a switch away from lan)."""
     name = (CHAIN_PREFIX + project)[:MAX_CHAIN]
-    return [Chain("filter", name), Chain("nat", name), Chain("nat", lan_chain(project))]
+    return [Chain("filter", name), Chain("nat", name), Chain("nat", lan_chain(project)),
+            Chain("filter", input_chain(project))]  # fmt: skip
+
+
+def input_chain(project: str) -> str:
+    """The filter chain, hooked from INPUT in HA, for traffic to the host's own addresses."""
+    return (CHAIN_PREFIX + project)[: MAX_CHAIN - len(INPUT_SUFFIX)] + INPUT_SUFFIX
 
 
 def lan_chain(project: str) -> str:
@@ -191,6 +199,10 @@ class Settings:
     lan_cidr6: str | None = None
     subnet6: str = "fd53:53::/64"
     ip6: str = "fd53:53::53"
+    # Failover (netsetup/vrrp.py): the other hosts sharing LAN_IP by VRRP; none, no failover.
+    ha_peers: tuple[str, ...] = ()
+    ha_priority: int = DEFAULT_PRIORITY
+    ha_vrid: int = DEFAULT_VRID
 
     @property
     def direct(self) -> bool:
@@ -216,6 +228,11 @@ class Settings:
     def ipv6(self) -> bool:
         """Whether the appliance is reached over IPv6 too (LAN_IP6 given, in lan mode)."""
         return self.lan and self.lan_ip6 is not None
+
+    @property
+    def ha(self) -> bool:
+        """Whether LAN_IP is a VRRP address shared with other hosts rather than proxied."""
+        return self.lan and bool(self.ha_peers)
 
     @property
     def ipv6_upstreams(self) -> bool:
@@ -286,6 +303,8 @@ def check_settings(settings: Settings) -> Settings:
         raise BadInput("--mode is empty: give a comma list of port, direct, lan")
     lan_ip = check_lan_ip_syntax(settings, subnet, lan_cidr)
     settings = check_ipv6_settings(settings)
+    settings = replace(settings, ha_peers=check_peers(
+        settings.ha_peers, settings.ha_priority, settings.ha_vrid, lan_ip, lan_cidr))
     lists_dir = settings.lists_dir
     if lists_dir is not None:
         lists_dir = os.path.abspath(lists_dir)
@@ -453,13 +472,15 @@ class Plan:
     # bridge (hostnet.py).
     neighbours: list[ProxyNeighbour] = field(default_factory=list)
     routes: list[HostRoute] = field(default_factory=list)
+    # With HA_PEERS instead: keepalived holds LAN_IP (and LAN_IP6) on the master (vrrp.py).
+    vrrp: Vrrp | None = None
 
 
 def proxy_delay_key(interface: str, family: int = 4) -> str:
     return f"net.ipv{family}.neigh.{interface}.proxy_delay"
 
 
-def ipv6_sysctls(facts: HostFacts) -> dict[str, str]:
+def ipv6_sysctls(facts: HostFacts, proxy_ndp: bool = True) -> dict[str, str]:
     """What LAN_IP6 needs of the kernel, in the order it is set.
 
     Proxy NDP answers only on an interface that forwards, and the kernel forwards IPv6 only with
@@ -472,9 +493,10 @@ def ipv6_sysctls(facts: HostFacts) -> dict[str, str]:
     """
     out = {f"net.ipv6.conf.{name}.accept_ra": "2" for name in facts.ra_interfaces}
     out["net.ipv6.conf.all.forwarding"] = "1"
-    out[f"net.ipv6.conf.{facts.lan_interface}.proxy_ndp"] = "1"
-    # as for proxy ARP: a solicitation's answer would wait up to 0.8 s
-    out[proxy_delay_key(facts.lan_interface, 6)] = "0"
+    if proxy_ndp:  # not with HA: the master holds LAN_IP6 itself
+        out[f"net.ipv6.conf.{facts.lan_interface}.proxy_ndp"] = "1"
+        # as for proxy ARP: a solicitation's answer would wait up to 0.8 s
+        out[proxy_delay_key(facts.lan_interface, 6)] = "0"
     return out
 
 
@@ -489,7 +511,13 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
     }
     plan.served_lan = lan_to_allow(facts.lan_cidr, explicit=settings.lan_cidr is not None)
     plan.firewall = firewall_plan(settings, facts, plan.served_lan)
-    if settings.lan and settings.lan_ip:
+    if settings.ha and settings.lan_ip:
+        plan.vrrp = Vrrp(
+            project=settings.project, interface=facts.lan_interface, source=facts.lan_address,
+            peers=settings.ha_peers, priority=settings.ha_priority, vrid=settings.ha_vrid,
+            address=settings.lan_ip, address6=settings.lan_ip6 if settings.ipv6 else None,
+        )  # fmt: skip
+    elif settings.lan and settings.lan_ip:
         # Proxy ARP replies wait a random 0-0.8 s (proxy_delay) by default: a client's first
         # query would too. The proxy entry answers for LAN_IP only because the /32 route
         # leaves by the bridge (the kernel's condition for proxying).
@@ -501,10 +529,11 @@ def compute_plan(settings: Settings, facts: HostFacts) -> Plan:
         # DROP) unless the network is nat-unprotected for IPv6 too.
         plan.network_options[OPT_GATEWAY_MODE6] = "nat-unprotected"
         plan.firewall6 = firewall6_plan(settings, facts)
-        plan.sysctls.update(ipv6_sysctls(facts))
+        plan.sysctls.update(ipv6_sysctls(facts, proxy_ndp=not settings.ha))
         assert settings.lan_ip6 is not None  # settings.ipv6
-        plan.neighbours.append(ProxyNeighbour(settings.lan_ip6, facts.lan_interface))
-        plan.routes.append(HostRoute(f"{settings.lan_ip6}/128", facts.bridge))
+        if not settings.ha:
+            plan.neighbours.append(ProxyNeighbour(settings.lan_ip6, facts.lan_interface))
+            plan.routes.append(HostRoute(f"{settings.lan_ip6}/128", facts.bridge))
     major_minor = facts.engine_major_minor
     if major_minor < (27, 1):
         plan.notes.append(
@@ -626,7 +655,35 @@ def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: st
     fw.chains.append(Chain("nat", lan_chain(project)))
     if lan_ip:
         lan_nat(fw, project, lan_ip, to_destination)
+    # Declared in every plan, like the LAN chain: hooked and filled only with HA.
+    fw.chains.append(Chain("filter", input_chain(project)))
+    if lan_ip and settings.ha:
+        ha_input(fw, settings, family, lan_if, lan_ip)
     return fw
+
+
+def ha_input(fw: FirewallPlan, settings: Settings, family: int, lan_if: str, vip: str) -> None:
+    """With HA the master holds LAN_IP as an address of its own, so what reaches it is the
+    host's, not routed into the bridge: VRRP is let in from the peers only (on the LAN
+    interface) and no TCP or UDP port of the host is reachable at LAN_IP (DNS was translated
+    before INPUT; ICMP stays, so ping and neighbour checks work)."""
+    project, chain = settings.project, input_chain(settings.project)
+
+    def rule(target: str, comment: str, **match: object) -> Rule:
+        return Rule(table="filter", chain=chain, target=target, comment=f"{project}: {comment}",
+                    **match)  # type: ignore[arg-type]  # fmt: skip
+
+    if family == 4:  # the adverts are IPv4 (LAN_IP6 moves with LAN_IP)
+        for peer in settings.ha_peers:
+            fw.rules.append(rule("ACCEPT", f"VRRP from peer {peer}", source=peer,
+                                 in_interface=lan_if, protocol="vrrp"))  # fmt: skip
+        fw.rules.append(rule("DROP", "VRRP from anyone else", in_interface=lan_if,
+                             protocol="vrrp"))  # fmt: skip
+    for proto in ("udp", "tcp"):
+        fw.rules.append(rule("DROP", f"no {proto} port of the host at the shared address",
+                             destination=vip, protocol=proto))  # fmt: skip
+    fw.hooks.append(Rule(table="filter", chain="INPUT", target=chain,
+                         comment=f"{project}: HA hook", position=1))  # fmt: skip
 
 
 def masquerade(settings: Settings, facts: HostFacts) -> Rule:
@@ -726,6 +783,12 @@ def render_plan(plan: Plan, firewall_text: str, firewall6_text: str = "") -> str
         lines.append(f"network option {key} = {value}")
     for item in [*plan.neighbours, *plan.routes]:
         lines.append(f"host: {item.render()}")
+    if plan.vrrp is not None:
+        v = plan.vrrp
+        held = " and ".join(a for a in (v.address, v.address6) if a)
+        lines.append(f"vrrp: keepalived holds {held} on {v.interface} while master: router id "
+                     f"{v.vrid}, priority {v.priority}, unicast from {v.source} to "
+                     f"{', '.join(v.peers)}, no preemption")  # fmt: skip
     if plan.verify_no_raw_drop:
         lines.append(f"verify: no raw PREROUTING DROP for {s.ip}/32")
     for note in plan.notes:

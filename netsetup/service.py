@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from netsetup import detect, hostnet, state, sysctl
+from netsetup import detect, hostnet, state, sysctl, vrrp
 from netsetup.errors import NetsetupError
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, FirewallState, declared_chains
@@ -90,6 +90,9 @@ class HostService:
     routes: list[HostRoute] = field(default_factory=list)
     # Whether the last sync applied IPv6 rules: if the next plan has none, they are removed.
     ipv6_applied: bool = False
+    # The last sync's plan, and with HA the watch of health and role (vrrp.Watch).
+    plan_now: Plan | None = None
+    failover: vrrp.Watch | None = None
 
     def __post_init__(self) -> None:
         if self.backend6 is None:
@@ -120,6 +123,7 @@ class HostService:
         self.deployment = deployment
         self.complete = False  # a report written mid-sync (below) must not claim this record
         plan = self.plan(deployment)
+        self.plan_now = plan
         found = self.sync_sysctls(plan)
         exact = True
         for backend, firewall, family in ((self.backend, plan.firewall, ""),
@@ -213,6 +217,24 @@ class HostService:
                 log(f"repaired: {'; '.join(found)}")
         self.record()
 
+    def watch_failover(self) -> None:
+        """With HA, one look at health and role (vrrp.Watch), reported when either changed."""
+        plan = self.plan_now
+        if plan is None or plan.vrrp is None:
+            self.failover = None
+            return
+        if self.failover is None:
+            self.failover = vrrp.Watch(state.health_path_for(self.project))
+        try:
+            changed = self.failover.tick(plan.vrrp, plan.settings.ip, self.complete)
+        except OSError as exc:  # the run directory, netlink: the next look tries again
+            log(f"failover check failed: {exc}")
+            return
+        if changed:
+            if self.failover.last_transition and self.syncs:
+                log(f"failover: {self.failover.role}: {self.failover.last_transition['why']}")
+            self.record()
+
     def record(self) -> None:
         state.write_json(
             state.sync_path_for(self.project),
@@ -227,10 +249,13 @@ class HostService:
                 "complete": self.complete, "backend": self.backend.name,
                 "sysctls_before": self.sysctls_before,
                 "host_entries": entries_to_json(self.neighbours, self.routes),
+                "failover": self.failover.as_dict() if self.failover else None,
             },
         )  # fmt: skip
 
     def stop(self) -> None:
+        if self.failover is not None:  # a keepalived still running gives the address up
+            vrrp.write_health(self.failover.health_file, healthy=False)
         deployment = state.load(self.project) or self.deployment
         remove_host_plan(self.backend, self.project, self.sysctls_before, deployment)
         hostnet.remove(self.neighbours, self.routes)  # in case the last report was not written
@@ -326,9 +351,15 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     log(f"project {project}, iptables {backend.name}, re-checking every {interval:g} s")
+    # Syncs every `interval`; with HA, health and role once a second between them.
+    next_sync = 0.0
     while not stopping.is_set():
-        service.step()
-        stopping.wait(interval)
+        if time.monotonic() >= next_sync:
+            service.step()
+            next_sync = time.monotonic() + interval
+        service.watch_failover()
+        wait = next_sync - time.monotonic()
+        stopping.wait(min(wait, vrrp.HEALTH_INTERVAL) if service.failover else wait)
     try:
         service.stop()
     except (NetsetupError, OSError) as exc:

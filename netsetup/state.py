@@ -34,7 +34,8 @@ def run_dir() -> Path:
 
 # Settings held as tuples, written as lists (JSON) and read back as tuples: a record gives back
 # the settings it was written from, equal to them.
-TUPLE_SETTINGS = ("upstreams", "domestic_upstreams", "local_dns", "local_domains", "local_reverse")
+TUPLE_SETTINGS = ("upstreams", "domestic_upstreams", "local_dns", "local_domains", "local_reverse",
+                  "ha_peers")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,21 @@ def save(project: str, deployment: Deployment) -> None:
 
 
 def delete(project: str) -> None:
-    """The deployment record, and what was heard on its LAN with it."""
+    """The deployment record, what was heard on its LAN with it, its keepalived.conf."""
     path_for(project).unlink(missing_ok=True)
     ipv6_dns_path_for(project).unlink(missing_ok=True)
+    keepalived_path_for(project).unlink(missing_ok=True)
+
+
+def keepalived_path_for(project: str) -> Path:
+    """keepalived's configuration (HA), written by `up` beside the record; compose.ha.yaml
+    mounts it by this name."""
+    return state_dir() / f"{project}.keepalived.conf"
+
+
+def health_path_for(project: str) -> Path:
+    """The host service's verdict for keepalived (vrrp.py): "0" healthy, "1" not."""
+    return run_dir() / f"{project}.health"
 
 
 def ipv6_dns_path_for(project: str) -> Path:
@@ -163,10 +176,15 @@ def load_sync(project: str) -> dict[str, Any] | None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically: a reader never sees half a file."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically (a new file renamed over the old): a reader never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
         tmp.replace(path)
     except OSError as exc:
         raise NetsetupError(f"cannot write state file {path}: {exc.strerror}") from exc

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,7 +84,10 @@ def to_iptc(rule: Rule) -> Any:
     if rule.out_interface:
         r.out_interface = _neg(rule.out_interface, rule.not_out_interface)
     if rule.protocol:
-        r.protocol = rule.protocol
+        # python-iptables knows a few protocols by name (tcp, udp, icmp...); others, such as
+        # vrrp, by number, from /etc/protocols as iptables itself reads it
+        r.protocol = (rule.protocol if rule.protocol in r.protocols.values()
+                      else str(socket.getprotobyname(rule.protocol)))  # fmt: skip
         if rule.dport is not None:
             match = r.create_match(rule.protocol)
             match.dport = str(rule.dport)

@@ -18,10 +18,16 @@ def test_image_is_at_most_60_mb(image):
     assert image["Size"] <= MAX_SIZE, f"{image['Size'] / 1e6:.1f} MB"
 
 
+# Python, both iptables flavours, python-iptables and keepalived: Debian's keepalived links
+# net-snmp (and through it libperl) and glib, about 19 MB that no build option of ours removes.
+MAX_HOST_SERVICE_SIZE = 80 * 1000 * 1000
+
+
 def test_host_service_image_is_trimmed_too(image):
-    """Its base keeps Python, both iptables flavours and python-iptables only (images/netsetup)."""
+    """Its base keeps Python, both iptables flavours, python-iptables and keepalived, and the
+    libraries they load, only (images/netsetup)."""
     netsetup = inspect("image", "netsetup:latest")
-    assert netsetup["Size"] <= MAX_SIZE, f"{netsetup['Size'] / 1e6:.1f} MB"
+    assert netsetup["Size"] <= MAX_HOST_SERVICE_SIZE, f"{netsetup['Size'] / 1e6:.1f} MB"
     assert netsetup["Config"]["Entrypoint"] == ["python3", "-m", "netsetup.service"]
 
 

@@ -5,8 +5,9 @@ and 29 (iptables or, experimentally, native nftables as the engine's firewall); 
 Docker 28 with ``"iptables": false`` in daemon.json, which creates no DOCKER-USER chain.
 Engines from 27 on write ip6tables too (DOCKER-USER there); 20.10 and 26 do not by default.
 
-A mode may carry two words that are not modes: ``ipv6`` adds a LAN address over IPv6 (LAN_IP6
-on the LAN's IPv6 prefix), ``ipv6up`` that and an IPv6 upstream.
+A mode may carry words that are not modes: ``ipv6`` adds a LAN address over IPv6 (LAN_IP6 on
+the LAN's IPv6 prefix), ``ipv6up`` that and an IPv6 upstream, ``ha`` a peer sharing LAN_IP by
+VRRP (HA_PEERS).
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ LAN_IP6 = "fd00:1::53"
 UPSTREAM6 = "[2001:db8::53]:53"
 
 
+HA_PEER = "192.168.1.21"  # the other host sharing LAN_IP (with "ha")
+
+
 def settings(mode: str = "both") -> Settings:
     words = mode.split(",")
     ipv6 = "ipv6" in words or "ipv6up" in words
-    modes = parse_modes(",".join(w for w in words if w not in ("ipv6", "ipv6up")))
+    extra = ("ipv6", "ipv6up", "ha")
+    modes = parse_modes(",".join(w for w in words if w not in extra))
     return Settings(
         modes=modes,
         lan_ip=LAN_IP if "lan" in modes else None,
@@ -62,4 +67,6 @@ def settings(mode: str = "both") -> Settings:
         ip="172.31.53.53",
         port=5053,
         project="dnsapp",
+        ha_peers=(HA_PEER,) if "ha" in words else (),
+        ha_priority=150,
     )

@@ -57,7 +57,8 @@ def save(ns: str, backend: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
 @pytest.mark.parametrize(
-    ("engine", "mode"), [("20.10", "both"), ("28", "direct"), ("28", "port"), ("28", "port,lan")]
+    ("engine", "mode"),
+    [("20.10", "both"), ("28", "direct"), ("28", "port"), ("28", "port,lan"), ("28", "lan,ha")],
 )
 def test_apply_twice_then_remove_restores_tables(
     netns: str, backend: str, engine: str, mode: str

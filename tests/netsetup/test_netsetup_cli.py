@@ -384,6 +384,24 @@ LAN_IP6_BAD = [
 ]  # fmt: skip
 
 
+HA_BAD = [
+    (["--ha-peer", "192.168.1.21"], "needs lan mode"),
+    ([*LAN4, "--ha-peer", "printer"], "not an IPv4 address"),
+    ([*LAN4, "--ha-peer", "fd00::21"], "IPv4 LAN addresses"),
+    ([*LAN4, "--ha-peer", "192.168.1.53"], "is LAN_IP itself"),
+    ([*LAN4, "--ha-peer", "192.168.2.21"], "outside the LAN"),
+    ([*LAN4, "--ha-peer", "192.168.1.21", "--ha-priority", "255"], "not a VRRP priority"),
+    ([*LAN4, "--ha-peer", "192.168.1.21", "--ha-vrid", "0"], "not a VRRP router id"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "word"), HA_BAD, ids=[w for _, w in HA_BAD])
+def test_failover_settings_refused(args: list[str], word: str) -> None:
+    """Malformed or misplaced HA_PEERS and their companions: one line, exit 2, nothing done."""
+    proc = run_cli("up", *SAFE, "--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", *args)
+    assert_refused(proc, word)
+
+
 @pytest.mark.parametrize(("args", "word"), LAN_IP6_BAD, ids=[w for _, w in LAN_IP6_BAD])
 def test_lan_ip6_refused(args: list[str], word: str) -> None:
     """Malformed or misplaced LAN_IP6 values: one line, exit 2, before the host is looked at."""

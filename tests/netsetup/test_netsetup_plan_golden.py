@@ -30,7 +30,11 @@ CASES = [(engine, backend, "both") for engine in ENGINES for backend in BACKENDS
     ("20.10", "nft", "lan,ipv6"), ("20.10", "legacy", "port,direct,lan,ipv6"),
     ("26", "nft", "lan,ipv6up"), ("28", "nft", "lan,ipv6"), ("28", "legacy", "lan,ipv6up"),
     ("29-nftables", "nft", "lan,ipv6"),
+] + [
+    # Failover: LAN_IP held by VRRP, not proxied; over IPv6 too
+    ("20.10", "nft", "lan,ha"), ("28", "legacy", "port,lan,ha"), ("28", "nft", "lan,ipv6,ha"),
 ]
+KEEPALIVED = ["lan,ha", "lan,ipv6,ha"]  # the keepalived.conf each gives
 
 
 def golden_name(engine: str, backend: str, mode: str) -> str:
@@ -53,6 +57,20 @@ def test_plan_matches_golden(engine: str, backend: str, mode: str) -> None:
     assert text == path.read_text(), f"plan differs from {path.name}"
 
 
+@pytest.mark.parametrize("mode", KEEPALIVED)
+def test_keepalived_config_matches_golden(mode: str) -> None:
+    plan = compute_plan(settings(mode), facts("28", "nft"))
+    assert plan.vrrp is not None
+    path = GOLDEN / f"keepalived-{mode.replace(',', '+')}.conf"
+    text = plan.vrrp.render()
+    if UPDATE:
+        path.write_text(text)
+    assert path.exists(), f"{path.name} missing: run with NETSETUP_UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text(), f"keepalived.conf differs from {path.name}"
+
+
 def test_no_stale_golden_files() -> None:
     expected = {golden_name(e, b, m) for e, b, m in CASES}
     assert {p.name for p in GOLDEN.glob("plan-*.txt")} == expected
+    expected = {f"keepalived-{m.replace(',', '+')}.conf" for m in KEEPALIVED}
+    assert {p.name for p in GOLDEN.glob("keepalived-*.conf")} == expected

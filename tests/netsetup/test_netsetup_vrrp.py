@@ -1,0 +1,100 @@
+"""The host service's side of failover, as logic: health written for keepalived, the role and
+its transitions counted and explained. The real keepalived, its address and the gaps a client
+sees are test_netsetup_ha_e2e.py's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netsetup import vrrp
+from netsetup.cli import failover_rows
+
+HELD = vrrp.Vrrp(
+    project="dnsapp", interface="eth0", source="192.168.1.2", peers=("192.168.1.21",),
+    priority=150, vrid=53, address="192.168.1.53",
+)
+
+
+class Host:
+    """What the watch looks at: whether the appliance answers, whether LAN_IP is here."""
+
+    answers = True
+    holds = False
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Host:
+    state = Host()
+    monkeypatch.setattr(vrrp, "appliance_answers", lambda ip, timeout=0.5: state.answers)
+    monkeypatch.setattr(vrrp, "holds", lambda interface, address: state.holds)
+
+    class NoAdverts:
+        def __init__(self, vrid: int) -> None:
+            pass
+
+        def read(self) -> None:
+            pass
+
+        def seen(self) -> dict:
+            return {}
+
+    monkeypatch.setattr(vrrp, "PeerAdverts", NoAdverts)
+    return state
+
+
+def test_health_is_written_for_keepalived_only_when_it_changes(host: Host, tmp_path: Path) -> None:
+    watch = vrrp.Watch(tmp_path / "dnsapp.health")
+    assert watch.tick(HELD, "172.31.53.53", plan_in_place=True)  # the first look is news
+    assert (tmp_path / "dnsapp.health").read_text() == "0\n"
+    assert not watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    host.answers = False
+    assert watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert (tmp_path / "dnsapp.health").read_text() == "1\n"
+    assert watch.health == "the appliance at 172.31.53.53 does not answer"
+    host.answers = True
+    watch.tick(HELD, "172.31.53.53", plan_in_place=False)
+    assert (tmp_path / "dnsapp.health").read_text() == "1\n"
+    assert watch.health == "the firewall plan is not in place"
+    assert not list(tmp_path.glob("*.tmp")), "written by a rename, nothing left beside it"
+
+
+def test_transitions_are_counted_and_explained(host: Host, tmp_path: Path) -> None:
+    watch = vrrp.Watch(tmp_path / "dnsapp.health")
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert (watch.role, watch.transitions) == ("backup", 0)  # where it started is no transition
+    host.holds = True
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert watch.transitions == 1 and watch.last_transition is not None
+    assert watch.last_transition["to"] == "master"
+    assert "no peer advertised" in watch.last_transition["why"]
+    host.answers, host.holds = False, False
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert watch.transitions == 2 and watch.last_transition["to"] == "backup"
+    assert watch.last_transition["why"].startswith("gave the address up: the appliance")
+    host.answers = True
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert watch.transitions == 2  # healthy again, still backup: nothing moved
+
+    rows = dict(failover_rows(watch.as_dict()))
+    assert rows["failover"] == "BACKUP (health: ok)"
+    assert "2, last" in rows["  transitions"] and "master -> backup" in rows["  transitions"]
+    assert "none heard" in rows["  peers"]
+    assert failover_rows(None) == []
+
+
+@pytest.mark.parametrize(("peers", "priority", "vrid", "words"), [
+    ((), 100, 53, None),
+    (("192.168.1.21", "192.168.1.21"), 100, 53, None),
+    (("192.168.1.21",), 0, 53, "not a VRRP priority"),
+    (("192.168.1.21",), 100, 256, "not a VRRP router id"),
+])  # fmt: skip
+def test_peers_are_checked_and_normalized(peers: tuple[str, ...], priority: int, vrid: int,
+                                          words: str | None) -> None:  # fmt: skip
+    if words is None:
+        assert vrrp.check_peers(peers, priority, vrid, "192.168.1.53", "192.168.1.0/24") == \
+            tuple(dict.fromkeys(peers))  # fmt: skip
+    else:
+        with pytest.raises(vrrp.BadInput, match=words):
+            vrrp.check_peers(peers, priority, vrid, "192.168.1.53", "192.168.1.0/24")
