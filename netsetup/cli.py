@@ -276,7 +276,10 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("  lan mode", f"{entry}: {'present' if present else 'MISSING'}"))
     if info.get("raw_drop"):
         rows.append(("raw DROP", info["raw_drop"][0]))
-    rows.append(("ip_forward", info["sysctl"]["net.ipv4.ip_forward"]))
+    planned = info.get("sysctl_plan") or {}
+    for key, value in info["sysctl"].items():
+        off = f" (the plan sets {planned[key]})" if key in planned and planned[key] != value else ""
+        rows.append(("ip_forward" if key == "net.ipv4.ip_forward" else key, value + off))
     rows.append(("IPv6 DNS", ipv6_dns_row(info.get("ipv6_dns"))))
     counts = info.get("counts") or {}
     if "error" in counts:

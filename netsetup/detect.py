@@ -183,14 +183,14 @@ RTPROT_RA = 9  # linux/rtnetlink.h: a route the kernel learned from a router adv
 
 def ra_interfaces(lan_interface: str) -> tuple[str, ...]:
     """Interfaces that configure the host's IPv6 from router advertisements (accept_ra not 0):
-    the LAN interface, and every other that holds a default route learned from one. Forwarding
-    would cost each its default route (plan.ipv6_sysctls). A repeated `up` finds accept_ra at
-    the 2 it set, still not 0: the same interfaces."""
+    the LAN interface, and every other that holds a route learned from one (its default route,
+    or a more specific one). Forwarding would cost each its learned routes (plan.ipv6_sysctls).
+    A repeated `up` finds accept_ra at the 2 it set, still not 0: the same interfaces."""
     with _ipr() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         learned = [names.get(route.get_attr("RTA_OIF"))
                    for route in ipr.get_routes(family=socket.AF_INET6, table=254)
-                   if route["dst_len"] == 0 and route["proto"] == RTPROT_RA]  # fmt: skip
+                   if route["proto"] == RTPROT_RA]  # fmt: skip
     found: list[str] = []
     for name in [lan_interface, *sorted(n for n in learned if n)]:
         if name in found:
@@ -239,7 +239,7 @@ def check_lan_ip6(lan_ip6: str, lan_cidr6: str, interface: str, probe: bool = Tr
 
     check_lan_ip6_in(ipaddress.IPv6Address(lan_ip6), ipaddress.IPv6Network(lan_cidr6))
     if lan_ip6 in host_addresses6():
-        if peers:
+        if peers and holds_vip(interface, lan_ip6):
             return
         raise AddressTaken(f"--lan-ip6 {lan_ip6} is an address of this host: choose a free one")
     if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip6, interface)):
@@ -292,7 +292,7 @@ def check_lan_ip(lan_ip: str, interface: str, lan_cidr: str, probe: bool = True,
 
     check_lan_ip_in(ipaddress.IPv4Address(lan_ip), ipaddress.IPv4Network(lan_cidr))
     if lan_ip in host_addresses():
-        if peers:
+        if peers and holds_vip(interface, lan_ip):  # this host is master: keepalived's address
             return
         raise AddressTaken(f"--lan-ip {lan_ip} is an address of this host: choose a free one")
     if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip, interface)):
@@ -305,6 +305,19 @@ def check_lan_ip(lan_ip: str, interface: str, lan_cidr: str, probe: bool = True,
             f"--lan-ip {lan_ip} is in use on {interface}: {claim} answered an ARP probe; "
             "choose a free address (outside the DHCP pool)"
         )
+
+
+def holds_vip(interface: str, address: str) -> bool:
+    """Whether `address` is on `interface` as a host address (/32, /128) of its own: how
+    keepalived adds LAN_IP (and LAN_IP6) on the master; never the host's own LAN address."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    full = 128 if family == socket.AF_INET6 else 32
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            return False
+        return any(a.get_attr("IFA_ADDRESS") == address and a["prefixlen"] == full
+                   for a in ipr.get_addr(family=family, index=found[0]))  # fmt: skip
 
 
 def peer_macs(interface: str, peers: tuple[str, ...]) -> set[str]:

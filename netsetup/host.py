@@ -171,11 +171,13 @@ def up(settings: Settings, options: Options) -> str:
     survey = ra.Background(found.facts.lan_interface)
     undo = UndoStack()
     try:
-        deployment, deployed_at = deploy_services(found, options, undo)
-        verify(found, deployment, deployed_at, options.timeout)
+        deploying = deploy_services(found, options, undo)
+        verify(found, deploying.deployment, deploying.at, options.timeout)
     except BaseException:
         undo.unwind()
         raise
+    if deploying.restart_vrrp is not None:
+        deploying.restart_vrrp.run("restart", VRRP_SERVICE)
     warn_ipv6_dns(settings, survey.result())
     if found.plan.vrrp is not None:
         tell_failover_role(settings.project, found.plan.vrrp)
@@ -189,7 +191,7 @@ def tell_failover_role(project: str, held: vrrp.Vrrp, timeout: float = 10.0) -> 
     healthy_since = None
     health = None
     while time.monotonic() < deadline:
-        if vrrp.holds(held.interface, held.address):
+        if detect.holds_vip(held.interface, held.address):
             print(f"netsetup: up: failover: this host is MASTER: it holds {held.address}",
                   file=sys.stderr)  # fmt: skip
             return
@@ -197,7 +199,7 @@ def tell_failover_role(project: str, held: vrrp.Vrrp, timeout: float = 10.0) -> 
         health = (report.get("failover") or {}).get("health")
         if health == "ok":
             healthy_since = healthy_since or time.monotonic()
-            if time.monotonic() - healthy_since > 3 * vrrp.ADVERT_INTERVAL + 1:
+            if time.monotonic() - healthy_since > vrrp.MASTER_DOWN + 1:
                 peers = ", ".join(held.peers)
                 print(f"netsetup: up: failover: this host is BACKUP: a peer ({peers}) holds "
                       f"{held.address}", file=sys.stderr)  # fmt: skip
@@ -236,6 +238,7 @@ def preflight(settings: Settings, options: Options) -> Preflight:
     client = detect.docker_client()
     existing = deploy.inspect(client, settings)
     check_network_family(settings, existing)
+    check_failover_switch(settings, existing)
     bridge = (
         options.bridge
         or (existing.bridge if existing else None)
@@ -265,6 +268,19 @@ def check_network_family(settings: Settings, existing: deploy.Deployed | None) -
     has = "has no" if settings.ipv6 else "has an"
     raise BadInput(f"to {change}, the network {existing.network} ({has} IPv6 subnet) must be "
                    "created anew: run `make down`, then `make up` again")  # fmt: skip
+
+
+def check_failover_switch(settings: Settings, existing: deploy.Deployed | None) -> None:
+    """Starting or stopping to share LAN_IP by VRRP changes who holds it (a proxy entry, or
+    keepalived's address) and which services run: done on a running deployment, the old
+    holder could outlive the change. Refused in one line, with what to do."""
+    previous = state.load(settings.project)
+    if existing is None or not existing.running or previous is None:
+        return
+    if previous.to_settings().ha != settings.ha:
+        change = "share LAN_IP with HA_PEERS" if settings.ha else "stop sharing LAN_IP"
+        raise BadInput(f"to {change} on a running deployment, run `make down`, then `make up` "
+                       "again")  # fmt: skip
 
 
 def tell_home_names(found: Preflight) -> None:
@@ -338,6 +354,9 @@ def check_peers_on_lan(settings: Settings, facts: HostFacts) -> None:
         if peer == facts.lan_address:
             raise BadInput(f"--ha-peer {peer} is this host's own address: give the other "
                            "host's")  # fmt: skip
+    if settings.ha and settings.lan_ip == facts.lan_address:
+        raise BadInput(f"--lan-ip {settings.lan_ip} is this host's own address: the hosts share "
+                       "another, free one")  # fmt: skip
 
 
 def xtables_lock_for(facts: HostFacts, backend: FirewallBackend) -> str:
@@ -368,11 +387,8 @@ def compose_for(
     )
 
 
-def deploy_services(
-    found: Preflight, options: Options, undo: UndoStack
-) -> tuple[state.Deployment, float]:
-    """Write the deployment record and run compose up, each step's inverse pushed on `undo`;
-    returns the record and when compose was done."""
+def deploy_services(found: Preflight, options: Options, undo: UndoStack) -> Deploying:
+    """Write the deployment record and run compose up, each step's inverse pushed on `undo`."""
     settings, project = found.settings, found.settings.project
     compose = compose_for(settings, options.compose_file.resolve(), found.plan, found.facts,
                           found.backend)  # fmt: skip
@@ -403,11 +419,20 @@ def deploy_services(
         if not deploy.volume_exists(found.client, cache):  # a cache kept by `down` stays
             undo.push("cache volume", lambda: deploy.remove_volume(found.client, cache))
         undo.push("compose up", lambda: down_services(project, compose))
-    changed = write_keepalived_config(found.plan, undo)
+    reconfigured = write_keepalived_config(found.plan, undo) and found.running
     compose.up()
-    if changed and found.running:  # keepalived reads its configuration at start only
-        compose.run("restart", VRRP_SERVICE)
-    return deployment, time.time()
+    return Deploying(deployment, time.time(), compose if reconfigured else None)
+
+
+@dataclass(frozen=True)
+class Deploying:
+    """What deploy_services did: the record, when compose was done, and the compose run whose
+    keepalived must read a changed configuration once `up` succeeded (it reads it at start
+    only; restarted before, a failed `up` would leave it running the one put back)."""
+
+    deployment: state.Deployment
+    at: float
+    restart_vrrp: deploy.Compose | None = None
 
 
 VRRP_SERVICE = "vrrp"  # compose.ha.yaml
@@ -470,7 +495,7 @@ def set_sysctls(plan: Plan, keys: dict[str, str]) -> None:
 
 
 def restore_sysctls(values: dict[str, str]) -> None:
-    for key, value in values.items():
+    for key, value in reversed(values.items()):  # forwarding off before accept_ra back
         sysctl.set_value(key, value)
 
 
@@ -545,6 +570,7 @@ def down_services(project: str, compose: deploy.Compose) -> None:
         compose.down()
     finally:
         sweep(project)
+        state.health_path_for(project).unlink(missing_ok=True)
 
 
 def sweep(project: str, deployment: state.Deployment | None = None) -> None:
@@ -605,10 +631,10 @@ def hand_over(compose: deploy.Compose, settings: Settings, saved: state.Deployme
     waits for a silent master), answering the clients that still send here meanwhile: a
     planned handover without a gap. Whether this host was master."""
     assert settings.lan_ip is not None  # settings.ha
-    if not vrrp.holds(saved.lan_interface, settings.lan_ip):
+    if not detect.holds_vip(saved.lan_interface, settings.lan_ip):
         return False
     compose.run("stop", VRRP_SERVICE, check=False)
-    time.sleep(3 * vrrp.ADVERT_INTERVAL + 0.2)
+    time.sleep(vrrp.MASTER_DOWN + 0.2)
     return True
 
 
@@ -676,11 +702,20 @@ def status(project: str, options: Options) -> dict:
         out["raw_drop"] = raw_drop_lines(backend, settings.ip)
         if plan.neighbours or plan.routes:
             out["lan_address"] = hostnet.state(plan.neighbours, plan.routes)
-    out["sysctl"] = {"net.ipv4.ip_forward": sysctl.get("net.ipv4.ip_forward")}
+        out["sysctl_plan"] = plan.sysctls
+    out["sysctl"] = {key: read_sysctl(key)
+                     for key in out.get("sysctl_plan") or ["net.ipv4.ip_forward"]}  # fmt: skip
     out["ipv6_dns"] = ipv6_dns_status(project, settings)
     if deployed and deployed.ip:
         out["counts"] = appliance_metrics.fetch(deployed.ip)
     return out
+
+
+def read_sysctl(key: str) -> str:
+    try:
+        return sysctl.get(key)
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def ipv6_dns_status(project: str, settings: Settings) -> dict[str, Any] | None:

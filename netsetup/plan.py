@@ -489,7 +489,7 @@ def ipv6_sysctls(facts: HostFacts, proxy_ndp: bool = True) -> dict[str, str]:
     default routes learned from them: the host would lose its own IPv6 default route. So
     accept_ra goes to 2 first, on each interface that takes advertisements. The engine turns
     all.forwarding on itself when it creates an IPv6 network: `up` sets these before it does
-    (host.preset_sysctls), so the values found are the host's own.
+    (host.presets), so the values found are the host's own.
     """
     out = {f"net.ipv6.conf.{name}.accept_ra": "2" for name in facts.ra_interfaces}
     out["net.ipv6.conf.all.forwarding"] = "1"
@@ -665,8 +665,8 @@ def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: st
 def ha_input(fw: FirewallPlan, settings: Settings, family: int, lan_if: str, vip: str) -> None:
     """With HA the master holds LAN_IP as an address of its own, so what reaches it is the
     host's, not routed into the bridge: VRRP is let in from the peers only (on the LAN
-    interface) and no TCP or UDP port of the host is reachable at LAN_IP (DNS was translated
-    before INPUT; ICMP stays, so ping and neighbour checks work)."""
+    interface), and nothing of the host is reachable at LAN_IP but ICMP (ping, and IPv6's
+    neighbour checks); DNS was translated to the appliance before INPUT."""
     project, chain = settings.project, input_chain(settings.project)
 
     def rule(target: str, comment: str, **match: object) -> Rule:
@@ -679,9 +679,10 @@ def ha_input(fw: FirewallPlan, settings: Settings, family: int, lan_if: str, vip
                                  in_interface=lan_if, protocol="vrrp"))  # fmt: skip
         fw.rules.append(rule("DROP", "VRRP from anyone else", in_interface=lan_if,
                              protocol="vrrp"))  # fmt: skip
-    for proto in ("udp", "tcp"):
-        fw.rules.append(rule("DROP", f"no {proto} port of the host at the shared address",
-                             destination=vip, protocol=proto))  # fmt: skip
+    fw.rules.append(rule("ACCEPT", "ICMP at the shared address", destination=vip,
+                         protocol="icmp" if family == 4 else "ipv6-icmp"))  # fmt: skip
+    fw.rules.append(rule("DROP", "nothing else of the host at the shared address",
+                         destination=vip))  # fmt: skip
     fw.hooks.append(Rule(table="filter", chain="INPUT", target=chain,
                          comment=f"{project}: HA hook", position=1))  # fmt: skip
 

@@ -217,6 +217,20 @@ def router_solicitation() -> bytes:
     return struct.pack("!BBHI", ICMP6_RS, 0, 0, 0)
 
 
+def solicit(interface: str) -> bool:
+    """One router solicitation on `interface`, not waiting for the answer (the kernel takes
+    the advertisement it brings); whether it was sent."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
+            index = socket.if_nametoindex(interface)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ND_HOP_LIMIT)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+            sock.sendto(router_solicitation(), (ALL_ROUTERS, 0, 0, index))
+    except OSError:
+        return False
+    return True
+
+
 QUIET_ERRORS = {
     errno.EADDRNOTAVAIL: "{iface} has no usable IPv6 link-local address (yet)",
     errno.ENETUNREACH: "{iface} is down or has IPv6 off",

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from netsetup import detect, hostnet, state, sysctl, vrrp
+from netsetup import detect, failover, hostnet, ra, state, sysctl
 from netsetup.errors import NetsetupError
 from netsetup.firewall import get_backend
 from netsetup.firewall.base import FirewallBackend, FirewallState, declared_chains
@@ -90,9 +90,12 @@ class HostService:
     routes: list[HostRoute] = field(default_factory=list)
     # Whether the last sync applied IPv6 rules: if the next plan has none, they are removed.
     ipv6_applied: bool = False
-    # The last sync's plan, and with HA the watch of health and role (vrrp.Watch).
+    # The last sync's plan, and with HA the watch of health and role (failover.Watch).
     plan_now: Plan | None = None
-    failover: vrrp.Watch | None = None
+    ha_watch: failover.Watch | None = None
+    # Syncs in a row that did not leave the plan in place: one may be a passing lock or a
+    # reload under way; two, and this host is not fit to hold LAN_IP (failover.py).
+    incomplete_syncs: int = 0
 
     def __post_init__(self) -> None:
         if self.backend6 is None:
@@ -145,6 +148,7 @@ class HostService:
             self.ipv6_applied = False
         found += self.sync_host_entries(plan)
         self.complete = exact
+        self.incomplete_syncs = 0 if exact else self.incomplete_syncs + 1
         self.syncs += 1
         return found
 
@@ -175,6 +179,11 @@ class HostService:
             if old != value:
                 sysctl.set_value(key, value)
                 found.append(f"sysctl {key} was {old}")
+                if key.endswith(".accept_ra") and value == "2":
+                    # After a boot the engine may have turned forwarding on first, and the
+                    # host's RA-learned routes are gone: ask for an advertisement now rather
+                    # than wait minutes for the next.
+                    ra.solicit(key.removeprefix("net.ipv6.conf.").removesuffix(".accept_ra"))
         for key in [k for k in self.sysctls_before if k not in plan.sysctls]:
             sysctl.set_value(key, self.sysctls_before[key])
             found.append(f"sysctl {key} put back to {self.sysctls_before.pop(key)}")
@@ -203,6 +212,7 @@ class HostService:
             found = self.sync()
         except Exception as exc:  # noqa: BLE001 - whatever a sync hits, the loop goes on
             self.errors += 1
+            self.incomplete_syncs += 1
             self.last_error = str(exc)
             self.complete = False
             log(f"sync failed (retrying): {exc}")
@@ -218,21 +228,26 @@ class HostService:
         self.record()
 
     def watch_failover(self) -> None:
-        """With HA, one look at health and role (vrrp.Watch), reported when either changed."""
+        """With HA, one look at health and role (failover.Watch), reported when either
+        changed. Without (any more), a keepalived still running is told to give up."""
         plan = self.plan_now
         if plan is None or plan.vrrp is None:
-            self.failover = None
+            if self.ha_watch is not None:
+                failover.write_health(self.ha_watch.health_file, healthy=False)
+                self.ha_watch.close()
+                self.ha_watch = None
             return
-        if self.failover is None:
-            self.failover = vrrp.Watch(state.health_path_for(self.project))
+        if self.ha_watch is None:
+            self.ha_watch = failover.Watch(state.health_path_for(self.project))
         try:
-            changed = self.failover.tick(plan.vrrp, plan.settings.ip, self.complete)
+            changed = self.ha_watch.tick(plan.vrrp, plan.settings.ip,
+                                         plan_in_place=self.incomplete_syncs < 2)
         except OSError as exc:  # the run directory, netlink: the next look tries again
             log(f"failover check failed: {exc}")
             return
         if changed:
-            if self.failover.last_transition and self.syncs:
-                log(f"failover: {self.failover.role}: {self.failover.last_transition['why']}")
+            if self.ha_watch.last_transition and self.syncs:
+                log(f"failover: {self.ha_watch.role}: {self.ha_watch.last_transition['why']}")
             self.record()
 
     def record(self) -> None:
@@ -249,13 +264,14 @@ class HostService:
                 "complete": self.complete, "backend": self.backend.name,
                 "sysctls_before": self.sysctls_before,
                 "host_entries": entries_to_json(self.neighbours, self.routes),
-                "failover": self.failover.as_dict() if self.failover else None,
+                "failover": self.ha_watch.as_dict() if self.ha_watch else None,
             },
         )  # fmt: skip
 
     def stop(self) -> None:
-        if self.failover is not None:  # a keepalived still running gives the address up
-            vrrp.write_health(self.failover.health_file, healthy=False)
+        if self.ha_watch is not None:  # a keepalived still running gives the address up
+            failover.write_health(self.ha_watch.health_file, healthy=False)
+            self.ha_watch.close()
         deployment = state.load(self.project) or self.deployment
         remove_host_plan(self.backend, self.project, self.sysctls_before, deployment)
         hostnet.remove(self.neighbours, self.routes)  # in case the last report was not written
@@ -324,8 +340,11 @@ def remove_host_plan(
             failed.append(exc)
     # what `up` set before the engine ran, for a service that never adopted it (killed first)
     set_by_up = deployment.sysctls_found if deployment else {}
-    for key, old in {**set_by_up, **sysctls_before}.items():
-        sysctl.set_value(key, old)
+    for key, old in reversed({**set_by_up, **sysctls_before}.items()):  # forwarding first
+        try:
+            sysctl.set_value(key, old)
+        except (ValueError, OSError) as exc:  # a key of a report tampered with, a gone link
+            failed.append(NetsetupError(f"sysctl {key}: {exc}"))
     if failed:
         raise failed[0]
     state.sync_path_for(project).unlink(missing_ok=True)
@@ -359,7 +378,7 @@ def main() -> int:
             next_sync = time.monotonic() + interval
         service.watch_failover()
         wait = next_sync - time.monotonic()
-        stopping.wait(min(wait, vrrp.HEALTH_INTERVAL) if service.failover else wait)
+        stopping.wait(min(wait, failover.HEALTH_INTERVAL) if service.ha_watch else wait)
     try:
         service.stop()
     except (NetsetupError, OSError) as exc:

@@ -54,7 +54,7 @@ class Deployment:
     # QUERY_LOG or IMAGE come from the environment `up` ran in.
     environment: dict[str, str] = field(default_factory=dict)
     ra_interfaces: list[str] = field(default_factory=list)  # HostFacts.ra_interfaces
-    # Sysctls `up` set itself before the engine could change them (host.preset_sysctls), with
+    # Sysctls `up` set itself before the engine could change them (host.presets), with
     # the values it found: the host service adopts them as its own finds, `down` puts them back.
     sysctls_found: dict[str, str] = field(default_factory=dict)
 
@@ -142,9 +142,15 @@ def keepalived_path_for(project: str) -> Path:
     return state_dir() / f"{project}.keepalived.conf"
 
 
+def health_dir_for(project: str) -> Path:
+    """The one directory of the run directory keepalived's container sees (compose.ha.yaml):
+    the health file's, and nothing of the host service's report."""
+    return run_dir() / f"vrrp-{project}"
+
+
 def health_path_for(project: str) -> Path:
-    """The host service's verdict for keepalived (vrrp.py): "0" healthy, "1" not."""
-    return run_dir() / f"{project}.health"
+    """The host service's verdict for keepalived (failover.py): "0" healthy, "1" not."""
+    return health_dir_for(project) / f"{project}.health"
 
 
 def ipv6_dns_path_for(project: str) -> Path:

@@ -10,14 +10,21 @@ root in NETSETUP_PROC_SYS (only net.* is writable there).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 PROC_SYS = Path(os.environ.get("NETSETUP_PROC_SYS", "/proc/sys"))
 
 
+_KEY = re.compile(r"net(\.[A-Za-z0-9_@-]+){2,}")
+
+
 def _path(key: str) -> Path:
     """The file of a dotted key. Per-interface keys (net.ipv4.conf.IF.x, net.ipv4.neigh.IF.x)
-    keep the dots of the interface name: a VLAN is eth0.100, whose directory is "eth0.100"."""
+    keep the dots of the interface name: a VLAN is eth0.100, whose directory is "eth0.100".
+    Only net.* keys, as names: a key read back from a report must not name any other file."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"not a network sysctl: {key!r}")
     parts = key.split(".")
     if len(parts) > 5 and parts[0] == "net" and parts[2] in ("conf", "neigh"):
         parts = [*parts[:3], ".".join(parts[3:-1]), parts[-1]]

@@ -15,32 +15,29 @@ Why each choice:
   skew time (RFC 5798), about 1.4 s, inside the 2 s a client asking every 100 ms should see at
   worst. A master that stops (`make down`, the engine stopping) says so with priority 0, and the
   backup takes over at once.
-- Health is a real answer, decided by the host service (service.py) at every sync: the
+- Health is a real answer, decided by the host service once a second (failover.py): the
   appliance answers a query at its own address, and the firewall plan is in place. It writes
-  "0" or "1" to HEALTH_FILE, which keepalived watches (track_file, weight 0: non-zero is FAULT,
-  and a faulty master gives the address up). keepalived itself runs no script.
+  "0" or "1" to the health file, which keepalived watches (track_file, weight 0: non-zero is
+  FAULT, and a faulty master gives the address up). keepalived itself runs no script, and sees
+  of the host's run directory only the directory of that file.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import secrets
-import socket
-import struct
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from netsetup.errors import BadInput
 
 ADVERT_INTERVAL = 0.4  # seconds
+# How long a backup waits for a silent master before it takes over: three advertisements (RFC
+# 5798; the skew time, under one more, comes on top).
+MASTER_DOWN = 3 * ADVERT_INTERVAL
 DEFAULT_VRID = 53
 DEFAULT_PRIORITY = 100
-# Where the host service reports health, as keepalived's container sees it (compose.ha.yaml
-# mounts the host's run directory there, as for the host service).
+# Where the host service reports health, as keepalived's container sees it: compose.ha.yaml
+# mounts there the one directory of the host's run directory that holds it (state.health_dir).
 RUN_DIR_IN_CONTAINER = "/run/netsetup"
-CONFIG_IN_CONTAINER = "/etc/keepalived/keepalived.conf"
 
 
 def health_file(project: str, run_dir: str = RUN_DIR_IN_CONTAINER) -> str:
@@ -114,6 +111,10 @@ def check_peers(peers: tuple[str, ...], priority: int, vrid: int, lan_ip: str | 
                 lan_cidr: str | None) -> tuple[str, ...]:  # fmt: skip
     """What can be said of HA_PEERS, HA_PRIORITY and HA_VRID before looking at the host; the
     peers normalized."""
+    if not 1 <= priority <= 254:
+        raise BadInput(f"--ha-priority {priority} is not a VRRP priority (1-254)")
+    if not 1 <= vrid <= 255:
+        raise BadInput(f"--ha-vrid {vrid} is not a VRRP router id (1-255)")
     if not peers:
         return ()
     if lan_ip is None:
@@ -134,134 +135,5 @@ def check_peers(peers: tuple[str, ...], priority: int, vrid: int, lan_ip: str | 
             raise BadInput(f"--ha-peer {peer} is outside the LAN {lan_cidr}: VRRP peers share "
                            "the LAN")  # fmt: skip
         out.append(str(address))
-    if not 1 <= priority <= 254:
-        raise BadInput(f"--ha-priority {priority} is not a VRRP priority (1-254)")
-    if not 1 <= vrid <= 255:
-        raise BadInput(f"--ha-vrid {vrid} is not a VRRP router id (1-255)")
     return tuple(dict.fromkeys(out))
 
-
-HEALTH_INTERVAL = 1.0  # seconds between the host service's checks (service.main)
-_QUESTION = b"\x02id\x06server\x00" + struct.pack(">HH", 16, 3)  # CHAOS TXT id.server
-
-
-def appliance_answers(ip: str, timeout: float = 0.5) -> bool:
-    """Whether the appliance answers a query at its own address: the question its health check
-    asks, answered without any upstream, so no packet leaves the host."""
-    qid = secrets.randbits(16)
-    query = struct.pack(">HHHHHH", qid, 0, 1, 0, 0, 0) + _QUESTION
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect((ip, 53))
-            sock.send(query)
-            reply = sock.recv(512)
-        except OSError:
-            return False
-    if len(reply) < 12:
-        return False
-    rid, flags, _, answers = struct.unpack(">HHHH", reply[:8])
-    return rid == qid and bool(flags & 0x8000) and flags & 0xF == 0 and answers >= 1
-
-
-def holds(interface: str, address: str) -> bool:
-    """Whether `address` is an address of `interface` here: keepalived adds it on the master."""
-    from pyroute2 import IPRoute  # noqa: PLC0415 - loaded late, like hostnet
-
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=interface)
-        if not found:
-            return False
-        return any(a.get_attr("IFA_ADDRESS") == address
-                   for a in ipr.get_addr(family=socket.AF_INET, index=found[0]))  # fmt: skip
-
-
-VRRP_PROTOCOL = 112
-
-
-class PeerAdverts:
-    """The peers' VRRP advertisements as this host hears them (a raw socket, read without
-    waiting at each look): a backup hears the master's every ADVERT_INTERVAL, a master hears
-    nothing while its peers are backups (they stay silent) or down."""
-
-    def __init__(self, vrid: int) -> None:
-        self.vrid = vrid
-        self.last: dict[str, tuple[float, int]] = {}  # peer -> (when, its priority)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, VRRP_PROTOCOL)
-        self.sock.setblocking(False)
-
-    def read(self) -> None:
-        while True:
-            try:
-                packet, (source, _) = self.sock.recvfrom(2048)
-            except BlockingIOError:
-                return
-            header = (packet[0] & 0x0F) * 4  # the IPv4 header comes with a raw socket
-            if len(packet) >= header + 3 and packet[header + 1] == self.vrid:
-                self.last[source] = (time.time(), packet[header + 2])
-
-    def seen(self) -> dict[str, dict[str, Any]]:
-        """Each peer heard: when last, at which priority (0: it gave the address up)."""
-        return {peer: {"at": at, "priority": priority}
-                for peer, (at, priority) in self.last.items()}  # fmt: skip
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@dataclass
-class Watch:
-    """The host service's side of failover, once a second: it decides health (the appliance
-    answers, the plan is in place) and writes it where keepalived reads it, and it follows the
-    role (whether this host holds LAN_IP) for `netsetup status`."""
-
-    health_file: Path
-    adverts: PeerAdverts | None = None
-    role: str = ""  # "master" or "backup"; "" before the first look
-    health: str = ""  # "ok", or why not
-    transitions: int = 0
-    last_transition: dict[str, Any] | None = None
-
-    def tick(self, vrrp: Vrrp, appliance_ip: str, plan_in_place: bool) -> bool:
-        """One look; whether anything changed (then the report is written again)."""
-        health = "ok"
-        if not plan_in_place:
-            health = "the firewall plan is not in place"
-        elif not appliance_answers(appliance_ip):
-            health = f"the appliance at {appliance_ip} does not answer"
-        changed = health != self.health
-        if changed:
-            write_health(self.health_file, health == "ok")
-            self.health = health
-        if self.adverts is None:
-            self.adverts = PeerAdverts(vrrp.vrid)
-        self.adverts.read()
-        role = "master" if holds(vrrp.interface, vrrp.address) else "backup"
-        if role != self.role:
-            if self.role:
-                self.transitions += 1
-                self.last_transition = {"at": time.time(), "from": self.role, "to": role,
-                                        "why": self.why(role)}  # fmt: skip
-            self.role, changed = role, True
-        return changed
-
-    def why(self, role: str) -> str:
-        if role == "master":
-            return "no peer advertised: it stopped, or cannot be reached"
-        if self.health != "ok":
-            return f"gave the address up: {self.health}"
-        return "a peer holds the address"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "health": self.health, "transitions": self.transitions,
-                "last_transition": self.last_transition,
-                "peers": self.adverts.seen() if self.adverts else {}}  # fmt: skip
-
-
-def write_health(path: Path, healthy: bool) -> None:
-    """keepalived's track_file: 0 healthy, anything else a fault. A new file renamed over the
-    old, so keepalived never reads half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("0\n" if healthy else "1\n")
-    tmp.replace(path)

@@ -79,6 +79,8 @@ class Probe:
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ha-probe-")))
     proc: subprocess.Popen | None = None
     answered: list[float] = field(default_factory=list)
+    started: float = 0.0
+    stopped: float = 0.0
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -87,19 +89,25 @@ class Probe:
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        self.started = time.time()
 
     def stop(self) -> list[float]:
+        self.stopped = time.time()
         (self.directory / "stop").touch()
         assert self.proc is not None and self.proc.wait(10) == 0
         self.answered = json.loads((self.directory / "out.json").read_text())
         shutil.rmtree(self.directory, ignore_errors=True)
         return self.answered
 
-    def longest_gap(self, since: float = 0.0, until: float = float("inf")) -> float:
-        """The longest silence between answers in [since, until] (its ends included)."""
+    def longest_gap(self, since: float | None = None, until: float | None = None) -> float:
+        """The longest silence in [since, until] (by default the probe's whole run): between
+        answers, from the last answer before the window to the first in it, and from the last
+        to the window's end (a silence that never ends counts whole)."""
+        since = self.started if since is None else max(since, self.started)
+        until = self.stopped if until is None else min(until, self.stopped)
+        before = [t for t in self.answered if t < since]  # the silence may have begun earlier
         times = [t for t in self.answered if since <= t <= until]
-        assert times, "no answer at all in the window"
-        edges = [max(since, self.answered[0])] + times + [min(until, self.answered[-1])]
+        edges = [before[-1] if before else since, *times, until]
         return max(b - a for a, b in zip(edges, edges[1:], strict=False))
 
 
@@ -224,6 +232,26 @@ def ip6_policy_aside(after: dict, before: dict) -> dict:
     return after
 
 
+# A VRRPv3 advertisement for the hosts' router id with the highest priority a backup takes
+# over for, sent by the client: a LAN device trying to take LAN_IP.
+FORGED_ADVERT = r"""
+import socket, struct, sys
+vip = socket.inet_aton("198.19.53.53")
+advert = struct.pack(">BBBBH", 0x31, 53, 254, 1, 40) + b"\x00\x00" + vip
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 112)
+sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+sock.sendto(advert, (sys.argv[1], 0))
+"""
+
+
+def vrrp_dropped(host: Host) -> int:
+    """Packets the host's "VRRP from anyone else" rule dropped."""
+    out = host.engine.run("iptables", "-w", "-L", "NETSETUP-nsha-IN", "-v", "-x", "-n").stdout
+    rows = [ln.split() for ln in out.splitlines() if "VRRP from anyone else" in ln]
+    assert len(rows) == 1, out
+    return int(rows[0][0])
+
+
 def wait_for(what: str, done, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not done():
@@ -269,6 +297,12 @@ def test_failover_between_two_hosts(appliance_image: tuple[str, ...]) -> None:  
         for host, role in ((a, "MASTER"), (b, "BACKUP")):
             status = host.engine.run(NETSETUP, "status", "-p", "nsha").stdout
             assert "failover" in status and role in status, status
+            print(f"host {host.name}:\n{status}")
+        # VRRP from anyone but the peer is dropped before keepalived sees it
+        assert vrrp_dropped(b) == 0
+        sh("ip", "netns", "exec", lan.client, sys.executable, "-c", FORGED_ADVERT, HOSTS["b"][0])
+        assert vrrp_dropped(b) == 1
+        assert a.holds() and not b.holds()
 
         # A's engine stops: its keepalived hands the address over on the way out
         probe = Probe(lan.client)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netsetup import vrrp
+from netsetup import detect, failover, vrrp
 from netsetup.cli import failover_rows
 
 HELD = vrrp.Vrrp(
@@ -27,12 +27,12 @@ class Host:
 @pytest.fixture
 def host(monkeypatch: pytest.MonkeyPatch) -> Host:
     state = Host()
-    monkeypatch.setattr(vrrp, "appliance_answers", lambda ip, timeout=0.5: state.answers)
-    monkeypatch.setattr(vrrp, "holds", lambda interface, address: state.holds)
+    monkeypatch.setattr(failover, "appliance_answers", lambda ip, timeout=0.5: state.answers)
+    monkeypatch.setattr(detect, "holds_vip", lambda interface, address: state.holds)
 
     class NoAdverts:
-        def __init__(self, vrid: int) -> None:
-            pass
+        def __init__(self, vrid: int, peers: tuple[str, ...]) -> None:
+            self.vrid, self.peers = vrid, frozenset(peers)
 
         def read(self) -> None:
             pass
@@ -40,28 +40,45 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Host:
         def seen(self) -> dict:
             return {}
 
-    monkeypatch.setattr(vrrp, "PeerAdverts", NoAdverts)
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(failover, "PeerAdverts", NoAdverts)
     return state
 
 
-def test_health_is_written_for_keepalived_only_when_it_changes(host: Host, tmp_path: Path) -> None:
-    watch = vrrp.Watch(tmp_path / "dnsapp.health")
+def test_health_is_written_for_keepalived_after_two_bad_looks(host: Host, tmp_path: Path) -> None:
+    """One lost query is no failure (a master would give the address up for it, and with no
+    preemption not take it back); two in a row are. Health comes back at once."""
+    watch = failover.Watch(tmp_path / "dnsapp.health")
     assert watch.tick(HELD, "172.31.53.53", plan_in_place=True)  # the first look is news
     assert (tmp_path / "dnsapp.health").read_text() == "0\n"
     assert not watch.tick(HELD, "172.31.53.53", plan_in_place=True)
     host.answers = False
+    assert not watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert (tmp_path / "dnsapp.health").read_text() == "0\n"
     assert watch.tick(HELD, "172.31.53.53", plan_in_place=True)
     assert (tmp_path / "dnsapp.health").read_text() == "1\n"
     assert watch.health == "the appliance at 172.31.53.53 does not answer"
     host.answers = True
+    assert watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert (tmp_path / "dnsapp.health").read_text() == "0\n"
+    watch.tick(HELD, "172.31.53.53", plan_in_place=False)
     watch.tick(HELD, "172.31.53.53", plan_in_place=False)
     assert (tmp_path / "dnsapp.health").read_text() == "1\n"
     assert watch.health == "the firewall plan is not in place"
     assert not list(tmp_path.glob("*.tmp")), "written by a rename, nothing left beside it"
 
 
+def test_a_host_that_starts_unhealthy_says_so_at_once(host: Host, tmp_path: Path) -> None:
+    host.answers = False
+    watch = failover.Watch(tmp_path / "dnsapp.health")
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert (tmp_path / "dnsapp.health").read_text() == "1\n"
+
+
 def test_transitions_are_counted_and_explained(host: Host, tmp_path: Path) -> None:
-    watch = vrrp.Watch(tmp_path / "dnsapp.health")
+    watch = failover.Watch(tmp_path / "dnsapp.health")
     watch.tick(HELD, "172.31.53.53", plan_in_place=True)
     assert (watch.role, watch.transitions) == ("backup", 0)  # where it started is no transition
     host.holds = True
@@ -69,7 +86,10 @@ def test_transitions_are_counted_and_explained(host: Host, tmp_path: Path) -> No
     assert watch.transitions == 1 and watch.last_transition is not None
     assert watch.last_transition["to"] == "master"
     assert "no peer advertised" in watch.last_transition["why"]
-    host.answers, host.holds = False, False
+    host.answers = False
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)  # unhealthy: keepalived gives up
+    host.holds = False
     watch.tick(HELD, "172.31.53.53", plan_in_place=True)
     assert watch.transitions == 2 and watch.last_transition["to"] == "backup"
     assert watch.last_transition["why"].startswith("gave the address up: the appliance")
@@ -89,6 +109,10 @@ def test_transitions_are_counted_and_explained(host: Host, tmp_path: Path) -> No
     (("192.168.1.21", "192.168.1.21"), 100, 53, None),
     (("192.168.1.21",), 0, 53, "not a VRRP priority"),
     (("192.168.1.21",), 100, 256, "not a VRRP router id"),
+    ((), 999, 53, "not a VRRP priority"),  # checked with no peer too
+    (("router",), 100, 53, "not an IPv4 address"),
+    (("192.168.1.53",), 100, 53, "is LAN_IP itself"),
+    (("10.0.0.21",), 100, 53, "outside the LAN"),
 ])  # fmt: skip
 def test_peers_are_checked_and_normalized(peers: tuple[str, ...], priority: int, vrid: int,
                                           words: str | None) -> None:  # fmt: skip
@@ -98,3 +122,22 @@ def test_peers_are_checked_and_normalized(peers: tuple[str, ...], priority: int,
     else:
         with pytest.raises(vrrp.BadInput, match=words):
             vrrp.check_peers(peers, priority, vrid, "192.168.1.53", "192.168.1.0/24")
+
+
+def test_only_the_peers_v3_advertisements_of_our_router_id_are_kept() -> None:
+    adverts = failover.PeerAdverts.__new__(failover.PeerAdverts)
+    adverts.vrid, adverts.peers, adverts.last = 53, frozenset({"192.168.1.21"}), {}
+    ip = bytes([0x45]) + bytes(19)  # an IPv4 header of 20 bytes, as a raw socket gives it
+
+    def advert(version_type: int = 0x31, vrid: int = 53, priority: int = 100) -> bytes:
+        return ip + bytes([version_type, vrid, priority, 1])
+
+    adverts.take(advert(priority=0), "192.168.1.21")
+    assert adverts.seen()["192.168.1.21"]["priority"] == 0
+    for packet, source in ((advert(priority=200), "192.168.1.99"),  # not a peer
+                           (advert(vrid=54, priority=200), "192.168.1.21"),  # another group
+                           (advert(0x21, priority=200), "192.168.1.21"),  # VRRPv2
+                           (ip[:10], "192.168.1.21")):  # fmt: skip
+        adverts.take(packet, source)
+    assert list(adverts.seen()) == ["192.168.1.21"]
+    assert adverts.seen()["192.168.1.21"]["priority"] == 0
