@@ -103,6 +103,7 @@ image: base
 	    | docker build --quiet -f images/appliance/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) -
 	@docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 	tar -c --exclude=__pycache__ --exclude='*.pyc' netsetup dnsproxy/__init__.py dnsproxy/defaults.py \
+	    dnsproxy/healthcheck.py \
 	    images/netsetup/Dockerfile \
 	    | docker build --quiet -f images/netsetup/Dockerfile --build-arg BASE_IMAGE=$(NETSETUP_BASE) \
 	      -t $(NETSETUP_IMAGE) -

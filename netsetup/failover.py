@@ -9,14 +9,13 @@ after FAILS_BEFORE_FAULT bad looks in a row, and with no preemption it does not 
 
 from __future__ import annotations
 
-import secrets
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dnsproxy import healthcheck
 from netsetup import detect, state
 from netsetup.vrrp import Vrrp
 
@@ -24,25 +23,11 @@ HEALTH_INTERVAL = 1.0  # seconds between the host service's looks (service.main)
 FAILS_BEFORE_FAULT = 2
 VRRP_PROTOCOL = 112
 VRRP_V3_ADVERT = 0x31  # version 3, type 1
-_QUESTION = b"\x02id\x06server\x00" + struct.pack(">HH", 16, 3)  # CHAOS TXT id.server
 
 
 def appliance_answers(ip: str, timeout: float = 0.5) -> bool:
-    """Whether the appliance answers CHAOS TXT id.server at its own address."""
-    qid = secrets.randbits(16)
-    query = struct.pack(">HHHHHH", qid, 0, 1, 0, 0, 0) + _QUESTION
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect((ip, 53))
-            sock.send(query)
-            reply = sock.recv(512)
-        except OSError:
-            return False
-    if len(reply) < 12:
-        return False
-    rid, flags, _, answers = struct.unpack(">HHHH", reply[:8])
-    return rid == qid and bool(flags & 0x8000) and flags & 0xF == 0 and answers >= 1
+    """Whether the appliance answers, at its own address, what its own health check asks."""
+    return bool(healthcheck.check(ip, 53, timeout))
 
 
 class PeerAdverts:
