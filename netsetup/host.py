@@ -484,8 +484,27 @@ def presets(plan: Plan, previous: state.Deployment | None) -> Presets:
         if key in kept:
             found[key] = kept[key]
         elif (now := sysctl.get(key)) != value:
+            if key == ALL_FORWARDING:
+                # Writing `all` writes every interface's forwarding, and so does putting it
+                # back: an interface that forwarded on its own is recorded before it, so that
+                # it is put back after it (restores run in reverse).
+                for name in sysctl.interfaces(6):
+                    own = f"net.ipv6.conf.{name}.forwarding"
+                    try:
+                        value_now = sysctl.get(own)
+                    except OSError:  # gone since it was listed
+                        continue
+                    if own not in kept and value_now != now:
+                        found[own] = changed[own] = value_now
             found[key] = changed[key] = now
+    for key in kept.keys() - found.keys():  # an interface's own, kept from the first `up`
+        if not key.endswith(".forwarding") or key == ALL_FORWARDING:
+            continue
+        found = {key: kept[key], **found}
     return Presets(found, changed)
+
+
+ALL_FORWARDING = "net.ipv6.conf.all.forwarding"
 
 
 def set_sysctls(plan: Plan, keys: dict[str, str]) -> None:

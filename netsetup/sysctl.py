@@ -31,6 +31,17 @@ def _path(key: str) -> Path:
     return PROC_SYS.joinpath(*parts)
 
 
+def interfaces(family: int) -> list[str]:
+    """The interfaces /proc/sys lists for the family (its conf directory), but `all` and
+    `default`, and any whose name would not make a key (_KEY)."""
+    conf = PROC_SYS / "net" / f"ipv{family}" / "conf"
+    try:
+        names = [p.name for p in conf.iterdir() if p.name not in ("all", "default")]
+    except OSError:
+        return []
+    return sorted(n for n in names if _KEY.fullmatch(f"net.ipv{family}.conf.{n}.forwarding"))
+
+
 def get(key: str) -> str:
     return _path(key).read_text().strip()
 

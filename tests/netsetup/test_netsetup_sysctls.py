@@ -16,7 +16,8 @@ from netsetup.plan import compute_plan
 
 HOST = {"net.ipv4.ip_forward": "1", "net.ipv4.neigh.eth0.proxy_delay": "80",
         "net.ipv6.conf.eth0.accept_ra": "1", "net.ipv6.conf.all.forwarding": "0",
-        "net.ipv6.conf.eth0.proxy_ndp": "0", "net.ipv6.neigh.eth0.proxy_delay": "80"}  # fmt: skip
+        "net.ipv6.conf.eth0.proxy_ndp": "0", "net.ipv6.neigh.eth0.proxy_delay": "80",
+        "net.ipv6.conf.eth0.forwarding": "0"}  # fmt: skip
 
 
 @pytest.fixture
@@ -91,6 +92,26 @@ def test_the_service_adopts_what_up_found_and_the_sweep_puts_it_back(
     assert now() == {**HOST, "net.ipv4.neigh.eth0.proxy_delay": "0"}  # the service's own key
     forwarding, accept_ra = "net.ipv6.conf.all.forwarding", "net.ipv6.conf.eth0.accept_ra"
     assert order.index(forwarding) < order.index(accept_ra), "forwarding goes off first"
+
+
+def test_an_interface_that_forwarded_on_its_own_is_put_back_after_all(proc_sys: Path) -> None:
+    """Writing all.forwarding writes every interface's, and so does putting it back: an
+    interface that forwarded while `all` did not (a VPN's, say) is recorded, and put back after
+    `all`, also when a repeated `up` keeps the first record."""
+    for name, value in (("wg0", "1"),):
+        path = proc_sys / "net" / "ipv6" / "conf" / name / "forwarding"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+    preset = host.presets(plan(), previous=None)
+    assert preset.found["net.ipv6.conf.wg0.forwarding"] == "1"
+    assert "net.ipv6.conf.eth0.forwarding" not in preset.found
+    keys = list(preset.found)
+    wg0, forwarding = "net.ipv6.conf.wg0.forwarding", "net.ipv6.conf.all.forwarding"
+    assert keys.index(wg0) < keys.index(forwarding), "recorded first: put back after `all`"
+    record = replace(state.Deployment.of(settings("lan,ipv6"), facts("20.10"), "nft", ""),
+                     sysctls_found=preset.found)  # fmt: skip
+    again = list(host.presets(plan(), previous=record).found)
+    assert again.index(wg0) < again.index(forwarding)
 
 
 @pytest.mark.parametrize("key", ["/etc/crontab", "kernel.panic", "net..x", "net.ipv4/../x"])
