@@ -1,0 +1,142 @@
+"""The query history (dnsproxy/history.py): what the hot path records reaches SQLite in batches
+written by the history's own thread, reads back through the page's questions, survives a
+restart in a state directory, and stays within its retention and its row bound."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dnslib import DNSRecord
+
+from dnsproxy import history, wire
+from dnsproxy.history import History, QueryFilter
+from dnsproxy.pipeline import Request, Response
+
+
+def ask(log: History, name: str, client: str = "192.168.1.10", qtype: str = "A",
+        reason: str = "forwarded", upstream: str | None = "198.51.100.53:53") -> None:  # fmt: skip
+    query = wire.parse_query(DNSRecord.question(name, qtype).pack())
+    request = Request(query, (client, 40000), "udp", time.monotonic() - 0.002)
+    log.query(request, Response(b"", reason, 0, upstream=upstream))
+
+
+def written(log: History) -> None:
+    """Wait until what the hot path appended is in the database (a read runs after a write)."""
+    log.submit(lambda db: None).result(5)
+
+
+@pytest.fixture
+def log() -> History:
+    h = History(None)
+    yield h
+    h.close()
+
+
+def test_the_hot_path_only_appends_and_the_thread_writes(log: History) -> None:
+    ask(log, "www.example.test")
+    assert len(log.pending) == 1, "recorded, not written yet"
+    written(log)
+    assert log.pending == []
+    rows = log.submit(log.queries(QueryFilter())).result(5)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["client"], row["name"], row["type"], row["outcome"], row["rcode"]) == (
+        "192.168.1.10", "www.example.test.", "A", "forwarded", "NOERROR")
+    assert 1.5 <= row["latency_ms"] < 1000
+    assert log._thread.name == "dnsproxy-history" and log._thread is not threading.main_thread()
+
+
+def test_the_health_check_is_not_recorded(log: History) -> None:
+    query = wire.parse_query(DNSRecord.question("id.server", "TXT", "CH").pack())
+    log.query(Request(query, ("127.0.0.1", 1), "udp", 0.0), Response(b"", "local", 0))
+    written(log)
+    assert log.submit(log.queries(QueryFilter())).result(5) == []
+    assert log.submit(log.summary(0)).result(5)["totals"] == {}
+
+
+def test_filters_narrow_the_query_log(log: History) -> None:
+    ask(log, "www.example.test", client="192.168.1.10")
+    ask(log, "mail.example.test", client="192.168.1.11", qtype="AAAA", reason="cached",
+        upstream=None)  # fmt: skip
+    ask(log, "www.other.test", client="192.168.1.11")
+    written(log)
+
+    def names(**wanted: object) -> list[str]:
+        rows = log.submit(log.queries(QueryFilter(**wanted))).result(5)  # type: ignore[arg-type]
+        return sorted(r["name"] for r in rows)
+
+    assert len(names()) == 3
+    assert names(client="192.168.1.11") == ["mail.example.test.", "www.other.test."]
+    assert names(name_part="EXAMPLE") == ["mail.example.test.", "www.example.test."]
+    assert names(qtype=28) == ["mail.example.test."]
+    assert names(outcome="cached") == ["mail.example.test."]
+    assert names(since=time.time() + 60) == []
+    assert len(names(limit=2)) == 2 and len(names(limit=2, offset=2)) == 1
+
+
+def test_summary_counts_per_minute_by_outcome_forgeries_included(log: History) -> None:
+    for _ in range(3):
+        ask(log, "a.example.test")
+    ask(log, "b.example.test", reason="cached", upstream=None)
+    log.forgery("198.51.100.53:53", "blocked.example.test.", 1, "no-edns")
+    log.forgery("198.51.100.53:53", "blocked.example.test.", 1, "forged-address")
+    log.forgery("203.0.113.53:53", "other.example.test.", 1, "no-edns")
+    written(log)
+    summary = log.submit(log.summary(time.time() - 3600)).result(5)
+    assert summary["totals"] == {"forwarded": 3, "cached": 1, "forgery": 3}
+    forged = log.submit(log.forgeries(time.time() - 3600)).result(5)
+    assert [f["name"] for f in forged] == ["blocked.example.test.", "other.example.test."]
+    assert forged[0]["count"] == 2
+    assert forged[0]["reasons"] == ["forged-address", "no-edns"]
+    assert forged[0]["upstreams"] == ["198.51.100.53:53"]
+
+
+def test_a_state_directory_keeps_the_history_across_a_restart(tmp_path: Path) -> None:
+    first = History(str(tmp_path))
+    ask(first, "kept.example.test")
+    first.close()  # the forwarder's stop: what is pending is written
+    assert (tmp_path / history.FILE).exists()
+    again = History(str(tmp_path))
+    try:
+        rows = again.submit(again.queries(QueryFilter())).result(5)
+        assert [r["name"] for r in rows] == ["kept.example.test."]
+    finally:
+        again.close()
+
+
+def test_retention_and_the_row_bound_prune_the_oldest(tmp_path: Path) -> None:
+    now = [time.time()]
+    log = History(str(tmp_path), days=1, max_rows=3, clock=lambda: now[0])
+    try:
+        for i in range(5):
+            ask(log, f"n{i}.example.test")
+        written(log)
+        log.submit(log.prune).result(5)
+        rows = log.submit(log.queries(QueryFilter())).result(5)
+        assert sorted(r["name"] for r in rows) == [f"n{i}.example.test." for i in (2, 3, 4)]
+        now[0] += 2 * 86400  # two days later everything is past the retention
+        log.submit(log.prune).result(5)
+        assert log.submit(log.queries(QueryFilter())).result(5) == []
+        assert log.submit(log.summary(0)).result(5)["totals"] == {}
+    finally:
+        log.close()
+
+
+def test_a_database_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
+    (tmp_path / history.FILE).mkdir()  # a directory where the file should be
+    with pytest.raises(sqlite3.Error):
+        History(str(tmp_path))
+
+
+def test_readers_await_without_blocking_the_loop(log: History) -> None:
+    ask(log, "async.example.test")
+
+    async def main() -> list[dict]:
+        return await log.read(log.queries(QueryFilter()))
+
+    assert [r["name"] for r in asyncio.run(main())] == ["async.example.test."]
