@@ -223,6 +223,15 @@ class Topology:
         sh("ip", "-n", self.lan2_ns, "addr", "del", f"{address}/24", "dev", "eth0")
 
     def create(self) -> None:
+        """Everything above; a step that fails takes down what the earlier ones made, so a test
+        that could not set up leaves no namespace, link or process behind."""
+        try:
+            self._create()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _create(self) -> None:
         for ns in self.namespaces:
             sh("ip", "netns", "add", ns)
         if self.switch:
