@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,28 +231,14 @@ def host_addresses6() -> set[str]:
 def check_lan_ip6(lan_ip6: str, lan_cidr6: str, interface: str, probe: bool = True,
                   peers: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Refuse a LAN_IP6 the host must not claim: outside the LAN's IPv6 prefix, one of its
-    anycast addresses, an address of the host itself, or one a device on the LAN holds (a
-    duplicate address probe, which sends a few solicitations from :: and changes nothing).
-    Once the host answers for LAN_IP6 itself (proxy NDP), a repeated `up` skips the probe, as
-    check_lan_ip does for its proxy ARP entry; with failover `peers` the address held here or
-    by a peer passes, as there."""
-    from netsetup import hostnet, ndprobe  # noqa: PLC0415
+    anycast addresses, or what check_unclaimed refuses (a duplicate address probe, which sends
+    a few solicitations from :: and changes nothing)."""
+    from netsetup import ndprobe  # noqa: PLC0415
 
     check_lan_ip6_in(ipaddress.IPv6Address(lan_ip6), ipaddress.IPv6Network(lan_cidr6))
-    if lan_ip6 in host_addresses6():
-        if peers and holds_vip(interface, lan_ip6):
-            return
-        raise AddressTaken(f"--lan-ip6 {lan_ip6} is an address of this host: choose a free one")
-    if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip6, interface)):
-        return
-    claim = ndprobe.in_use(interface, lan_ip6)
-    if claim is not None and claim.mac in peer_macs(interface, peers):
-        return
-    if claim is not None:
-        raise AddressTaken(
-            f"--lan-ip6 {lan_ip6} is in use on {interface}: {claim} answered a duplicate "
-            "address probe; choose a free address"
-        )
+    check_unclaimed("--lan-ip6", lan_ip6, host_addresses6(), interface, probe, peers,
+                    ndprobe.in_use, "a duplicate address probe",
+                    "choose a free address")  # fmt: skip
 
 
 def check_subnet_free(subnet: str, bridge: str | None) -> None:
@@ -283,28 +270,36 @@ def host_addresses() -> set[str]:
 def check_lan_ip(lan_ip: str, interface: str, lan_cidr: str, probe: bool = True,
                  peers: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Refuse a LAN_IP the host must not claim: outside the LAN, its network or broadcast
-    address, one of the host's own, or one a device on the LAN answers ARP for (a probe, which
-    sends a few ARP frames and changes nothing). A repeated `up` finds our own proxy entry and
-    skips the probe: the host itself would answer it. With failover `peers`, LAN_IP is the
-    address they share: held here already (this host is master) or by a peer (found by the MAC
-    address each peer answers for its own address with), it is no one else's."""
-    from netsetup import arpprobe, hostnet  # noqa: PLC0415
+    address, or what check_unclaimed refuses (an ARP probe, which sends a few ARP frames and
+    changes nothing)."""
+    from netsetup import arpprobe  # noqa: PLC0415
 
     check_lan_ip_in(ipaddress.IPv4Address(lan_ip), ipaddress.IPv4Network(lan_cidr))
-    if lan_ip in host_addresses():
-        if peers and holds_vip(interface, lan_ip):  # this host is master: keepalived's address
+    check_unclaimed("--lan-ip", lan_ip, host_addresses(), interface, probe, peers,
+                    arpprobe.in_use, "an ARP probe",
+                    "choose a free address (outside the DHCP pool)")  # fmt: skip
+
+
+def check_unclaimed(option: str, address: str, own: set[str], interface: str, probe: bool,
+                    peers: tuple[str, ...], in_use: Callable[[str, str], Any], probe_name: str,
+                    advice: str) -> None:  # fmt: skip
+    """Refuse an address of this host's (`own`) or one a device on the LAN answers `in_use`'s
+    probe for. A repeated `up` finds our own proxy entry and skips the probe: the host itself
+    would answer it. With failover `peers` the address is the one they share: held here
+    already (keepalived's, this host is master) or by a peer (found by the MAC address each
+    peer answers for its own address with), it is no one else's."""
+    from netsetup import hostnet  # noqa: PLC0415
+
+    if address in own:
+        if peers and holds_vip(interface, address):
             return
-        raise AddressTaken(f"--lan-ip {lan_ip} is an address of this host: choose a free one")
-    if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(lan_ip, interface)):
+        raise AddressTaken(f"{option} {address} is an address of this host: choose a free one")
+    if not probe or hostnet.has_proxy(hostnet.ProxyNeighbour(address, interface)):
         return
-    claim = arpprobe.in_use(interface, lan_ip)
-    if claim is not None and claim.mac in peer_macs(interface, peers):
-        return
-    if claim is not None:
-        raise AddressTaken(
-            f"--lan-ip {lan_ip} is in use on {interface}: {claim} answered an ARP probe; "
-            "choose a free address (outside the DHCP pool)"
-        )
+    claim = in_use(interface, address)
+    if claim is not None and claim.mac not in peer_macs(interface, peers):
+        raise AddressTaken(f"{option} {address} is in use on {interface}: {claim} answered "
+                           f"{probe_name}; {advice}")  # fmt: skip
 
 
 def holds_vip(interface: str, address: str) -> bool:

@@ -476,7 +476,9 @@ def presets(plan: Plan, previous: state.Deployment | None) -> Presets:
     then finds them set; the record tells it, and `down`, what the host had. A key a previous
     `up` set keeps the value that one found."""
     kept = previous.sysctls_found if previous else {}
-    found: dict[str, str] = {}
+    # an interface's own forwarding a first `up` kept: first, so put back after `all`
+    found = {key: value for key, value in kept.items()
+             if key.endswith(".forwarding") and key not in plan.sysctls}  # fmt: skip
     changed: dict[str, str] = {}
     for key, value in plan.sysctls.items():
         if not key.startswith("net.ipv6."):
@@ -497,10 +499,6 @@ def presets(plan: Plan, previous: state.Deployment | None) -> Presets:
                     if own not in kept and value_now != now:
                         found[own] = changed[own] = value_now
             found[key] = changed[key] = now
-    for key in kept.keys() - found.keys():  # an interface's own, kept from the first `up`
-        if not key.endswith(".forwarding") or key == ALL_FORWARDING:
-            continue
-        found = {key: kept[key], **found}
     return Presets(found, changed)
 
 
