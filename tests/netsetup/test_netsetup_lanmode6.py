@@ -84,11 +84,13 @@ class Lan6:
 
     def snapshot(self) -> tuple:
         """What the plan may change in the host namespace; a learned route's remaining lifetime
-        is no change of ours."""
+        is no change of ours, nor the kernel's own link-local routes (a new link's appear once
+        its address passed DAD, which may be after the fixture is done)."""
         tables = normalize(netns_exec(self.host, "ip6tables-nft-save").stdout)
         proxies = netns_exec(self.host, "ip", "-6", "neigh", "show", "proxy").stdout
-        routes = netns_exec(self.host, "ip", "-6", "route", "show", "table", "all").stdout
-        routes = re.sub(r" expires \d+sec", "", routes)
+        listed = netns_exec(self.host, "ip", "-6", "route", "show", "table", "all").stdout
+        routes = [re.sub(r" expires \d+sec", "", line) for line in listed.splitlines()
+                  if not ("fe80::" in line and "proto kernel" in line)]  # fmt: skip
         sysctls = [netns_exec(self.host, "cat", f"/proc/sys/{k}").stdout for k in SYSCTLS]
         return tables, proxies, routes, sysctls
 
