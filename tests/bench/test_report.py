@@ -83,6 +83,20 @@ def test_targets_are_judged_against_the_best_peer():
     assert "set at 40 ms" in "\n".join(report.targets(result(150, [slow, *peers])))
 
 
+def test_the_history_is_judged_against_dnsproxy_without_it():
+    """dnsproxy+history is dnsproxy's own control, not a peer: within 5 % of it, or MISSES."""
+    mine = household.ServerResult("dnsproxy", "a file", window(1.0, 0.1, 0.5), 0.040)
+    fast = household.ServerResult("dnsproxy+history", "a file", window(0.1, 0.05, 0.2), 0.041)
+    peer = household.ServerResult("dnsmasq", "none", window(1.5, 0.1, 40.0), 0.02)
+    text = "\n".join(report.targets(result(40, [mine, fast, peer])))
+    assert "best peer's (dnsmasq)" in text
+    assert ("with the page's history on: CPU 4.10 % of a core against 4.00 % (+2.5 %), mean "
+            "0.100 ms against 1.000 ms (-90.0 %) (target within 5 %: meets)") in text
+    costly = household.ServerResult("dnsproxy+history", "a file", window(1.0, 0.1, 0.5), 0.045)
+    text = "\n".join(report.targets(result(40, [mine, costly, peer])))
+    assert "(+12.5 %)" in text and "within 5 %: MISSES" in text
+
+
 def test_restart_table_says_when_a_restart_failed():
     ok = household.ServerResult("dnsproxy", "a file", window(1, 1, 1), 0.0,
                                 restart=window(0.4, 0.2, 0.6, upstream=12), downtime=0.7,
