@@ -10,6 +10,10 @@ for every other name, as a router serving its own names would: a forwarder that 
 then asks its next upstream at once (REFUSED costs an upstream no health), so the answer's
 address tells which of the two answered.
 
+Playing the censor on the path, it answers a UDP question for any name that starts with
+`blocked.` twice: at once a forged reply (no EDNS record, the address FORGED, which is on the
+forwarder's shipped forged list), then, FORGED_DELAY later, the genuine one.
+
 `--host NAME=ADDRESS` (repeatable) adds a device the way a router knows its DHCP clients: A
 for NAME, PTR for ADDRESS's reverse name, whatever else it serves.
 Usage: fake_upstream.py LISTEN_IP PORT LOGFILE [--host NAME=ADDRESS]... [ZONE ANSWER]
@@ -24,11 +28,24 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 
 from dnslib import PTR, QTYPE, RCODE, RR, A, DNSRecord
 
 ZONE = "example.test."
 ANSWER = "198.51.100.200"
+FORGED = "159.106.121.75"
+FORGED_DELAY = 0.03  # seconds between the forgery and the genuine reply
+
+
+def censored(data: bytes) -> bytes | None:
+    """The injector's forgery for a question it censors, or None."""
+    request = DNSRecord.parse(data)
+    if not str(request.q.qname).lower().startswith("blocked."):
+        return None
+    forged = request.reply()
+    forged.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(FORGED), ttl=300))
+    return forged.pack()
 
 
 def host_records(hosts: list[str]) -> dict[tuple[str, int], RR]:
@@ -76,6 +93,10 @@ def main() -> None:
     class Udp(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             data, sock = self.request
+            forged = censored(data)
+            if forged is not None:
+                sock.sendto(forged, self.client_address)
+                time.sleep(FORGED_DELAY)
             sock.sendto(answer(data, self.client_address[0], log_path, **served),
                         self.client_address)
 
