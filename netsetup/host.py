@@ -327,7 +327,8 @@ def check_claims(
     settings: Settings, facts: HostFacts, existing: deploy.Deployed | None, probe: bool
 ) -> None:
     """What the deployment claims on the host is free: the subnet, LAN_IP (probed on the LAN
-    unless a dry run), the published port (unless this deployment already publishes it)."""
+    unless a dry run), the published ports, DNS's and the web page's (unless this deployment
+    already publishes them)."""
     detect.check_subnet_free(settings.subnet, facts.bridge)
     check_peers_on_lan(settings, facts)
     if settings.lan and settings.lan_ip:
@@ -336,11 +337,16 @@ def check_claims(
     if settings.ipv6 and settings.lan_ip6 and settings.lan_cidr6:
         detect.check_lan_ip6(settings.lan_ip6, settings.lan_cidr6, facts.lan_interface,
                              probe=probe, peers=settings.ha_peers)  # fmt: skip
-    publishing = existing is not None and any(
-        p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
-    )
-    if settings.published and not publishing:
+
+    def publishing(port: int) -> bool:
+        return existing is not None and any(
+            p.split("->")[0].endswith(f":{port}") for p in existing.published
+        )
+
+    if settings.published and not publishing(settings.port):
         detect.check_port_free(settings.port)
+    if settings.published and settings.web and not publishing(settings.web_port):
+        detect.check_port_free(settings.web_port, "--web-port (WEB_PORT)", udp=False)
 
 
 def check_peers_on_lan(settings: Settings, facts: HostFacts) -> None:

@@ -1,18 +1,25 @@
-"""The host side of the forwarder's web page, as data: the plan's rules for it in every mode and
-family, the settings that turn it on and place it (no host touched)."""
+"""The host side of the forwarder's web page, with no host touched: the plan's rules for it in
+every mode and family, the settings that turn it on and place it, the compose overlay that
+serves and publishes it."""
 
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from netsetup_facts import LAN_CIDR6, LAN_IP, LAN_IP6, facts, settings
 
 from dnsproxy.defaults import DNS_PORT, WEB_PORT
-from netsetup.errors import BadInput
+from netsetup.deploy import Compose, compose_command
+from netsetup.detect import check_port_free
+from netsetup.errors import BadInput, NetsetupError, PortTaken
+from netsetup.firewall import get_backend
 from netsetup.firewall.model import FirewallPlan, Rule
-from netsetup.plan import check_settings, compute_plan, input_chain, lan_chain
+from netsetup.host import compose_for
+from netsetup.plan import Settings, check_settings, compute_plan, input_chain, lan_chain
 from netsetup.state import Deployment
 
 LAN = "192.168.1.0/24"  # netsetup_facts' LAN
@@ -111,3 +118,85 @@ def test_a_record_from_before_the_page_reads_as_a_deployment_without_it() -> Non
     assert (record.settings["web"], record.settings["web_port"]) == (True, 8081)
     again = Deployment.from_json(json.dumps({"settings": record.settings}))
     assert again.to_settings() == fresh
+
+
+# ---- compose: the overlay, read only with the page on --------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config_of(s: Settings) -> tuple[Compose, str]:
+    """The compose run `up` makes for `s` on netsetup_facts' host, and `compose config`'s text
+    for it (the files read, no engine asked)."""
+    try:
+        compose_command()
+    except NetsetupError:
+        pytest.skip("no compose tool")
+    host_facts = facts("28", "nft")
+    compose = compose_for(s, REPO / "compose.yaml", compute_plan(s, host_facts), host_facts,
+                          get_backend("nft"))  # fmt: skip
+    proc = compose.run("config", check=False)
+    assert proc.returncode == 0, proc.stderr
+    return compose, proc.stdout
+
+
+def published(config: str) -> set[str]:
+    """The forwarder's published ports as compose renders them, in the short form (1.29) or
+    rebuilt from the long one (Compose v2)."""
+    found, lines = set(), config.splitlines()
+    for number, line in enumerate(lines):
+        text = line.strip().removeprefix("- ")
+        if text.count(":") == 2 and text.endswith(("/tcp", "/udp")):
+            found.add(text.strip("'\""))
+        elif text.startswith("target: "):  # v2: mode, host_ip, target, published, protocol
+            block = dict(ln.strip().removeprefix("- ").split(": ", 1)
+                         for ln in lines[number - 2:number + 3] if ": " in ln)  # fmt: skip
+            found.add(f"{block.get('host_ip')}:{block.get('published', '').strip(chr(34))}:"
+                      f"{block['target']}/{block.get('protocol', 'tcp')}")
+    return found
+
+
+def test_the_page_is_configured_and_published_as_dns_is() -> None:
+    """With the page on compose reads compose.web.yaml too: the forwarder serves the page on
+    the container's port 80 with its password in the state volume, and WEB_PORT is published as
+    PORT is (port mode: the host's LAN address; loopback always). With LAN_IP6 it listens on
+    IPv6 too. Off, nothing of it is read, and nothing publishes port 80."""
+    compose, config = config_of(settings("port"))
+    assert compose.overlays == (REPO / "compose.web.yaml",)
+    assert compose.variables["WEB_PORT"] == "8053" and "WEB_LISTEN" not in compose.variables
+    assert "DNSPROXY_WEB: 0.0.0.0:80" in config
+    assert "DNSPROXY_WEB_PASSWORD_FILE: /var/lib/dnsproxy/web-password" in config
+    assert {"192.168.1.2:8053:80/tcp", "127.0.0.1:8053:80/tcp",
+            "192.168.1.2:5053:53/tcp"} <= published(config)  # fmt: skip
+
+    # direct mode publishes on loopback only, the page as DNS
+    _, config = config_of(replace(settings("direct"), web_port=8099))
+    ports = published(config)
+    assert {"127.0.0.2:8099:80/tcp", "127.0.0.1:8099:80/tcp"} <= ports, ports
+    assert not [p for p in ports if p.startswith("192.168.1.2:")], ports
+
+    compose, config = config_of(settings("lan,ipv6"))
+    assert compose.overlays[-1] == REPO / "compose.web.yaml"
+    assert "DNSPROXY_WEB: 0.0.0.0:80,[::]:80" in config
+
+    compose, config = config_of(replace(settings("port"), web=False))
+    assert compose.overlays == () and "WEB_PORT" not in compose.variables
+    assert "DNSPROXY_WEB" not in config
+    assert not [p for p in published(config) if p.endswith(":80/tcp")], config
+
+
+def test_the_page_s_port_taken_is_named_as_its_own_and_only_over_tcp() -> None:
+    """A TCP listener on WEB_PORT refuses `up` naming --web-port; a UDP socket there does not
+    (the page is TCP only), where it would for DNS's --port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("0.0.0.0", 0))
+        port = holder.getsockname()[1]
+        check_port_free(port, "--web-port (WEB_PORT)", udp=False)
+        with pytest.raises(PortTaken, match="choose another --port$"):
+            check_port_free(port)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(PortTaken, match=rf"{port}/tcp .* choose another --web-port"):
+            check_port_free(port, "--web-port (WEB_PORT)", udp=False)
