@@ -1,11 +1,14 @@
 """The host side of the forwarder's web page, with no host touched: the plan's rules for it in
 every mode and family, the settings that turn it on and place it, the compose overlay that
-serves and publishes it."""
+serves and publishes it, its password carried through the engine's archive calls, where `up`
+and `status` say it is."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +16,8 @@ import pytest
 from netsetup_facts import LAN_CIDR6, LAN_IP, LAN_IP6, facts, settings
 
 from dnsproxy.defaults import DNS_PORT, WEB_PORT
+from netsetup import webpage
+from netsetup.cli import status_rows
 from netsetup.deploy import Compose, compose_command
 from netsetup.detect import check_port_free
 from netsetup.errors import BadInput, NetsetupError, PortTaken
@@ -200,3 +205,170 @@ def test_the_page_s_port_taken_is_named_as_its_own_and_only_over_tcp() -> None:
         port = holder.getsockname()[1]
         with pytest.raises(PortTaken, match=rf"{port}/tcp .* choose another --web-port"):
             check_port_free(port, "--web-port (WEB_PORT)", udp=False)
+
+
+# ---- the password, through the engine's archive calls --------------------------------------------
+
+
+class Missing(Exception):
+    """What docker's SDK raises for a path the container does not have (NotFound, a 404)."""
+
+    status_code = 404
+
+
+class FakeContainer:
+    """docker's Container as far as the password needs it: get_archive and put_archive, on
+    files held in memory. The forwarder writes its own file after `appears_after` reads."""
+
+    def __init__(self, own: str | None = None, appears_after: int = 0) -> None:
+        self.files: dict[str, bytes] = {}
+        self.own, self.appears_after = own, appears_after
+        self.reads, self.puts = 0, []
+
+    def get_archive(self, path: str):
+        self.reads += 1
+        if self.own is not None and self.reads > self.appears_after:
+            self.files.setdefault(path, f"{self.own}\n".encode())
+        if path not in self.files:
+            raise Missing(path)
+        data = self.files[path]
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:  # as the engine answers: the base name
+            member = tarfile.TarInfo(path.rsplit("/", 1)[-1])
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        raw = buffer.getvalue()
+        return iter([raw[:100], raw[100:]]), {"name": member.name, "size": len(data)}
+
+    def put_archive(self, path: str, data: bytes) -> bool:
+        self.puts.append((path, data))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                handle = tar.extractfile(member)
+                assert handle is not None
+                self.files[f"{path}/{member.name}"] = handle.read()
+        return True
+
+
+class Clock:
+    """time.monotonic and time.sleep for the retries, without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_password_archive_is_the_file_the_forwarder_makes() -> None:
+    """One member, named as the forwarder's file, a regular file of the appliance's user and
+    group with mode 0600, holding the password on its one line; read back as it was given."""
+    data = webpage.password_archive("correct horse", mtime=1_700_000_000)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        (member,) = tar.getmembers()
+        content = tar.extractfile(member).read()  # type: ignore[union-attr]
+    assert member.name == "web-password" and member.isfile()
+    assert (member.mode, member.uid, member.gid) == (0o600, 10053, 10053)
+    assert member.mtime == 1_700_000_000
+    assert content == b"correct horse\n"
+    assert webpage.password_from_archive(data) == "correct horse"
+    assert f"{webpage.PASSWORD_DIR}/{member.name}" == webpage.PASSWORD_PATH
+
+
+def test_what_is_no_password_reads_as_none() -> None:
+    """An empty file (the forwarder still writing it), no file, not a tar: no password; of a
+    longer file only the first line counts."""
+    def archive(text: bytes, name: str = "web-password") -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            member = tarfile.TarInfo(name)
+            member.size = len(text)
+            tar.addfile(member, io.BytesIO(text))
+        return buffer.getvalue()
+
+    assert webpage.password_from_archive(archive(b"")) is None
+    assert webpage.password_from_archive(archive(b"\n")) is None
+    assert webpage.password_from_archive(archive(b"pw", name="other")) is None
+    assert webpage.password_from_archive(b"not a tar archive") is None
+    assert webpage.password_from_archive(archive(b"first\r\nsecond\n")) == "first"
+
+
+def test_a_given_password_is_written_once_the_forwarder_made_its_own() -> None:
+    """`up` waits for the forwarder's own file (it may still be creating it at start, and would
+    write over an earlier one), then replaces it with WEB_PASSWORD into the state directory,
+    and reads back what the forwarder now has."""
+    clock = Clock()
+    container = FakeContainer(own="generated", appears_after=3)
+    got = webpage.settle_password(container, "mine", sleep=clock.sleep, clock=clock)
+    assert got == "mine" and container.reads == 5  # three misses, the forwarder's, ours
+    ((path, data),) = container.puts
+    assert path == "/var/lib/dnsproxy" and webpage.password_from_archive(data) == "mine"
+    assert container.files["/var/lib/dnsproxy/web-password"] == b"mine\n"
+
+
+def test_the_same_or_no_password_given_writes_nothing() -> None:
+    clock = Clock()
+    same = FakeContainer(own="mine")
+    assert webpage.settle_password(same, "mine", sleep=clock.sleep, clock=clock) == "mine"
+    none = FakeContainer(own="generated")
+    assert webpage.settle_password(none, None, sleep=clock.sleep, clock=clock) == "generated"
+    assert same.puts == none.puts == []
+
+
+def test_a_password_never_written_is_none_after_the_wait_and_other_errors_raise() -> None:
+    """No file within the wait: None (a warning for `up`, not a failure); given one then, it is
+    written all the same. An engine error that is not a missing file is raised."""
+    clock = Clock()
+    silent = FakeContainer()
+    assert webpage.settle_password(silent, None, timeout=2, sleep=clock.sleep, clock=clock) is None
+    assert clock.now >= 2 and silent.reads > 1
+    assert webpage.settle_password(silent, "mine", timeout=2, sleep=clock.sleep,
+                                   clock=clock) == "mine"  # fmt: skip
+
+    class Broken(FakeContainer):
+        def get_archive(self, path: str):
+            raise OSError("engine went away")
+
+    with pytest.raises(OSError, match="went away"):
+        webpage.read_password(Broken(), timeout=5, sleep=clock.sleep, clock=clock)
+
+
+@pytest.mark.parametrize(("text", "word"), [
+    ("", "is empty"), ("two\nlines", "line break"), ("cr\r", "line break"),
+    (" padded", "blank"), ("padded\t", "blank"),
+])  # fmt: skip
+def test_a_password_the_forwarder_could_not_read_back_is_refused(text: str, word: str) -> None:
+    with pytest.raises(BadInput, match=word):
+        webpage.checked_password(text)
+    assert webpage.checked_password("a b c") == "a b c"
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("lan", ["http://192.168.1.53/"]),
+    ("lan,ipv6", ["http://192.168.1.53/", "http://[fd00:1::53]/"]),
+    ("direct", ["http://172.31.53.53/"]),
+    ("port", ["http://192.168.1.2:8053/"]),
+    ("both", ["http://172.31.53.53/", "http://192.168.1.2:8053/"]),
+    ("port,direct,lan,noweb", []),
+])  # fmt: skip
+def test_the_page_is_where_each_mode_puts_it(mode: str, expected: list[str]) -> None:
+    assert webpage.urls(settings(mode), "192.168.1.2") == expected
+
+
+def test_status_rows_show_where_the_page_is_and_its_password() -> None:
+    urls = ["http://172.31.53.53/", "http://192.168.1.2:8053/"]
+    rows = status_rows({**STATUS, "web": {"on": True, "urls": urls, "password": "pw"}})
+    assert [r for r in rows if r[0] in ("web page", "  password")] == [
+        ("web page", urls[0]), ("web page", urls[1]), ("  password", "pw")]
+    rows = dict(status_rows({**STATUS, "web": {"on": True, "urls": urls[:1], "password": None,
+                                               "error": "the forwarder has not written it yet"}}))
+    assert rows["  password"] == "unreadable: the forwarder has not written it yet"
+    assert dict(status_rows({**STATUS, "web": {"on": False}}))["web page"] == "off (WEB=0)"
+    assert "web page" not in dict(status_rows(STATUS))  # not deployed: nothing to say
+
+
+STATUS = {"up": True, "engine": {"version": "28.5.2", "firewall": "iptables"}, "service": None,
+          "host_service": {}, "iptables": "nft", "sysctl": {}}
