@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -372,3 +373,28 @@ def test_status_rows_show_where_the_page_is_and_its_password() -> None:
 
 STATUS = {"up": True, "engine": {"version": "28.5.2", "firewall": "iptables"}, "service": None,
           "host_service": {}, "iptables": "nft", "sysctl": {}}
+
+
+def test_make_gives_netsetup_the_page_s_settings_and_the_password_in_its_environment(
+    tmp_path: Path,
+) -> None:
+    """WEB and WEB_PORT become options; WEB_PASSWORD reaches netsetup's environment only, never
+    its command line (`ps` shows that to every user) nor what make echoes."""
+    fake = tmp_path / "netsetup"
+    fake.write_text('#!/bin/sh\necho "argv: $*"\necho "env: ${NETSETUP_WEB_PASSWORD-unset}"\n')
+    fake.chmod(0o755)
+
+    def up(*variables: str) -> str:
+        proc = subprocess.run(["make", "-o", "venv", "-o", "deps", "-o", "image", "up",
+                               f"NETSETUP={fake}", *variables],
+                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = up("WEB_PASSWORD=s3cret word")
+    assert "env: s3cret word\n" in out
+    assert out.count("s3cret") == 1, out  # the environment's line alone
+    assert " --web --web-port 8053 " in out
+    out = up("WEB=0", "WEB_PORT=8099")
+    assert " --no-web " in out and "8099" not in out and "env: \n" in out
+    assert " --web --web-port 8099 " in up("WEB_PORT=8099")
