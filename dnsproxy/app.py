@@ -30,9 +30,10 @@ from .forgery import (
     write_learned,
 )
 from .forwarder import Forwarder
+from .history import History
 from .metrics import Metrics, serve_metrics
 from .pipeline import Pipeline
-from .querylog import NullLog, QueryLog
+from .querylog import NullLog, QueryLog, Tee
 from .server import Responder, TcpServer, UdpServer, bind_socket
 from .split import SplitResolver
 from .stages.access import AccessControl
@@ -59,7 +60,7 @@ log = logging.getLogger("dnsproxy")
 # What a reload cannot change: sockets, the log, the process layout, the TCP and load limits.
 RESTART_ONLY = ("listen", "metrics", "query_log", "workers", "tcp_idle_timeout",
                 "tcp_max_connections", "tcp_max_per_client", "max_in_flight", "state_dir",
-                "cache_save_interval")
+                "cache_save_interval", "web", "web_password_file", "history_days")
 
 
 class ListenError(Exception):
@@ -291,7 +292,12 @@ class Service:
         self.cli_overrides = cli_overrides or {}  # re-applied on reload: the command line wins
         self.reuse_port = reuse_port
         self.metrics = Metrics()
-        self.querylog = QueryLog() if settings.query_log else NullLog()
+        self.started = time.time()
+        # The page's history, when there is a page: in the state directory, or in memory.
+        self.history = (History(settings.state_dir, settings.history_days) if settings.web
+                        else None)  # fmt: skip
+        self.querylog = query_log(settings, self.history)
+        self.web = None  # the page's runner, once started
         self.cache = Cache(settings.cache_size, self.metrics)
         self.learned = Learned()
         self.learned.forged.on_learn = self._learned_forged
@@ -428,6 +434,44 @@ class Service:
                 self.servers.append(await serve_metrics(self.metrics, host, port, self.allowed))
             except OSError as exc:
                 raise ListenError(f"cannot serve metrics on {s.metrics}: {exc.strerror}") from None
+        if s.web:
+            await self.start_web(s.web, s.web_password_file)
+
+    async def start_web(self, listen: str, password_file: str | None) -> None:
+        """The page (dnsproxy/web), with a password file created when missing."""
+        from . import web  # aiohttp and Jinja2 are imported only when there is a page
+        from .web.auth import ensure_password_file
+
+        if password_file and ensure_password_file(password_file):
+            log.info("web: a password was generated in %s", password_file)
+        assert self.history is not None
+        sources = web.Sources(self.history, self.upstream_states, self.learned_forged,
+                              lambda: len(self.cache.entries), self.settings.identity,
+                              self.started)
+        host, port = parse_listen(listen)
+        try:
+            self.web = await web.serve_web(sources, host, port, self.allowed, password_file)
+        except OSError as exc:
+            raise ListenError(f"cannot serve the page on {listen}: {exc.strerror}") from None
+        log.info("web: page on http://%s/ (%s)", listen if port != 80 else host,
+                 "password in " + password_file if password_file else "loopback clients only")
+
+    def upstream_states(self) -> list[dict]:
+        """Each configured upstream's health now, for the page."""
+        now = time.monotonic()
+        states = []
+        for group, forwarder in forwarder_groups(self.forwarding.resolver):
+            for upstream in forwarder.upstreams:
+                health = forwarder.health[id(upstream)]
+                resting = health.down_until - now
+                states.append({"name": upstream.name, "group": group,
+                               "transport": upstream.transport,
+                               "health": "down" if resting > 0 else "up",
+                               "down_for": max(0.0, resting), "failures": health.failures})
+        return states
+
+    def learned_forged(self) -> list[str]:
+        return [str(ipaddress.ip_address(a)) for a in list(self.learned.forged.addresses)]
 
     # --- keeping the state across restarts ---
 
@@ -568,7 +612,29 @@ class Service:
             await forwarder.close()
         if self.closing:
             await asyncio.wait(self.closing, timeout=0.5)
+        if self.web is not None:
+            await self.web.cleanup()
         self.querylog.flush()
+        if self.history is not None:
+            await asyncio.to_thread(self.history.close)  # what is pending is written
+
+
+def query_log(settings: Settings, history: History | None) -> QueryLog:
+    """Where each query is recorded: the JSON lines, the page's history, both, or nowhere."""
+    logs = [log for log in (QueryLog() if settings.query_log else None, history) if log]
+    if not logs:
+        return NullLog()
+    return logs[0] if len(logs) == 1 else Tee(*logs)  # type: ignore[return-value]
+
+
+def forwarder_groups(resolver: Forwarder | SplitResolver | ZoneRouter,
+                     ) -> list[tuple[str | None, Forwarder]]:
+    """The forwarders behind the last link, by group (None: no groups, no split)."""
+    if isinstance(resolver, ZoneRouter):
+        return [*forwarder_groups(resolver.default), *resolver.groups.items()]
+    if isinstance(resolver, SplitResolver):
+        return list(resolver.groups.items())
+    return [(None, resolver)]
 
 
 def rerouted_by(old: homenames.NameTable | None,

@@ -77,6 +77,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, metavar="QPS",
                    help="queries per second per client, 0 for none (default 500)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--web", metavar="HOST:PORT",
+                   help="serve the appliance's page here (loopback clients only without "
+                        "--web-password-file)")
+    p.add_argument("--web-password-file", metavar="FILE",
+                   help="the page's password, its first line; created with a generated one "
+                        "when missing")
+    p.add_argument("--history-days", type=int, metavar="DAYS",
+                   help="days of query history the page keeps, in --state-dir (default 7)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="processes sharing the listen sockets (SO_REUSEPORT)")
     p.add_argument("--edns-marker", action=argparse.BooleanOptionalAction,

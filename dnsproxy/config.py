@@ -51,6 +51,11 @@ class Settings:
     allow: list[str] = field(default_factory=lambda: list(DEFAULT_ALLOWED))
     rate_limit: float = 500.0  # queries per second per client; 0 turns it off
     metrics: str | None = None
+    # The appliance's page (dnsproxy/web): where it listens; without a password file, for
+    # loopback clients only. The history behind it is kept history_days (in state_dir).
+    web: str | None = None
+    web_password_file: str | None = None
+    history_days: int = 7
     workers: int = 1
     edns_marker: bool = True
     forged_addresses: bool = True
@@ -89,7 +94,7 @@ BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold",
              "block_ddr", "block_doh_canary", "block_private_relay"}
 FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout", "cache_save_interval"}
 INT_KEYS = {"cache_size", "cache_bytes", "max_ttl", "workers", "tcp_max_connections",
-            "tcp_max_per_client", "max_in_flight", "stale_ttl", "max_stale"}
+            "tcp_max_per_client", "max_in_flight", "stale_ttl", "max_stale", "history_days"}
 # Limits where zero would mean "nothing at all" rather than "off": a server that sheds every
 # query (max_in_flight = 0) or accepts no TCP connection is a misconfiguration, not a setting.
 # The others take 0 as documented: cache_size (cache off), rate_limit (no limit), hedge_delay
@@ -98,8 +103,8 @@ INT_KEYS = {"cache_size", "cache_bytes", "max_ttl", "workers", "tcp_max_connecti
 # and ask again at once, which is what serving stale is meant to spare.
 ABOVE_ZERO = {"timeout", "tcp_idle_timeout", "max_ttl", "workers", "tcp_max_connections",
               "tcp_max_per_client", "max_in_flight", "cache_bytes", "stale_ttl",
-              "cache_save_interval"}
-STR_KEYS = {"ca_file", "metrics", "identity", "state_dir"}
+              "cache_save_interval", "history_days"}
+STR_KEYS = {"ca_file", "metrics", "identity", "state_dir", "web", "web_password_file"}
 # Environment names where the plural reads better than the setting's own name. The switch
 # `forged_addresses` (the built-in list on or off) then needs a name of its own: two settings
 # read from one variable would make either unusable from the environment.
@@ -359,6 +364,7 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"allow: {network!r} is not a network") from None
     if settings.metrics:
         parse_listen(settings.metrics)
+    validate_web(settings)
     if settings.ca_file and not os.path.isfile(settings.ca_file):
         raise ConfigError(f"ca_file: no such file {settings.ca_file}")
     if settings.state_dir:
@@ -370,6 +376,35 @@ def validate(settings: Settings) -> None:
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"state_dir {path}: not writable")
     validate_home(settings)
+
+
+def validate_web(settings: Settings) -> None:
+    """The page: one process (the history is the process's), a password file that can be read
+    or, when missing, created at start in a directory that exists."""
+    if settings.web_password_file and not settings.web:
+        raise ConfigError("web_password_file given without web (--web HOST:PORT)")
+    if not settings.web:
+        return
+    parse_listen(settings.web)
+    if settings.workers > 1:
+        raise ConfigError("web needs workers = 1: each worker keeps a history of its own")
+    path = settings.web_password_file
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"web_password_file {path}: a directory")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                first = file.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"web_password_file {path}: {getattr(exc, 'strerror', exc)}"
+                              ) from None
+        if not first:
+            raise ConfigError(f"web_password_file {path}: empty (the password is its first "
+                              "line; remove the file to have one generated)")
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"web_password_file {path}: no such directory")
 
 
 def validate_home(settings: Settings) -> None:

@@ -8,25 +8,29 @@ the row bound, so the file stays bounded whatever the traffic. Readers (the page
 thread a function and await its result: nothing touches the disk on the event loop. In a state
 directory the history survives restarts; without one it is kept in memory, bounded the same way.
 
-It has the query log's interface (`query`, `forgery`, `flush`), so the forwarder hands it the
-same calls; the wiring is the page's (issue #21).
+It has the query log's interface (`query`, `forgery`, `upstream_reply`, `upstream_error`,
+`flush`), so the forwarder hands it the same calls (querylog.Tee when the JSON log is on too).
+Upstream latency is kept as a histogram per minute (buckets a factor LATENCY_STEP wide), so any
+window's percentiles are a sum of rows, whatever the traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
+import math
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .pipeline import Request, Response
-from .querylog import LOOPBACK, RCODES, type_name
+from .querylog import LOOPBACK, RCODES, address_texts, type_name
 from .wire import CLASS_CH
 
 FILE = "history.sqlite3"
@@ -35,6 +39,8 @@ PRUNE_INTERVAL = 60.0  # seconds between retention passes
 DEFAULT_DAYS = 7
 DEFAULT_MAX_ROWS = 2_000_000  # about 200 MB of queries at most, a busy office's week
 
+# Bumped when a table changes: an older file's history is dropped (it is a record, not state).
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
     ts REAL NOT NULL, client TEXT NOT NULL, name TEXT NOT NULL, qtype INTEGER NOT NULL,
@@ -42,14 +48,48 @@ CREATE TABLE IF NOT EXISTS queries (
     latency_ms REAL NOT NULL, transport TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts);
 CREATE TABLE IF NOT EXISTS forgeries (
-    ts REAL NOT NULL, upstream TEXT NOT NULL, name TEXT, qtype INTEGER, reason TEXT NOT NULL);
+    ts REAL NOT NULL, upstream TEXT NOT NULL, name TEXT, qtype INTEGER, reason TEXT NOT NULL,
+    addresses TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS forgeries_ts ON forgeries (ts);
 CREATE TABLE IF NOT EXISTS minutes (
     minute INTEGER NOT NULL, outcome TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (minute, outcome)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS upstream_latency (
+    minute INTEGER NOT NULL, upstream TEXT NOT NULL, bucket INTEGER NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (minute, upstream, bucket)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS upstream_errors (
+    minute INTEGER NOT NULL, upstream TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (minute, upstream, reason)) WITHOUT ROWID;
 """
+TABLES = ("queries", "forgeries", "minutes", "upstream_latency", "upstream_errors")
+# Latency buckets: bucket b holds [LATENCY_FLOOR * STEP**b, LATENCY_FLOOR * STEP**(b+1)) ms; a
+# percentile is read as the bucket's geometric middle, within 5 % of the true value.
+LATENCY_FLOOR_MS = 0.05
+LATENCY_STEP = 1.1
 
 T = TypeVar("T")
+
+
+def latency_bucket(ms: float) -> int:
+    return max(0, int(math.log(max(ms, LATENCY_FLOOR_MS) / LATENCY_FLOOR_MS, LATENCY_STEP)))
+
+
+def bucket_ms(bucket: int) -> float:
+    """The bucket's geometric middle."""
+    return LATENCY_FLOOR_MS * LATENCY_STEP ** (bucket + 0.5)
+
+
+def percentile(histogram: dict[int, int], fraction: float) -> float | None:
+    """The value below which `fraction` of the counts lie, from bucket counts."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    rank, seen = fraction * total, 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket_ms(bucket)
+    return bucket_ms(max(histogram))
 
 
 def _row(recorded: tuple[float, float, Request, Response]) -> tuple | None:
@@ -62,7 +102,32 @@ def _row(recorded: tuple[float, float, Request, Response]) -> tuple | None:
     return (at, request.client[0], q.name, q.qtype, response.rcode, response.reason,
             response.upstream, response.group, response.why,
             round((done - request.started) * 1000, 3), request.transport)
+
+
 _STOP = object()
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """The history's database, its tables made; a file of another schema version starts anew."""
+    db = sqlite3.connect(path)
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        with db:
+            for table in TABLES:
+                db.execute(f"DROP TABLE IF EXISTS {table}")  # noqa: S608 - fixed names
+    db.executescript(SCHEMA)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if path != ":memory:":
+        db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a batch
+    return db
+
+
+def _address_order(text: str) -> tuple[int, int]:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return (0, 0)
+    return (address.version, int(address))
 
 
 @dataclass(frozen=True)
@@ -72,7 +137,7 @@ class QueryFilter:
     client: str | None = None
     name_part: str | None = None  # a substring of the name, case-insensitive
     qtype: int | None = None
-    outcome: str | None = None
+    outcomes: tuple[str, ...] = ()  # the forwarder's reasons, any of them
     since: float | None = None
     until: float | None = None
     limit: int = 50
@@ -87,6 +152,7 @@ class History:
         self.days, self.max_rows, self.clock = days, max_rows, clock
         self.pending: list[tuple] = []
         self.pending_forgeries: list[tuple] = []
+        self.pending_upstreams: list[tuple] = []  # (time, upstream, seconds or error reason)
         self._jobs: queue.Queue = queue.Queue()
         self._pruned = 0.0
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -101,8 +167,16 @@ class History:
         changes once answered); the hot path pays for one tuple."""
         self.pending.append((time.time(), time.monotonic(), request, response))
 
-    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str) -> None:
-        self.pending_forgeries.append((time.time(), upstream, name, qtype, reason))
+    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str,
+                addresses: Iterable[bytes] = ()) -> None:
+        self.pending_forgeries.append((time.time(), upstream, name, qtype, reason,
+                                       ",".join(address_texts(addresses))))
+
+    def upstream_reply(self, upstream: str, seconds: float) -> None:
+        self.pending_upstreams.append((time.time(), upstream, seconds))
+
+    def upstream_error(self, upstream: str, reason: str) -> None:
+        self.pending_upstreams.append((time.time(), upstream, reason))
 
     def flush(self) -> None:
         """Written by the thread at its next turn (the query log's interface)."""
@@ -112,10 +186,7 @@ class History:
 
     def _run(self) -> None:
         try:
-            db = sqlite3.connect(self.path)
-            db.executescript(SCHEMA)
-            if self.path != ":memory:":
-                db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a batch
+            db = open_database(self.path)
         except sqlite3.Error as exc:
             self._ready.set_exception(exc)
             return
@@ -141,6 +212,9 @@ class History:
         # The loop may append while this runs: the old list, taken whole, is this batch.
         batch, self.pending = self.pending, []
         forged, self.pending_forgeries = self.pending_forgeries, []
+        upstreams, self.pending_upstreams = self.pending_upstreams, []
+        if upstreams:
+            self._write_upstreams(db, upstreams)
         if batch or forged:
             rows = [row for row in map(_row, batch) if row is not None]
             minutes: dict[tuple[int, str], int] = {}
@@ -152,12 +226,32 @@ class History:
                 minutes[key] = minutes.get(key, 0) + 1
             with db:
                 db.executemany("INSERT INTO queries VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-                db.executemany("INSERT INTO forgeries VALUES (?,?,?,?,?)", forged)
+                db.executemany("INSERT INTO forgeries VALUES (?,?,?,?,?,?)", forged)
                 db.executemany("INSERT INTO minutes VALUES (?,?,?) ON CONFLICT (minute, outcome) "
                                "DO UPDATE SET n = n + excluded.n",
                                [(m, o, n) for (m, o), n in minutes.items()])  # fmt: skip
         if time.monotonic() - self._pruned >= PRUNE_INTERVAL:
             self.prune(db)
+
+    @staticmethod
+    def _write_upstreams(db: sqlite3.Connection, events: list[tuple]) -> None:
+        latency: dict[tuple[int, str, int], int] = {}
+        errors: dict[tuple[int, str, str], int] = {}
+        for at, upstream, what in events:
+            minute = int(at // 60)
+            if isinstance(what, str):
+                key = (minute, upstream, what)
+                errors[key] = errors.get(key, 0) + 1
+            else:
+                bucket = (minute, upstream, latency_bucket(what * 1000))
+                latency[bucket] = latency.get(bucket, 0) + 1
+        with db:
+            db.executemany("INSERT INTO upstream_latency VALUES (?,?,?,?) ON CONFLICT "
+                           "(minute, upstream, bucket) DO UPDATE SET n = n + excluded.n",
+                           [(*key, n) for key, n in latency.items()])
+            db.executemany("INSERT INTO upstream_errors VALUES (?,?,?,?) ON CONFLICT "
+                           "(minute, upstream, reason) DO UPDATE SET n = n + excluded.n",
+                           [(*key, n) for key, n in errors.items()])  # fmt: skip
 
     def prune(self, db: sqlite3.Connection) -> None:
         """Older than the retention, and over the row bound (the oldest first), goes."""
@@ -166,7 +260,9 @@ class History:
         with db:
             db.execute("DELETE FROM queries WHERE ts < ?", (oldest,))
             db.execute("DELETE FROM forgeries WHERE ts < ?", (oldest,))
-            db.execute("DELETE FROM minutes WHERE minute < ?", (int(oldest // 60),))
+            for table in ("minutes", "upstream_latency", "upstream_errors"):
+                db.execute(f"DELETE FROM {table} WHERE minute < ?",  # noqa: S608 - fixed names
+                           (int(oldest // 60),))
             for table in ("queries", "forgeries"):
                 db.execute(f"DELETE FROM {table} WHERE rowid <= "  # noqa: S608 - fixed names
                            f"(SELECT max(rowid) FROM {table}) - ?", (self.max_rows,))  # fmt: skip
@@ -204,11 +300,13 @@ class History:
         """The newest queries first, narrowed by `wanted`."""
         clauses, args = [], []
         for clause, value in (("client = ?", wanted.client), ("qtype = ?", wanted.qtype),
-                              ("outcome = ?", wanted.outcome), ("ts >= ?", wanted.since),
-                              ("ts <= ?", wanted.until)):  # fmt: skip
+                              ("ts >= ?", wanted.since), ("ts <= ?", wanted.until)):  # fmt: skip
             if value is not None:
                 clauses.append(clause)
                 args.append(value)
+        if wanted.outcomes:
+            clauses.append(f"outcome IN ({','.join('?' * len(wanted.outcomes))})")
+            args.extend(wanted.outcomes)
         if wanted.name_part:
             clauses.append("instr(lower(name), ?) > 0")
             args.append(wanted.name_part.lower())
@@ -227,17 +325,88 @@ class History:
 
         return run
 
-    def forgeries(self, since: float) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
+    def forgeries(self, since: float, limit: int = 100,
+                  ) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
         """Per name the censor forged: how often, why each was recognised, from which
         upstreams, first and last time; the most forged first."""
 
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = db.execute(
                 "SELECT name, count(*), group_concat(DISTINCT reason), "
-                "group_concat(DISTINCT upstream), min(ts), max(ts) FROM forgeries "
-                "WHERE ts >= ? GROUP BY name ORDER BY count(*) DESC, max(ts) DESC", (since,))
+                "group_concat(DISTINCT upstream), group_concat(DISTINCT nullif(addresses, '')), "
+                "min(ts), max(ts) FROM forgeries WHERE ts >= ? GROUP BY name "
+                "ORDER BY count(*) DESC, max(ts) DESC LIMIT ?", (since, limit))
             return [{"name": name, "count": count, "reasons": sorted(reasons.split(",")),
-                     "upstreams": sorted(upstreams.split(",")), "first": first, "last": last}
-                    for name, count, reasons, upstreams, first, last in rows]  # fmt: skip
+                     "upstreams": sorted(upstreams.split(",")),
+                     "addresses": sorted(set((addresses or "").split(",")) - {""},
+                                         key=_address_order),
+                     "first": first, "last": last}
+                    for name, count, reasons, upstreams, addresses, first, last
+                    in rows]  # fmt: skip
+
+        return run
+
+    def top(self, since: float, column: str, limit: int = 10,
+            ) -> Callable[[sqlite3.Connection], list[tuple[str, int]]]:
+        """The most asked names, or the busiest clients, since `since`."""
+        if column not in ("name", "client"):
+            raise ValueError(column)
+        sql = (f"SELECT {column}, count(*) FROM queries WHERE ts >= ? "  # noqa: S608 - checked
+               f"GROUP BY {column} ORDER BY count(*) DESC, {column} LIMIT ?")
+
+        def run(db: sqlite3.Connection) -> list[tuple[str, int]]:
+            return [(value, n) for value, n in db.execute(sql, (since, limit))]
+
+        return run
+
+    def splits(self, since: float) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
+        """Which group answered and why (split DNS, the home's names, zones), with counts."""
+
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute("SELECT grp, why, count(*) FROM queries WHERE ts >= ? AND "
+                              "grp IS NOT NULL GROUP BY grp, why ORDER BY count(*) DESC",
+                              (since,))  # fmt: skip
+            return [{"group": grp, "why": why, "count": n} for grp, why, n in rows]
+
+        return run
+
+    def upstreams(self, since: float, step: int = 600,
+                  ) -> Callable[[sqlite3.Connection], dict[str, dict[str, Any]]]:
+        """Per upstream since `since`: replies, p50 and p95 latency, errors by reason, and per
+        `step` seconds the p50, p95 and error count (the page's plot over time)."""
+        first = int(since // 60)
+
+        def run(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+
+            def entry(upstream: str) -> dict[str, Any]:
+                return out.setdefault(upstream, {"replies": 0, "errors": {}, "_all": {},
+                                                 "_steps": {}, "_step_errors": {}})
+
+            for minute, upstream, bucket, n in db.execute(
+                    "SELECT minute, upstream, bucket, n FROM upstream_latency WHERE minute >= ?",
+                    (first,)):  # fmt: skip
+                e = entry(upstream)
+                e["replies"] += n
+                e["_all"][bucket] = e["_all"].get(bucket, 0) + n
+                steps = e["_steps"].setdefault(int(minute * 60 // step), {})
+                steps[bucket] = steps.get(bucket, 0) + n
+            for minute, upstream, reason, n in db.execute(
+                    "SELECT minute, upstream, reason, n FROM upstream_errors WHERE minute >= ?",
+                    (first,)):  # fmt: skip
+                e = entry(upstream)
+                e["errors"][reason] = e["errors"].get(reason, 0) + n
+                index = int(minute * 60 // step)
+                e["_step_errors"][index] = e["_step_errors"].get(index, 0) + n
+            for e in out.values():
+                histogram, steps = e.pop("_all"), e.pop("_steps")
+                e["p50_ms"] = percentile(histogram, 0.5)
+                e["p95_ms"] = percentile(histogram, 0.95)
+                e["steps"] = {index * step: {"p50_ms": percentile(h, 0.5),
+                                             "p95_ms": percentile(h, 0.95)}
+                              for index, h in sorted(steps.items())}
+                e["step_errors"] = {index * step: n
+                                    for index, n in sorted(e.pop("_step_errors").items())}
+            return out
 
         return run

@@ -7,9 +7,11 @@ so the hot path pays one method call and builds no strings.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import sys
 import time
+from collections.abc import Iterable
 from typing import TextIO
 
 from .pipeline import Request, Response
@@ -76,8 +78,10 @@ class QueryLog:
             record["why"] = response.why
         self._write(record)
 
-    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str) -> None:
-        """`name` and `qtype` are None for a forgery whose question could not be read."""
+    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str,
+                addresses: Iterable[bytes] = ()) -> None:
+        """`name` and `qtype` are None for a forgery whose question could not be read;
+        `addresses` are the A/AAAA data it carried (what the censor wanted the client to reach)."""
         self._write({
             "ts": round(time.time(), 3),
             "event": "forgery",
@@ -85,12 +89,53 @@ class QueryLog:
             "name": name,
             "type": None if qtype is None else type_name(qtype),
             "reason": reason,
+            "addresses": address_texts(addresses),
         })
+
+    def upstream_reply(self, upstream: str, seconds: float) -> None:
+        """A genuine reply's latency: the history keeps it, the log line of the query has it."""
+
+    def upstream_error(self, upstream: str, reason: str) -> None:
+        """An upstream's failure: the history keeps it; the metrics count it for the log."""
+
+
+def address_texts(addresses: Iterable[bytes]) -> list[str]:
+    """A/AAAA rdata as text, for the rare forgery (never on the hot path)."""
+    return [str(ipaddress.ip_address(a)) for a in addresses if len(a) in (4, 16)]
 
 
 class NullLog(QueryLog):
     def query(self, request: Request, response: Response) -> None:
         pass
 
-    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str) -> None:
+    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str,
+                addresses: Iterable[bytes] = ()) -> None:
         pass
+
+
+class Tee(QueryLog):
+    """The JSON lines and the page's history, both: each call goes to every log."""
+
+    def __init__(self, *logs: QueryLog) -> None:
+        self.logs = logs
+
+    def query(self, request: Request, response: Response) -> None:
+        for log in self.logs:
+            log.query(request, response)
+
+    def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str,
+                addresses: Iterable[bytes] = ()) -> None:
+        for log in self.logs:
+            log.forgery(upstream, name, qtype, reason, addresses)
+
+    def upstream_reply(self, upstream: str, seconds: float) -> None:
+        for log in self.logs:
+            log.upstream_reply(upstream, seconds)
+
+    def upstream_error(self, upstream: str, reason: str) -> None:
+        for log in self.logs:
+            log.upstream_error(upstream, reason)
+
+    def flush(self) -> None:
+        for log in self.logs:
+            log.flush()

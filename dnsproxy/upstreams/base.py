@@ -88,7 +88,7 @@ def judge_stream(upstream: StreamView, query: wire.Query, data: bytes,
     filters = upstream.filters
     reason = filters.verdict(upstream, reply, 0.0)
     if reason:
-        upstream.telemetry.forgery(upstream.name, query, reason)
+        upstream.telemetry.forgery(upstream.name, query, reason, reply)
         raise Forged(reason)
     if filters.learner is not None and reply.addresses:
         filters.learner.vouch(reply.addresses, unlearn=upstream.transport != "tcp")
@@ -130,9 +130,12 @@ class Telemetry:
                 "dnsproxy_upstream_queries_total", upstream=upstream, transport=transport)
         self.counts[key] += 1
 
-    def forgery(self, upstream: str, query: wire.Query, reason: str) -> None:
+    def forgery(self, upstream: str, query: wire.Query, reason: str,
+                reply: wire.Reply | None = None) -> None:
+        """`reply`, when it could be read: the addresses it carried are what the censor tried."""
         self.metrics.inc("dnsproxy_forgeries_total", upstream=upstream, reason=reason)
-        self.log.forgery(upstream, query.name, query.qtype, reason)
+        self.log.forgery(upstream, query.name, query.qtype, reason,
+                         reply.addresses if reply is not None else ())
 
     def stray(self, upstream: str, reply: wire.Reply | None, reason: str) -> None:
         """A forgery on a shared socket that no pending query has the ID of: logged with the
@@ -142,7 +145,8 @@ class Telemetry:
             self.log.forgery(upstream, None, None, reason)
         else:
             qtype = int.from_bytes(reply.question[-4:-2], "big")
-            self.log.forgery(upstream, wire.name_to_text(reply.question, 0), qtype, reason)
+            self.log.forgery(upstream, wire.name_to_text(reply.question, 0), qtype, reason,
+                             reply.addresses)
 
     def late(self, upstream: str) -> None:
         """A reply to a query already done: genuine but too late, or answered another way."""
@@ -150,6 +154,7 @@ class Telemetry:
 
     def error(self, upstream: str, reason: str) -> None:
         self.metrics.inc("dnsproxy_upstream_errors_total", upstream=upstream, reason=reason)
+        self.log.upstream_error(upstream, reason)
 
     def latency(self, upstream: str, seconds: float) -> None:
         keys = self.latency_keys.get(upstream)
@@ -159,3 +164,4 @@ class Telemetry:
                 self.metrics.key("dnsproxy_upstream_latency_seconds_count", upstream=upstream))
         self.counts[keys[0]] += seconds
         self.counts[keys[1]] += 1
+        self.log.upstream_reply(upstream, seconds)

@@ -110,7 +110,7 @@ class _Connection:
                     continue
                 future, query = entry
                 if not matches(reply, query):
-                    self.owner.telemetry.forgery(self.owner.name, query, "mismatch")
+                    self.owner.telemetry.forgery(self.owner.name, query, "mismatch", reply)
                     continue
                 future.set_result((data, reply))
         except (asyncio.IncompleteReadError, OSError, ssl.SSLError, TimeoutError):

@@ -403,13 +403,13 @@ class _Exchange:
             up.telemetry.forgery(up.name, query, "malformed")
             return
         if reply.id != self.qid or not matches(reply, query):
-            up.telemetry.forgery(up.name, query, "mismatch")
+            up.telemetry.forgery(up.name, query, "mismatch", reply)
             return
         reason = self.filters.verdict(up, reply, time.monotonic() - self.sent_at)
         if reason:
             if reason in TEACHING_REASONS:
                 self.losers.append(reply)
-            self._discard(reason)
+            self._discard(reason, reply)
             return
         if reply.truncated:
             self._ask_over_tcp()
@@ -420,7 +420,7 @@ class _Exchange:
             # settles it; a genuine OPT reply over UDP overrides it too.
             if self.held is not None:
                 self.losers.append(self.held[1])
-                self._discard("superseded")
+                self._discard("superseded", self.held[1])
             self.held = (data, reply)
             if self.hold_timer is None:
                 self.hold_ends = self.loop.time() + up.edns_grace
@@ -437,7 +437,7 @@ class _Exchange:
         losers = self.losers
         if self.held is not None and reply is not self.held[1] and reply.opt is not None:
             # The upstream does echo OPT: the OPT-less reply we held was forged.
-            self._count_forgery("no-edns")
+            self._count_forgery("no-edns", self.held[1])
             losers = [*losers, self.held[1]]
         if losers and self.filters.learner is not None:
             self.filters.learner.learn(losers, reply)
@@ -451,16 +451,16 @@ class _Exchange:
         if self.held is not None and not self.result.done():
             self.result.set_result(Answer(*self.held, verified=False))
 
-    def _discard(self, reason: str) -> None:
-        self._count_forgery(reason)
+    def _discard(self, reason: str, reply: wire.Reply) -> None:
+        self._count_forgery(reason, reply)
         # An OPT-less reply discarded always gets checked over TCP, the defence switch aside:
         # only a genuine reply can tell that the upstream has stopped echoing OPT.
         if self.up.tcp_for_polluted or reason == EdnsMarker.reason:
             self._ask_over_tcp()
 
-    def _count_forgery(self, reason: str) -> None:
+    def _count_forgery(self, reason: str, reply: wire.Reply) -> None:
         up = self.up
-        up.telemetry.forgery(up.name, self.query, reason)
+        up.telemetry.forgery(up.name, self.query, reason, reply)
         up.polluted.add(self.query.key)
 
     def _ask_over_tcp(self) -> None:

@@ -1,6 +1,6 @@
-# What the forwarder loads at start-up (httpx only for https:// upstreams, but it must work),
-# run inside the trimmed root. Keep it in step with dnsproxy/: the byte code of what it loads
-# is all that stays (trim.py, prune_bytecode).
+# What the forwarder loads at start-up (httpx only for https:// upstreams, aiohttp, Jinja2 and
+# sqlite3 only with the page, but they must work), run inside the trimmed root. Keep it in step
+# with dnsproxy/: the byte code of what it loads is all that stays (trim.py, prune_bytecode).
 import importlib
 import ssl
 
@@ -8,7 +8,7 @@ for name in (
     "argparse", "asyncio", "collections", "contextlib", "dataclasses", "enum", "functools",
     "importlib.resources", "importlib.util", "ipaddress", "json", "logging", "os", "re",
     "secrets", "signal", "socket", "struct", "time", "tomllib", "typing", "urllib.parse",
-    "zlib", "dnslib", "uvloop", "httpx",
+    "zlib", "dnslib", "uvloop", "httpx", "sqlite3", "aiohttp.web", "jinja2",
 ):  # fmt: skip
     importlib.import_module(name)
 

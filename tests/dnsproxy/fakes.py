@@ -312,7 +312,9 @@ class ProxyThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.service = Service(self.settings)
-        self.service.querylog.stream = self.log
+        querylog = self.service.querylog
+        for log in getattr(querylog, "logs", (querylog,)):  # a Tee with the page's history
+            log.stream = self.log
         self.loop.run_until_complete(self.service.start())
         self.ready.set()
         self.loop.run_until_complete(self.service.stopping.wait())
@@ -336,6 +338,8 @@ class ProxyThread:
         return [json.loads(line) for line in self.log.getvalue().splitlines() if line]
 
     def close(self) -> None:
+        if self.loop.is_closed():  # closed already (a test that restarts it)
+            return
         self.loop.call_soon_threadsafe(self.service.stopping.set)
         self.thread.join(5)
         self.loop.close()

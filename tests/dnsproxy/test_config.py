@@ -537,3 +537,37 @@ def test_bad_domestic_upstream_is_one_line_and_exit_2(safe_listen):
     env = clean_env(DNSPROXY_UPSTREAMS="127.0.0.2", DNSPROXY_LISTEN=safe_listen,
                     DNSPROXY_DOMESTIC_UPSTREAMS="not-an-address")
     expect_usage_error(run_dnsproxy(env=env, timeout=5), "not-an-address")
+
+
+def test_bad_page_settings(tmp_path, safe_listen):
+    """The page's settings: one line each, nothing started, no file created."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    web = f"127.0.0.1:{free_port()}"
+    for args, fragment in [
+        (["--web", "localhost"], "localhost"),
+        (["--web", web, "--workers", "2"], "workers"),
+        (["--web-password-file", str(tmp_path / "pw")], "without web"),
+        (["--web", web, "--web-password-file", str(empty)], "empty"),
+        (["--web", web, "--web-password-file", str(tmp_path)], "directory"),
+        (["--web", web, "--web-password-file", str(tmp_path / "no" / "pw")], "no such directory"),
+        (["--web", web, "--history-days", "0"], "history_days"),
+    ]:
+        expect_usage_error(run_dnsproxy("--listen", safe_listen, "--upstream", "127.0.0.2",
+                                        *args), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_a_taken_page_port_is_one_line(tmp_path, safe_listen):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_dnsproxy("--listen", safe_listen, "--upstream", "127.0.0.2",
+                              "--web", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("dnsproxy: error: cannot serve "
+                                                             "the page")
+    assert "Traceback" not in result.stderr

@@ -74,7 +74,8 @@ def test_filters_narrow_the_query_log(log: History) -> None:
     assert names(client="192.168.1.11") == ["mail.example.test.", "www.other.test."]
     assert names(name_part="EXAMPLE") == ["mail.example.test.", "www.example.test."]
     assert names(qtype=28) == ["mail.example.test."]
-    assert names(outcome="cached") == ["mail.example.test."]
+    assert names(outcomes=("cached",)) == ["mail.example.test."]
+    assert len(names(outcomes=("cached", "forwarded"))) == 3
     assert names(since=time.time() + 60) == []
     assert len(names(limit=2)) == 2 and len(names(limit=2, offset=2)) == 1
 
@@ -140,3 +141,73 @@ def test_readers_await_without_blocking_the_loop(log: History) -> None:
         return await log.read(log.queries(QueryFilter()))
 
     assert [r["name"] for r in asyncio.run(main())] == ["async.example.test."]
+
+
+def test_forged_addresses_are_kept_with_their_name(log: History) -> None:
+    import ipaddress
+
+    forged = [ipaddress.ip_address(a).packed for a in ("203.0.113.66", "159.106.121.75",
+                                                       "2001:db8::66")]  # fmt: skip
+    log.forgery("198.51.100.53:53", "blocked.example.test.", 1, "forged-address", forged[:2])
+    log.forgery("198.51.100.53:53", "blocked.example.test.", 28, "no-edns", forged[2:])
+    log.forgery("198.51.100.53:53", None, None, "malformed")
+    written(log)
+    rows = log.submit(log.forgeries(0)).result(5)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["blocked.example.test."]["addresses"] == [
+        "159.106.121.75", "203.0.113.66", "2001:db8::66"]
+    assert by_name[None]["addresses"] == []
+
+
+def test_upstream_latency_percentiles_and_errors(log: History) -> None:
+    for ms in range(1, 101):  # 1..100 ms: p50 about 50, p95 about 95
+        log.upstream_reply("198.51.100.53:53", ms / 1000)
+    log.upstream_error("198.51.100.53:53", "timeout")
+    log.upstream_error("198.51.100.53:53", "timeout")
+    log.upstream_error("203.0.113.53:53", "refused")
+    written(log)
+    stats = log.submit(log.upstreams(time.time() - 3600, 600)).result(5)
+    first = stats["198.51.100.53:53"]
+    assert first["replies"] == 100
+    assert first["p50_ms"] == pytest.approx(50, rel=0.06)
+    assert first["p95_ms"] == pytest.approx(95, rel=0.06)
+    assert first["errors"] == {"timeout": 2}
+    assert sum(first["step_errors"].values()) == 2
+    [point] = first["steps"].values()
+    assert point["p50_ms"] == first["p50_ms"]
+    assert stats["203.0.113.53:53"] == {**stats["203.0.113.53:53"], "replies": 0,
+                                        "p50_ms": None, "errors": {"refused": 1}}
+
+
+def test_top_names_clients_and_split_decisions(log: History) -> None:
+    for _ in range(3):
+        ask(log, "a.example.test", client="192.168.1.10")
+    ask(log, "b.example.test", client="192.168.1.11")
+    query = wire.parse_query(DNSRecord.question("c.example.cn", "A").pack())
+    log.query(Request(query, ("192.168.1.11", 1), "udp", time.monotonic()),
+              Response(b"", "forwarded", 0, upstream="u", group="domestic", why="listed"))
+    written(log)
+    assert log.submit(log.top(0, "name", 1)).result(5) == [("a.example.test.", 3)]
+    assert log.submit(log.top(0, "client")).result(5) == [("192.168.1.10", 3),
+                                                           ("192.168.1.11", 2)]
+    assert log.submit(log.splits(0)).result(5) == [
+        {"group": "domestic", "why": "listed", "count": 1}]
+    with pytest.raises(ValueError):
+        log.top(0, "name; DROP TABLE queries")
+
+
+def test_a_file_of_another_schema_starts_anew(tmp_path: Path) -> None:
+    path = tmp_path / history.FILE
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE queries (ts REAL)")  # an older layout
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    log = History(str(tmp_path))
+    try:
+        ask(log, "new.example.test")
+        written(log)
+        assert [r["name"] for r in log.submit(log.queries(QueryFilter())).result(5)] == [
+            "new.example.test."]
+    finally:
+        log.close()
