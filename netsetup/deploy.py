@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dnsproxy.defaults import DEFAULT_ALLOWED, WEB_PORT
+from dnsproxy.defaults import DEFAULT_ALLOWED
 from netsetup import home, state
 from netsetup.errors import DeployFailed
 from netsetup.lists import list_files
@@ -83,8 +83,6 @@ def compose_env(
         env["DNS_IP6"] = settings.ip6
     if settings.web:
         env["WEB_PORT"] = str(settings.web_port)
-        if settings.ipv6:  # the page at LAN_IP6 is translated to the container's IPv6 address
-            env["WEB_LISTEN"] = f"0.0.0.0:{WEB_PORT},[::]:{WEB_PORT}"
     env["NETSETUP_PROJECT"] = settings.project
     env["NETSETUP_STATE_DIR"] = str(state.state_dir())
     env["NETSETUP_RUN_DIR"] = str(state.run_dir())

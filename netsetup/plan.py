@@ -44,7 +44,7 @@ Why the rules are what they are:
 * IPv6 joins the same plan, not a second copy (Plan.firewall6, firewall6_plan): only where a
   LAN address over IPv6 (LAN_IP6) is asked for, so a host without it gets exactly the rules it
   always had. The same chains by name in ip6tables, the same default deny (only the LAN's IPv6
-  prefix reaches the appliance's IPv6 address, and only DNS and the web page), the same LAN
+  prefix reaches the appliance's IPv6 address, and only DNS: the page is IPv4's), the same LAN
   address translation, written by the same backend kind. The engine's IPv6 firewall is its own:
   Docker 20.10 writes no ip6tables by default (no DOCKER-USER there: our hook goes first in
   FORWARD), 27+ does.
@@ -70,6 +70,12 @@ from netsetup.vrrp import DEFAULT_PRIORITY, DEFAULT_VRID, Vrrp, check_peers
 
 MAX_CHAIN = 28  # iptables' limit on chain names
 
+
+# The forwarder serves its page on one address (--web HOST:PORT; compose.web.yaml gives it
+# 0.0.0.0:80), so over IPv4 only: LAN_IP6 is DNS's alone, and the IPv6 share of the plan opens
+# nothing for the page. Set when the page listens on the container's IPv6 address too: then the
+# LAN's IPv6 prefix is let in to it and LAN_IP6:80 translated, as over IPv4.
+WEB_OVER_IPV6 = False
 
 INPUT_SUFFIX = "-IN"  # the filter chain for what reaches the host itself (HA: VRRP, the VIP)
 LAN_SUFFIX = "-LAN"  # upper case: compose project names are lower case, so no project's own
@@ -605,8 +611,8 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
 def firewall6_plan(settings: Settings, facts: HostFacts) -> FirewallPlan:
     """The IPv6 share of the plan, through the same builder as the IPv4 one: in ip6tables, the
     same chain names, the default deny for the appliance's IPv6 address (only the LAN's IPv6
-    prefix, only DNS and the web page), the translation of LAN_IP6:53 (and :80) to it, and a
-    masquerade only when an IPv6 upstream is given."""
+    prefix, only DNS, and the web page with WEB_OVER_IPV6), the translation of LAN_IP6:53 to it,
+    and a masquerade only when an IPv6 upstream is given."""
     project = settings.project
     masq = None
     if settings.ipv6_upstreams:
@@ -627,6 +633,7 @@ def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: st
     longer applies in the same apply. `to_address`: the appliance's address as DNAT's
     --to-destination writes it before a port (an IPv6 one in brackets)."""
     bridge, lan_if, project = facts.bridge, facts.lan_interface, settings.project
+    web = settings.web and (family == 4 or WEB_OVER_IPV6)
     forward_chain, nat_chain = (c.name for c in own_chains(project)[:2])
     fw = FirewallPlan(family=family)
     fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
@@ -640,7 +647,7 @@ def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: st
     )  # fmt: skip
     if served is not None:
         lan_ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
-        if settings.web:
+        if web:
             lan_ports.append(("tcp", WEB_PORT, "web page"))
         if settings.metrics_from_lan:
             lan_ports.append(("tcp", METRICS_PORT, "metrics"))
@@ -677,7 +684,7 @@ def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: st
     # deletes its hooks (no DNAT of the LAN address is left behind) with the same apply.
     fw.chains.append(Chain("nat", lan_chain(project)))
     if lan_ip:
-        lan_nat(fw, project, lan_ip, to_address, web=settings.web)
+        lan_nat(fw, project, lan_ip, to_address, web=web)
     # Declared in every plan, like the LAN chain: hooked and filled only with HA.
     fw.chains.append(Chain("filter", input_chain(project)))
     if lan_ip and settings.ha:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dnsproxy.defaults import WEB_PORT
+from netsetup import plan
 from netsetup.errors import BadInput
 from netsetup.plan import Settings
 
@@ -32,8 +33,8 @@ PASSWORD_ENV = "NETSETUP_WEB_PASSWORD"
 
 def urls(settings: Settings, host_address: str) -> list[str]:
     """Where the LAN opens the page, one address per way the modes give (none when it is off):
-    the container's own address (direct), the host's LAN address at WEB_PORT (port), LAN_IP and
-    LAN_IP6 (lan)."""
+    the container's own address (direct), the host's LAN address at WEB_PORT (port), LAN_IP
+    (lan; LAN_IP6 too once the page listens on IPv6, plan.WEB_OVER_IPV6)."""
     if not settings.web:
         return []
     out = []
@@ -43,7 +44,7 @@ def urls(settings: Settings, host_address: str) -> list[str]:
         out.append(url(host_address, settings.web_port))
     if settings.lan and settings.lan_ip:
         out.append(url(settings.lan_ip, WEB_PORT))
-    if settings.ipv6 and settings.lan_ip6:
+    if settings.ipv6 and settings.lan_ip6 and plan.WEB_OVER_IPV6:
         out.append(url(f"[{settings.lan_ip6}]", WEB_PORT))
     return out
 

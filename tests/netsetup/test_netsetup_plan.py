@@ -72,18 +72,18 @@ def test_no_ipv6_settings_no_ipv6_rules() -> None:
         assert OPT_GATEWAY_MODE6 not in plan.network_options
 
 
-def test_ipv6_default_deny_lets_only_the_lan_prefix_dns_and_the_page_in() -> None:
+def test_ipv6_default_deny_lets_only_the_lan_prefix_and_dns_in() -> None:
+    """Only DNS: the web page is served over IPv4 only (plan.WEB_OVER_IPV6)."""
     plan = compute_plan(settings("lan,ipv6"), facts("20.10", "nft"))
     fw = plan.firewall6
     assert fw.family == 6
     accepts = [r for r in fw.rules if r.table == "filter" and r.target == "ACCEPT"]
     lan_rules = [r for r in accepts if r.source == "fd00:1::/64"]
     assert sorted((r.protocol, r.dport, r.destination) for r in lan_rules) == [
-        ("tcp", 53, "fd53:53::53"), ("tcp", 80, "fd53:53::53"), ("udp", 53, "fd53:53::53"),
+        ("tcp", 53, "fd53:53::53"), ("udp", 53, "fd53:53::53"),
     ]  # fmt: skip
     drop = [r for r in fw.rules if r.target == "DROP"]
     assert len(drop) == 1 and fw.rules.index(drop[0]) == len(fw.rules_in("filter")) - 1
     assert not [r for r in fw.rules if r.target == "MASQUERADE"], "no IPv6 upstream: no masquerade"
     dnat = [r for r in fw.rules if r.target == "DNAT"]
-    assert {(r.destination, r.dport, r.to_destination) for r in dnat} == {
-        ("fd00:1::53", 53, "[fd53:53::53]:53"), ("fd00:1::53", 80, "[fd53:53::53]:80")}
+    assert {(r.destination, r.to_destination) for r in dnat} == {("fd00:1::53", "[fd53:53::53]:53")}

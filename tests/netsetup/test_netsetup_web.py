@@ -17,6 +17,7 @@ import pytest
 from netsetup_facts import LAN_CIDR6, LAN_IP, LAN_IP6, facts, settings
 
 from dnsproxy.defaults import DNS_PORT, WEB_PORT
+from netsetup import plan as plan_mod
 from netsetup import webpage
 from netsetup.cli import status_rows
 from netsetup.deploy import Compose, compose_command
@@ -34,11 +35,12 @@ MODES = ["port", "direct", "lan", "both", "port,direct,lan", "lan,ipv6", "lan,ha
 
 def families(mode: str, web: bool = True) -> list[tuple[FirewallPlan, str, str, str | None]]:
     """Each family's firewall with its served LAN, the appliance's address as DNAT writes it,
-    and the LAN address translated to it (None outside lan mode)."""
+    and the LAN address translated to it (None outside lan mode); IPv6 only where the page is
+    served over it (plan.WEB_OVER_IPV6)."""
     s = replace(settings(mode), web=web)
     plan = compute_plan(s, facts("28", "nft"))
     out = [(plan.firewall, LAN, s.ip, s.lan_ip if s.lan else None)]
-    if plan.firewall6.chains:
+    if plan.firewall6.chains and plan_mod.WEB_OVER_IPV6:
         out.append((plan.firewall6, LAN_CIDR6, f"[{s.ip6}]", s.lan_ip6))
     return out
 
@@ -70,6 +72,23 @@ def test_the_page_is_let_in_from_the_lan_as_dns_is(mode: str) -> None:
             lan_chain("dnsapp"), lan_ip, "tcp", f"{to_address}:{WEB_PORT}")  # fmt: skip
         dns_nat = next(r for r in fw.rules if r.target == "DNAT" and r.protocol == "tcp")
         assert dns_nat.chain == rule.chain and dns_nat.destination == rule.destination
+
+
+@pytest.mark.parametrize("over_ipv6", [False, True])
+def test_the_page_is_ipv4_s_until_the_forwarder_listens_on_ipv6(monkeypatch, over_ipv6: bool
+                                                                ) -> None:  # fmt: skip
+    """The forwarder serves its page on one address, IPv4's: with LAN_IP6 the IPv6 plan opens
+    nothing for it, and LAN_IP6 is not shown as its address. Switched on (WEB_OVER_IPV6), the
+    IPv6 share gets what IPv4 has: the LAN prefix let in, LAN_IP6:80 translated."""
+    monkeypatch.setattr(plan_mod, "WEB_OVER_IPV6", over_ipv6)
+    for mode in ("lan,ipv6", "port,direct,lan,ipv6", "lan,ipv6,ha"):
+        fw6 = compute_plan(settings(mode), facts("28", "nft")).firewall6
+        rules = {(r.table, r.source, r.destination, r.to_destination) for r in web_rules(fw6)}
+        expected = {("filter", LAN_CIDR6, "fd53:53::53", None),
+                    ("nat", None, LAN_IP6, "[fd53:53::53]:80")}  # fmt: skip
+        assert rules == (expected if over_ipv6 else set()), mode
+        shown = webpage.urls(settings(mode), "192.168.1.2")
+        assert (f"http://[{LAN_IP6}]/" in shown) is over_ipv6 and f"http://{LAN_IP}/" in shown
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -165,11 +184,11 @@ def published(config: str) -> set[str]:
 def test_the_page_is_configured_and_published_as_dns_is() -> None:
     """With the page on compose reads compose.web.yaml too: the forwarder serves the page on
     the container's port 80 with its password in the state volume, and WEB_PORT is published as
-    PORT is (port mode: the host's LAN address; loopback always). With LAN_IP6 it listens on
-    IPv6 too. Off, nothing of it is read, and nothing publishes port 80."""
+    PORT is (port mode: the host's LAN address; loopback always). Off, nothing of it is read,
+    and nothing publishes port 80."""
     compose, config = config_of(settings("port"))
     assert compose.overlays == (REPO / "compose.web.yaml",)
-    assert compose.variables["WEB_PORT"] == "8053" and "WEB_LISTEN" not in compose.variables
+    assert compose.variables["WEB_PORT"] == "8053"
     assert "DNSPROXY_WEB: 0.0.0.0:80" in config
     assert "DNSPROXY_WEB_PASSWORD_FILE: /var/lib/dnsproxy/web-password" in config
     assert {"192.168.1.2:8053:80/tcp", "127.0.0.1:8053:80/tcp",
@@ -183,7 +202,7 @@ def test_the_page_is_configured_and_published_as_dns_is() -> None:
 
     compose, config = config_of(settings("lan,ipv6"))
     assert compose.overlays[-1] == REPO / "compose.web.yaml"
-    assert "DNSPROXY_WEB: 0.0.0.0:80,[::]:80" in config
+    assert "DNSPROXY_WEB: 0.0.0.0:80\n" in config  # one address: IPv4's
 
     compose, config = config_of(replace(settings("port"), web=False))
     assert compose.overlays == () and "WEB_PORT" not in compose.variables
@@ -349,7 +368,7 @@ def test_a_password_the_forwarder_could_not_read_back_is_refused(text: str, word
 
 @pytest.mark.parametrize(("mode", "expected"), [
     ("lan", ["http://192.168.1.53/"]),
-    ("lan,ipv6", ["http://192.168.1.53/", "http://[fd00:1::53]/"]),
+    ("lan,ipv6", ["http://192.168.1.53/"]),  # the page is IPv4's (WEB_OVER_IPV6)
     ("direct", ["http://172.31.53.53/"]),
     ("port", ["http://192.168.1.2:8053/"]),
     ("both", ["http://172.31.53.53/", "http://192.168.1.2:8053/"]),
