@@ -67,6 +67,8 @@ from topology import (
     Topology,
 )
 
+from dnsproxy.web.server import COOKIE as SESSION_COOKIE
+
 LAN_IP = "198.19.53.53"
 LAN_IP6 = "fd53:19::53"  # on the prefix the router advertises
 LAPTOP, TABLET = "198.19.53.30", "198.19.53.31"  # named by the hosts file, first and after an edit
@@ -189,17 +191,18 @@ def web_client(ns: str, url: str, password: str, wrong: str = "not the password"
 def assert_logs_in(steps: dict) -> None:
     """The page, or a redirect to its login form; the form; a login that sets the session cookie
     (HttpOnly, SameSite=Strict) and leads back to the page; the API in JSON with that session
-    only; a wrong password gets no session."""
+    only; a wrong password gets no cookie."""
     root = steps["root"]
     assert root["status"] == 200 or (root["status"] == 303 and urlsplit(
         root["location"]).path == "/login"), root  # fmt: skip
     assert steps["login_page"]["status"] == 200, steps["login_page"]
     login = steps["login"]
-    assert login["status"] == 303 and login["session"], login
-    assert login["httponly"] and login["samesite"] == "Strict", login
+    session = login["cookies"].get(SESSION_COOKIE)
+    assert login["status"] == 303 and session and session["value"], login
+    assert session["httponly"] and session["samesite"] == "Strict", login
     assert steps["summary"]["status"] == 200 and steps["summary"]["json"] == "dict", steps
     assert steps["summary_without"]["status"] == 401, steps["summary_without"]
-    assert steps["wrong"]["session"] is None, steps["wrong"]
+    assert steps["wrong"]["status"] != 303 and not steps["wrong"]["cookies"], steps["wrong"]
 
 
 def check_web_page(engine: Engine, project: str, topo: Topology, up_stderr: str,
