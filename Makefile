@@ -35,6 +35,9 @@ IMAGE         ?= dnsproxy:latest
 NETSETUP_IMAGE ?= netsetup:latest#       the host service (rules kept in place, see README)
 NETSETUP_BASE  ?= netsetup-base:bookworm
 METRICS_FROM_LAN ?= 0#                    1: the LAN may also read the metrics port (9153)
+WEB           ?= 1#                       1: the forwarder's web page (dashboard), from the LAN only; 0: none
+WEB_PORT      ?= 8053#                    port mode: the web page's port on the host (TCP)
+WEB_PASSWORD  ?=#                         the web page's password; empty: keep the one it has (`make up` prints it)
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -71,7 +74,8 @@ help:
 	@echo "settings: MODE LAN_IP UPSTREAMS DOMESTIC_UPSTREAMS LISTS_DIR CONFIG LAN_INTERFACE"
 	@echo "          LOCAL_DNS LOCAL_DOMAINS LOCAL_REVERSE HOSTS_FILE"
 	@echo "          LAN_CIDR SUBNET DNS_IP PORT QUERY_LOG LAN_IP6 LAN_CIDR6 SUBNET6 DNS_IP6"
-	@echo "          HA_PEERS HA_PRIORITY HA_VRID METRICS_FROM_LAN BASE_IMAGE"
+	@echo "          HA_PEERS HA_PRIORITY HA_VRID METRICS_FROM_LAN WEB WEB_PORT WEB_PASSWORD"
+	@echo "          BASE_IMAGE"
 
 # ---- set-up ------------------------------------------------------------------------------------
 venv: $(VENV)/.installed
@@ -127,7 +131,12 @@ NETSETUP_ARGS = --mode $(MODE) $(foreach u,$(UPSTREAMS),--upstream '$(u)') \
                 $(foreach p,$(HA_PEERS),--ha-peer '$(p)') \
                 $(if $(HA_PEERS),--ha-priority $(HA_PRIORITY) --ha-vrid $(HA_VRID)) \
                 --subnet $(SUBNET) --ip $(DNS_IP) --port $(PORT) \
-                $(if $(filter 1,$(METRICS_FROM_LAN)),--metrics-from-lan)
+                $(if $(filter 1,$(METRICS_FROM_LAN)),--metrics-from-lan) \
+                $(if $(filter 0,$(WEB)),--no-web,--web --web-port $(WEB_PORT))
+
+# The web page's password reaches netsetup in its environment: on its command line (which make
+# also echoes) `ps` would show it to every user of the host.
+up: export NETSETUP_WEB_PASSWORD = $(WEB_PASSWORD)
 
 # netsetup deploys compose.yaml, writes the host's firewall and prints where LAN clients ask.
 up: venv deps image

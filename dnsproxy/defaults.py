@@ -19,6 +19,8 @@ LIST_KINDS = {"domestic-domains": "DOMESTIC_DOMAINS", "foreign-domains": "FOREIG
 LISTS_MOUNT = "/etc/dnsproxy/lists"
 # Prometheus counters in the container (compose.yaml), read by `netsetup status` from the host.
 METRICS_PORT = 9153
+# The web page (dashboard and JSON API) in the container, reached from the LAN (netsetup).
+WEB_PORT = 80
 # Domains that belong to the home, asked of the LAN's own resolver (--local-dns) only, or answered
 # NXDOMAIN here without one: the router's DHCP names live under one of them. home.arpa is RFC
 # 8375's, internal ICANN's reserved private TLD (2024), lan and localdomain are what routers use.

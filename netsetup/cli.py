@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from netsetup import check as check_mod
-from netsetup import home, host, ra, routes, state
+from netsetup import home, host, ra, routes, state, webpage
 from netsetup.errors import NetsetupError
 from netsetup.plan import Mode, Settings, check_settings, checked_network, parse_modes
 
@@ -160,8 +160,18 @@ def up(
     ha_vrid: Annotated[
         int, typer.Option(help="failover: the VRRP router id the hosts share (1-255)"),
     ] = DEFAULT.ha_vrid,
+    web: Annotated[
+        bool, typer.Option("--web/--no-web", help="the forwarder's web page (dashboard), open "
+                                                  "to the LAN served only"),
+    ] = DEFAULT.web,
+    web_port: Annotated[
+        int, typer.Option(help="port mode: the host port of the web page (TCP)"),
+    ] = DEFAULT.web_port,
 ) -> None:
-    """Deploy the appliance and apply the host plan (idempotent; rolls back on failure)."""
+    """Deploy the appliance and apply the host plan (idempotent; rolls back on failure).
+
+    The web page's password, when one is to be set, comes in the environment as
+    NETSETUP_WEB_PASSWORD (the Makefile's WEB_PASSWORD), never as an option `ps` would show."""
     settings = home.checked(check_settings(
         Settings(
             modes=parse_modes(mode),
@@ -188,14 +198,17 @@ def up(
             ha_peers=_split(ha_peer),
             ha_priority=ha_priority,
             ha_vrid=ha_vrid,
+            web=web,
+            web_port=web_port,
         )
     ))
     options = host.Options(
-        compose_file=compose_file, firewall=firewall, dry_run=dry_run, bridge=bridge
+        compose_file=compose_file, firewall=firewall, dry_run=dry_run, bridge=bridge,
+        web_password=given_web_password(settings),
     )
-    text = host.up(settings, options)
+    upped = host.up(settings, options)
     if dry_run:
-        print(text, end="")
+        print(upped.text, end="")
     else:
         saved = state.load(project)
         host_address = saved.lan_address if saved else "this host"
@@ -212,6 +225,22 @@ def up(
         if settings.ha:
             paths[-1] += f" (shared by VRRP with {', '.join(settings.ha_peers)})"
         print(f"netsetup: up: LAN clients ask {' or '.join(paths)}", file=sys.stderr)
+        password = f" (password: {upped.web_password})" if upped.web_password else ""
+        for address in webpage.urls(settings, host_address):
+            print(f"netsetup: up: web page: {address}{password}", file=sys.stderr)
+
+
+def given_web_password(settings: Settings) -> str | None:
+    """WEB_PASSWORD from the environment (empty: none given), taken out of it so that no
+    process `up` starts inherits it; checked before anything is done."""
+    text = os.environ.pop(webpage.PASSWORD_ENV, "")
+    if not text:
+        return None
+    if not settings.web:
+        print("netsetup: note: WEB_PASSWORD is not used: the web page is off (WEB=0)",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return webpage.checked_password(text)
 
 
 @app.command()
@@ -281,6 +310,7 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         off = f" (the plan sets {planned[key]})" if key in planned and planned[key] != value else ""
         rows.append(("ip_forward" if key == "net.ipv4.ip_forward" else key, value + off))
     rows.append(("IPv6 DNS", ipv6_dns_row(info.get("ipv6_dns"))))
+    rows += web_rows(info.get("web"))
     counts = info.get("counts") or {}
     if "error" in counts:
         rows.append(("counts", f"unavailable: {counts['error']}"))
@@ -292,6 +322,17 @@ def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
             for key, value in counts[group].items() or {"-": ""}.items():
                 rows.append((f"  {label}", f"{key} {value}".strip()))
     return rows
+
+
+def web_rows(web: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Where the LAN opens the web page, and its password (none for a project not deployed)."""
+    if not web:
+        return []
+    if not web.get("on"):
+        return [("web page", "off (WEB=0)")]
+    rows = [("web page", address) for address in web.get("urls") or []] or [("web page", "-")]
+    password = web.get("password") or f"unreadable: {web.get('error') or 'unknown'}"
+    return [*rows, ("  password", password)]
 
 
 def ipv6_dns_row(found: dict[str, Any] | None) -> str:

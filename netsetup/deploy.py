@@ -81,6 +81,8 @@ def compose_env(
     if settings.ipv6:
         env["SUBNET6"] = settings.subnet6
         env["DNS_IP6"] = settings.ip6
+    if settings.web:
+        env["WEB_PORT"] = str(settings.web_port)
     env["NETSETUP_PROJECT"] = settings.project
     env["NETSETUP_STATE_DIR"] = str(state.state_dir())
     env["NETSETUP_RUN_DIR"] = str(state.run_dir())
@@ -103,14 +105,17 @@ def compose_variables(file: Path) -> set[str]:
 
 # Beside the compose file, added to it only when their setting is given (compose files cannot
 # be conditional): with LAN_IP6 the appliance network's IPv6 subnet and the container's IPv6
-# address; with HA_PEERS keepalived, which holds LAN_IP.
+# address; with HA_PEERS keepalived, which holds LAN_IP; with the web page (WEB, on by
+# default) the forwarder's page and its published port.
 IPV6_OVERLAY = "compose.ipv6.yaml"
 HA_OVERLAY = "compose.ha.yaml"
+WEB_OVERLAY = "compose.web.yaml"
 
 
 def overlays_for(settings: Settings, file: Path) -> tuple[Path, ...]:
     """The files compose reads after `file` for these settings."""
-    wanted = ((IPV6_OVERLAY, settings.ipv6), (HA_OVERLAY, settings.ha))
+    wanted = ((IPV6_OVERLAY, settings.ipv6), (HA_OVERLAY, settings.ha),
+              (WEB_OVERLAY, settings.web))  # fmt: skip
     return tuple(file.with_name(name) for name, given in wanted if given)
 
 

@@ -322,8 +322,9 @@ def peer_macs(interface: str, peers: tuple[str, ...]) -> set[str]:
     return {c.mac for c in (arpprobe.in_use(interface, peer) for peer in peers) if c}
 
 
-def check_port_free(port: int) -> None:
-    """Refuse a port some process already holds, before compose would fail on it.
+def check_port_free(port: int, option: str = "--port", udp: bool = True) -> None:
+    """Refuse a port some process already holds, before compose would fail on it (`option`
+    names the setting to change; the web page's port is TCP only, so `udp` False).
 
     Docker publishes on IPv4 and, where the host has it, IPv6; each family is tried with UDP and
     TCP by binding the wildcard address. UDP binds without SO_REUSEADDR: with it, a holder that
@@ -333,8 +334,9 @@ def check_port_free(port: int) -> None:
     families = [(socket.AF_INET, "0.0.0.0", "IPv4")]
     if socket.has_ipv6:
         families.append((socket.AF_INET6, "::", "IPv6"))
+    kinds = (socket.SOCK_DGRAM, socket.SOCK_STREAM) if udp else (socket.SOCK_STREAM,)
     for family, wildcard, family_name in families:
-        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        for kind in kinds:
             proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
             try:
                 sock = socket.socket(family, kind)
@@ -354,7 +356,7 @@ def check_port_free(port: int) -> None:
                     if exc.errno == errno.EADDRINUSE:
                         raise PortTaken(
                             f"port {port}/{proto} ({family_name}) is already taken on this host: "
-                            "choose another --port"
+                            f"choose another {option}"
                         ) from exc
                     if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
                         break  # IPv6 disabled

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netsetup import deploy, detect, home, hostnet, ra, service, state, sysctl, vrrp
+from netsetup import deploy, detect, home, hostnet, ra, service, state, sysctl, vrrp, webpage
 from netsetup import metrics as appliance_metrics
 from netsetup.errors import BadInput, NetsetupError, VerifyFailed
 from netsetup.firewall import get_backend
@@ -55,6 +55,17 @@ class Options:
     dry_run: bool = False
     bridge: str | None = None
     timeout: float = 120
+    # WEB_PASSWORD, written into the forwarder once it is healthy; never in the record.
+    web_password: str | None = None
+
+
+@dataclass(frozen=True)
+class Upped:
+    """What `up` hands the CLI: the rendered plan, and the web page's password as the running
+    forwarder has it (None: the page is off, a dry run, or the password could not be read)."""
+
+    text: str
+    web_password: str | None = None
 
 
 @dataclass
@@ -155,18 +166,18 @@ class Preflight:
         return self.existing is not None and self.existing.running
 
 
-def up(settings: Settings, options: Options) -> str:
-    """Deploy the forwarder and the host service, wait until the plan is in place; returns the
-    rendered plan (printed by the CLI)."""
+def up(settings: Settings, options: Options) -> Upped:
+    """Deploy the forwarder and the host service, wait until the plan is in place, settle the
+    web page's password; returns the rendered plan (printed by the CLI) and the password."""
     if not options.dry_run:
         detect.require_root()
     found = preflight(settings, options)
     tell_home_names(found)
     if options.dry_run:
         served = f" and {', '.join(found.allow)}" if found.allow else " only"
-        return (describe(found.plan, found.backend)
-                + f"# forwarder serves: loopback, private ranges{served}\n"
-                + home_names_line(found))  # fmt: skip
+        return Upped(describe(found.plan, found.backend)
+                     + f"# forwarder serves: loopback, private ranges{served}\n"
+                     + home_names_line(found))  # fmt: skip
     # Who else hands out DNS over IPv6, heard while compose and the waits run.
     survey = ra.Background(found.facts.lan_interface)
     undo = UndoStack()
@@ -181,7 +192,33 @@ def up(settings: Settings, options: Options) -> str:
     warn_ipv6_dns(settings, survey.result())
     if found.plan.vrrp is not None:
         tell_failover_role(settings.project, found.plan.vrrp)
-    return describe(found.plan, found.backend)
+    password = web_password(found.client, settings, options.web_password)
+    return Upped(describe(found.plan, found.backend), password)
+
+
+def web_password(client: Any, settings: Settings, given: str | None) -> str | None:
+    """Once the forwarder is healthy: WEB_PASSWORD written into it when given and new, and the
+    password it has read back. One that cannot be read or written is a warning, not a failed
+    `up`: the deployment answers DNS, and `netsetup status` shows the password later."""
+    if not settings.web:
+        return None
+    try:
+        container = deploy.find_container(client, settings.project, settings.service)
+        if container is None:
+            raise LookupError(f"no container of service {settings.service}")
+        password = webpage.settle_password(container, given)
+    except Exception as exc:
+        print(f"netsetup: warning: web page: the password could not be "
+              f"{'set' if given else 'read'}: {exc}", file=sys.stderr)  # fmt: skip
+        return None
+    if password is None:
+        print(f"netsetup: warning: web page: the forwarder has not written its password "
+              f"({webpage.PASSWORD_PATH}) yet: `netsetup status` shows it once it has",
+              file=sys.stderr)  # fmt: skip
+    elif given is not None and password != given:
+        print("netsetup: warning: web page: WEB_PASSWORD was written, but the forwarder's file "
+              "holds another: the page takes the one shown", file=sys.stderr)  # fmt: skip
+    return password
 
 
 def tell_failover_role(project: str, held: vrrp.Vrrp, timeout: float = 10.0) -> None:
@@ -327,7 +364,8 @@ def check_claims(
     settings: Settings, facts: HostFacts, existing: deploy.Deployed | None, probe: bool
 ) -> None:
     """What the deployment claims on the host is free: the subnet, LAN_IP (probed on the LAN
-    unless a dry run), the published port (unless this deployment already publishes it)."""
+    unless a dry run), the published ports, DNS's and the web page's (unless this deployment
+    already publishes them)."""
     detect.check_subnet_free(settings.subnet, facts.bridge)
     check_peers_on_lan(settings, facts)
     if settings.lan and settings.lan_ip:
@@ -336,11 +374,16 @@ def check_claims(
     if settings.ipv6 and settings.lan_ip6 and settings.lan_cidr6:
         detect.check_lan_ip6(settings.lan_ip6, settings.lan_cidr6, facts.lan_interface,
                              probe=probe, peers=settings.ha_peers)  # fmt: skip
-    publishing = existing is not None and any(
-        p.split("->")[0].endswith(f":{settings.port}") for p in existing.published
-    )
-    if settings.published and not publishing:
+
+    def publishing(port: int) -> bool:
+        return existing is not None and any(
+            p.split("->")[0].endswith(f":{port}") for p in existing.published
+        )
+
+    if settings.published and not publishing(settings.port):
         detect.check_port_free(settings.port)
+    if settings.published and settings.web and not publishing(settings.web_port):
+        detect.check_port_free(settings.web_port, "--web-port (WEB_PORT)", udp=False)
 
 
 def check_peers_on_lan(settings: Settings, facts: HostFacts) -> None:
@@ -679,7 +722,7 @@ def status(project: str, options: Options) -> dict:
         helper = deploy.inspect_container(client, project, HOST_SERVICE)
     except Exception as exc:
         out["engine"] = {"error": str(exc)}
-        deployed, helper = None, None
+        client, deployed, helper = None, None, None
     out["service"] = deployed.__dict__ if deployed else None
     record = state.load_sync(project)
     out["host_service"] = {"container": helper, "report": record}
@@ -725,7 +768,31 @@ def status(project: str, options: Options) -> dict:
     out["ipv6_dns"] = ipv6_dns_status(project, settings)
     if deployed and deployed.ip:
         out["counts"] = appliance_metrics.fetch(deployed.ip)
+    if saved:
+        out["web"] = web_status(settings, saved.lan_address, client)
     return out
+
+
+def web_status(settings: Settings, host_address: str, client: Any) -> dict[str, Any]:
+    """The web page as status shows it: where the LAN opens it and its password, read from
+    the running forwarder now (no waiting: status stays quick)."""
+    if not settings.web:
+        return {"on": False}
+    info: dict[str, Any] = {"on": True, "urls": webpage.urls(settings, host_address),
+                            "password": None}  # fmt: skip
+    try:
+        container = client and deploy.find_container(client, settings.project, settings.service)
+        if client is None:
+            info["error"] = "the engine is unreachable"
+        elif container is None:
+            info["error"] = "no forwarder container"
+        elif (password := webpage.read_password(container)) is None:
+            info["error"] = "the forwarder has not written it yet"
+        else:
+            info["password"] = password
+    except Exception as exc:
+        info["error"] = str(exc)
+    return info
 
 
 def read_sysctl(key: str) -> str:

@@ -26,12 +26,13 @@ Why the rules are what they are:
   rule is what lets the appliance reach any upstream at all, since the engine masquerades
   nothing for this network.
 * Default deny (firewall_plan): the filter chain lets into the appliance network only the served
-  LAN's DNS and replies to the appliance's own connections, and drops the rest. Docker 20.10-26
-  set the FORWARD policy to DROP and open published ports; Docker 28 with ``nat-unprotected``
-  opens every container port to direct routing, with no port filtering of its own: our DROP is
-  what confines it. The chain is jumped to from DOCKER-USER, which Docker creates but never
-  flushes. Where the engine manages no iptables chains (Docker 29 with the nftables firewall
-  backend, or ``"iptables": false``) there is no DOCKER-USER; the jump goes first in FORWARD.
+  LAN's DNS and web page and replies to the appliance's own connections, and drops the rest.
+  Docker 20.10-26 set the FORWARD policy to DROP and open published ports; Docker 28 with
+  ``nat-unprotected`` opens every container port to direct routing, with no port filtering of
+  its own: our DROP is what confines it. The chain is jumped to from DOCKER-USER, which Docker
+  creates but never flushes. Where the engine manages no iptables chains (Docker 29 with the
+  nftables firewall backend, or ``"iptables": false``) there is no DOCKER-USER; the jump goes
+  first in FORWARD.
 * Every hook goes first in its built-in chain (position 1) and must stay first: a rule above
   it decides before our chain does, so a foreign ``-I DOCKER-USER -j ACCEPT`` would open the
   appliance to everyone. Only another deployment's hook may sit above ours (each one's chain
@@ -43,9 +44,10 @@ Why the rules are what they are:
 * IPv6 joins the same plan, not a second copy (Plan.firewall6, firewall6_plan): only where a
   LAN address over IPv6 (LAN_IP6) is asked for, so a host without it gets exactly the rules it
   always had. The same chains by name in ip6tables, the same default deny (only the LAN's IPv6
-  prefix reaches the appliance's IPv6 address, and only DNS), the same LAN address translation,
-  written by the same backend kind. The engine's IPv6 firewall is its own: Docker 20.10 writes no
-  ip6tables by default (no DOCKER-USER there: our hook goes first in FORWARD), 27+ does.
+  prefix reaches the appliance's IPv6 address, and only DNS: the page is IPv4's), the same LAN
+  address translation, written by the same backend kind. The engine's IPv6 firewall is its own:
+  Docker 20.10 writes no ip6tables by default (no DOCKER-USER there: our hook goes first in
+  FORWARD), 27+ does.
   The appliance's own traffic over IPv6 is masqueraded only when an IPv6 upstream is given: its
   upstream traffic stays IPv4 otherwise. Nothing on the LAN routes the appliance's IPv6 subnet
   (direct mode's route is an IPv4 one), so that masquerade leaves no destination out.
@@ -59,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT
+from dnsproxy.defaults import DEFAULT_ALLOWED, DNS_PORT, METRICS_PORT, WEB_PORT
 from netsetup.errors import BadInput
 from netsetup.firewall.model import CHAIN_PREFIX, Chain, FirewallPlan, Rule
 from netsetup.hostnet import HostRoute, ProxyNeighbour
@@ -68,6 +70,12 @@ from netsetup.vrrp import DEFAULT_PRIORITY, DEFAULT_VRID, Vrrp, check_peers
 
 MAX_CHAIN = 28  # iptables' limit on chain names
 
+
+# The forwarder serves its page on one address (--web HOST:PORT; compose.web.yaml gives it
+# 0.0.0.0:80), so over IPv4 only: LAN_IP6 is DNS's alone, and the IPv6 share of the plan opens
+# nothing for the page. Set when the page listens on the container's IPv6 address too: then the
+# LAN's IPv6 prefix is let in to it and LAN_IP6:80 translated, as over IPv4.
+WEB_OVER_IPV6 = False
 
 INPUT_SUFFIX = "-IN"  # the filter chain for what reaches the host itself (HA: VRRP, the VIP)
 LAN_SUFFIX = "-LAN"  # upper case: compose project names are lower case, so no project's own
@@ -203,6 +211,11 @@ class Settings:
     ha_peers: tuple[str, ...] = ()
     ha_priority: int = DEFAULT_PRIORITY
     ha_vrid: int = DEFAULT_VRID
+    # The forwarder's web page (dashboard and API) on the appliance's port WEB_PORT, let in from
+    # the served LAN only, as DNS is: at the address each mode gives (lan mode: LAN_IP port 80),
+    # in port mode published on the host at web_port.
+    web: bool = True
+    web_port: int = 8053
 
     @property
     def direct(self) -> bool:
@@ -299,6 +312,7 @@ def check_settings(settings: Settings) -> Settings:
         lan_cidr = checked_network("--lan-cidr", lan_cidr)
     if not 1 <= settings.port <= 65535:
         raise BadInput(f"--port {settings.port} is not a port (1-65535)")
+    check_web_port(settings)
     if not settings.modes:
         raise BadInput("--mode is empty: give a comma list of port, direct, lan")
     lan_ip = check_lan_ip_syntax(settings, subnet, lan_cidr)
@@ -315,6 +329,18 @@ def check_settings(settings: Settings) -> Settings:
                            "--domestic-upstream is given: nothing to split between")
     return replace(settings, subnet=str(subnet), ip=str(ip), lan_cidr=lan_cidr, lan_ip=lan_ip,
                    lists_dir=lists_dir)  # fmt: skip
+
+
+def check_web_port(settings: Settings) -> None:
+    """The page's host port (published in every mode on loopback, in port mode on the LAN
+    address too) is a port, and not DNS's: both are TCP on the same addresses."""
+    if not settings.web:
+        return
+    if not 1 <= settings.web_port <= 65535:
+        raise BadInput(f"--web-port {settings.web_port} is not a port (1-65535)")
+    if settings.web_port == settings.port:
+        raise BadInput(f"--web-port {settings.web_port} is --port too: the web page needs a "
+                       "port of its own (WEB_PORT)")  # fmt: skip
 
 
 def check_lan_ip_syntax(
@@ -567,26 +593,26 @@ def firewall_plan(settings: Settings, facts: HostFacts, served_lan: str | None) 
     """Our chains: masquerade for upstream traffic, and the appliance network's default deny.
 
     The filter chain sees every routed packet to or from the bridge. It lets in only replies to
-    the appliance's own connections and the served LAN's DNS (UDP and TCP) to the appliance's
-    address: that covers direct mode and port mode alike, since the engine's DNAT of the
-    published port has already turned host:PORT into DNS_IP:53 when the packet gets here. Then
+    the appliance's own connections and the served LAN's DNS (UDP and TCP) and web page (TCP
+    WEB_PORT, unless it is off) to the appliance's address: that covers direct mode and port
+    mode alike, since the engine's DNAT of the published ports has already turned host:PORT
+    into DNS_IP:53 (and host:WEB_PORT into DNS_IP:80) when the packet gets here. Then
     everything else routed to the network is dropped: the metrics port, other ports (which
     nat-unprotected leaves open to direct routing), and a WAN client that routes the subnet via
-    the host or hits the published port on the host's WAN address. The host's own traffic to
+    the host or hits a published port on the host's WAN address. The host's own traffic to
     the container does not pass FORWARD, so `netsetup status` still reads the metrics.
     """
     return family_plan(
         settings, facts, family=4, subnet=settings.subnet, ip=settings.ip, served=served_lan,
         docker_user=facts.has_docker_user, masquerade=masquerade(settings, facts),
-        lan_ip=settings.lan_ip if settings.lan else None,
-        to_destination=f"{settings.ip}:{DNS_PORT}")  # fmt: skip
+        lan_ip=settings.lan_ip if settings.lan else None, to_address=settings.ip)  # fmt: skip
 
 
 def firewall6_plan(settings: Settings, facts: HostFacts) -> FirewallPlan:
     """The IPv6 share of the plan, through the same builder as the IPv4 one: in ip6tables, the
     same chain names, the default deny for the appliance's IPv6 address (only the LAN's IPv6
-    prefix, only DNS), the translation of LAN_IP6:53 to it, and a masquerade only when an IPv6
-    upstream is given."""
+    prefix, only DNS, and the web page with WEB_OVER_IPV6), the translation of LAN_IP6:53 to it,
+    and a masquerade only when an IPv6 upstream is given."""
     project = settings.project
     masq = None
     if settings.ipv6_upstreams:
@@ -596,16 +622,18 @@ def firewall6_plan(settings: Settings, facts: HostFacts) -> FirewallPlan:
     return family_plan(
         settings, facts, family=6, subnet=settings.subnet6, ip=settings.ip6,
         served=settings.lan_cidr6, docker_user=facts.has_docker_user6, masquerade=masq,
-        lan_ip=settings.lan_ip6, to_destination=f"[{settings.ip6}]:{DNS_PORT}")  # fmt: skip
+        lan_ip=settings.lan_ip6, to_address=f"[{settings.ip6}]")  # fmt: skip
 
 
 def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: str, ip: str,
                 served: str | None, docker_user: bool, masquerade: Rule | None,
-                lan_ip: str | None, to_destination: str) -> FirewallPlan:  # fmt: skip
+                lan_ip: str | None, to_address: str) -> FirewallPlan:  # fmt: skip
     """One address family's chains, rules and hooks (see firewall_plan for why each rule): the
     chains are declared even when a piece is empty, so a change of settings flushes what no
-    longer applies in the same apply."""
+    longer applies in the same apply. `to_address`: the appliance's address as DNAT's
+    --to-destination writes it before a port (an IPv6 one in brackets)."""
     bridge, lan_if, project = facts.bridge, facts.lan_interface, settings.project
+    web = settings.web and (family == 4 or WEB_OVER_IPV6)
     forward_chain, nat_chain = (c.name for c in own_chains(project)[:2])
     fw = FirewallPlan(family=family)
     fw.chains += [Chain("filter", forward_chain), Chain("nat", nat_chain)]
@@ -619,6 +647,8 @@ def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: st
     )  # fmt: skip
     if served is not None:
         lan_ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
+        if web:
+            lan_ports.append(("tcp", WEB_PORT, "web page"))
         if settings.metrics_from_lan:
             lan_ports.append(("tcp", METRICS_PORT, "metrics"))
         for proto, port, what in lan_ports:
@@ -654,7 +684,7 @@ def family_plan(settings: Settings, facts: HostFacts, *, family: int, subnet: st
     # deletes its hooks (no DNAT of the LAN address is left behind) with the same apply.
     fw.chains.append(Chain("nat", lan_chain(project)))
     if lan_ip:
-        lan_nat(fw, project, lan_ip, to_destination)
+        lan_nat(fw, project, lan_ip, to_address, web=web)
     # Declared in every plan, like the LAN chain: hooked and filled only with HA.
     fw.chains.append(Chain("filter", input_chain(project)))
     if lan_ip and settings.ha:
@@ -666,7 +696,8 @@ def ha_input(fw: FirewallPlan, settings: Settings, family: int, lan_if: str, vip
     """With HA the master holds LAN_IP as an address of its own, so what reaches it is the
     host's, not routed into the bridge: VRRP is let in from the peers only (on the LAN
     interface), and nothing of the host is reachable at LAN_IP but ICMP (ping, and IPv6's
-    neighbour checks); DNS was translated to the appliance before INPUT."""
+    neighbour checks). DNS and the web page were translated to the appliance in PREROUTING, so
+    they are forwarded into the bridge and never reach INPUT: the DROP below cannot touch them."""
     project, chain = settings.project, input_chain(settings.project)
 
     def rule(target: str, comment: str, **match: object) -> Rule:
@@ -702,19 +733,23 @@ def masquerade(settings: Settings, facts: HostFacts) -> Rule:
                    comment=f"{project}: appliance to upstreams, not to the LAN")  # fmt: skip
 
 
-def lan_nat(fw: FirewallPlan, project: str, lan_ip: str, to_destination: str) -> None:
-    """LAN address mode: LAN_IP:53 is translated to the appliance, from the LAN (PREROUTING)
-    and from the host itself (OUTPUT). The client's address is kept, so the appliance logs and
-    limits it; conntrack undoes the translation on the replies. The filter chain's LAN DNS
-    rules (present in every mode) then let the translated queries in; nothing else to LAN_IP
-    is translated, so it follows the /32 route into the bridge and meets the default deny.
-    A chain of its own: MASQUERADE (the other nat chain) is valid in POSTROUTING only."""
+def lan_nat(fw: FirewallPlan, project: str, lan_ip: str, to_address: str, web: bool) -> None:
+    """LAN address mode: LAN_IP:53 (and the web page's LAN_IP:80, unless it is off) is
+    translated to the appliance, from the LAN (PREROUTING) and from the host itself (OUTPUT).
+    The client's address is kept, so the appliance logs and limits it; conntrack undoes the
+    translation on the replies. The filter chain's LAN rules (present in every mode) then let
+    the translated connections in; nothing else to LAN_IP is translated, so it follows the /32
+    route into the bridge and meets the default deny. A chain of its own: MASQUERADE (the other
+    nat chain) is valid in POSTROUTING only."""
     chain = lan_chain(project)
-    for proto in ("udp", "tcp"):
+    ports = [("udp", DNS_PORT, "DNS/udp"), ("tcp", DNS_PORT, "DNS/tcp")]
+    if web:
+        ports.append(("tcp", WEB_PORT, "web page"))
+    for proto, port, what in ports:
         fw.rules.append(
-            Rule(table="nat", chain=chain, destination=lan_ip, protocol=proto,
-                 dport=DNS_PORT, target="DNAT", to_destination=to_destination,
-                 comment=f"{project}: LAN address to appliance DNS/{proto}")
+            Rule(table="nat", chain=chain, destination=lan_ip, protocol=proto, dport=port,
+                 target="DNAT", to_destination=f"{to_address}:{port}",
+                 comment=f"{project}: LAN address to appliance {what}")
         )  # fmt: skip
     for hook_chain in ("PREROUTING", "OUTPUT"):
         fw.hooks.append(
@@ -769,6 +804,12 @@ def render_plan(plan: Plan, firewall_text: str, firewall6_text: str = "") -> str
     if s.ipv6:
         lines.append(f"# LAN address over IPv6: {s.lan_ip6} port 53 in {s.lan_cidr6}, "
                      f"appliance {s.ip6} in {s.subnet6}")  # fmt: skip
+    if s.web:
+        lines.append(f"# web page: appliance port {WEB_PORT}"
+                     + (f", published on port {s.web_port}" if s.published else "")
+                     + (f", LAN address port {WEB_PORT}" if s.lan else ""))  # fmt: skip
+    else:
+        lines.append("# web page: off")
     lines += [
         "",
     ]

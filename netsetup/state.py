@@ -83,6 +83,9 @@ class Deployment:
         data["modes"] = parse_modes(str(data.pop("mode", "both")))
         for key in TUPLE_SETTINGS:
             data[key] = tuple(data.get(key, ()))
+        # A record written before the web page describes a deployment without one: its plan
+        # opens no port for it, whatever the default now is.
+        data.setdefault("web", False)
         known = {f.name for f in fields(Settings)}
         return Settings(**{k: v for k, v in data.items() if k in known})
 

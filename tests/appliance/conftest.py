@@ -36,6 +36,7 @@ IMAGE = "dnsproxy:latest"
 MAKE_SETTINGS = {
     "PROJECT": PROJECT,
     "PORT": str(PORT),
+    "WEB_PORT": str(PORT + 1),  # the web page's (port mode), beside a deployment of the host's own
     "SUBNET": SUBNET,
     "DNS_IP": DNS_IP,
     "BRIDGE": BRIDGE,

@@ -7,7 +7,7 @@ Engines from 27 on write ip6tables too (DOCKER-USER there); 20.10 and 26 do not 
 
 A mode may carry words that are not modes: ``ipv6`` adds a LAN address over IPv6 (LAN_IP6 on
 the LAN's IPv6 prefix), ``ipv6up`` that and an IPv6 upstream, ``ha`` a peer sharing LAN_IP by
-VRRP (HA_PEERS).
+VRRP (HA_PEERS), ``noweb`` no web page (WEB=0; it is on otherwise).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ HA_PEER = "192.168.1.21"  # the other host sharing LAN_IP (with "ha")
 def settings(mode: str = "both") -> Settings:
     words = mode.split(",")
     ipv6 = "ipv6" in words or "ipv6up" in words
-    extra = ("ipv6", "ipv6up", "ha")
+    extra = ("ipv6", "ipv6up", "ha", "noweb")
     modes = parse_modes(",".join(w for w in words if w not in extra))
     return Settings(
         modes=modes,
@@ -69,4 +69,5 @@ def settings(mode: str = "both") -> Settings:
         project="dnsapp",
         ha_peers=(HA_PEER,) if "ha" in words else (),
         ha_priority=150,
+        web="noweb" not in words,
     )

@@ -395,6 +395,33 @@ HA_BAD = [
 ]  # fmt: skip
 
 
+WEB_BAD = [
+    (["--web-port", "0"], "--web-port 0 is not a port (1-65535)"),
+    (["--web-port", "70000"], "--web-port 70000 is not a port"),
+    (["--port", "5099", "--web-port", "5099"], "--web-port 5099 is --port too"),
+    (["--web-port", "5053"], "--web-port 5053 is --port too"),  # the default --port
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "word"), WEB_BAD, ids=[w for _, w in WEB_BAD])
+def test_web_port_refused(args: list[str], word: str) -> None:
+    """A WEB_PORT that is no port, or DNS's own: one line, exit 2, before the host is looked
+    at; with the page off (WEB=0) it is not the page's, and not checked."""
+    proc = run_cli("up", *SAFE, "--subnet", "172.31.254.0/24", "--ip", "172.31.254.53", *args)
+    assert_refused(proc, word)
+
+
+@pytest.mark.parametrize(("password", "word"), [("two\nlines", "line break"),
+                                                (" padded", "blank")])  # fmt: skip
+def test_web_password_refused_and_never_on_the_command_line(password: str, word: str) -> None:
+    """WEB_PASSWORD comes in the environment (NETSETUP_WEB_PASSWORD), not as an option `ps`
+    would show; one the forwarder could not read back as given is refused in one line."""
+    proc = run_cli("up", *SAFE, "--subnet", "172.31.254.0/24", "--ip", "172.31.254.53",
+                   env={"NETSETUP_WEB_PASSWORD": password})  # fmt: skip
+    assert_refused(proc, "WEB_PASSWORD", word)
+    assert "--web-password" not in run_cli("up", "--help").stdout
+
+
 @pytest.mark.parametrize(("args", "word"), HA_BAD, ids=[w for _, w in HA_BAD])
 def test_failover_settings_refused(args: list[str], word: str) -> None:
     """Malformed or misplaced HA_PEERS and their companions: one line, exit 2, nothing done."""

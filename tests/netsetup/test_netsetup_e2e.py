@@ -259,6 +259,7 @@ def scenario(
         "SUBNET": subnet,
         "DNS_IP": ip,
         "PORT": str(port),
+        "WEB_PORT": str(port + 3000),  # the web page's, beside a deployment of the host's own
         "UPSTREAMS": f"{ROUTER} 198.51.100.53",
         "MODE": "both" if port_mode else "direct",
     }
@@ -508,8 +509,8 @@ def test_failed_up_rolls_back(appliance_image: tuple[str, ...], tmp_path: Path) 
     topo.create()
     variables = {
         "PROJECT": project, "BRIDGE": f"br-{project}", "SUBNET": subnet, "DNS_IP": ip,
-        "PORT": str(port), "UPSTREAMS": "198.51.100.53", "LAN_INTERFACE": topo.lan_if,
-        "LAN_CIDR": LAN_NET,
+        "PORT": str(port), "WEB_PORT": str(port + 3000), "UPSTREAMS": "198.51.100.53",
+        "LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET,
     }  # fmt: skip
     refused = tmp_path / "dnsproxy.conf"
     refused.write_text("this is [not a config file\n")

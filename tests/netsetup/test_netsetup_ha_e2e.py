@@ -11,7 +11,9 @@ engine stops (its keepalived says so on the way out: the handover is at once), A
 stays backup (no preemption: no second interruption); B's LAN link is cut at the switch
 (nothing is said: A takes over after three missed advertisements) and comes back; A's appliance
 stops answering (its container stopped): A gives the address up, and keeps it given up once
-healthy again; `make down` on the master hands the address over first.
+healthy again; `make down` on the master hands the address over first. The forwarder's web page
+at LAN_IP is the master's (its translation happens before the INPUT chain's DROP for the shared
+address), with the password both hosts were given, before the first failover and after it.
 After `down` on both, each host's firewall, addresses and sysctls are as before.
 """
 
@@ -38,6 +40,7 @@ from test_netsetup_e2e import (
     make,
     pytestmark,  # noqa: F401 - the same marks and skip conditions
 )
+from test_netsetup_lan_e2e import assert_logs_in, web_client, web_lines
 from topology import ROUTER, resolver, sh
 
 LAN_NET, LAN_IP, CLIENT = "198.19.53.0/24", "198.19.53.53", "198.19.53.10"
@@ -47,6 +50,7 @@ HOSTS6 = {"a": "fd53:19::1", "b": "fd53:19::2"}
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 FAILOVER_GAP = 2.0  # seconds: the issue's target for a host that stops or loses its link
 NO_GAP = 0.3  # a planned handover, or a host coming back: no more than one lost query
+PAGE, PAGE_PASSWORD = f"http://{LAN_IP}/", "one page password for both hosts"
 PROBE = r"""
 import json, os, socket, struct, sys, time
 vip, out, stop = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -211,7 +215,7 @@ class Host:
             "DNS_IP": "172.31.55.53", "PORT": "5055", "MODE": "lan", "LAN_IP": LAN_IP,
             "LAN_INTERFACE": self.interface, "LAN_CIDR": LAN_NET, "UPSTREAMS": ROUTER,
             "HA_PEERS": self.peer, "HA_PRIORITY": HOSTS[self.name][1], "LAN_IP6": LAN_IP6,
-            "SUBNET6": "fd53:55::/64", "DNS_IP6": "fd53:55::53",
+            "SUBNET6": "fd53:55::/64", "DNS_IP6": "fd53:55::53", "WEB_PASSWORD": PAGE_PASSWORD,
         }  # fmt: skip
 
     def holds(self) -> bool:
@@ -312,8 +316,11 @@ def test_failover_between_two_hosts(appliance_image: tuple[str, ...]) -> None:  
             upped.add(host.name)
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert f"failover: this host is {role}" in proc.stderr, proc.stderr
+            assert web_lines(proc.stderr) == {PAGE: PAGE_PASSWORD}, proc.stderr
         assert a.holds() and not b.holds()
         assert dig(lan.client) == ANSWER
+        # the page at LAN_IP is the master's: DNATed in PREROUTING, it never reaches INPUT
+        assert_logs_in(web_client(lan.client, PAGE, PAGE_PASSWORD))
         assert dig(lan.client, LAN_IP6) == ANSWER
         for host, role in ((a, "MASTER"), (b, "BACKUP")):
             status = host.engine.run(NETSETUP, "status", "-p", "nsha").stdout
@@ -340,6 +347,7 @@ def test_failover_between_two_hosts(appliance_image: tuple[str, ...]) -> None:  
         probe.stop()
         assert b.holds() and not a.holds(), "A came back and took the address again"
         assert dig(lan.client, LAN_IP6) == ANSWER  # LAN_IP6 moved with LAN_IP
+        assert web_client(lan.client, PAGE, PAGE_PASSWORD)["summary"]["status"] == 200  # B's
         handover, comeback = probe.gaps(stopped, took_over + 1), probe.gaps(took_over + 1)
         print(f"engine stopped: gap {handover} s; A back: gap {comeback} s")
         assert max(handover.values()) <= FAILOVER_GAP  # its appliance stops too: not gapless

@@ -80,13 +80,13 @@ def test_the_ipv6_overlay_is_read_only_with_lan_ip6_and_keeps_the_whole_network(
 
     lan = Settings(modes=parse_modes("lan"), lan_ip="192.168.1.53", upstreams=("192.0.2.53",))
     plain = Compose.for_settings(lan, REPO / "compose.yaml")
-    assert plain.overlays == () and "SUBNET6" not in plain.variables
+    assert plain.overlays == (REPO / "compose.web.yaml",) and "SUBNET6" not in plain.variables
     assert "enable_ipv6" not in plain.run("config").stdout
 
     ipv6 = replace(lan, lan_ip6="fd00:1::53", lan_cidr6="fd00:1::/64", subnet6="fd53:99::/64",
                    ip6="fd53:99::53")  # fmt: skip
     compose = Compose.for_settings(ipv6, REPO / "compose.yaml")
-    assert compose.overlays == (REPO / "compose.ipv6.yaml",)
+    assert compose.overlays == (REPO / "compose.ipv6.yaml", REPO / "compose.web.yaml")
     assert (compose.variables["SUBNET6"], compose.variables["DNS_IP6"]) == (
         "fd53:99::/64", "fd53:99::53")  # fmt: skip
     config = compose.run("config").stdout
@@ -96,7 +96,8 @@ def test_the_ipv6_overlay_is_read_only_with_lan_ip6_and_keeps_the_whole_network(
                  "com.docker.network.bridge.gateway_mode_ipv4: nat-unprotected",
                  "com.docker.network.bridge.gateway_mode_ipv6: nat-unprotected",
                  "ipv4_address: 172.31.53.53", "ipv6_address: fd53:99::53",
-                 "DNSPROXY_LISTEN: 0.0.0.0:53,[::]:53"):  # fmt: skip
+                 "DNSPROXY_LISTEN: 0.0.0.0:53,[::]:53",
+                 "DNSPROXY_WEB: 0.0.0.0:80"):  # fmt: skip
         assert line in config.replace('"false"', "'false'"), line
 
 

@@ -12,20 +12,28 @@ file's names, and a public name; the internet resolver hears none of the home's 
 hosts file, saved as editors do (a new file renamed over the old), is read by `make reload`.
 A device already holding LAN_IP makes `up` refuse with one line and change nothing; a
 stranger on the WAN side that routes the LAN via the host gets no answer from LAN_IP; `make down`
-leaves firewall, proxy entries, routes and sysctls as they were. On this host's engine the
-router also advertises IPv6 with a DNS server of its own: `up` names it, with the router. Run
-against this host's engine and a nested Docker 28 (dind.py), like test_netsetup_e2e.py.
+leaves firewall, proxy entries, routes and sysctls as they were. The forwarder's web page is at
+http://LAN_IP/, where `up` says, with the password it prints: the LAN's clients log in with it
+and read the API, a wrong password gets no session, the stranger gets no answer on port 80
+(nor the LAN at LAN_IP6: the page is IPv4's); a second `up` with WEB_PASSWORD replaces it in the
+running forwarder. On this
+host's engine the router also advertises IPv6 with a DNS server of its own: `up` names it, with
+the router. Run against this host's engine and a nested Docker 28 (dind.py), like
+test_netsetup_e2e.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dind
 import pytest
@@ -39,6 +47,7 @@ from test_netsetup_e2e import (
     container_logs,
     make,
     pytestmark,  # noqa: F401 - the same marks and skip conditions
+    status_of,
 )
 from topology import (
     INET_HOST6,
@@ -58,9 +67,13 @@ from topology import (
     Topology,
 )
 
+from dnsproxy.web.server import COOKIE as SESSION_COOKIE
+
 LAN_IP = "198.19.53.53"
 LAN_IP6 = "fd53:19::53"  # on the prefix the router advertises
 LAPTOP, TABLET = "198.19.53.30", "198.19.53.31"  # named by the hosts file, first and after an edit
+WEB_CLIENT = str(Path(__file__).with_name("web_client.py"))
+NEW_PASSWORD = "a new page password"  # WEB_PASSWORD of the second `up`
 
 
 def host_state(engine: Engine, topo: Topology) -> dict:
@@ -157,6 +170,71 @@ def check_home_names(engine: Engine, project: str, topo: Topology, hosts_file: P
         assert got == decision, record
 
 
+def web_lines(stderr: str) -> dict[str, str | None]:
+    """`make up`'s lines for the web page, as {address: the password it printed}."""
+    found = {}
+    for line in stderr.splitlines():
+        match = re.fullmatch(r"netsetup: up: web page: (\S+)(?: \(password: (.*)\))?", line)
+        if match:
+            found[match[1]] = match[2]
+    return found
+
+
+def web_client(ns: str, url: str, password: str, wrong: str = "not the password") -> dict:
+    """What the page answered a browser's steps from namespace `ns` (web_client.py)."""
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, WEB_CLIENT, url, password,
+                           wrong], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, (url, proc.stdout, proc.stderr)
+    return json.loads(proc.stdout)
+
+
+def assert_logs_in(steps: dict) -> None:
+    """The page, or a redirect to its login form; the form; a login that sets the session cookie
+    (HttpOnly, SameSite=Strict) and leads back to the page; the API in JSON with that session
+    only; a wrong password gets no cookie."""
+    root = steps["root"]
+    assert root["status"] == 200 or (root["status"] == 303 and urlsplit(
+        root["location"]).path == "/login"), root  # fmt: skip
+    assert steps["login_page"]["status"] == 200, steps["login_page"]
+    login = steps["login"]
+    session = login["cookies"].get(SESSION_COOKIE)
+    assert login["status"] == 303 and session and session["value"], login
+    assert session["httponly"] and session["samesite"] == "Strict", login
+    assert steps["summary"]["status"] == 200 and steps["summary"]["json"] == "dict", steps
+    assert steps["summary_without"]["status"] == 401, steps["summary_without"]
+    assert steps["wrong"]["status"] != 303 and not steps["wrong"]["cookies"], steps["wrong"]
+
+
+def check_web_page(engine: Engine, project: str, topo: Topology, up_stderr: str,
+                   variables: dict[str, str]) -> None:  # fmt: skip
+    """The page where `up` said, with the password it printed; only from the LAN; then a new
+    WEB_PASSWORD, written into the running forwarder (no restart), the only one that logs in."""
+    url = f"http://{LAN_IP}/"
+    pages = web_lines(up_stderr)
+    assert list(pages) == [url], up_stderr  # IPv4 only: the forwarder serves it on 0.0.0.0:80
+    password = pages[url]
+    assert password, up_stderr
+    status = status_of(engine, project)
+    assert status["web"] == {"on": True, "urls": [url], "password": password}, status["web"]
+    assert_logs_in(web_client(topo.lan_ns, url, password))
+    # the client that knows no route but its subnet
+    assert web_client(topo.lan2_ns, url, password)["summary"]["status"] == 200
+    # LAN_IP6 is DNS's alone: its port 80 meets the default deny
+    assert not topo.tcp_connects(topo.lan_ns, LAN_IP6, 80)
+    # a stranger on the WAN side: nothing answers on port 80, at any of the appliance's addresses
+    for server in (LAN_IP, variables["DNS_IP"], LAN_IP6, variables["DNS_IP6"]):
+        assert not topo.tcp_connects(topo.wan_ns, server, 80), server
+
+    running = status["service"]["container_id"]
+    proc = make(engine, "up", **variables, WEB_PASSWORD=NEW_PASSWORD)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert web_lines(proc.stderr) == {url: NEW_PASSWORD}, proc.stderr
+    assert NEW_PASSWORD not in proc.stdout, "make echoed the password"
+    steps = web_client(topo.lan_ns, url, NEW_PASSWORD, wrong=password)
+    assert_logs_in(steps)  # the old password, as the wrong one, gets no session
+    assert status_of(engine, project)["service"]["container_id"] == running
+
+
 def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: str,
                  shared: Path) -> None:  # fmt: skip
     """`shared`: a directory this process and the engine see at the same path (the hosts
@@ -175,7 +253,7 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: st
     save_as_editors_do(hosts_file, f"{LAPTOP} laptop.lan laptop\n")
     variables = {
         "PROJECT": project, "BRIDGE": f"br-{project}"[:15], "SUBNET": subnet, "DNS_IP": ip,
-        "PORT": "5153", "UPSTREAMS": upstream, "MODE": "lan", "LAN_IP": LAN_IP,
+        "PORT": "5153", "WEB_PORT": "8153", "UPSTREAMS": upstream, "MODE": "lan", "LAN_IP": LAN_IP,
         "LAN_INTERFACE": topo.lan_if, "LAN_CIDR": LAN_NET, "LOCAL_DNS": ROUTER,
         "HOSTS_FILE": str(hosts_file), "LAN_IP6": LAN_IP6, "SUBNET6": subnet6,
         "DNS_IP6": subnet6.replace("::/64", "::53"),
@@ -234,6 +312,7 @@ def lan_scenario(engine: Engine, project: str, subnet: str, ip: str, subnet6: st
 
         check_home_names(engine, project, topo, hosts_file, variables,
                          upstream if topo.inet6 else f"{INET_RESOLVER}:53")
+        check_web_page(engine, project, topo, proc.stderr, variables)
         if topo.inet6:  # the IPv6 upstream, which knows no route back, was asked masqueraded
             assert set(topo.upstream_clients()) == {INET_HOST6}, topo.upstream_clients()
         # the appliance saw each client's own address; the router, the LAN's resolver with

@@ -73,6 +73,7 @@ def test_no_ipv6_settings_no_ipv6_rules() -> None:
 
 
 def test_ipv6_default_deny_lets_only_the_lan_prefix_and_dns_in() -> None:
+    """Only DNS: the web page is served over IPv4 only (plan.WEB_OVER_IPV6)."""
     plan = compute_plan(settings("lan,ipv6"), facts("20.10", "nft"))
     fw = plan.firewall6
     assert fw.family == 6

@@ -33,6 +33,9 @@ CASES = [(engine, backend, "both") for engine in ENGINES for backend in BACKENDS
 ] + [
     # Failover: LAN_IP held by VRRP, not proxied; over IPv6 too
     ("20.10", "nft", "lan,ha"), ("28", "legacy", "port,lan,ha"), ("28", "nft", "lan,ipv6,ha"),
+] + [
+    # The web page is on in every case above; off, every mode and IPv6 lose its rules
+    ("28", "nft", "port,direct,lan,noweb"), ("20.10", "legacy", "port,direct,lan,ipv6,noweb"),
 ]
 KEEPALIVED = ["lan,ha", "lan,ipv6,ha"]  # the keepalived.conf each gives
 
