@@ -37,6 +37,7 @@ FILE = "history.sqlite3"
 FLUSH_INTERVAL = 1.0  # seconds between batch writes
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 DEFAULT_DAYS = 7
+FORGERY_SLACK = 0.05  # seconds: a forgery and the query it answered, recorded a moment apart
 DEFAULT_MAX_ROWS = 2_000_000  # about 200 MB of queries at most, a busy office's week
 
 # Bumped when a table changes: an older file's history is dropped (it is a record, not state).
@@ -316,14 +317,35 @@ class History:
         args += [max(1, min(wanted.limit, 500)), max(0, wanted.offset)]
 
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            return [{"ts": ts, "client": client, "name": name, "type": type_name(qtype),
+            rows = [{"ts": ts, "client": client, "name": name, "type": type_name(qtype),
                      "rcode": RCODES.get(rcode, str(rcode)), "outcome": outcome,
                      "upstream": upstream, "group": grp, "why": why, "latency_ms": latency,
-                     "transport": transport}
+                     "transport": transport, "forgeries": []}
                     for ts, client, name, qtype, rcode, outcome, upstream, grp, why, latency,
                     transport in db.execute(sql, args)]  # fmt: skip
+            if rows:
+                self._forgeries_while_asked(db, rows)
+            return rows
 
         return run
+
+    @staticmethod
+    def _forgeries_while_asked(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
+        """Each row's forgeries: those for its name that came while it waited for its answer
+        (the page says which queries the censor tried to poison). One read for the page."""
+        oldest = min(r["ts"] - r["latency_ms"] / 1000 for r in rows) - FORGERY_SLACK
+        newest = max(r["ts"] for r in rows) + FORGERY_SLACK
+        names = {r["name"] for r in rows}
+        by_name: dict[str, list[tuple[float, str]]] = {}
+        for ts, name, reason in db.execute(
+                "SELECT ts, name, reason FROM forgeries WHERE ts BETWEEN ? AND ?",
+                (oldest, newest)):  # fmt: skip
+            if name in names:
+                by_name.setdefault(name, []).append((ts, reason))
+        for row in rows:
+            start = row["ts"] - row["latency_ms"] / 1000 - FORGERY_SLACK
+            row["forgeries"] = sorted({reason for ts, reason in by_name.get(row["name"], ())
+                                       if start <= ts <= row["ts"] + FORGERY_SLACK})
 
     def forgeries(self, since: float, limit: int = 100,
                   ) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:

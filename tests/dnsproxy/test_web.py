@@ -243,6 +243,11 @@ def test_the_query_log_filters_and_pages(page: Page) -> None:
     assert bad.status_code == 400 and "type" in bad.json()["error"]
     html = client.get("/queries", params={"client": "127.0.0.22"}).text
     assert BLOCKED in html and "www.example.test" not in html
+    rows = client.get("/api/queries").json()["queries"]
+    forged = {row["name"]: row["forgeries"] for row in rows}
+    assert forged[BLOCKED + "."] == ["forged-address", "no-edns"], "the query they came for"
+    assert forged["mail.example.test."] == [], "not a neighbour's"
+    assert html.count("forgery caught") == 1
     assert client.get("/queries", params={"since": "yesterday"}).status_code == 400
 
 
