@@ -15,6 +15,7 @@ from . import svg, views
 PALETTE = ("#2f6db5", "#e07b00", "#2e8540", "#7b4fa0", "#c62828", "#00838f", "#6d4c41")
 STEP_WORDS = {60: "minute", 300: "5 minutes", 600: "10 minutes", 3600: "hour"}
 PERIOD_WORDS = {1: "last hour", 6: "last 6 hours", 24: "last 24 hours", 168: "last 7 days"}
+FORGED_SHOWN = 15  # names in the censor panel; the rest behind "more"
 # How a forgery was recognised (forgery.py's reasons), for a person.
 REASON_WORDS = {
     "no-edns": "no EDNS record", "forged-address": "known forged address",
@@ -89,7 +90,8 @@ def query_link(**args: Any) -> str:
 ENV.filters.update(clock=clock, when=when, count=count, ms=ms)
 ENV.globals.update(zone=zone, share=share, query_link=query_link, ago=ago,
                    OUTCOMES=views.OUTCOMES, PERIOD_WORDS=PERIOD_WORDS, now=time.time,
-                   reason_words=REASON_WORDS, outcome_words=OUTCOME_WORDS)
+                   reason_words=REASON_WORDS, outcome_words=OUTCOME_WORDS,
+                   FORGED_SHOWN=FORGED_SHOWN)
 
 
 def render(template: str, **context: Any) -> str:
