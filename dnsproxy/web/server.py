@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from . import pages, views
-from .auth import LoginLimiter, Password, Sessions
+from .auth import LoginLimiter, Password, Session, Sessions
 
 log = logging.getLogger("dnsproxy.web")
 
@@ -39,6 +39,8 @@ SECURITY_HEADERS = {
 STATIC = {"style.css": "text/css", "tz.js": "text/javascript"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Where the gates leave the session for the handlers (a typed key where aiohttp has them).
+SESSION: Any = web.RequestKey("session", Session) if hasattr(web, "RequestKey") else "session"
 
 
 def is_loopback(address: str) -> bool:
@@ -100,7 +102,7 @@ class Page:
                 else:
                     response = see_other(f"/login?next={_quote(request.path_qs)}")
             else:
-                request["session"] = session
+                request[SESSION] = session
                 response = await handler(request)
         response.headers.update(SECURITY_HEADERS)
         return response
@@ -139,7 +141,7 @@ class Page:
         return response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
-        session = request.get("session")
+        session = request.get(SESSION)
         form = await request.post()
         if session is not None and form.get("csrf") != session.csrf:
             return web.Response(status=403, text="stale form: reload the page")
@@ -179,7 +181,7 @@ class Page:
     async def render(self, status: int, page: Callable[..., str], request: web.Request,
                      **context: Any) -> web.Response:
         """A page rendered in a worker thread (templates and plots take milliseconds)."""
-        context.update(tz=tz_offset(request), session=request.get("session"),
+        context.update(tz=tz_offset(request), session=request.get(SESSION),
                        login=self.password is not None, path=request.path,
                        identity=self.sources.identity)  # fmt: skip
         html = await asyncio.to_thread(page, **context)
