@@ -411,17 +411,14 @@ class Service:
         """The current access control (a reload replaces it), for what precedes the pipeline."""
         return self.forwarding.access.allowed(address)
 
-    async def start(self) -> None:
+    async def start(self, listeners: list[Listener] | None = None) -> None:
+        """Serve on `listeners` (bound by bind_listeners before this Service was built, so that
+        queries waited in the kernel meanwhile), or on sockets bound now."""
         loop = asyncio.get_running_loop()
         s = self.settings
         tcp = TcpServer(self.responder, s.tcp_idle_timeout, s.tcp_max_connections,
                         s.tcp_max_per_client)
-        for host, port in s.listen_addresses():
-            try:
-                udp_sock = bind_socket(host, port, socket.SOCK_DGRAM, self.reuse_port)
-                tcp_sock = bind_socket(host, port, socket.SOCK_STREAM, self.reuse_port)
-            except OSError as exc:
-                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        for udp_sock, tcp_sock in listeners or bind_listeners(s, self.reuse_port):
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: UdpServer(self.responder), sock=udp_sock)
             self.transports.append(transport)
@@ -590,23 +587,26 @@ class Service:
             task.add_done_callback(self.closing.discard)
 
     async def stop(self) -> None:
-        for transport in self.transports:
-            transport.close()
-        for server in self.servers:
-            server.close()
+        """What a restart must keep is saved while the sockets still answer (from the cache,
+        mostly): they close only then, so a restart refuses queries only between this
+        process's last moment and the next one's first (bind_listeners)."""
         if self.reloading is not None:
             self.reloading.cancel()  # its thread may finish reading; nothing is swapped in
-        if self.responder.tasks:
-            await asyncio.wait(list(self.responder.tasks), timeout=0.5)
-        for task in list(self.responder.tasks):
-            task.cancel()
-        self.cache.close()
         if self.saver is not None:
             self.saver.cancel()
+        if self.responder.tasks:
+            await asyncio.wait(list(self.responder.tasks), timeout=0.5)
         if self.cache_file:
             # After the last answers: what they taught is kept too. The writer takes it after
             # a save still in flight, so this newest snapshot is the one left on disk.
             await self.save_state()
+        for transport in self.transports:
+            transport.close()
+        for server in self.servers:
+            server.close()
+        for task in list(self.responder.tasks):
+            task.cancel()
+        self.cache.close()
         self.writer.shutdown()
         for forwarder in [self.forwarding.resolver, *self.retired]:
             await forwarder.close()
@@ -617,6 +617,35 @@ class Service:
         self.querylog.flush()
         if self.history is not None:
             await asyncio.to_thread(self.history.close)  # what is pending is written
+
+
+Listener = tuple[socket.socket, socket.socket]  # UDP and TCP on one listen address
+
+
+def bind_listeners(settings: Settings, reuse_port: bool = False) -> list[Listener]:
+    """Every listen address's sockets, bound (TCP listening): done first at start, before the
+    cache file and the configuration's files are read, so that queries wait in the kernel's
+    buffers meanwhile rather than being refused. ListenError for an address that is taken or
+    not ours, with nothing left bound."""
+    bound: list[Listener] = []
+    try:
+        for host, port in settings.listen_addresses():
+            try:
+                udp = bind_socket(host, port, socket.SOCK_DGRAM, reuse_port)
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            try:
+                tcp = bind_socket(host, port, socket.SOCK_STREAM, reuse_port)
+            except OSError as exc:
+                udp.close()
+                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            bound.append((udp, tcp))
+    except ListenError:
+        for pair in bound:
+            for sock in pair:
+                sock.close()
+        raise
+    return bound
 
 
 def query_log(settings: Settings, history: History | None) -> QueryLog:
@@ -683,10 +712,10 @@ def tune_gc() -> None:
 
 
 async def serve(settings: Settings, cli_overrides: dict | None = None,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False, listeners: list[Listener] | None = None) -> None:
     raise_open_file_limit()
     service = Service(settings, cli_overrides, reuse_port)
-    await service.start()
+    await service.start(listeners)
     tune_gc()
     sys.setswitchinterval(SWITCH_INTERVAL)
     loop = asyncio.get_running_loop()
@@ -704,14 +733,17 @@ async def serve(settings: Settings, cli_overrides: dict | None = None,
 
 
 def run(settings: Settings, cli_overrides: dict | None = None, reuse_port: bool = False) -> None:
-    """Run on uvloop when it is installed: about three times the packets per second."""
+    """Bind first (see bind_listeners), then serve; on uvloop when it is installed: about
+    three times the packets per second."""
+    listeners = bind_listeners(settings, reuse_port)
+    main = serve(settings, cli_overrides, reuse_port, listeners)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(settings, cli_overrides, reuse_port))
+        asyncio.run(main)
         return
     if hasattr(uvloop, "run"):
-        uvloop.run(serve(settings, cli_overrides, reuse_port))
+        uvloop.run(main)
     else:  # uvloop before 0.18 (Debian bookworm's)
         uvloop.install()
-        asyncio.run(serve(settings, cli_overrides, reuse_port))
+        asyncio.run(main)

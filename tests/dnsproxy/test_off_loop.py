@@ -216,3 +216,66 @@ def test_sighups_during_a_reload_make_one_more_reload(split):
     code, _ = split.terminate()
     assert code == 0
     assert split.stderr.count("configuration reloaded") == 2
+
+
+# --- restarts: what arrives while the forwarder stops or starts ---
+
+
+def test_a_stop_answers_until_its_last_save_is_written(upstream, tmp_path, held):
+    """SIGTERM: the final save is written while the sockets still answer (from the cache); they
+    close only once it is on disk."""
+    state = tmp_path / "state"
+    proxy = ProxyThread("--upstream", upstream.address, "--state-dir", str(state))
+    try:
+        assert addresses(ask(proxy.port, "kept.example")) == [GENUINE]
+        proxy.loop.call_soon_threadsafe(proxy.service.stopping.set)  # what SIGTERM does
+        assert held.entered.wait(HOLD_SECONDS), "the final save did not begin"
+        assert addresses(ask(proxy.port, "kept.example", timeout=2)) == [GENUINE]
+        held.released.set()
+        proxy.thread.join(HOLD_SECONDS)
+        assert not proxy.thread.is_alive()
+        with pytest.raises(OSError):  # refused, or no answer: the socket is closed now
+            ask(proxy.port, "kept.example", timeout=0.5)
+    finally:
+        held.released.set()
+        proxy.close()
+    assert saved_names(state / cachefile.FILE_NAME) == ["kept.example."]
+
+
+def test_a_starting_forwarder_keeps_the_queries_that_come_early(upstream, tmp_path):
+    """The sockets are bound before the configuration's files are read (a hosts file that is a
+    named pipe holds the start here): a query sent meanwhile waits in the kernel and is
+    answered once the forwarder serves, rather than refused."""
+    import socket
+    import subprocess
+    import sys
+
+    from dnslib import DNSRecord
+
+    from .process import ROOT, clean_env
+
+    hosts = tmp_path / "hosts"
+    os.mkfifo(hosts)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dnsproxy", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", upstream.address, "--hosts", str(hosts)],
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    writer = None
+    try:
+        writer = reader_waiting(str(hosts))  # the start is held, reading the hosts file
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(HOLD_SECONDS)
+            query = DNSRecord.question("early.lan", "A")
+            client.sendto(query.pack(), ("127.0.0.1", port))
+            time.sleep(0.2)  # the query is in; without a bound socket it would be refused now
+            feed(writer, "192.0.2.7 early.lan\n")
+            writer = None
+            reply = DNSRecord.parse(client.recv(4096))
+        assert reply.header.id == query.header.id
+        assert [str(rr.rdata) for rr in reply.rr] == ["192.0.2.7"]
+    finally:
+        if writer is not None:
+            feed(writer, "")
+        proc.terminate()
+        proc.communicate(timeout=HOLD_SECONDS)
