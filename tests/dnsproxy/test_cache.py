@@ -18,6 +18,9 @@ from dnsproxy.stages.cache import Cache
 
 from .fakes import GENUINE, addresses, ask, send_raw
 
+# The compiled UDP hit path and the Python one: the same behaviour (conftest.py).
+pytestmark = pytest.mark.both_paths
+
 
 def reasons(proxy) -> list[str]:
     return [line["reason"] for line in proxy.log_lines() if "rcode" in line]
