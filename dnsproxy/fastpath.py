@@ -7,9 +7,10 @@ compiled path takes the client-facing UDP socket's datagrams in batches (`recvmm
 fresh hits from its copy of the cache (`sendmmsg`), applies the access list and the per-client
 rate limit, and hands every other datagram to the Python pipeline with the client's address
 (and the rate verdict it took, so the limit is taken once). It answers only what Python would
-answer the same way: a fresh entry (before the prefetch point) of a cache Python fills with
-verified replies and keeps in step (stages/cache.py, `mirror`); a near-expiry, stale or missing
-entry, a refused client, and any query Python's stages answer themselves go to Python.
+answer the same way: a fresh entry (before the prefetch point) of the cache Python fills with
+verified replies, copied once Python has answered a hit from it and kept in step
+(stages/cache.py, `mirror`); a near-expiry, stale or missing entry, a refused client, and any
+query Python's stages answer themselves go to Python.
 
 What hits leave behind reaches Python in batches, every TAKE_INTERVAL seconds: their keys for
 the cache's LRU order, their counts, and, when anything logs queries, a record of each.
@@ -22,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections import deque
 from typing import Any
 
 from . import wire
@@ -41,6 +43,7 @@ log = logging.getLogger("dnsproxy")
 
 TAKE_INTERVAL = 0.5  # seconds between batches of hit records, counts and LRU touches
 BUDGET = 1024  # datagrams one readiness callback takes at most: the loop's other work goes on
+MAX_WAITING = 4096  # replies queued for a full socket buffer; beyond, dropped
 
 
 def available() -> bool:
@@ -66,16 +69,41 @@ def networks(allow: list[str]) -> list[tuple[bytes, int]]:
 
 class SocketSender:
     """What UdpServer sends through for the datagrams the compiled path hands it: the socket
-    itself, non-blocking (a full buffer drops the reply, as a UDP send that would block)."""
+    itself, non-blocking. A reply the socket's buffer cannot take now waits in a queue sent
+    when the socket is writable again, as an asyncio transport's would."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock, self.loop = sock, loop
+        self.waiting: deque[tuple[bytes, Any]] = deque()
 
     def sendto(self, data: bytes, address: Any) -> None:
-        try:  # noqa: SIM105 - a try costs nothing when nothing is raised; a with does
-            self.sock.sendto(data, address)
-        except OSError:
-            pass
+        if not self.waiting:
+            try:
+                self.sock.sendto(data, address)
+                return
+            except BlockingIOError:
+                self.loop.add_writer(self.sock.fileno(), self._flush)
+            except OSError:
+                return  # an unreachable client: UDP drops it, as the transport would
+        if len(self.waiting) < MAX_WAITING:
+            self.waiting.append((data, address))
+
+    def _flush(self) -> None:
+        while self.waiting:
+            data, address = self.waiting[0]
+            try:
+                self.sock.sendto(data, address)
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            self.waiting.popleft()
+        self.loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if self.waiting:
+            self.waiting.clear()
+            self.loop.remove_writer(self.sock.fileno())
 
 
 class NativeUdp:
@@ -86,7 +114,8 @@ class NativeUdp:
                  loop: asyncio.AbstractEventLoop) -> None:
         self.hits, self.server, self.sock, self.loop = hits, server, sock, loop
         self.fd = sock.fileno()
-        server.connection_made(SocketSender(sock))
+        self.sender = SocketSender(sock, loop)
+        server.connection_made(self.sender)
         loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
@@ -105,6 +134,7 @@ class NativeUdp:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self.sender.close()
             self.loop.remove_reader(self.fd)
             self.sock.close()
             self.fd = -1

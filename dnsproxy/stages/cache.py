@@ -107,7 +107,9 @@ class Cache(PassThrough):
         # answers for them are not stored.
         self.rerouting: list[tuple[Callable[[bytes], bool], float]] = []
         self.scans: deque[Scan] = deque()  # the first is running, the others wait their turn
-        # The compiled hit path's copy (dnsproxy/fastpath.py), kept in step with `entries`.
+        # The compiled hit path's copy (dnsproxy/fastpath.py) of the entries Python answered a
+        # hit from (the hot ones: a copy of all would double the cache's memory), kept in step
+        # with `entries`: what is dropped here is removed there.
         self.mirror: Mirror | None = None
         self.sync_mirror: Callable[[], None] | None = None  # its hits' LRU order, brought in
         self.counts = metrics.values
@@ -201,12 +203,9 @@ class Cache(PassThrough):
         weight = len(key) + len(cached)
         if weight > self.max_bytes:
             return False  # it would evict everything else and still not fit
-        entry = self.entries[key] = cached.stamped_bytes(
-            self.clock() if stored is None else stored)
+        self.entries[key] = cached.stamped_bytes(self.clock() if stored is None else stored)
         self.bytes += weight
         mirror = self.mirror
-        if mirror is not None and not self.scans:
-            mirror.put(key, entry)
         if self.sync_mirror is not None and (len(self.entries) > self.size
                                              or self.bytes > self.max_bytes):
             self.sync_mirror()  # the least recently used as the compiled path's hits left it
