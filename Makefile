@@ -34,6 +34,7 @@ PROJECT       ?= dnsapp#                  compose project name
 IMAGE         ?= dnsproxy:latest
 NETSETUP_IMAGE ?= netsetup:latest#       the host service (rules kept in place, see README)
 NETSETUP_BASE  ?= netsetup-base:bookworm
+NATIVE_BUILDER ?= dnsproxy-native-builder:bookworm# Debian's rustc and crates: builds native/ offline
 METRICS_FROM_LAN ?= 0#                    1: the LAN may also read the metrics port (9153)
 WEB           ?= 1#                       1: the forwarder's web page (dashboard), from the LAN only; 0: none
 WEB_PORT      ?= 8053#                    port mode: the web page's port on the host (TCP)
@@ -60,7 +61,7 @@ APT_INSTALL = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "note: missing Debian packages:$$missing (install them, or run as root)"; \
 	fi
 
-.PHONY: help venv deps base image up down reload logs check test lint clean
+.PHONY: help venv native deps base image up down reload logs check test lint clean
 
 help:
 	@echo "make up      set up, build the image if needed, deploy; prints where it answers"
@@ -85,6 +86,19 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[fast,netsetup,test]'
 	touch $@
 
+# The compiled UDP cache-hit path (native/, Rust with PyO3), built in place beside the package
+# when cargo is here; without it the forwarder runs its Python path (dnsproxy/fastpath.py).
+NATIVE_SO := dnsproxy/_native$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+native: $(NATIVE_SO)
+$(NATIVE_SO): native/Cargo.toml $(wildcard native/src/*.rs) | venv
+	@if command -v cargo >/dev/null; then \
+	    PYO3_PYTHON=$(abspath $(VENV))/bin/python cargo build --quiet --release \
+	        --manifest-path native/Cargo.toml && \
+	    cp native/target/release/lib_native.so $@; \
+	else \
+	    echo "note: no cargo here: UDP cache hits run in Python (apt-get install cargo)"; \
+	fi
+
 deps:
 	@missing=""; \
 	for pair in $(DEB_TOOLS); do \
@@ -98,13 +112,16 @@ deps:
 # compares a hash of it); code changes rebuild just the top layers, in seconds.
 base:
 	@if [ "$(BASE_IMAGE)" = dnsproxy-base:bookworm ]; then images/bootstrap.sh images/base $(BASE_IMAGE); fi
+	@images/bootstrap.sh images/native $(NATIVE_BUILDER)
 	@images/bootstrap.sh images/netsetup $(NETSETUP_BASE)
 
 # The build context is only what the image needs, streamed as a tarball: no .dockerignore to
 # maintain, and the virtualenv and .git never travel to the engine.
 image: base
-	tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml dnsproxy images/appliance/Dockerfile \
-	    | docker build --quiet -f images/appliance/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) -
+	tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='_native*.so' --exclude=target \
+	    pyproject.toml dnsproxy native images/native/cargo-config.toml images/appliance/Dockerfile \
+	    | docker build --quiet -f images/appliance/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	      --build-arg NATIVE_BUILDER=$(NATIVE_BUILDER) -t $(IMAGE) -
 	@docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 	tar -c --exclude=__pycache__ --exclude='*.pyc' netsetup dnsproxy/__init__.py dnsproxy/defaults.py \
 	    dnsproxy/healthcheck.py \
@@ -160,7 +177,7 @@ check:
 	$(NETSETUP) check --project $(PROJECT) $(if $(NAME),--name $(NAME) --qtype A --qclass IN)
 
 # ---- quality -----------------------------------------------------------------------------------
-test: venv
+test: venv native
 	$(VENV)/bin/pytest tests/
 
 lint: venv

@@ -36,7 +36,7 @@ from bench.workloads import Cpus, Saturation
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 WORKLOADS = ("saturation", "household", "stall")
-SATURATION_SERVERS = ("dnsproxy", "dnsmasq", "unbound")
+SATURATION_SERVERS = ("dnsproxy", "dnsproxy-python", "dnsmasq", "unbound")
 
 
 def _names(text: str, allowed: tuple[str, ...], what: str, p: argparse.ArgumentParser) -> list:

@@ -288,6 +288,9 @@ class Saturation:
 
         candidates = {
             "dnsproxy": lambda: dnsproxy_server("dnsproxy", free_port(), up, self.cpus.server),
+            # the same without the compiled hit path: what it buys, in the same run
+            "dnsproxy-python": lambda: dnsproxy_server("dnsproxy-python", free_port(), up,
+                                                       self.cpus.server, ["--no-native"]),
             "dnsmasq": lambda: dnsmasq_server(free_port(), up, self.cpus.server, a.cache_size),
             "unbound": lambda: unbound_server(free_port(), up, self.cpus.server, self.workdir),
         }

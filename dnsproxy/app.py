@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import cachefile, domainlists, homenames, hosts, routingfile
+from . import cachefile, domainlists, fastpath, homenames, hosts, routingfile
 from .config import ConfigError, Settings, build_settings, parse_listen
 from .forgery import (
     LEARNED_FILE,
@@ -298,6 +298,7 @@ class Service:
                         else None)  # fmt: skip
         self.querylog = query_log(settings, self.history)
         self.web = None  # the page's runner, once started
+        self.hit_path: fastpath.HitPath | None = None  # the compiled UDP hit path, when built
         self.cache = Cache(settings.cache_size, self.metrics)
         self.learned = Learned()
         self.learned.forged.on_learn = self._learned_forged
@@ -418,10 +419,18 @@ class Service:
         s = self.settings
         tcp = TcpServer(self.responder, s.tcp_idle_timeout, s.tcp_max_connections,
                         s.tcp_max_per_client)
+        if s.native and fastpath.available():
+            self.hit_path = fastpath.HitPath(s, self.forwarding.pipeline, self.cache,
+                                             self.metrics, self.querylog)
+        log.info("UDP cache hits: %s", fastpath.which(s))
         for udp_sock, tcp_sock in listeners or bind_listeners(s, self.reuse_port):
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(self.responder), sock=udp_sock)
-            self.transports.append(transport)
+            if self.hit_path is not None:
+                self.transports.append(
+                    self.hit_path.listen(udp_sock, UdpServer(self.responder), loop))
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpServer(self.responder), sock=udp_sock)
+                self.transports.append(transport)
             self.servers.append(await asyncio.start_server(tcp.handle, sock=tcp_sock))
         if self.cache_file:
             self.saver = loop.create_task(self._save_every(s.cache_save_interval))
@@ -563,6 +572,8 @@ class Service:
         old = self.forwarding
         self.forwarding = forwarding
         self.responder.pipeline = forwarding.pipeline
+        if self.hit_path is not None:
+            self.hit_path.configure(prepared.settings, forwarding.pipeline)
         self._purge(forwarding.forged - old.forged, "listed")
         routing = routingfile.routing_of(settings)
         if routing != routingfile.routing_of(self.settings):
@@ -607,6 +618,8 @@ class Service:
         for task in list(self.responder.tasks):
             task.cancel()
         self.cache.close()
+        if self.hit_path is not None:
+            self.hit_path.close()  # its last records, before the log's last flush
         self.writer.shutdown()
         for forwarder in [self.forwarding.resolver, *self.retired]:
             await forwarder.close()

@@ -85,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
                         "when missing")
     p.add_argument("--history-days", type=int, metavar="DAYS",
                    help="days of query history the page keeps, in --state-dir (default 7)")
+    p.add_argument("--native", action=argparse.BooleanOptionalAction,
+                   help="answer UDP cache hits in compiled code when it is built (default on)")
+    p.add_argument("--version", action="store_true",
+                   help="print the version and which path answers UDP cache hits")
     p.add_argument("--workers", type=int, metavar="N",
                    help="processes sharing the listen sockets (SO_REUSEPORT)")
     p.add_argument("--edns-marker", action=argparse.BooleanOptionalAction,
@@ -183,6 +187,14 @@ def _run_workers(settings, cli: dict, count: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
+    if args.pop("version", False):
+        from . import __version__, fastpath
+        from .config import Settings
+
+        native = args.get("native", True)
+        print(f"dnsproxy {__version__}; UDP cache hits: "
+              f"{fastpath.which(Settings(native=native))}")
+        return 0
     logging.basicConfig(level=args.pop("log_level").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:

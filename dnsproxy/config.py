@@ -57,6 +57,7 @@ class Settings:
     web_password_file: str | None = None
     history_days: int = 7
     workers: int = 1
+    native: bool = True  # UDP cache hits in compiled code, when it is built (fastpath.py)
     edns_marker: bool = True
     forged_addresses: bool = True
     hijack_threshold: bool = True
@@ -91,7 +92,7 @@ LIST_KEYS = {"listen", "upstreams", "allow", "forged_address", "forged_addresses
 UPSTREAM_KEYS = ("upstreams", "domestic_upstreams", "local_dns")
 BOOL_KEYS = {"query_log", "edns_marker", "forged_addresses", "hijack_threshold", "tcp_for_polluted",
              "serve_stale", "prefetch", "domestic_trust_empty", "learn_forged_addresses",
-             "block_ddr", "block_doh_canary", "block_private_relay"}
+             "block_ddr", "block_doh_canary", "block_private_relay", "native"}
 FLOAT_KEYS = {"timeout", "rate_limit", "hedge_delay", "tcp_idle_timeout", "cache_save_interval"}
 INT_KEYS = {"cache_size", "cache_bytes", "max_ttl", "workers", "tcp_max_connections",
             "tcp_max_per_client", "max_in_flight", "stale_ttl", "max_stale", "history_days"}

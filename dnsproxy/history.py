@@ -183,6 +183,10 @@ class History:
         changes once answered); the hot path pays for one tuple."""
         self.pending.append((time.time(), time.monotonic(), request, response))
 
+    def answered(self, request: Request, response: Response, at: float, done: float) -> None:
+        """The query log's interface: a query answered earlier (the compiled path's hits)."""
+        self.pending.append((at, done, request, response))
+
     def forgery(self, upstream: str, name: str | None, qtype: int | None, reason: str,
                 addresses: Iterable[bytes] = ()) -> None:
         self.pending_forgeries.append((time.time(), upstream, name, qtype, reason,

@@ -55,6 +55,8 @@ class Metrics:
     def __init__(self) -> None:
         self.values: defaultdict[tuple[str, tuple], float] = defaultdict(float)
         self.gauges: dict[str, object] = {}  # name -> callable returning the current value
+        # Called before each render: counts kept elsewhere come in (fastpath.py's batches).
+        self.before_render: list = []
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         self.values[(name, tuple(sorted(labels.items())))] += amount
@@ -73,6 +75,8 @@ class Metrics:
         self.gauges[name] = read
 
     def render(self) -> str:
+        for bring_in in self.before_render:
+            bring_in()
         lines: list[str] = []
         seen: set[str] = set()
         items = sorted(self.values.items())

@@ -20,6 +20,9 @@ class Request:
     client: tuple  # (address, port) as the socket reported it
     transport: str  # "udp" or "tcp"
     started: float  # time.monotonic() at arrival
+    # The client's rate limit as the compiled UDP path took it (True: within it, False: over);
+    # None: not taken yet, the rate-limit stage's to take.
+    rate: bool | None = None
 
 
 @dataclass(slots=True)

@@ -130,7 +130,8 @@ class UdpServer(asyncio.DatagramProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes, addr, rate: bool | None = None) -> None:
+        """`rate`: the compiled path's rate verdict for a datagram it handed on (fastpath.py)."""
         self.counter[self.key_queries] += 1
         try:
             query = wire.parse_query(data)
@@ -140,7 +141,7 @@ class UdpServer(asyncio.DatagramProtocol):
             if reply is not None and self.responder.allowed(addr[0]):
                 self.transport.sendto(reply, addr)
             return
-        request = Request(query, addr, "udp", time.monotonic())
+        request = Request(query, addr, "udp", time.monotonic(), rate)
         response = self.responder.answer_now(request)
         if response is None:
             self.responder.spawn(self._resolve(request), addr[0])

@@ -7,6 +7,8 @@
 #   images/bootstrap.sh RECIPE_DIR TAG     (FORCE=1 rebuilds)
 #
 #   images/base      dnsproxy-base:bookworm   the forwarder's base: Python, dnslib, uvloop, httpx
+#   images/native    dnsproxy-native-builder:bookworm  rustc, cargo, packaged crates (no keep:
+#                                             a build stage, not trimmed)
 #   images/netsetup  netsetup-base:bookworm   the host service's: Python, iptables, python-iptables,
 #                                             keepalived
 #
@@ -23,7 +25,7 @@ SUITE=bookworm # the keep lists name bookworm's packages (python3.11, gcc-12-bas
 LABEL=org.dnsproxy.base.recipe
 shopt -s nullglob
 TRIM=$(cd "$(dirname "$0")" && pwd)/trim.py
-RECIPE=$(cat "$0" "$TRIM" "$RECIPE_DIR"/packages "$RECIPE_DIR"/keep "$RECIPE_DIR"/*.py \
+RECIPE=$(cat "$0" "$TRIM" "$RECIPE_DIR"/packages "$RECIPE_DIR"/keep* "$RECIPE_DIR"/*.py \
     | sha256sum | cut -c1-16)
 PACKAGES=$(tr -d ' \n' <"$RECIPE_DIR/packages")
 hooks=()

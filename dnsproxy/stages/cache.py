@@ -45,6 +45,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .. import wire
 from ..metrics import Metrics
@@ -67,6 +68,16 @@ PURGE_SEARCH_MAX = 8
 SCAN_SLICE = 1000
 
 Refresher = Callable[[wire.Query], Awaitable["wire.CachedReply | None"]]
+
+
+class Mirror(Protocol):
+    """The compiled hit path's copy of the entries (dnsproxy._native.FastPath)."""
+
+    def put(self, key: bytes, entry: bytes) -> bool: ...
+
+    def remove(self, key: bytes) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 class Cache(PassThrough):
@@ -96,6 +107,11 @@ class Cache(PassThrough):
         # answers for them are not stored.
         self.rerouting: list[tuple[Callable[[bytes], bool], float]] = []
         self.scans: deque[Scan] = deque()  # the first is running, the others wait their turn
+        # The compiled hit path's copy (dnsproxy/fastpath.py) of the entries Python answered a
+        # hit from (the hot ones: a copy of all would double the cache's memory), kept in step
+        # with `entries`: what is dropped here is removed there.
+        self.mirror: Mirror | None = None
+        self.sync_mirror: Callable[[], None] | None = None  # its hits' LRU order, brought in
         self.counts = metrics.values
         self.hits = metrics.key("dnsproxy_cache_hits_total")
         self.misses = metrics.key("dnsproxy_cache_misses_total")
@@ -121,6 +137,8 @@ class Cache(PassThrough):
         if age < ttl * PREFETCH_AT:  # the common case, kept short
             self.entries.move_to_end(key)
             self.counts[self.hits] += 1
+            if self.mirror is not None and not self.scans:
+                self.mirror.put(key, cached)  # the next hit is the compiled path's
             reply = wire.client_reply(cached, query, int(age))
             return Response(reply, "cached", reply[3] & wire.RCODE_MASK)
         return self._ageing(request, key, cached, ttl, age)
@@ -187,10 +205,24 @@ class Cache(PassThrough):
             return False  # it would evict everything else and still not fit
         self.entries[key] = cached.stamped_bytes(self.clock() if stored is None else stored)
         self.bytes += weight
+        mirror = self.mirror
+        if self.sync_mirror is not None and (len(self.entries) > self.size
+                                             or self.bytes > self.max_bytes):
+            self.sync_mirror()  # the least recently used as the compiled path's hits left it
         while len(self.entries) > self.size or self.bytes > self.max_bytes:
             old_key, old = self.entries.popitem(last=False)
             self.bytes -= len(old_key) + len(old)
+            if mirror is not None:
+                mirror.remove(old_key)
         return True
+
+    def touch(self, keys: list[bytes], hits: int) -> None:
+        """Hits the compiled path answered: counted, and their keys made the most recent."""
+        self.counts[self.hits] += hits
+        entries = self.entries
+        for key in keys:
+            if key in entries:
+                entries.move_to_end(key)
 
     def forget(self, claimed: Callable[[bytes], bool], why: str) -> int:
         """Drop every entry whose key `claimed` says is no longer the upstreams' to answer
@@ -242,6 +274,10 @@ class Cache(PassThrough):
             self.barred[address] = until
 
     def _queue(self, scan: Scan) -> None:
+        if self.mirror is not None:
+            # Hits are checked against the scans while they run (_doomed_meanwhile): the
+            # compiled path cannot, so it answers nothing until Python has answered it again.
+            self.mirror.clear()
         self.scans.append(scan)
         if len(self.scans) == 1:
             self._begin()
@@ -318,6 +354,8 @@ class Cache(PassThrough):
         entry = self.entries.pop(key, None)
         if entry is not None:
             self.bytes -= len(key) + len(entry)
+            if self.mirror is not None:
+                self.mirror.remove(key)
 
 
 def _carries(entry: bytes, addresses: Collection[bytes], search: bool = True) -> bool:

@@ -49,7 +49,8 @@ class RateLimit(PassThrough):
         self.buckets = TokenBuckets(rate, burst, max_clients)
 
     def answer(self, request: Request) -> Response | None:
-        if self.buckets.allow(request.client[0], request.started):
+        rate = request.rate  # the compiled UDP path's verdict: that client's UDP bucket is its
+        if rate if rate is not None else self.buckets.allow(request.client[0], request.started):
             return None
         self.metrics.inc("dnsproxy_responses_total", reason="ratelimited")
         if request.transport == "tcp":

@@ -329,7 +329,13 @@ class ProxyThread:
         """Wait until the forwarder's loop has finished what it was doing: a reply is sent a
         moment before its query-log line is written, and the client may read in between."""
         done = threading.Event()
-        self.loop.call_soon_threadsafe(done.set)
+
+        def settle() -> None:
+            if self.service.hit_path is not None:
+                self.service.hit_path.take()  # the compiled path's hits, at once
+            self.loop.call_soon(done.set)  # after the log's flush, which take() scheduled
+
+        self.loop.call_soon_threadsafe(settle)
         done.wait(5)
 
     def log_lines(self) -> list[dict]:

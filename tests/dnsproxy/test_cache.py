@@ -18,6 +18,9 @@ from dnsproxy.stages.cache import Cache
 
 from .fakes import GENUINE, addresses, ask, send_raw
 
+# The compiled UDP hit path and the Python one: the same behaviour (conftest.py).
+pytestmark = pytest.mark.both_paths
+
 
 def reasons(proxy) -> list[str]:
     return [line["reason"] for line in proxy.log_lines() if "rcode" in line]
@@ -410,3 +413,57 @@ def test_addresses_learned_while_a_purge_runs_are_all_purged(monkeypatch):
     assert told == [(first, 12), (second, 24), (third, 24)]
     assert cache.metrics.get("dnsproxy_cache_purged_total", why="learned") == 36
     assert cache.metrics.get("dnsproxy_cache_misses_total") == 1
+
+
+class DictMirror:
+    """The compiled path's copy of the cache, as a dict (stages/cache.py's Mirror)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, bytes] = {}
+
+    def put(self, key: bytes, entry: bytes) -> bool:
+        self.entries[key] = entry
+        return True
+
+    def remove(self, key: bytes) -> None:
+        self.entries.pop(key, None)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
+    """Pure logic: whatever the cache drops (replaced, evicted, capped, purged), its copy for
+    the compiled hit path loses too; it takes an entry once Python answered a hit from it."""
+    def reply(name: str, address: str, ttl: int = 300) -> wire.CachedReply:
+        record = DNSRecord.question(name).reply()
+        record.add_answer(RR(name, rdata=A(address), ttl=ttl))
+        data = record.pack()
+        return wire.strip_opt(data, wire.parse_reply(data))
+
+    def hit(name: str) -> None:
+        query = wire.parse_query(DNSRecord.question(name).pack())
+        assert cache.answer(Request(query, ("127.0.0.1", 1), "udp", 0.0)) is not None
+
+    def key(name: str) -> bytes:
+        return Cache.key(wire.parse_query(DNSRecord.question(name).pack()))
+
+    cache = Cache(2, Metrics())
+    mirror = cache.mirror = DictMirror()
+    cache.store(key("a.test"), reply("a.test", "192.0.2.1"))
+    assert mirror.entries == {}, "stored is not yet hot"
+    hit("a.test")
+    assert set(mirror.entries) == {key("a.test")}
+    cache.store(key("a.test"), reply("a.test", "192.0.2.2"))  # a refresh replaces it
+    assert mirror.entries == {}
+    hit("a.test")
+    cache.store(key("b.test"), reply("b.test", "192.0.2.3"))
+    cache.store(key("c.test"), reply("c.test", "192.0.2.4"))  # evicts a, the oldest
+    assert key("a.test") not in cache.entries and mirror.entries == {}
+    hit("b.test")
+    cache.cap_ttls(60)  # a reload lowers --max-ttl: b (300 s) goes
+    assert key("b.test") not in cache.entries and mirror.entries == {}
+    cache.store(key("d.test"), reply("d.test", "192.0.2.5", ttl=30))
+    hit("d.test")
+    cache.purge({bytes([192, 0, 2, 5])}, "listed", guard=False)
+    assert mirror.entries == {}

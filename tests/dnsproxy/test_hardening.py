@@ -19,6 +19,9 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from .fakes import GENUINE, addresses, ask, free_port, send_raw
 
+# The compiled UDP hit path and the Python one: the same behaviour (conftest.py).
+pytestmark = pytest.mark.both_paths
+
 
 def test_any_is_answered_minimally_without_asking_upstream(upstream, make_proxy):
     proxy = make_proxy("--upstream", upstream.address)

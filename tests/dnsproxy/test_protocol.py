@@ -19,6 +19,9 @@ from dnsproxy import wire
 
 from .fakes import GENUINE, addresses, send_raw
 
+# The compiled UDP hit path and the Python one: the same behaviour (conftest.py).
+pytestmark = pytest.mark.both_paths
+
 PTR = b"\xc0\x0c"  # the question's name
 OPCODE_STATUS = 2 << 11
 OPCODE_15 = 15 << 11

@@ -19,6 +19,9 @@ from .process import DnsproxyProcess
 from .test_forgery import teach_edns
 from .test_learned_forgeries import catch_opt_less_forgery, learned, slip_forgery
 
+# The compiled UDP hit path and the Python one: the same behaviour (conftest.py).
+pytestmark = pytest.mark.both_paths
+
 
 def start(upstream, *extra: str) -> DnsproxyProcess:
     port = free_port()

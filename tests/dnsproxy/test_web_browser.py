@@ -61,12 +61,16 @@ def shots(tmp_path: Path):
 
 def log_in(driver, page: Page, password: str) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(page.base + "/")
-    assert driver.current_url.startswith(page.base + "/login")
+    asked = driver.current_url
+    assert asked.startswith(page.base + "/login?next=")
     field = driver.find_element(By.ID, "password")
     field.send_keys(password)
     field.submit()
+    # the form's answer: the page it leads to, or the login page again (at /login)
+    WebDriverWait(driver, 10).until(lambda d: d.current_url != asked)
 
 
 def test_a_person_reads_the_page(browser, shots, make_proxy, upstream, tmp_path) -> None:

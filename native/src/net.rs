@@ -1,0 +1,168 @@
+//! Batched datagram I/O on a non-blocking UDP socket the Python side owns: `recvmmsg` and
+//! `sendmmsg`. The only `unsafe` of the crate is here, in the system calls and the socket
+//! address conversions; what the datagrams hold is read in safe code (wire.rs).
+
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::io::RawFd;
+
+pub const BATCH: usize = 64;
+pub const MAX_DATAGRAM: usize = 4096; // a client's query is far smaller; longer ones truncate
+
+/// Receive buffers and address storage for one batch, reused for every call (the system
+/// call's pointer tables are built on the stack for each call).
+pub struct Batch {
+    pub data: Vec<[u8; MAX_DATAGRAM]>,
+    pub lengths: [usize; BATCH],
+    pub truncated: [bool; BATCH],
+    addrs: Vec<libc::sockaddr_storage>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let zero_addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        Batch {
+            data: vec![[0u8; MAX_DATAGRAM]; BATCH],
+            lengths: [0; BATCH],
+            truncated: [false; BATCH],
+            addrs: vec![zero_addr; BATCH],
+        }
+    }
+
+    /// Up to BATCH datagrams; 0 when none is waiting.
+    pub fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
+        // SAFETY: all-zero is a valid value of these plain C structs.
+        let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        for i in 0..BATCH {
+            iovecs[i].iov_base = self.data[i].as_mut_ptr() as *mut libc::c_void;
+            iovecs[i].iov_len = MAX_DATAGRAM;
+            let header = &mut headers[i].msg_hdr;
+            header.msg_name = &mut self.addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
+            header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_iov = &mut iovecs[i] as *mut libc::iovec;
+            header.msg_iovlen = 1;
+        }
+        // SAFETY: every header points into self's buffers and the arrays above, all alive for
+        // the call; the kernel writes at most the lengths given.
+        let got = unsafe {
+            libc::recvmmsg(fd, headers.as_mut_ptr(), BATCH as libc::c_uint,
+                           libc::MSG_DONTWAIT, std::ptr::null_mut())
+        };
+        if got < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(err),
+            };
+        }
+        let got = got as usize;
+        for i in 0..got {
+            self.lengths[i] = (headers[i].msg_len as usize).min(MAX_DATAGRAM);
+            self.truncated[i] = headers[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        }
+        Ok(got)
+    }
+
+    pub fn source(&self, i: usize) -> Option<SocketAddr> {
+        from_storage(&self.addrs[i])
+    }
+}
+
+fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: &libc::sockaddr_in =
+                unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: &libc::sockaddr_in6 =
+                unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    }
+}
+
+fn to_storage(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage; we fill the variant the family names.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { *(&mut storage as *mut _ as *mut libc::sockaddr_in) = sin };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { *(&mut storage as *mut _ as *mut libc::sockaddr_in6) = sin6 };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Send every (reply, destination) in as few `sendmmsg` calls as the kernel takes; a reply the
+/// socket cannot take now (a full buffer) is dropped, as a UDP send that would block is.
+pub fn send_all(fd: RawFd, replies: &[(Vec<u8>, SocketAddr)]) -> usize {
+    let mut sent = 0;
+    for chunk in replies.chunks(BATCH) {
+        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+            chunk.iter().map(|(_, addr)| to_storage(addr)).collect();
+        let mut iovecs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|(data, _)| libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            })
+            .collect();
+        // SAFETY: all-zero is a valid mmsghdr.
+        let mut headers: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
+        for i in 0..chunk.len() {
+            let header = &mut headers[i].msg_hdr;
+            header.msg_name = &mut addrs[i].0 as *mut libc::sockaddr_storage as *mut libc::c_void;
+            header.msg_namelen = addrs[i].1;
+            header.msg_iov = &mut iovecs[i] as *mut libc::iovec;
+            header.msg_iovlen = 1;
+        }
+        let mut start = 0;
+        while start < chunk.len() {
+            // SAFETY: the headers point into addrs, iovecs and the replies, alive for the call.
+            let done = unsafe {
+                libc::sendmmsg(fd, headers[start..].as_mut_ptr(),
+                               (chunk.len() - start) as libc::c_uint, libc::MSG_DONTWAIT)
+            };
+            if done <= 0 {
+                let err = io::Error::last_os_error();
+                if done < 0 && err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                start += 1; // this one cannot go (full buffer, unreachable): drop it, go on
+                continue;
+            }
+            sent += done as usize;
+            start += done as usize;
+        }
+    }
+    sent
+}

@@ -1,0 +1,243 @@
+"""The compiled UDP hit path (native/, dnsproxy/fastpath.py) against the Python one it stands in
+for: it reads a query exactly as `wire.parse_query` does (and refuses what it refuses), a hit's
+reply is byte for byte what `wire.client_reply` and `truncate_for` make, crafted and random
+datagrams through a real socket never stop it, and what it does not answer reaches Python."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import time
+
+import pytest
+from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dnsproxy import fastpath, wire
+from dnsproxy.stages.cache import KEY_SUFFIX
+
+pytestmark = pytest.mark.skipif(not fastpath.available() and not os.environ.get("CI"),
+                                reason="the compiled hit path is not built (make native)")
+
+LOOPBACK = [(bytes([127, 0, 0, 0]), 8), (bytes(15) + b"\x01", 128)]
+
+
+def native():
+    from dnsproxy import _native
+
+    return _native
+
+
+def fast_path(rate: float = 0.0, record: bool = True):
+    return native().FastPath(LOOPBACK, rate, 2 * rate, 0.9, record)
+
+
+def python_fields(data: bytes) -> tuple | None:
+    try:
+        q = wire._parse_query(data)
+    except (wire.WireError, struct.error):
+        return None
+    return (q.id, q.flags, 12 + len(q.question), q.edns, q.do, q.udp_size, q.edns_version)
+
+
+def query_bytes(name: str, qtype: str = "A", edns: int | None = 1232, do: bool = False,
+                flags: int = 0x0100, qid: int = 0x4242) -> bytes:
+    record = DNSRecord.question(name, qtype)
+    if edns is not None:
+        record.add_ar(EDNS0(udp_len=edns, flags="do" if do else ""))
+    data = bytearray(record.pack())
+    struct.pack_into(">HH", data, 0, qid, flags)
+    return bytes(data)
+
+
+# ---- reading queries -------------------------------------------------------------------------
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_are_read_as_python_reads_them(data: bytes) -> None:
+    assert native().parse_query(data) == python_fields(data)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from([query_bytes("www.Example.test"), query_bytes("a.b", "AAAA", None),
+                        query_bytes("x.test", edns=4096, do=True)]),
+       st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=4),
+       st.integers(0, 80))  # fmt: skip
+def test_mutated_queries_are_read_as_python_reads_them(base: bytes, flips, cut: int) -> None:
+    data = bytearray(base)
+    for index, value in flips:
+        if index < len(data):
+            data[index] = value
+    data = bytes(data[:len(data) - cut % 8])
+    assert native().parse_query(data) == python_fields(data)
+
+
+@pytest.mark.parametrize("crafted", [
+    b"",  # nothing
+    b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6,  # a question count, no question
+    query_bytes("a.test")[:-3],  # cut inside the OPT record
+    b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\xc0\x0c\x00\x01\x00\x01",  # pointer loop
+    b"\x12\x34\x01\x00\x00\x01\xff\xff\xff\xff\xff\xff\x01a\x00\x00\x01\x00\x01",  # huge counts
+    b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\x3fa" + b"a" * 70,  # label past the end
+    b"\x12\x34\x81\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01",  # a response
+], ids=["empty", "no-question", "cut-opt", "pointer-loop", "huge-counts", "long-label",
+        "response"])  # fmt: skip
+def test_crafted_queries_are_refused_as_python_refuses_them(crafted: bytes) -> None:
+    assert native().parse_query(crafted) is None
+    assert python_fields(crafted) is None
+
+
+def test_opt_in_the_answer_section_is_read_as_python_reads_it() -> None:
+    """An OPT record anywhere counts (when there is an additional section), as in Python."""
+    base = query_bytes("a.test")
+    opt = base[-11:]
+    a_record = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x7f\x00\x00\x01"
+    moved = bytearray(base[:-11]) + opt + a_record
+    struct.pack_into(">HHH", moved, 6, 1, 0, 1)  # the OPT first (as an answer), then an A
+    assert native().parse_query(bytes(moved)) == python_fields(bytes(moved))
+
+
+# ---- a hit's reply, byte for byte -------------------------------------------------------------
+
+
+def cached_reply(name: str, ttl: int = 300, addresses: int = 1) -> wire.CachedReply:
+    reply = DNSRecord.question(name).reply()
+    for i in range(addresses):
+        reply.add_answer(RR(name, QTYPE.A, rdata=A(f"192.0.2.{i % 250 + 1}"), ttl=ttl))
+    reply.add_ar(EDNS0(udp_len=1232))
+    data = reply.pack()
+    return wire.strip_opt(data, wire.parse_reply(data))
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.sampled_from(["www.example.test", "WWW.Example.TEST", "mail.example.test"]),
+       edns=st.sampled_from([None, 512, 1232, 4096]), do=st.booleans(),
+       flags=st.sampled_from([0x0000, 0x0100, 0x0110, 0x0120, 0x0130]),
+       age=st.integers(0, 269), addresses=st.sampled_from([1, 3, 40]))  # fmt: skip
+def test_a_hit_is_what_the_python_path_sends(name, edns, do, flags, age, addresses) -> None:
+    cached = cached_reply("www.example.test" if name.lower().startswith("www") else
+                          "mail.example.test", addresses=addresses)
+    data = query_bytes(name, edns=edns, do=do and edns is not None, flags=flags,
+                       qid=random.randrange(65536))
+    query = wire.parse_query(data)
+    key = query.key + KEY_SUFFIX[query.do][bool(query.flags & wire.CD)]
+    stored = 1000.0
+    fast = fast_path()
+    assert fast.put(key, cached.stamped_bytes(stored))
+    reply, _ = fast.answer(data, "127.0.0.1", 5353, stored + age + 0.5)
+    assert reply == wire.truncate_for(wire.client_reply(cached, query, age), query)
+
+
+def test_near_expiry_stale_and_missing_go_to_python() -> None:
+    cached = cached_reply("www.example.test", ttl=100)
+    data = query_bytes("www.example.test")
+    query = wire.parse_query(data)
+    fast = fast_path()
+    fast.put(query.key + b"\x00", cached.stamped_bytes(1000.0))
+    assert isinstance(fast.answer(data, "127.0.0.1", 1, 1000.0 + 89)[0], bytes)
+    for age in (90, 99, 100, 5000):  # prefetch point, near expiry, expired, long stale
+        assert fast.answer(data, "127.0.0.1", 1, 1000.0 + age)[0] is None
+    assert fast.answer(query_bytes("other.test"), "127.0.0.1", 1, 1000.0)[0] is None
+    assert fast.answer(data, "192.168.1.5", 1, 1000.0)[0] is None, "not on the access list"
+    fast.remove(query.key + b"\x00")
+    assert fast.answer(data, "127.0.0.1", 1, 1000.0)[0] is None
+
+
+def test_what_python_answers_itself_goes_to_python() -> None:
+    fast = fast_path()
+    chaos = bytes(DNSRecord.question("id.server", "TXT", "CH").pack())
+    badvers = bytearray(query_bytes("www.example.test"))
+    badvers[-5] = 1  # the OPT's version byte (TTL's second byte)
+    assert wire.parse_query(bytes(badvers)).edns_version == 1
+    notify = query_bytes("www.example.test", flags=0x2000)  # opcode NOTIFY
+    for data in (chaos, bytes(badvers), notify):
+        assert fast.answer(data, "127.0.0.1", 1, 0.0)[0] is None
+
+
+def test_the_rate_limit_is_one_bucket_per_client() -> None:
+    cached = cached_reply("www.example.test")
+    data = query_bytes("www.example.test")
+    query = wire.parse_query(data)
+    fast = fast_path(rate=2.0)  # burst 4
+    fast.put(query.key + b"\x00", cached.stamped_bytes(0.0))
+    verdicts = [fast.answer(data, "127.0.0.1", 1, 1.0)[0] for _ in range(6)]
+    assert [isinstance(v, bytes) for v in verdicts] == [True] * 4 + [False] * 2
+    assert verdicts[4] == "limited"
+    assert not fast.allow("127.0.0.1", 1.0), "TCP shares the client's bucket"
+    assert fast.allow("127.0.0.2", 1.0)
+    assert isinstance(fast.answer(data, "127.0.0.1", 1, 2.0)[0], bytes), "tokens came back"
+    keys, records, answered, limited = fast.take()
+    assert keys == [query.key + b"\x00"] and (answered, limited) == (5, 2)
+    assert [r[5] for r in records] == ["cached"] * 4 + ["ratelimited"] * 2 + ["cached"]
+
+
+# ---- a real socket ------------------------------------------------------------------------------
+
+
+def test_datagrams_on_a_socket_hits_answered_the_rest_handed_on() -> None:
+    cached = cached_reply("www.example.test")
+    fast = fast_path()
+    hit = query_bytes("www.example.test")
+    query = wire.parse_query(hit)
+    fast.put(query.key + b"\x00", cached.stamped_bytes(time.monotonic()))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        client.settimeout(2)
+        for data in (hit, query_bytes("miss.test"), b"junk", hit):
+            client.sendto(data, server.getsockname())
+        time.sleep(0.05)
+        rest = fast.drain(server.fileno(), time.monotonic(), 1024)
+        assert [data for data, _, _ in rest] == [query_bytes("miss.test"), b"junk"]
+        assert all(address == ("127.0.0.1", client.getsockname()[1]) for _, address, _ in rest)
+        replies = [client.recv(4096) for _ in range(2)]
+        assert all(reply == wire.client_reply(cached, query) for reply in replies)
+        assert fast.drain(server.fileno(), time.monotonic(), 1024) == []
+
+
+def test_random_and_mutated_datagrams_never_stop_it() -> None:
+    """The fuzz of tests/dnsproxy/test_fuzz.py at the compiled path, through a real socket:
+    every datagram is read, none crashes it, and a hit is still answered after them."""
+    rng = random.Random(22)
+    cached = cached_reply("www.example.test", addresses=3)
+    hit = query_bytes("www.example.test")
+    query = wire.parse_query(hit)
+    fast = fast_path(rate=0.0)
+    fast.put(query.key + b"\x00", cached.stamped_bytes(time.monotonic()))
+    seeds = [hit, query_bytes("a.test", "AAAA", None), query_bytes("b.test", edns=4096, do=True)]
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.bind(("127.0.0.1", 0))
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        server.setblocking(False)
+        client.setblocking(False)
+        for _round in range(40):
+            for _ in range(250):
+                if rng.random() < 0.3:
+                    data = rng.randbytes(rng.randrange(0, 200))
+                else:
+                    data = bytearray(rng.choice(seeds))
+                    for _ in range(rng.randrange(1, 6)):
+                        data[rng.randrange(len(data))] = rng.randrange(256)
+                    data = bytes(data[:rng.randrange(1, len(data) + 1)])
+                client.sendto(data, server.getsockname())
+                sent += 1
+            fast.drain(server.fileno(), time.monotonic(), 100_000)
+            while True:  # what it answered, read off so the client's buffer stays open
+                try:
+                    client.recv(65535)
+                except BlockingIOError:
+                    break
+        client.setblocking(True)
+        client.settimeout(2)
+        client.sendto(hit, server.getsockname())
+        time.sleep(0.02)
+        fast.drain(server.fileno(), time.monotonic(), 1024)
+        assert client.recv(4096) == wire.client_reply(cached, query)
+    assert sent == 10_000
