@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sat.add_argument("--cached-names", type=int, default=100_000,
                      help="names in dnsproxy's cache for the memory figure")
     sat.add_argument("--servers", default=",".join(SATURATION_SERVERS),
-                     help="comma-separated subset of dnsproxy,dnsmasq,unbound")
+                     help=f"comma-separated subset of {','.join(SATURATION_SERVERS)}")
     sat.add_argument("--no-docker", dest="docker", action="store_false",
                      help="skip the appliance container part")
 
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hh.add_argument("--household-time-scale", type=float, default=d.time_scale,
                     help="TTLs are divided by this: how much faster than a household the run is")
     hh.add_argument("--household-servers", default=",".join(household.SERVERS),
-                    help="comma-separated subset of dnsproxy,dnsmasq,unbound,smartdns")
+                    help=f"comma-separated subset of {','.join(household.SERVERS)}")
     hh.add_argument("--seed", type=int, default=d.seed, help="of the query stream")
 
     args = p.parse_args(argv)
