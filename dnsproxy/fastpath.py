@@ -8,9 +8,9 @@ fresh hits from its copy of the cache (`sendmmsg`), applies the access list and 
 rate limit, and hands every other datagram to the Python pipeline with the client's address
 (and the rate verdict it took, so the limit is taken once). It answers only what Python would
 answer the same way: a fresh entry (before the prefetch point) of the cache Python fills with
-verified replies, copied once Python has answered a hit from it and kept in step
-(stages/cache.py, `mirror`); a near-expiry, stale or missing entry, a refused client, and any
-query Python's stages answer themselves go to Python.
+verified replies, taken (by reference to the cache's own bytes) once Python has answered a hit
+from it and kept in step (stages/cache.py, `mirror`); a near-expiry, stale or missing entry, a
+refused client, and any query Python's stages answer themselves go to Python.
 
 What hits leave behind reaches Python in batches, every TAKE_INTERVAL seconds: their keys for
 the cache's LRU order, their counts, and, when anything logs queries, a record of each.

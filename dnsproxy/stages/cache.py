@@ -107,9 +107,9 @@ class Cache(PassThrough):
         # answers for them are not stored.
         self.rerouting: list[tuple[Callable[[bytes], bool], float]] = []
         self.scans: deque[Scan] = deque()  # the first is running, the others wait their turn
-        # The compiled hit path's copy (dnsproxy/fastpath.py) of the entries Python answered a
-        # hit from (the hot ones: a copy of all would double the cache's memory), kept in step
-        # with `entries`: what is dropped here is removed there.
+        # The compiled hit path's table (dnsproxy/fastpath.py) of the entries Python answered a
+        # hit from (the hot ones), holding these very bytes objects, kept in step with
+        # `entries`: what is dropped here is removed there.
         self.mirror: Mirror | None = None
         self.sync_mirror: Callable[[], None] | None = None  # its hits' LRU order, brought in
         self.counts = metrics.values

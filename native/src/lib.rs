@@ -80,7 +80,8 @@ struct Record {
 
 #[pyclass(module = "dnsproxy._native")]
 pub struct FastPath {
-    entries: HashMap<Vec<u8>, wire::Entry>,
+    /// Python's own stamped bytes for each key (a reference, not a copy: no second cache).
+    entries: HashMap<Vec<u8>, Py<PyBytes>>,
     networks: Vec<Network>,
     verdicts: HashMap<IpAddr, bool>,
     buckets: HashMap<IpAddr, (f64, f64)>, // tokens, last refill
@@ -130,8 +131,8 @@ impl FastPath {
     }
 
     /// The decision for one datagram from `source`; a hit's reply is left in `out`.
-    fn decide(&mut self, data: &[u8], source: &SocketAddr, now: f64, out: &mut Vec<u8>)
-              -> Verdict {
+    fn decide(&mut self, py: Python, data: &[u8], source: &SocketAddr, now: f64,
+              out: &mut Vec<u8>) -> Verdict {
         let ip = source.ip();
         if !self.allowed(ip) {
             return Verdict::Python(None); // refusals and their own limit are Python's
@@ -149,11 +150,15 @@ impl FastPath {
         }
         let mut key = std::mem::take(&mut self.key);
         wire::cache_key(data, &query, &mut key);
-        let verdict = match self.entries.get(&key) {
+        let stamped = self
+            .entries
+            .get(&key)
+            .and_then(|entry| wire::Stamped::read(entry.as_ref(py).as_bytes()));
+        let verdict = match stamped {
             Some(entry) => {
                 let age = now - entry.stored;
                 if age >= 0.0 && age < f64::from(entry.ttl) * self.prefetch_at {
-                    wire::client_reply(entry, data, &query, age as u32, 0, out);
+                    wire::client_reply(&entry, data, &query, age as u32, 0, out);
                     let rcode = entry.rcode;
                     if !self.touched.contains(&key) {
                         self.touched.insert(key.clone());
@@ -202,18 +207,15 @@ impl FastPath {
         })
     }
 
-    /// Mirror a cache entry (`wire.CachedReply`'s stamped bytes); False if unreadable.
-    fn put(&mut self, key: Vec<u8>, entry: &[u8]) -> bool {
-        match wire::Entry::from_stamped(entry) {
-            Some(entry) => {
-                self.entries.insert(key, entry);
-                true
-            }
-            None => {
-                self.entries.remove(&key);
-                false
-            }
+    /// Answer `key` from this entry (`wire.CachedReply`'s stamped bytes, the cache's own
+    /// object, kept by reference); False if its layout is unreadable.
+    fn put(&mut self, key: Vec<u8>, entry: &PyBytes) -> bool {
+        if wire::Stamped::read(entry.as_bytes()).is_none() {
+            self.entries.remove(&key);
+            return false;
         }
+        self.entries.insert(key, entry.into());
+        true
     }
 
     fn remove(&mut self, key: &[u8]) {
@@ -270,7 +272,7 @@ impl FastPath {
         })?;
         let source = SocketAddr::new(ip, port);
         let mut out = Vec::new();
-        Ok(match self.decide(data, &source, now, &mut out) {
+        Ok(match self.decide(py, data, &source, now, &mut out) {
             Verdict::Answered(rcode) => {
                 self.note(now, source, data, rcode, "cached");
                 (PyBytes::new(py, &out).into(), Some(true))
@@ -307,7 +309,7 @@ impl FastPath {
                     continue; // longer than any query we take: nothing to answer
                 }
                 let mut out = Vec::new();
-                match self.decide(&data, &source, now, &mut out) {
+                match self.decide(py, &data, &source, now, &mut out) {
                     Verdict::Answered(rcode) => {
                         self.note(now, source, &data, rcode, "cached");
                         replies.push((out, source));

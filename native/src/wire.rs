@@ -156,44 +156,46 @@ pub fn opt_record(do_bit: bool, ext_rcode: u8, out: &mut Vec<u8>) {
     out.extend_from_slice(&0u16.to_be_bytes());
 }
 
-/// A cached reply: its message (without OPT) and the offsets of its TTLs, as Python stored it.
-#[derive(Debug, Clone)]
-pub struct Entry {
+/// A cached reply as Python stored it (`wire.CachedReply`'s stamped bytes: a `>dIBBH` head, the
+/// u16 offsets of its TTLs, the message without OPT), read in place: the compiled path keeps a
+/// reference to Python's own bytes, not a copy.
+pub struct Stamped<'a> {
     pub stored: f64,
     pub ttl: u32,
     pub ext_rcode: u8,
     pub rcode: u8,
-    pub offsets: Vec<u16>,
-    pub message: Vec<u8>,
+    offsets: &'a [u8],
+    pub message: &'a [u8],
 }
 
-impl Entry {
-    /// Read `wire.CachedReply`'s layout: `>dIBBH` head, u16 TTL offsets, the message.
-    pub fn from_stamped(bytes: &[u8]) -> Option<Entry> {
+impl<'a> Stamped<'a> {
+    /// The layout, every offset checked to lie inside the message; None if it does not.
+    pub fn read(bytes: &'a [u8]) -> Option<Stamped<'a>> {
         let head = bytes.get(..16)?;
         let stored = f64::from_be_bytes(head[..8].try_into().ok()?);
         let ttl = u32::from_be_bytes(head[8..12].try_into().ok()?);
         let count = u16::from_be_bytes([head[14], head[15]]) as usize;
-        let offsets_end = 16 + 2 * count;
-        let offsets: Vec<u16> = bytes
-            .get(16..offsets_end)?
-            .chunks_exact(2)
-            .map(|pair| u16::from_be_bytes([pair[0], pair[1]]))
-            .collect();
-        let message = bytes.get(offsets_end..)?.to_vec();
-        if message.len() < 12 || offsets.iter().any(|&off| off as usize + 4 > message.len()) {
+        let offsets = bytes.get(16..16 + 2 * count)?;
+        let message = bytes.get(16 + 2 * count..)?;
+        let stamped = Stamped { stored, ttl, ext_rcode: head[12], rcode: head[13], offsets,
+                                message };
+        if message.len() < 12 || stamped.offsets().any(|off| off + 4 > message.len()) {
             return None;
         }
-        Some(Entry { stored, ttl, ext_rcode: head[12], rcode: head[13], offsets, message })
+        Some(stamped)
+    }
+
+    pub fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        self.offsets.chunks_exact(2).map(|pair| u16::from_be_bytes([pair[0], pair[1]]) as usize)
     }
 }
 
 /// `wire.client_reply`: the client's ID and question case, our flags, aged TTLs (a run-out one
 /// shows `stale_ttl`), our OPT if the client sent one. Then `truncate_for` its buffer.
-pub fn client_reply(entry: &Entry, data: &[u8], query: &Query, age: u32, stale_ttl: u32,
+pub fn client_reply(entry: &Stamped, data: &[u8], query: &Query, age: u32, stale_ttl: u32,
                     out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&entry.message);
+    out.extend_from_slice(entry.message);
     let question = &data[12..query.question_end];
     let upstream_flags = u16::from_be_bytes([out[2], out[3]]);
     let mut flags = (upstream_flags & !(AA | RD | CD | Z)) | RA | (query.flags & (RD | CD));
@@ -206,8 +208,7 @@ pub fn client_reply(entry: &Entry, data: &[u8], query: &Query, age: u32, stale_t
         out[12..12 + question.len()].copy_from_slice(question);
     }
     if age > 0 {
-        for &off in &entry.offsets {
-            let off = off as usize;
+        for off in entry.offsets() {
             let ttl = u32::from_be_bytes([out[off], out[off + 1], out[off + 2], out[off + 3]]);
             let aged = if ttl > age { ttl - age } else { stale_ttl };
             out[off..off + 4].copy_from_slice(&aged.to_be_bytes());
