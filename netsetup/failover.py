@@ -88,6 +88,7 @@ class Watch:
         elif not appliance_answers(appliance_ip):
             problem = f"the appliance at {appliance_ip} does not answer"
         self.fails = self.fails + 1 if problem else 0
+        before = self.health  # a role change seen with a recovery was the failure's doing
         health = problem if self.fails >= FAILS_BEFORE_FAULT else "ok"
         if self.health == "" and problem:
             health = problem  # at start, nothing is known good yet
@@ -101,7 +102,7 @@ class Watch:
             if self.role:
                 self.transitions += 1
                 self.last_transition = {"at": time.time(), "from": self.role, "to": role,
-                                        "why": self.why(role)}  # fmt: skip
+                                        "why": self.why(role, before)}  # fmt: skip
             self.role, changed = role, True
         return changed
 
@@ -113,11 +114,16 @@ class Watch:
             self.adverts = PeerAdverts(vrrp.vrid, vrrp.peers)
         self.adverts.read()
 
-    def why(self, role: str) -> str:
+    def why(self, role: str, before: str = "") -> str:
+        """Why the role changed; `before`: the health at the last look. keepalived acts on a
+        bad health between two looks, and the appliance may be answering again by the next,
+        which then sees the new role with the health already back."""
         if role == "master":
             return "no peer advertised: it stopped, or cannot be reached"
         if self.health != "ok":
             return f"gave the address up: {self.health}"
+        if before not in ("", "ok"):
+            return f"gave the address up: {before}"
         return "a peer holds the address"
 
     def close(self) -> None:

@@ -141,3 +141,20 @@ def test_only_the_peers_v3_advertisements_of_our_router_id_are_kept() -> None:
         adverts.take(packet, source)
     assert list(adverts.seen()) == ["192.168.1.21"]
     assert adverts.seen()["192.168.1.21"]["priority"] == 0
+
+
+def test_a_give_up_seen_only_once_the_appliance_is_back_is_still_a_give_up(
+        host: Host, tmp_path: Path) -> None:
+    """keepalived acts on the health file between two looks: the look that first sees the
+    address gone may already find the appliance answering again (restarted meanwhile)."""
+    host.holds = True
+    watch = failover.Watch(tmp_path / "dnsapp.health")
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    host.answers = False
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)  # unhealthy: keepalived gives up
+    host.holds, host.answers = False, True  # both before the next look
+    watch.tick(HELD, "172.31.53.53", plan_in_place=True)
+    assert watch.health == "ok" and watch.last_transition["to"] == "backup"
+    assert watch.last_transition["why"] == ("gave the address up: the appliance at "
+                                            "172.31.53.53 does not answer")
