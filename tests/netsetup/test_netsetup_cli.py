@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -172,6 +173,26 @@ def _ipv6() -> bool:
         return False
 
 
+def _unused_port_below_ephemeral() -> int:
+    """A port free on every family and protocol, below the kernel's ephemeral range.
+
+    A port the kernel handed out (bind to port 0) can also be held by another process's socket on
+    a specific address, say a connected UDP socket on a bridge's address: binding loopback then
+    works, the wildcard check does not, even after the holder closes. Picking below the ephemeral
+    range, and checking first, keeps other processes' outgoing sockets off the port.
+    """
+    from netsetup.detect import check_port_free
+    from netsetup.errors import PortTaken
+
+    for port in random.sample(range(20000, 32000), 50):
+        try:
+            check_port_free(port)
+        except PortTaken:
+            continue
+        return port
+    raise AssertionError("no free port found in 20000-32000")
+
+
 @pytest.mark.parametrize(
     ("family", "kind", "address", "reuse"),
     [
@@ -190,15 +211,15 @@ def test_port_taken_any_family_and_protocol(family, kind, address, reuse) -> Non
 
     if family == socket.AF_INET6 and not _ipv6():
         pytest.skip("no IPv6 on this host")
+    port = _unused_port_below_ephemeral()
     with socket.socket(family, kind) as holder:
         if reuse:
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             holder.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        holder.bind((address, 0))
+        holder.bind((address, port))
         if kind == socket.SOCK_STREAM:
             holder.listen()
-        port = holder.getsockname()[1]
         with pytest.raises(PortTaken, match=str(port)):
             check_port_free(port)
     check_port_free(port)  # released: free again
