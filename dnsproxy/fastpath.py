@@ -3,14 +3,16 @@ PyO3) by `make native`. Without it the forwarder runs the pure-Python path, whic
 same; `dnsproxy --version` and the start-up log say which one serves.
 
 Why: a cache hit through the event loop costs about 21 µs in its receive and send alone. The
-compiled path takes the client-facing UDP socket's datagrams in batches (`recvmmsg`), answers
-fresh hits from its copy of the cache (`sendmmsg`), applies the access list and the per-client
-rate limit, and hands every other datagram to the Python pipeline with the client's address
-(and the rate verdict it took, so the limit is taken once). It answers only what Python would
-answer the same way: a fresh entry (before the prefetch point) of the cache Python fills with
-verified replies, taken (by reference to the cache's own bytes) once Python has answered a hit
-from it and kept in step (stages/cache.py, `mirror`); a near-expiry, stale or missing entry, a
-refused client, and any query Python's stages answer themselves go to Python.
+compiled path reads each client-facing UDP socket on a thread of its own that never takes the
+GIL: datagrams in batches (`recvmmsg`), fresh hits answered from its copy of the cache
+(`sendmmsg`), the access list and the per-client rate limit applied; every other datagram is
+queued for the Python pipeline with the client's address (and the rate verdict it took, so
+the limit is taken once), and the event loop is woken for them through a socket. A busy event
+loop thus never delays a hit. It answers only what Python would answer the same way: a fresh
+entry (before the prefetch point) of the cache Python fills with verified replies, copied once
+Python has answered a hit from it and kept in step (stages/cache.py, `mirror`); a near-expiry,
+stale or missing entry, a refused client, and any query Python's stages answer themselves go
+to Python.
 
 What hits leave behind reaches Python in batches, every TAKE_INTERVAL seconds: their keys for
 the cache's LRU order, their counts, and, when anything logs queries, a record of each.
@@ -42,7 +44,7 @@ except ImportError:  # not built: a plain `pip install` without a Rust toolchain
 log = logging.getLogger("dnsproxy")
 
 TAKE_INTERVAL = 0.5  # seconds between batches of hit records, counts and LRU touches
-BUDGET = 1024  # datagrams one readiness callback takes at most: the loop's other work goes on
+BUDGET = 1024  # datagrams handed to the pipeline per callback: the loop's other work goes on
 MAX_WAITING = 4096  # replies queued for a full socket buffer; beyond, dropped
 
 
@@ -107,37 +109,23 @@ class SocketSender:
 
 
 class NativeUdp:
-    """One UDP listen socket read by the compiled path: the loop calls it when datagrams wait;
-    what it does not answer goes to `server` (a UdpServer) as if the loop had read it."""
+    """One UDP listen socket read by the compiled path's thread: what it does not answer
+    reaches `server` (a UdpServer) through HitPath, as if the loop had read it."""
 
     def __init__(self, hits: HitPath, server: Any, sock: socket.socket,
                  loop: asyncio.AbstractEventLoop) -> None:
-        self.hits, self.server, self.sock, self.loop = hits, server, sock, loop
-        self.fd = sock.fileno()
+        self.hits, self.server, self.sock = hits, server, sock
         self.sender = SocketSender(sock, loop)
         server.connection_made(self.sender)
-        loop.add_reader(self.fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            rest = self.hits.fast.drain(self.fd, time.monotonic(), BUDGET)
-        except OSError:
-            return  # an ICMP error reported on the socket; the next datagram comes as usual
-        except BaseException as exc:  # a bug in the module (a Rust panic is a BaseException)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            log.exception("the compiled hit path failed on a batch; it goes on")
-            return
-        received = self.server.datagram_received
-        for data, address, rate in rest:
-            received(data, address, rate)
+        self.number: int | None = hits.fast.listen(sock.fileno())
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if self.number is not None:
+            self.hits.fast.unlisten(self.number)  # the thread is gone before the socket is
+            self.hits.forget(self)
+            self.number = None
             self.sender.close()
-            self.loop.remove_reader(self.fd)
             self.sock.close()
-            self.fd = -1
 
 
 class SharedBuckets:
@@ -166,7 +154,9 @@ class HitPath:
         metrics.before_render.append(self.take)
         self.udp_queries = metrics.key("dnsproxy_queries_total", transport="udp")
         self.limited = metrics.key("dnsproxy_responses_total", reason="ratelimited")
-        self.sockets: list[NativeUdp] = []
+        self.shed = metrics.key("dnsproxy_overload_total", limit="handoff")
+        self.sockets: dict[int, NativeUdp] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.taker: asyncio.TimerHandle | None = None
 
     def configure(self, settings: Settings, pipeline: Pipeline) -> None:
@@ -188,10 +178,33 @@ class HitPath:
     def listen(self, sock: socket.socket, server: Any,
                loop: asyncio.AbstractEventLoop) -> NativeUdp:
         udp = NativeUdp(self, server, sock, loop)
-        self.sockets.append(udp)
-        if self.taker is None:
+        self.sockets[udp.number] = udp
+        if self.loop is None:
+            self.loop = loop
+            loop.add_reader(self.fast.wakeup_fd(), self._handed_on)
             self.taker = loop.call_later(TAKE_INTERVAL, self._take_every)
         return udp
+
+    def forget(self, udp: NativeUdp) -> None:
+        self.sockets.pop(udp.number, None)
+
+    def _handed_on(self) -> None:
+        """The datagrams the threads left for the pipeline, BUDGET at a time: the loop's
+        other work goes on between batches."""
+        try:
+            batch, more = self.fast.pending(BUDGET)
+        except BaseException as exc:  # a bug in the module (a Rust panic is a BaseException)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            log.exception("taking the compiled path's datagrams failed; it goes on")
+            return
+        sockets = self.sockets
+        for number, data, address, rate in batch:
+            udp = sockets.get(number)
+            if udp is not None:
+                udp.server.datagram_received(data, address, rate)
+        if more and self.loop is not None:
+            self.loop.call_soon(self._handed_on)
 
     def _take_every(self) -> None:
         self.take()
@@ -199,26 +212,35 @@ class HitPath:
 
     def take(self) -> None:
         """What the hits since the last take left: LRU order, counts, query-log records."""
-        keys, records, answered, limited = self.fast.take()
+        keys, records, answered, limited, shed, faults = self.fast.take()
+        if shed:
+            self.metrics.values[self.shed] += shed
+        if faults:
+            log.error("the compiled hit path lost %d batches to a fault; it goes on", faults)
         if answered or limited:
             self.metrics.values[self.udp_queries] += answered + limited
             self.metrics.values[self.limited] += limited
             self.cache.touch(keys, answered)
         if records:
             offset = time.time() - time.monotonic()
-            log = self.querylog
+            querylog = self.querylog
             for at, host, port, data, rcode, reason in records:
                 try:
                     query = wire.parse_query(data)
                 except wire.WireError:
                     continue
                 request = Request(query, (host, port), "udp", at)
-                log.answered(request, Response(None, reason, rcode), at + offset, at)
+                querylog.answered(request, Response(None, reason, rcode), at + offset, at)
 
     def close(self) -> None:
+        for udp in list(self.sockets.values()):
+            udp.close()
         if self.taker is not None:
             self.taker.cancel()
             self.taker = None
+        if self.loop is not None:
+            self.loop.remove_reader(self.fast.wakeup_fd())
+            self.loop = None
         self.take()
         self.cache.mirror = self.cache.sync_mirror = None
         if self.take in self.metrics.before_render:

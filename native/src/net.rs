@@ -1,6 +1,7 @@
-//! Batched datagram I/O on a non-blocking UDP socket the Python side owns: `recvmmsg` and
-//! `sendmmsg`. The only `unsafe` of the crate is here, in the system calls and the socket
-//! address conversions; what the datagrams hold is read in safe code (wire.rs).
+//! Batched datagram I/O on a non-blocking UDP socket the Python side owns: `recvmmsg`,
+//! `sendmmsg`, the `poll` a reader thread waits in, and the monotonic clock. The only `unsafe`
+//! of the crate is here, in the system calls and the socket address conversions; what the
+//! datagrams hold is read in safe code (wire.rs).
 
 use std::io;
 use std::mem;
@@ -69,6 +70,35 @@ impl Batch {
     pub fn source(&self, i: usize) -> Option<SocketAddr> {
         from_storage(&self.addrs[i])
     }
+
+    pub fn datagram(&self, i: usize) -> &[u8] {
+        &self.data[i][..self.lengths[i]]
+    }
+}
+
+/// Wait until `fd` has a datagram (true) or `stop` is readable (false); EINTR is an error.
+pub fn wait_readable(fd: RawFd, stop: RawFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: fds is a live array of two pollfd, its length given.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if ready < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fds[1].revents != 0 {
+        return Ok(false);
+    }
+    Ok(true) // readable, or an error on the socket that the next receive reports
+}
+
+/// Python's `time.monotonic()`: the clock the cache stamps its entries with.
+pub fn monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a live timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {

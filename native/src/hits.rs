@@ -1,0 +1,260 @@
+//! The decisions of the hit path, shared by its reader threads and the Python side: the mirror
+//! of the cache's entries, the access list, the per-client rate limit, and what the hits leave
+//! for Python (LRU touches, query-log records, counts) and the datagrams it must answer itself.
+//! One `Hits` lives behind a mutex; nothing here blocks or calls into Python.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+use crate::wire;
+
+pub const RCODE_REFUSED: u8 = 5;
+const MAX_CLIENTS: usize = 65536; // verdicts and buckets kept; beyond, they start afresh
+/// Datagrams waiting for Python at most; beyond, they are shed as a full socket buffer would
+/// (Python's own in-flight limits apply to what it takes).
+pub const MAX_PENDING: usize = 8192;
+
+/// A network of the access list.
+#[derive(Clone)]
+pub struct Network {
+    base: u128,
+    mask: u128,
+    v4: bool,
+}
+
+impl Network {
+    pub fn new(packed: &[u8], prefix: u8) -> Option<Network> {
+        let (base, bits, v4) = match packed.len() {
+            4 => (u32::from_be_bytes(packed.try_into().ok()?) as u128, 32u32, true),
+            16 => (u128::from_be_bytes(packed.try_into().ok()?), 128u32, false),
+            _ => return None,
+        };
+        if prefix as u32 > bits {
+            return None;
+        }
+        let mask = if prefix == 0 { 0 } else { (!0u128 << (bits - prefix as u32)) & width(bits) };
+        Some(Network { base: base & mask, mask, v4 })
+    }
+
+    fn contains(&self, ip: &IpAddr) -> bool {
+        match (ip, self.v4) {
+            (IpAddr::V4(v4), true) => u32::from(*v4) as u128 & self.mask == self.base,
+            (IpAddr::V6(v6), false) => u128::from(*v6) & self.mask == self.base,
+            _ => false,
+        }
+    }
+}
+
+fn width(bits: u32) -> u128 {
+    if bits == 128 { !0 } else { (1u128 << bits) - 1 }
+}
+
+/// An IPv4-mapped IPv6 source is its IPv4 address, as Python's access stage reads it.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// What became of one datagram.
+pub enum Verdict {
+    Answered(u8),         // a cache hit, with its rcode
+    Limited,              // over the client's rate: dropped, as Python drops it over UDP
+    Python(Option<bool>), // for the pipeline; the rate verdict when one was taken
+}
+
+pub struct Record {
+    pub at: f64,
+    pub source: SocketAddr,
+    pub query: Vec<u8>,
+    pub rcode: u8,
+    pub reason: &'static str,
+}
+
+/// A datagram for the Python pipeline, from the listener numbered `listener`.
+pub struct Miss {
+    pub listener: usize,
+    pub data: Vec<u8>,
+    pub source: SocketAddr,
+    pub rate: Option<bool>,
+}
+
+pub struct Hits {
+    /// A copy of the cache's stamped bytes for each key Python mirrored: the reader threads
+    /// answer without the GIL, so they cannot read Python's own objects.
+    entries: HashMap<Vec<u8>, Box<[u8]>>,
+    networks: Vec<Network>,
+    verdicts: HashMap<IpAddr, bool>,
+    buckets: HashMap<IpAddr, (f64, f64)>, // tokens, last refill
+    rate: f64,
+    burst: f64,
+    pub prefetch_at: f64,
+    /// Keep a record per hit for the query log (off when nothing logs queries).
+    pub record: bool,
+    pub touched: HashSet<Vec<u8>>,
+    pub records: Vec<Record>,
+    pub answered: u64,
+    pub limited: u64,
+    /// Datagrams for Python, and whether it has been woken for them.
+    pub pending: VecDeque<Miss>,
+    pub woken: bool,
+    pub shed: u64,
+    pub faults: u64,
+    key: Vec<u8>,
+}
+
+impl Hits {
+    pub fn new(networks: Vec<Network>, rate: f64, burst: f64, prefetch_at: f64,
+               record: bool) -> Hits {
+        Hits {
+            entries: HashMap::new(),
+            networks,
+            verdicts: HashMap::new(),
+            buckets: HashMap::new(),
+            rate,
+            burst,
+            prefetch_at,
+            record,
+            touched: HashSet::new(),
+            records: Vec::new(),
+            answered: 0,
+            limited: 0,
+            pending: VecDeque::new(),
+            woken: false,
+            shed: 0,
+            faults: 0,
+            key: Vec::with_capacity(260),
+        }
+    }
+
+    /// Answer `key` from this entry; false (and no entry) if its layout is unreadable.
+    pub fn put(&mut self, key: Vec<u8>, entry: &[u8]) -> bool {
+        if wire::Stamped::read(entry).is_none() {
+            self.entries.remove(&key);
+            return false;
+        }
+        self.entries.insert(key, entry.into());
+        true
+    }
+
+    pub fn remove(&mut self, key: &[u8]) {
+        self.entries.remove(key);
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn set_networks(&mut self, networks: Vec<Network>) {
+        self.networks = networks;
+        self.verdicts.clear();
+    }
+
+    pub fn set_rate(&mut self, rate: f64, burst: f64) {
+        self.rate = rate;
+        self.burst = burst;
+    }
+
+    pub fn limits(&self) -> bool {
+        self.rate > 0.0
+    }
+
+    fn allowed(&mut self, ip: IpAddr) -> bool {
+        if let Some(&verdict) = self.verdicts.get(&ip) {
+            return verdict;
+        }
+        let plain = unmapped(ip);
+        let verdict = self.networks.iter().any(|net| net.contains(&plain));
+        if self.verdicts.len() >= MAX_CLIENTS {
+            self.verdicts.clear();
+        }
+        self.verdicts.insert(ip, verdict);
+        verdict
+    }
+
+    /// Python's TokenBuckets.allow, for this client's queries.
+    pub fn take_token(&mut self, ip: IpAddr, now: f64) -> bool {
+        if self.buckets.len() >= MAX_CLIENTS && !self.buckets.contains_key(&ip) {
+            self.buckets.clear();
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let bucket = self.buckets.entry(ip).or_insert((burst, now));
+        bucket.0 = burst.min(bucket.0 + (now - bucket.1) * rate);
+        bucket.1 = now;
+        if bucket.0 >= 1.0 {
+            bucket.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The decision for one datagram from `source`; a hit's reply is left in `out`.
+    pub fn decide(&mut self, data: &[u8], source: &SocketAddr, now: f64,
+                  out: &mut Vec<u8>) -> Verdict {
+        let ip = source.ip();
+        if !self.allowed(ip) {
+            return Verdict::Python(None); // refusals and their own limit are Python's
+        }
+        let query = match wire::parse_query(data) {
+            Some(query) => query,
+            None => return Verdict::Python(None), // FORMERR or nothing: Python's, unlimited
+        };
+        let rate = if self.limits() { Some(self.take_token(ip, now)) } else { None };
+        if rate == Some(false) {
+            return Verdict::Limited;
+        }
+        if query.flags & wire::OPCODE_MASK != 0 || query.edns_version != 0 {
+            return Verdict::Python(rate); // NOTIMP, BADVERS: written by Python's stages
+        }
+        let mut key = std::mem::take(&mut self.key);
+        wire::cache_key(data, &query, &mut key);
+        let stamped = self.entries.get(&key).and_then(|entry| wire::Stamped::read(entry));
+        let verdict = match stamped {
+            Some(entry) => {
+                let age = now - entry.stored;
+                if age >= 0.0 && age < f64::from(entry.ttl) * self.prefetch_at {
+                    wire::client_reply(&entry, data, &query, age as u32, 0, out);
+                    let rcode = entry.rcode;
+                    if !self.touched.contains(&key) {
+                        self.touched.insert(key.clone());
+                    }
+                    Verdict::Answered(rcode)
+                } else {
+                    Verdict::Python(rate) // prefetch, stale or expired: the Python cache decides
+                }
+            }
+            None => Verdict::Python(rate),
+        };
+        self.key = key;
+        verdict
+    }
+
+    /// Count (and, when recording, log) a datagram this path answered or dropped.
+    pub fn note(&mut self, now: f64, source: SocketAddr, data: &[u8], rcode: u8,
+                reason: &'static str) {
+        if reason == "cached" {
+            self.answered += 1;
+        } else {
+            self.limited += 1;
+        }
+        if self.record {
+            self.records.push(Record { at: now, source, query: data.to_vec(), rcode, reason });
+        }
+    }
+
+    /// Queue a datagram for Python; true if Python must be woken for it.
+    pub fn hand_on(&mut self, miss: Miss) -> bool {
+        if self.pending.len() >= MAX_PENDING {
+            self.shed += 1;
+            return false;
+        }
+        self.pending.push_back(miss);
+        !std::mem::replace(&mut self.woken, true)
+    }
+}

@@ -1,0 +1,136 @@
+//! A thread per client-facing UDP socket: it waits for datagrams without the GIL, answers the
+//! hits in batches, and queues the rest for Python, waking its event loop through a socket pair
+//! (once per batch that Python has not yet been woken for). Hits never wait for Python: a
+//! busy event loop (a burst of misses, a reload) delays only what it must answer itself.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+
+use crate::hits::{Hits, Miss, Verdict, RCODE_REFUSED};
+use crate::net;
+
+/// The lock, even after a panic on another thread: `Hits` holds no invariant a half-done batch
+/// could break beyond one datagram's fate.
+pub fn lock(hits: &Mutex<Hits>) -> MutexGuard<'_, Hits> {
+    hits.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub struct Reader {
+    stop: UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reader {
+    /// Start reading `fd` (a non-blocking UDP socket the caller keeps open until `stop`).
+    pub fn start(hits: Arc<Mutex<Hits>>, listener: usize, fd: RawFd,
+                 wake: UnixStream) -> io::Result<Reader> {
+        let (stop, stopped) = UnixStream::pair()?;
+        let thread = thread::Builder::new()
+            .name(format!("dnsproxy-udp{listener}"))
+            .spawn(move || serve(&hits, listener, fd, &stopped, &wake))?;
+        Ok(Reader { stop, thread: Some(thread) })
+    }
+
+    /// Stop the thread and wait for it: after this, it never touches the socket again.
+    pub fn stop(&mut self) {
+        let _ = (&self.stop).write(&[1]);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve(hits: &Mutex<Hits>, listener: usize, fd: RawFd, stopped: &UnixStream,
+         wake: &UnixStream) {
+    let mut batch = net::Batch::new();
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+    loop {
+        match net::wait_readable(fd, stopped.as_raw_fd()) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => continue, // EINTR
+        }
+        loop {
+            let got = match batch.receive(fd) {
+                Ok(got) => got,
+                Err(_) => continue, // an ICMP error queued on the socket: read on
+            };
+            if got == 0 {
+                break;
+            }
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+                handle(hits, listener, &batch, got, &mut replies)
+            }));
+            match outcome {
+                Ok((answers, wake_python)) => {
+                    if wake_python {
+                        let _ = (&*wake).write(&[1]); // full: Python is woken already
+                    }
+                    net::send_all(fd, &replies[..answers]);
+                }
+                Err(_) => lock(hits).faults += 1, // a bug: this batch is lost, not the thread
+            }
+            if got < net::BATCH {
+                break;
+            }
+        }
+    }
+}
+
+/// Decide a batch under the lock: the hits' replies go to the front of `replies`, (how many,
+/// whether Python must be woken) comes back.
+fn handle(hits: &Mutex<Hits>, listener: usize, batch: &net::Batch, got: usize,
+          replies: &mut Vec<(Vec<u8>, SocketAddr)>) -> (usize, bool) {
+    let now = net::monotonic();
+    let mut answers = 0;
+    let mut wake_python = false;
+    let mut hits = lock(hits);
+    for i in 0..got {
+        let source = match batch.source(i) {
+            Some(source) => source,
+            None => continue,
+        };
+        if batch.truncated[i] {
+            continue; // longer than any query we take: nothing to answer
+        }
+        let data = batch.datagram(i);
+        if replies.len() == answers {
+            replies.push((Vec::with_capacity(512), source));
+        }
+        let (out, destination) = &mut replies[answers];
+        match hits.decide(data, &source, now, out) {
+            Verdict::Answered(rcode) => {
+                *destination = source;
+                hits.note(now, source, data, rcode, "cached");
+                answers += 1;
+            }
+            Verdict::Limited => hits.note(now, source, data, RCODE_REFUSED, "ratelimited"),
+            Verdict::Python(rate) => {
+                let miss = Miss { listener, data: data.to_vec(), source, rate };
+                wake_python |= hits.hand_on(miss);
+            }
+        }
+    }
+    (answers, wake_python)
+}
+
+/// Empty the wake-up socket's buffer (non-blocking), before Python takes what is pending.
+pub fn drain_wakeups(wake: &UnixStream) {
+    let mut buf = [0u8; 256];
+    while let Ok(n) = (&*wake).read(&mut buf) {
+        if n < buf.len() {
+            break;
+        }
+    }
+}
