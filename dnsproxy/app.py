@@ -11,7 +11,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import ssl
 import sys
 import time
@@ -31,10 +30,11 @@ from .forgery import (
 )
 from .forwarder import Forwarder
 from .history import History
+from .listen import Listener, ListenError, bind_listeners
 from .metrics import Metrics, serve_metrics
 from .pipeline import Pipeline
 from .querylog import NullLog, QueryLog, Tee
-from .server import Responder, TcpServer, UdpServer, bind_socket
+from .server import Responder, TcpServer, UdpServer
 from .split import SplitResolver
 from .stages.access import AccessControl
 from .stages.cache import Cache
@@ -61,10 +61,6 @@ log = logging.getLogger("dnsproxy")
 RESTART_ONLY = ("listen", "metrics", "query_log", "workers", "tcp_idle_timeout",
                 "tcp_max_connections", "tcp_max_per_client", "max_in_flight", "state_dir",
                 "cache_save_interval", "web", "web_password_file", "history_days")
-
-
-class ListenError(Exception):
-    """A listen address is taken or not ours: reported in one line, exit status 1."""
 
 
 @dataclass
@@ -632,35 +628,6 @@ class Service:
             await asyncio.to_thread(self.history.close)  # what is pending is written
 
 
-Listener = tuple[socket.socket, socket.socket]  # UDP and TCP on one listen address
-
-
-def bind_listeners(settings: Settings, reuse_port: bool = False) -> list[Listener]:
-    """Every listen address's sockets, bound (TCP listening): done first at start, before the
-    cache file and the configuration's files are read, so that queries wait in the kernel's
-    buffers meanwhile rather than being refused. ListenError for an address that is taken or
-    not ours, with nothing left bound."""
-    bound: list[Listener] = []
-    try:
-        for host, port in settings.listen_addresses():
-            try:
-                udp = bind_socket(host, port, socket.SOCK_DGRAM, reuse_port)
-            except OSError as exc:
-                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            try:
-                tcp = bind_socket(host, port, socket.SOCK_STREAM, reuse_port)
-            except OSError as exc:
-                udp.close()
-                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            bound.append((udp, tcp))
-    except ListenError:
-        for pair in bound:
-            for sock in pair:
-                sock.close()
-        raise
-    return bound
-
-
 def query_log(settings: Settings, history: History | None) -> QueryLog:
     """Where each query is recorded: the JSON lines, the page's history, both, or nowhere."""
     logs = [log for log in (QueryLog() if settings.query_log else None, history) if log]
@@ -745,10 +712,12 @@ async def serve(settings: Settings, cli_overrides: dict | None = None,
     await service.stop()
 
 
-def run(settings: Settings, cli_overrides: dict | None = None, reuse_port: bool = False) -> None:
-    """Bind first (see bind_listeners), then serve; on uvloop when it is installed: about
-    three times the packets per second."""
-    listeners = bind_listeners(settings, reuse_port)
+def run(settings: Settings, cli_overrides: dict | None = None, reuse_port: bool = False,
+        listeners: list[Listener] | None = None) -> None:
+    """Serve on `listeners` (bound now if not given: see listen.py); on uvloop when it is
+    installed: about three times the packets per second."""
+    if listeners is None:
+        listeners = bind_listeners(settings, reuse_port)
     main = serve(settings, cli_overrides, reuse_port, listeners)
     try:
         import uvloop

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import sys
@@ -141,7 +139,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _worker(settings, cli: dict) -> None:
-    from .app import ListenError, run
+    from .app import run
+    from .listen import ListenError
 
     try:
         run(settings, cli, True)
@@ -161,6 +160,9 @@ def _run_workers(settings, cli: dict, count: int) -> int:
     Limits that are per client (rate, TCP connections) apply per worker. The first worker to
     end ends them all: half a service that looks whole is worse than a clear failure.
     """
+    import multiprocessing  # here: the single process binds before anything heavy (listen.py)
+    import multiprocessing.connection
+
     context = multiprocessing.get_context("fork")
     children = [context.Process(target=_worker, args=(settings, cli), daemon=True)
                 for _ in range(count)]
@@ -202,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dnsproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from .app import ListenError, run
+    from .listen import ListenError, bind_listeners
 
     try:
         if settings.workers > 1:
             return _run_workers(settings, args, settings.workers)
-        run(settings, args)
+        listeners = bind_listeners(settings)  # before the forwarder's imports: see listen.py
+        from .app import run
+
+        run(settings, args, listeners=listeners)
     except ConfigError as exc:
         print(f"dnsproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

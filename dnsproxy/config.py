@@ -18,7 +18,7 @@ from typing import Any
 
 from . import homenames
 from .defaults import DEFAULT_ALLOWED, DEFAULT_LOCAL_DOMAINS
-from .upstreams import UpstreamSpec, parse_spec
+from .upstreamspec import UpstreamSpec, parse_spec
 
 
 class ConfigError(ValueError):

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from . import wire
 from .domainlists import to_wire
-from .upstreams import UpstreamSpec, parse_spec
+from .upstreamspec import UpstreamSpec, parse_spec
 
 # What a rule does.
 ROUTE = "route"  # ask the rule's group

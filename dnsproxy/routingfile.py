@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import homenames
 from .statefile import write_atomically
-from .upstreams import UpstreamSpec
+from .upstreamspec import UpstreamSpec
 
 log = logging.getLogger("dnsproxy")
 

@@ -52,11 +52,6 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
-def hostport(host: str, port: int) -> str:
-    """How an address is written in specs, logs and metrics: IPv6 in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def os_reason(exc: OSError) -> str:
     """A socket error as a short label for metrics: refused, network-is-unreachable, ..."""
     if isinstance(exc, ConnectionRefusedError):

@@ -22,12 +22,12 @@ import time
 
 from .. import wire
 from ..forgery import EdnsState, ForgeryFilters
+from ..upstreamspec import hostport
 from .base import (
     Answer,
     Forged,
     Telemetry,
     UpstreamError,
-    hostport,
     judge_stream,
     matches,
     os_reason,

@@ -44,7 +44,8 @@ from collections.abc import Awaitable
 
 from .. import wire
 from ..forgery import OPT_REFUSALS, TEACHING_REASONS, EdnsMarker, EdnsState, ForgeryFilters
-from .base import Answer, PollutedNames, Telemetry, UpstreamError, hostport, matches, os_reason
+from ..upstreamspec import hostport
+from .base import Answer, PollutedNames, Telemetry, UpstreamError, matches, os_reason
 from .stream import StreamUpstream
 
 MAX_USES = 64  # queries one socket carries; also bounds its pending IDs far below 65536
