@@ -46,7 +46,7 @@ class Responder:
         self.allowed = allowed  # the access stage's verdict, for what comes before the pipeline
         self.max_in_flight = max_in_flight
         self.client_share = client_share(max_in_flight)
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[asyncio.Task, str] = {}  # in flight -> its client
         self.loop: asyncio.AbstractEventLoop | None = None  # get_running_loop() costs a syscall
         self.held: dict[str, int] = {}  # client address -> its tasks in flight
 
@@ -64,13 +64,18 @@ class Responder:
         if loop is None:
             loop = self.loop = asyncio.get_running_loop()
         task = loop.create_task(coro)
-        self.tasks.add(task)
+        self.tasks[task] = client
         self.held[client] = held + 1
-        task.add_done_callback(lambda done: self._release(done, client))
+        task.add_done_callback(self.release)
         return task
 
-    def _release(self, task: asyncio.Task, client: str) -> None:
-        self.tasks.discard(task)
+    def release(self, task: asyncio.Task) -> None:
+        """`task` holds nothing any more: called when its answer is out, and again (a no-op
+        then) when it is done. A done callback runs only on the loop's next pass; a client
+        whose answers just went out and asks again at once must not be counted twice."""
+        client = self.tasks.pop(task, None)
+        if client is None:
+            return
         left = self.held.pop(client) - 1
         if left:
             self.held[client] = left
@@ -128,6 +133,7 @@ class UdpServer(asyncio.DatagramProtocol):
 
     async def _resolve(self, request: Request) -> None:
         self._send(request, await self.responder.resolve(request))
+        self.responder.release(asyncio.current_task())  # the answer is out
 
     def _send(self, request: Request, response: Response) -> None:
         message = response.wire
