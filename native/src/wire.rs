@@ -157,8 +157,7 @@ pub fn opt_record(do_bit: bool, ext_rcode: u8, out: &mut Vec<u8>) {
 }
 
 /// A cached reply as Python stored it (`wire.CachedReply`'s stamped bytes: a `>dIBBH` head, the
-/// u16 offsets of its TTLs, the message without OPT), read in place: the compiled path keeps a
-/// reference to Python's own bytes, not a copy.
+/// u16 offsets of its TTLs, the message without OPT), read in place from the mirror's copy.
 pub struct Stamped<'a> {
     pub stored: f64,
     pub ttl: u32,
