@@ -3,7 +3,7 @@
 //! for Python (LRU touches, query-log records, counts) and the datagrams it must answer itself.
 //! One `Hits` lives behind a mutex; nothing here blocks or calls into Python.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::wire;
@@ -80,19 +80,27 @@ pub struct Miss {
     pub rate: Option<bool>,
 }
 
+/// A mirrored entry: a copy of the cache's stamped bytes (the reader threads answer without
+/// the GIL, so they cannot read Python's own objects), and whether a hit since the last take
+/// listed its key already.
+struct Entry {
+    stamped: Box<[u8]>,
+    touched: bool,
+}
+
 pub struct Hits {
-    /// A copy of the cache's stamped bytes for each key Python mirrored: the reader threads
-    /// answer without the GIL, so they cannot read Python's own objects.
-    entries: HashMap<Vec<u8>, Box<[u8]>>,
+    entries: HashMap<Vec<u8>, Entry>,
     networks: Vec<Network>,
     verdicts: HashMap<IpAddr, bool>,
+    last_verdict: Option<(IpAddr, bool)>, // most datagrams come from the client before
     buckets: HashMap<IpAddr, (f64, f64)>, // tokens, last refill
     rate: f64,
     burst: f64,
     pub prefetch_at: f64,
     /// Keep a record per hit for the query log (off when nothing logs queries).
     pub record: bool,
-    pub touched: HashSet<Vec<u8>>,
+    /// The keys hit since the last take, each once: the cache's LRU order.
+    pub touched: Vec<Vec<u8>>,
     pub records: Vec<Record>,
     pub answered: u64,
     pub limited: u64,
@@ -111,12 +119,13 @@ impl Hits {
             entries: HashMap::new(),
             networks,
             verdicts: HashMap::new(),
+            last_verdict: None,
             buckets: HashMap::new(),
             rate,
             burst,
             prefetch_at,
             record,
-            touched: HashSet::new(),
+            touched: Vec::new(),
             records: Vec::new(),
             answered: 0,
             limited: 0,
@@ -134,7 +143,7 @@ impl Hits {
             self.entries.remove(&key);
             return false;
         }
-        self.entries.insert(key, entry.into());
+        self.entries.insert(key, Entry { stamped: entry.into(), touched: false });
         true
     }
 
@@ -153,6 +162,7 @@ impl Hits {
     pub fn set_networks(&mut self, networks: Vec<Network>) {
         self.networks = networks;
         self.verdicts.clear();
+        self.last_verdict = None;
     }
 
     pub fn set_rate(&mut self, rate: f64, burst: f64) {
@@ -165,7 +175,13 @@ impl Hits {
     }
 
     fn allowed(&mut self, ip: IpAddr) -> bool {
+        if let Some((last, verdict)) = self.last_verdict {
+            if last == ip {
+                return verdict;
+            }
+        }
         if let Some(&verdict) = self.verdicts.get(&ip) {
+            self.last_verdict = Some((ip, verdict));
             return verdict;
         }
         let plain = unmapped(ip);
@@ -174,6 +190,7 @@ impl Hits {
             self.verdicts.clear();
         }
         self.verdicts.insert(ip, verdict);
+        self.last_verdict = Some((ip, verdict));
         verdict
     }
 
@@ -214,25 +231,40 @@ impl Hits {
         }
         let mut key = std::mem::take(&mut self.key);
         wire::cache_key(data, &query, &mut key);
-        let stamped = self.entries.get(&key).and_then(|entry| wire::Stamped::read(entry));
-        let verdict = match stamped {
-            Some(entry) => {
-                let age = now - entry.stored;
-                if age >= 0.0 && age < f64::from(entry.ttl) * self.prefetch_at {
-                    wire::client_reply(&entry, data, &query, age as u32, 0, out);
-                    let rcode = entry.rcode;
-                    if !self.touched.contains(&key) {
-                        self.touched.insert(key.clone());
+        let prefetch_at = self.prefetch_at;
+        let mut first_touch = false;
+        let verdict = match self.entries.get_mut(&key) {
+            Some(entry) => match wire::Stamped::read(&entry.stamped) {
+                Some(stamped) => {
+                    let age = now - stamped.stored;
+                    if age >= 0.0 && age < f64::from(stamped.ttl) * prefetch_at {
+                        wire::client_reply(&stamped, data, &query, age as u32, 0, out);
+                        first_touch = !std::mem::replace(&mut entry.touched, true);
+                        Verdict::Answered(stamped.rcode)
+                    } else {
+                        Verdict::Python(rate) // prefetch, stale or expired: Python decides
                     }
-                    Verdict::Answered(rcode)
-                } else {
-                    Verdict::Python(rate) // prefetch, stale or expired: the Python cache decides
                 }
-            }
+                None => Verdict::Python(rate),
+            },
             None => Verdict::Python(rate),
         };
+        if first_touch {
+            self.touched.push(key.clone());
+        }
         self.key = key;
         verdict
+    }
+
+    /// The keys hit since the last call, each once; their entries may be listed again.
+    pub fn take_touched(&mut self) -> Vec<Vec<u8>> {
+        let touched = std::mem::take(&mut self.touched);
+        for key in &touched {
+            if let Some(entry) = self.entries.get_mut(key) {
+                entry.touched = false;
+            }
+        }
+        touched
     }
 
     /// Count (and, when recording, log) a datagram this path answered or dropped.

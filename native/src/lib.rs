@@ -203,7 +203,7 @@ impl FastPath {
                  -> PyResult<(&'py PyList, &'py PyList, u64, u64, u64, u64)> {
         let (touched, records, counts) = {
             let mut hits = lock(&self.hits);
-            let touched = std::mem::take(&mut hits.touched);
+            let touched = hits.take_touched();
             let records = std::mem::take(&mut hits.records);
             let counts = (hits.answered, hits.limited, hits.shed, hits.faults);
             hits.answered = 0;

@@ -11,45 +11,52 @@ use std::os::unix::io::RawFd;
 pub const BATCH: usize = 64;
 pub const MAX_DATAGRAM: usize = 4096; // a client's query is far smaller; longer ones truncate
 
-/// Receive buffers and address storage for one batch, reused for every call (the system
-/// call's pointer tables are built on the stack for each call).
+/// Receive buffers, address storage and the system call's tables for one batch, set up once
+/// and reused for every call. The tables point into the other buffers' heap storage, which
+/// never moves (none of the vectors grows), so a `Batch` stays valid wherever it is moved;
+/// it holds raw pointers and so stays on the thread that made it.
 pub struct Batch {
-    pub data: Vec<[u8; MAX_DATAGRAM]>,
+    data: Vec<[u8; MAX_DATAGRAM]>,
     pub lengths: [usize; BATCH],
     pub truncated: [bool; BATCH],
     addrs: Vec<libc::sockaddr_storage>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
 }
 
 impl Batch {
     pub fn new() -> Batch {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        let zero_addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
-        Batch {
+        // SAFETY: all-zero is a valid value of these plain C structs.
+        let (zero_addr, zero_iovec, zero_header) = unsafe {
+            (mem::zeroed::<libc::sockaddr_storage>(), mem::zeroed::<libc::iovec>(),
+             mem::zeroed::<libc::mmsghdr>())
+        };
+        let mut batch = Batch {
             data: vec![[0u8; MAX_DATAGRAM]; BATCH],
             lengths: [0; BATCH],
             truncated: [false; BATCH],
             addrs: vec![zero_addr; BATCH],
+            iovecs: vec![zero_iovec; BATCH],
+            headers: vec![zero_header; BATCH],
+        };
+        for i in 0..BATCH {
+            batch.iovecs[i].iov_base = batch.data[i].as_mut_ptr() as *mut libc::c_void;
+            batch.iovecs[i].iov_len = MAX_DATAGRAM;
+            let header = &mut batch.headers[i].msg_hdr;
+            header.msg_name = &mut batch.addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
+            header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_iov = &mut batch.iovecs[i] as *mut libc::iovec;
+            header.msg_iovlen = 1;
         }
+        batch
     }
 
     /// Up to BATCH datagrams; 0 when none is waiting.
     pub fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
-        // SAFETY: all-zero is a valid value of these plain C structs.
-        let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
-        for i in 0..BATCH {
-            iovecs[i].iov_base = self.data[i].as_mut_ptr() as *mut libc::c_void;
-            iovecs[i].iov_len = MAX_DATAGRAM;
-            let header = &mut headers[i].msg_hdr;
-            header.msg_name = &mut self.addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
-            header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            header.msg_iov = &mut iovecs[i] as *mut libc::iovec;
-            header.msg_iovlen = 1;
-        }
-        // SAFETY: every header points into self's buffers and the arrays above, all alive for
-        // the call; the kernel writes at most the lengths given.
+        // SAFETY: every header points into self's buffers, alive and unmoved for the call; the
+        // kernel writes at most the lengths given.
         let got = unsafe {
-            libc::recvmmsg(fd, headers.as_mut_ptr(), BATCH as libc::c_uint,
+            libc::recvmmsg(fd, self.headers.as_mut_ptr(), BATCH as libc::c_uint,
                            libc::MSG_DONTWAIT, std::ptr::null_mut())
         };
         if got < 0 {
@@ -61,8 +68,11 @@ impl Batch {
         }
         let got = got as usize;
         for i in 0..got {
-            self.lengths[i] = (headers[i].msg_len as usize).min(MAX_DATAGRAM);
-            self.truncated[i] = headers[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            let header = &mut self.headers[i];
+            self.lengths[i] = (header.msg_len as usize).min(MAX_DATAGRAM);
+            self.truncated[i] = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            // The kernel shortened it to the source's size; the next call needs it whole.
+            header.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         }
         Ok(got)
     }
@@ -152,47 +162,67 @@ fn to_storage(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-/// Send every (reply, destination) in as few `sendmmsg` calls as the kernel takes; a reply the
-/// socket cannot take now (a full buffer) is dropped, as a UDP send that would block is.
-pub fn send_all(fd: RawFd, replies: &[(Vec<u8>, SocketAddr)]) -> usize {
-    let mut sent = 0;
-    for chunk in replies.chunks(BATCH) {
-        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
-            chunk.iter().map(|(_, addr)| to_storage(addr)).collect();
-        let mut iovecs: Vec<libc::iovec> = chunk
-            .iter()
-            .map(|(data, _)| libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            })
-            .collect();
-        // SAFETY: all-zero is a valid mmsghdr.
-        let mut headers: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
-        for i in 0..chunk.len() {
-            let header = &mut headers[i].msg_hdr;
-            header.msg_name = &mut addrs[i].0 as *mut libc::sockaddr_storage as *mut libc::c_void;
-            header.msg_namelen = addrs[i].1;
-            header.msg_iov = &mut iovecs[i] as *mut libc::iovec;
-            header.msg_iovlen = 1;
-        }
-        let mut start = 0;
-        while start < chunk.len() {
-            // SAFETY: the headers point into addrs, iovecs and the replies, alive for the call.
-            let done = unsafe {
-                libc::sendmmsg(fd, headers[start..].as_mut_ptr(),
-                               (chunk.len() - start) as libc::c_uint, libc::MSG_DONTWAIT)
-            };
-            if done <= 0 {
-                let err = io::Error::last_os_error();
-                if done < 0 && err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                start += 1; // this one cannot go (full buffer, unreachable): drop it, go on
-                continue;
-            }
-            sent += done as usize;
-            start += done as usize;
+/// The tables of `sendmmsg`, kept between calls so that a batch allocates nothing.
+pub struct Sender {
+    addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl Sender {
+    pub fn new() -> Sender {
+        Sender {
+            addrs: Vec::with_capacity(BATCH),
+            iovecs: Vec::with_capacity(BATCH),
+            headers: Vec::with_capacity(BATCH),
         }
     }
-    sent
+
+    /// Send every (reply, destination) in as few `sendmmsg` calls as the kernel takes; a reply
+    /// the socket cannot take now (a full buffer) is dropped, as a UDP send that would block is.
+    pub fn send_all(&mut self, fd: RawFd, replies: &[(Vec<u8>, SocketAddr)]) -> usize {
+        let mut sent = 0;
+        for chunk in replies.chunks(BATCH) {
+            self.addrs.clear();
+            self.iovecs.clear();
+            self.headers.clear();
+            for (data, addr) in chunk {
+                self.addrs.push(to_storage(addr));
+                self.iovecs.push(libc::iovec {
+                    iov_base: data.as_ptr() as *mut libc::c_void,
+                    iov_len: data.len(),
+                });
+            }
+            for i in 0..chunk.len() {
+                // SAFETY: all-zero is a valid mmsghdr.
+                let mut header: libc::mmsghdr = unsafe { mem::zeroed() };
+                header.msg_hdr.msg_name =
+                    &mut self.addrs[i].0 as *mut libc::sockaddr_storage as *mut libc::c_void;
+                header.msg_hdr.msg_namelen = self.addrs[i].1;
+                header.msg_hdr.msg_iov = &mut self.iovecs[i] as *mut libc::iovec;
+                header.msg_hdr.msg_iovlen = 1;
+                self.headers.push(header);
+            }
+            let mut start = 0;
+            while start < chunk.len() {
+                // SAFETY: the headers point into addrs, iovecs (not resized since) and the
+                // replies, all alive for the call.
+                let done = unsafe {
+                    libc::sendmmsg(fd, self.headers[start..].as_mut_ptr(),
+                                   (chunk.len() - start) as libc::c_uint, libc::MSG_DONTWAIT)
+                };
+                if done <= 0 {
+                    let err = io::Error::last_os_error();
+                    if done < 0 && err.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    start += 1; // this one cannot go (full buffer, unreachable): drop it, go on
+                    continue;
+                }
+                sent += done as usize;
+                start += done as usize;
+            }
+        }
+        sent
+    }
 }

@@ -54,6 +54,7 @@ impl Drop for Reader {
 fn serve(hits: &Mutex<Hits>, listener: usize, fd: RawFd, stopped: &UnixStream,
          wake: &UnixStream) {
     let mut batch = net::Batch::new();
+    let mut sender = net::Sender::new();
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
     loop {
         match net::wait_readable(fd, stopped.as_raw_fd()) {
@@ -77,7 +78,7 @@ fn serve(hits: &Mutex<Hits>, listener: usize, fd: RawFd, stopped: &UnixStream,
                     if wake_python {
                         let _ = (&*wake).write(&[1]); // full: Python is woken already
                     }
-                    net::send_all(fd, &replies[..answers]);
+                    sender.send_all(fd, &replies[..answers]);
                 }
                 Err(_) => lock(hits).faults += 1, // a bug: this batch is lost, not the thread
             }

@@ -176,6 +176,8 @@ def test_the_rate_limit_is_one_bucket_per_client() -> None:
     assert keys == [query.key + b"\x00"] and (answered, limited) == (5, 2)
     assert (shed, faults) == (0, 0)
     assert [r[5] for r in records] == ["cached"] * 4 + ["ratelimited"] * 2 + ["cached"]
+    assert isinstance(fast.answer(data, "127.0.0.2", 1, 2.0)[0], bytes)
+    assert fast.take()[0] == [query.key + b"\x00"], "listed again after a take, once"
 
 
 # ---- a real socket ------------------------------------------------------------------------------
