@@ -71,8 +71,9 @@ def networks(allow: list[str]) -> list[tuple[bytes, int]]:
 
 class SocketSender:
     """What UdpServer sends through for the datagrams the compiled path hands it: the socket
-    itself, non-blocking. A reply the socket's buffer cannot take now waits in a queue sent
-    when the socket is writable again, as an asyncio transport's would."""
+    itself, each send non-blocking (MSG_DONTWAIT: the socket blocks, for the thread that reads
+    it). A reply the socket's buffer cannot take now waits in a queue sent when the socket is
+    writable again, as an asyncio transport's would."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.sock, self.loop = sock, loop
@@ -81,7 +82,7 @@ class SocketSender:
     def sendto(self, data: bytes, address: Any) -> None:
         if not self.waiting:
             try:
-                self.sock.sendto(data, address)
+                self.sock.sendto(data, socket.MSG_DONTWAIT, address)
                 return
             except BlockingIOError:
                 self.loop.add_writer(self.sock.fileno(), self._flush)
@@ -94,7 +95,7 @@ class SocketSender:
         while self.waiting:
             data, address = self.waiting[0]
             try:
-                self.sock.sendto(data, address)
+                self.sock.sendto(data, socket.MSG_DONTWAIT, address)
             except BlockingIOError:
                 return
             except OSError:
@@ -117,6 +118,7 @@ class NativeUdp:
         self.hits, self.server, self.sock = hits, server, sock
         self.sender = SocketSender(sock, loop)
         server.connection_made(self.sender)
+        sock.setblocking(True)  # the thread waits in its receive; nothing else reads it
         self.number: int | None = hits.fast.listen(sock.fileno())
 
     def close(self) -> None:

@@ -147,12 +147,19 @@ impl FastPath {
         })
     }
 
-    /// Read the UDP socket `fd` (non-blocking; the caller keeps it open until `unlisten`) on a
-    /// thread of its own; the number returned names it in `pending`'s datagrams.
+    /// Read the UDP socket `fd` on a thread of its own; the number returned names it in
+    /// `pending`'s datagrams. The socket must be blocking (the thread waits in its receive);
+    /// the caller's own sends on it must pass MSG_DONTWAIT.
     fn listen(&mut self, fd: i32) -> PyResult<usize> {
         let listener = self.next_listener;
         let wake = self.wake.try_clone().map_err(os_error)?;
-        let reader = Reader::start(self.hits.clone(), listener, fd, wake).map_err(os_error)?;
+        let reader = Reader::start(self.hits.clone(), listener, fd, wake).map_err(|err| {
+            if err.kind() == io::ErrorKind::InvalidInput {
+                PyValueError::new_err(err.to_string())
+            } else {
+                os_error(err)
+            }
+        })?;
         self.readers.push((listener, reader));
         self.next_listener += 1;
         Ok(listener)

@@ -1,5 +1,5 @@
-//! Batched datagram I/O on a non-blocking UDP socket the Python side owns: `recvmmsg`,
-//! `sendmmsg`, the `poll` a reader thread waits in, and the monotonic clock. The only `unsafe`
+//! Batched datagram I/O on a UDP socket the Python side owns: `recvmmsg` (where the reader
+//! thread waits), `sendmmsg`, the descriptor calls around them, and the monotonic clock. The only `unsafe`
 //! of the crate is here, in the system calls and the socket address conversions; what the
 //! datagrams hold is read in safe code (wire.rs).
 
@@ -51,13 +51,15 @@ impl Batch {
         batch
     }
 
-    /// Up to BATCH datagrams; 0 when none is waiting.
+    /// Up to BATCH datagrams, waiting for the first (`fd` is a blocking socket): one system
+    /// call per batch, where poll and a non-blocking receive would take two. 0 when
+    /// interrupted; after `wake_reader`, it returns at once (with empty datagrams).
     pub fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
         // SAFETY: every header points into self's buffers, alive and unmoved for the call; the
         // kernel writes at most the lengths given.
         let got = unsafe {
             libc::recvmmsg(fd, self.headers.as_mut_ptr(), BATCH as libc::c_uint,
-                           libc::MSG_DONTWAIT, std::ptr::null_mut())
+                           libc::MSG_WAITFORONE, std::ptr::null_mut())
         };
         if got < 0 {
             let err = io::Error::last_os_error();
@@ -86,21 +88,37 @@ impl Batch {
     }
 }
 
-/// Wait until `fd` has a datagram (true) or `stop` is readable (false); EINTR is an error.
-pub fn wait_readable(fd: RawFd, stop: RawFd) -> io::Result<bool> {
-    let mut fds = [
-        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
-    ];
-    // SAFETY: fds is a live array of two pollfd, its length given.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-    if ready < 0 {
-        return Err(io::Error::last_os_error());
+/// A descriptor of our own for the socket `fd`, blocking, so that the reader thread's wait
+/// never depends on the caller's descriptor (closed or reused later).
+pub fn own_blocking(fd: RawFd) -> io::Result<RawFd> {
+    // SAFETY: plain descriptor calls; a bad fd is an error, not undefined behaviour.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if flags & libc::O_NONBLOCK != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput,
+                                      "the socket must be blocking (its sends pass MSG_DONTWAIT)"));
+        }
+        let own = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0);
+        if own < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(own)
     }
-    if fds[1].revents != 0 {
-        return Ok(false);
-    }
-    Ok(true) // readable, or an error on the socket that the next receive reports
+}
+
+/// Wake a thread blocked in `receive` on `fd`: shutting the socket's reading side down makes
+/// the receive return (a UDP socket still takes datagrams; it is about to close anyway).
+pub fn wake_reader(fd: RawFd) {
+    // SAFETY: plain descriptor call; errors (ENOTCONN for UDP, which still wakes) ignored.
+    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+}
+
+pub fn close(fd: RawFd) {
+    // SAFETY: `fd` is ours (own_blocking) and closed once, after its thread ended.
+    unsafe { libc::close(fd) };
 }
 
 /// Python's `time.monotonic()`: the clock the cache stamps its entries with.

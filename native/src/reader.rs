@@ -1,13 +1,15 @@
-//! A thread per client-facing UDP socket: it waits for datagrams without the GIL, answers the
+//! A thread per client-facing UDP socket: it waits for datagrams in `recvmmsg` without the
+//! GIL (the socket is blocking; Python's own sends pass MSG_DONTWAIT), answers the
 //! hits in batches, and queues the rest for Python, waking its event loop through a socket pair
 //! (once per batch that Python has not yet been woken for). Hits never wait for Python: a
 //! busy event loop (a burst of misses, a reload) delays only what it must answer itself.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::RawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 
@@ -21,26 +23,38 @@ pub fn lock(hits: &Mutex<Hits>) -> MutexGuard<'_, Hits> {
 }
 
 pub struct Reader {
-    stop: UnixStream,
+    fd: RawFd, // our own descriptor of the socket (net::own_blocking)
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Reader {
-    /// Start reading `fd` (a non-blocking UDP socket the caller keeps open until `stop`).
+    /// Start reading the blocking UDP socket `fd` (the caller may close its own descriptor
+    /// once `stop` returned; the thread reads a duplicate).
     pub fn start(hits: Arc<Mutex<Hits>>, listener: usize, fd: RawFd,
                  wake: UnixStream) -> io::Result<Reader> {
-        let (stop, stopped) = UnixStream::pair()?;
-        let thread = thread::Builder::new()
+        let own = net::own_blocking(fd)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
+        let spawned = thread::Builder::new()
             .name(format!("dnsproxy-udp{listener}"))
-            .spawn(move || serve(&hits, listener, fd, &stopped, &wake))?;
-        Ok(Reader { stop, thread: Some(thread) })
+            .spawn(move || serve(&hits, listener, own, &flag, &wake));
+        match spawned {
+            Ok(thread) => Ok(Reader { fd: own, stopping, thread: Some(thread) }),
+            Err(err) => {
+                net::close(own);
+                Err(err)
+            }
+        }
     }
 
     /// Stop the thread and wait for it: after this, it never touches the socket again.
     pub fn stop(&mut self) {
-        let _ = (&self.stop).write(&[1]);
         if let Some(thread) = self.thread.take() {
+            self.stopping.store(true, Ordering::SeqCst);
+            net::wake_reader(self.fd);
             let _ = thread.join();
+            net::close(self.fd);
         }
     }
 }
@@ -51,40 +65,31 @@ impl Drop for Reader {
     }
 }
 
-fn serve(hits: &Mutex<Hits>, listener: usize, fd: RawFd, stopped: &UnixStream,
+fn serve(hits: &Mutex<Hits>, listener: usize, fd: RawFd, stopping: &AtomicBool,
          wake: &UnixStream) {
     let mut batch = net::Batch::new();
     let mut sender = net::Sender::new();
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
-    loop {
-        match net::wait_readable(fd, stopped.as_raw_fd()) {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(_) => continue, // EINTR
+    while !stopping.load(Ordering::SeqCst) {
+        let got = match batch.receive(fd) {
+            Ok(got) => got,
+            Err(err) if err.raw_os_error() == Some(libc::EBADF) => return, // cannot happen
+            Err(_) => continue, // an ICMP error queued on the socket: read on
+        };
+        if got == 0 || stopping.load(Ordering::SeqCst) {
+            continue;
         }
-        loop {
-            let got = match batch.receive(fd) {
-                Ok(got) => got,
-                Err(_) => continue, // an ICMP error queued on the socket: read on
-            };
-            if got == 0 {
-                break;
-            }
-            let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-                handle(hits, listener, &batch, got, &mut replies)
-            }));
-            match outcome {
-                Ok((answers, wake_python)) => {
-                    if wake_python {
-                        let _ = (&*wake).write(&[1]); // full: Python is woken already
-                    }
-                    sender.send_all(fd, &replies[..answers]);
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            handle(hits, listener, &batch, got, &mut replies)
+        }));
+        match outcome {
+            Ok((answers, wake_python)) => {
+                if wake_python {
+                    let _ = (&*wake).write(&[1]); // full: Python is woken already
                 }
-                Err(_) => lock(hits).faults += 1, // a bug: this batch is lost, not the thread
+                sender.send_all(fd, &replies[..answers]);
             }
-            if got < net::BATCH {
-                break;
-            }
+            Err(_) => lock(hits).faults += 1, // a bug: this batch is lost, not the thread
         }
     }
 }

@@ -186,6 +186,7 @@ def test_the_rate_limit_is_one_bucket_per_client() -> None:
 @contextlib.contextmanager
 def read_by(fast, sock: socket.socket):
     """`sock` read by a thread of the compiled path while the block runs."""
+    sock.setblocking(True)
     number = fast.listen(sock.fileno())
     try:
         yield number
@@ -221,7 +222,6 @@ def test_datagrams_on_a_socket_hits_answered_the_rest_handed_on() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         server.bind(("127.0.0.1", 0))
-        server.setblocking(False)
         client.settimeout(2)
         with read_by(fast, server) as number:
             for data in (hit, query_bytes("miss.test"), b"junk", hit):
@@ -241,6 +241,21 @@ def test_datagrams_on_a_socket_hits_answered_the_rest_handed_on() -> None:
     assert fast.take()[2] == 2
 
 
+def test_a_non_blocking_socket_is_refused_and_unlisten_frees_the_thread_at_once() -> None:
+    fast = fast_path()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        with pytest.raises(ValueError, match="blocking"):
+            fast.listen(server.fileno())
+        server.setblocking(True)
+        number = fast.listen(server.fileno())
+        time.sleep(0.05)  # the thread waits in its receive now
+        started = time.monotonic()
+        fast.unlisten(number)
+        assert time.monotonic() - started < 0.5
+
+
 def test_a_busy_event_loop_never_delays_a_hit() -> None:
     """Python takes nothing handed on (its loop is busy): hits are still answered, and what
     waits for it stops at MAX_PENDING, the rest counted as shed."""
@@ -253,7 +268,6 @@ def test_a_busy_event_loop_never_delays_a_hit() -> None:
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         server.bind(("127.0.0.1", 0))
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        server.setblocking(False)
         client.settimeout(2)
         with read_by(fast, server):
             sent = 0
@@ -284,7 +298,6 @@ def test_random_and_mutated_datagrams_never_stop_it() -> None:
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         server.bind(("127.0.0.1", 0))
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        server.setblocking(False)
         client.setblocking(False)
         reader = read_by(fast, server)
         reader.__enter__()
