@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import random
 import socket
 import socketserver
 import struct
@@ -23,6 +24,8 @@ from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSQuestion, DN
 
 from dnsproxy.app import Service
 from dnsproxy.config import build_settings
+
+_random = random.Random()  # its own: tests that seed the module's generator do not pin ports
 
 GENUINE = "192.0.2.10"
 FORGED_LISTED = "159.106.121.75"  # on the shipped forged-address list
@@ -275,17 +278,24 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for UDP and TCP on every address of `host`'s family, below the kernel's
+    ephemeral range (32768 and up here).
+
+    A port from bind(0) on loopback may be held on another address (a connected UDP socket's,
+    Docker's), so a server that binds the wildcard fails on it; and the kernel may hand it to
+    another process's outgoing socket before the test binds it. Neither happens below the
+    ephemeral range, checked on the wildcard."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(50):
-        with socket.socket(family, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(family, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    for port in _random.sample(range(20000, 32768), 200):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as udp, \
+                    socket.socket(family, socket.SOCK_STREAM) as tcp:
+                udp.bind((wildcard, port))
+                tcp.bind((wildcard, port))
+        except OSError:
+            continue
+        return port
     raise RuntimeError("no free port")
 
 

@@ -283,9 +283,13 @@ def test_sighup_reloads_upstreams_and_keeps_the_cache(upstream, second_upstream,
     assert "reload failed" in err
 
 
-def _wait_until_serving(port: int, timeout: float = 5.0) -> None:
+def _wait_until_serving(port: int, proc: subprocess.Popen | None = None,
+                        timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            said = proc.stderr.read().decode(errors="replace")[-500:] if proc.stderr else ""
+            raise AssertionError(f"the forwarder exited with {proc.returncode}: {said}")
         try:
             ask(port, "id.server", "TXT", qclass="CH", timeout=0.2)
             return
@@ -340,9 +344,9 @@ def test_client_from_a_public_address_is_refused(upstream, tmp_path):
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         proc = subprocess.Popen([sys.executable, "-m", "dnsproxy", "--listen",
                                  f"0.0.0.0:{port}", "--upstream", upstream.address],
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.PIPE)
         try:
-            _wait_until_serving(port)
+            _wait_until_serving(port, proc)
 
             def dig(source: str, server: str) -> str:
                 return subprocess.run(
