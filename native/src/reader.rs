@@ -73,7 +73,9 @@ fn serve(hits: &Mutex<Hits>, listener: usize, fd: RawFd, stopping: &AtomicBool,
     while !stopping.load(Ordering::SeqCst) {
         let got = match batch.receive(fd) {
             Ok(got) => got,
-            Err(err) if err.raw_os_error() == Some(libc::EBADF) => return, // cannot happen
+            // Our own descriptor stays open until this thread ends; were it ever bad, reading
+            // on would spin, so end instead.
+            Err(err) if err.raw_os_error() == Some(libc::EBADF) => return,
             Err(_) => continue, // an ICMP error queued on the socket: read on
         };
         if got == 0 || stopping.load(Ordering::SeqCst) {
