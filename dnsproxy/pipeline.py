@@ -2,8 +2,9 @@
 
 A stage either answers a request at once (`answer` returns a Response) or passes it on (returns
 None). Only the last link, the resolver, may wait on the network, so a request that a stage can
-answer (refused, rate-limited, cached, local) never costs an asyncio task. On the way back every
-stage may `observe` the final response: that is how the cache learns what the upstreams said.
+answer (refused, rate-limited, cached, local) never costs an asyncio task. Once the resolver's
+response has gone out, every stage may `observe` it: that is how the cache learns what the
+upstreams said, after the client has its answer rather than before.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class Pipeline:
         return None
 
     async def resolve(self, request: Request) -> Response:
-        response = await self.resolver.resolve(request)
+        """The resolver's response; the caller sends it, then calls `observe`."""
+        return await self.resolver.resolve(request)
+
+    def observe(self, request: Request, response: Response) -> None:
         for stage in self._observers:
             stage.observe(request, response)
-        return response
