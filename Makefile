@@ -88,13 +88,20 @@ $(VENV)/.installed: pyproject.toml
 
 # The compiled UDP cache-hit path (native/, Rust with PyO3), built in place beside the package
 # when cargo is here; without it the forwarder runs its Python path (dnsproxy/fastpath.py).
+# Also its launcher, dnsproxy-bind, into the virtualenv's bin: it binds the listen sockets
+# before Python starts (listen.py), as the image's entrypoint does. Replaced by a rename, never
+# rewritten in place: a running forwarder maps the module, and would crash.
 NATIVE_SO := dnsproxy/_native$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-native: $(NATIVE_SO)
-$(NATIVE_SO): native/Cargo.toml $(wildcard native/src/*.rs) | venv
+NATIVE_BIN := $(VENV)/bin/dnsproxy-bind
+native: $(NATIVE_SO) $(NATIVE_BIN)
+$(NATIVE_SO) $(NATIVE_BIN) &: native/Cargo.toml $(wildcard native/src/*.rs native/src/bin/*.rs) | venv
 	@if command -v cargo >/dev/null; then \
 	    PYO3_PYTHON=$(abspath $(VENV))/bin/python cargo build --quiet --release \
 	        --manifest-path native/Cargo.toml && \
-	    cp native/target/release/lib_native.so $@; \
+	    install -m 755 native/target/release/lib_native.so $(NATIVE_SO).new && \
+	    mv -f $(NATIVE_SO).new $(NATIVE_SO) && \
+	    install -m 755 native/target/release/dnsproxy-bind $(NATIVE_BIN).new && \
+	    mv -f $(NATIVE_BIN).new $(NATIVE_BIN); \
 	else \
 	    echo "note: no cargo here: UDP cache hits run in Python (apt-get install cargo)"; \
 	fi

@@ -324,9 +324,20 @@ def unbound_server(port: int, upstream: tuple[str, int], cpu: int | None,
     return server
 
 
+def dnsproxy_launcher() -> Path | None:
+    """`dnsproxy-bind`, which `make native` puts beside the virtualenv's python: the image
+    starts the forwarder through it (its listen sockets bound before Python starts), and so
+    does the bench, when it is built."""
+    launcher = Path(sys.executable).parent / "dnsproxy-bind"
+    return launcher if launcher.is_file() else None
+
+
 def dnsproxy_server(name: str, port: int, upstream: tuple[str, int], cpu: int | None,
                     extra: list[str] = ()) -> Server:
-    argv = [sys.executable, "-m", "dnsproxy", "--listen", f"{LOCALHOST}:{port}",
+    listen = f"{LOCALHOST}:{port}"
+    launcher = dnsproxy_launcher()
+    argv = [*([str(launcher), "--listen", listen] if launcher else []),
+            sys.executable, "-m", "dnsproxy", "--listen", listen,
             "--upstream", f"{upstream[0]}:{upstream[1]}", *DNSPROXY_FLAGS,
             "--log-level", "warning", *extra]
     server = Server(name, argv, LOCALHOST, port, cpu, cwd=ROOT)

@@ -204,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dnsproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from .listen import ListenError, bind_listeners
+    from .listen import ListenError, bind_listeners, passed_sockets
 
+    passed = passed_sockets()  # a launcher's (dnsproxy-bind, systemd)
     try:
         if settings.workers > 1:
+            for sock in passed.values():  # each worker binds its own (SO_REUSEPORT)
+                sock.close()
             return _run_workers(settings, args, settings.workers)
-        listeners = bind_listeners(settings)  # before the forwarder's imports: see listen.py
+        # Before the forwarder's imports: see listen.py.
+        listeners = bind_listeners(settings, passed=passed)
         from .app import run
 
         run(settings, args, listeners=listeners)

@@ -5,10 +5,16 @@ moment to the new one's bind. So `dnsproxy` binds right after reading its settin
 imports the forwarder, reads the cache file or the configuration's files; queries that come
 meanwhile wait in the kernel's buffers and are answered once it serves. This module imports
 nothing heavier than `socket` for that reason.
+
+Earlier still: sockets a launcher bound before Python started are adopted, passed the way
+systemd's socket activation passes them (descriptors from 3 on, `LISTEN_FDS`, `LISTEN_PID`).
+The image starts the forwarder through `dnsproxy-bind` (native/src/bin), which binds within a
+millisecond of its start; a systemd socket unit works the same way.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -43,28 +49,88 @@ def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> so
 
 Listener = tuple[socket.socket, socket.socket]  # UDP and TCP on one listen address
 
+FIRST_PASSED_FD = 3  # SD_LISTEN_FDS_START
+Key = tuple[int, bytes, int]  # socket type, packed address, port
 
-def bind_listeners(settings: Settings, reuse_port: bool = False) -> list[Listener]:
+
+def _key(kind: int, host: str, port: int) -> Key:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return kind, socket.inet_pton(family, host), port
+
+
+def passed_sockets(environ: dict[str, str] | None = None) -> dict[Key, socket.socket]:
+    """The listening sockets a launcher passed this process, by what they are bound to; the
+    protocol's variables are removed, so that nothing this process starts takes them for its
+    own. Descriptors that are not UDP or TCP sockets are left alone."""
+    environ = os.environ if environ is None else environ
+    count, pid = environ.pop("LISTEN_FDS", ""), environ.pop("LISTEN_PID", "")
+    environ.pop("LISTEN_FDNAMES", None)
+    if not (count.isdigit() and pid.isdigit()) or int(pid) != os.getpid():
+        return {}
+    passed: dict[Key, socket.socket] = {}
+    for fd in range(FIRST_PASSED_FD, FIRST_PASSED_FD + int(count)):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type not in (
+                socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock.detach()
+            continue
+        host, port = sock.getsockname()[:2]
+        try:
+            passed[_key(sock.type, host, port)] = sock
+        except OSError:  # a scoped IPv6 address (fe80::1%eth0): no listen address names one
+            sock.close()
+    return passed
+
+
+def _adopt(sock: socket.socket) -> socket.socket:
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_listeners(settings: Settings, reuse_port: bool = False,
+                   passed: dict[Key, socket.socket] | None = None) -> list[Listener]:
     """Every listen address's sockets, bound (TCP listening): done first at start, before the
     cache file and the configuration's files are read, so that queries wait in the kernel's
-    buffers meanwhile rather than being refused. ListenError for an address that is taken or
-    not ours, with nothing left bound."""
+    buffers meanwhile rather than being refused. A socket in `passed` (passed_sockets) bound
+    to a listen address is used as it is; the other passed sockets are closed first, as not
+    this configuration's (one could hold a wildcard address a listen address lies in).
+    ListenError for an address that is taken or not ours, with nothing left bound."""
+    addresses = settings.listen_addresses()
+    passed = dict(passed or {})
+    adopted = {}
+    for host, port in addresses:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            key = _key(kind, host, port)
+            if key in passed:
+                adopted[key] = _adopt(passed.pop(key))
+    for sock in passed.values():
+        sock.close()
     bound: list[Listener] = []
+
+    def socket_for(host: str, port: int, kind: int) -> socket.socket:
+        sock = adopted.pop(_key(kind, host, port), None)
+        if sock is not None:
+            return sock
+        try:
+            return bind_socket(host, port, kind, reuse_port)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
     try:
-        for host, port in settings.listen_addresses():
+        for host, port in addresses:
+            udp = socket_for(host, port, socket.SOCK_DGRAM)
             try:
-                udp = bind_socket(host, port, socket.SOCK_DGRAM, reuse_port)
-            except OSError as exc:
-                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            try:
-                tcp = bind_socket(host, port, socket.SOCK_STREAM, reuse_port)
-            except OSError as exc:
+                tcp = socket_for(host, port, socket.SOCK_STREAM)
+            except ListenError:
                 udp.close()
-                raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+                raise
             bound.append((udp, tcp))
     except ListenError:
-        for pair in bound:
-            for sock in pair:
-                sock.close()
+        for sock in [*adopted.values(), *(s for pair in bound for s in pair)]:
+            sock.close()
         raise
     return bound

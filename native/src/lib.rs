@@ -22,6 +22,7 @@ use pyo3::types::{PyBytes, PyList};
 mod hits;
 mod net;
 mod reader;
+mod sockaddr;
 mod wire;
 
 use hits::{Hits, Network, Verdict, RCODE_REFUSED};

@@ -33,7 +33,7 @@ def test_host_service_image_is_trimmed_too(image):
 
 def test_image_runs_the_forwarder_as_an_unprivileged_user(image):
     config = image["Config"]
-    assert config["Entrypoint"] == ["python3", "-m", "dnsproxy"]
+    assert config["Entrypoint"] == ["dnsproxy-bind", "python3", "-m", "dnsproxy"]
     user = config["User"].split(":")[0]
     assert user not in ("", "0", "root")
 

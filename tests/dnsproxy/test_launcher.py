@@ -1,0 +1,184 @@
+"""dnsproxy-bind (native/src/bin) and the forwarder's side of it (listen.py): the listen sockets
+bound before Python starts and handed over, so that a query sent while the forwarder starts is
+answered rather than refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dnslib import DNSRecord
+
+from dnsproxy import listen
+
+from .fakes import free_port
+from .process import ROOT, clean_env
+
+LAUNCHER = Path(sys.executable).parent / "dnsproxy-bind"
+needs_launcher = pytest.mark.skipif(not LAUNCHER.is_file() and not os.environ.get("CI"),
+                                    reason="dnsproxy-bind is not built (make native)")
+PROBE = bytes(DNSRecord.question("id.server", "TXT", "CH").pack())  # answered locally
+
+
+def forwarder(*launcher_args: str, listen_on: list[str]) -> subprocess.Popen:
+    """The forwarder started through the launcher; its upstream is never asked (the probe is
+    answered locally), and is a port nothing listens on."""
+    argv = [str(LAUNCHER), *launcher_args, sys.executable, "-m", "dnsproxy",
+            "--upstream", f"127.0.0.1:{free_port()}", "--no-query-log", "--log-level", "warning"]
+    for address in listen_on:
+        argv += ["--listen", address]
+    return subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+def held(port: int, kind: int = socket.SOCK_DGRAM) -> bool:
+    """Whether some socket holds 127.0.0.1:`port`."""
+    probe = socket.socket(socket.AF_INET, kind)
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError as exc:
+        assert exc.errno == errno.EADDRINUSE, exc
+        return True
+    finally:
+        probe.close()
+    return False
+
+
+def answered(port: int, timeout: float = 10.0) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(PROBE, ("127.0.0.1", port))
+        return DNSRecord.parse(sock.recv(4096)).header.id == DNSRecord.parse(PROBE).header.id
+
+
+def wait_serving(proc: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, stop(proc)
+        try:
+            if answered(port, timeout=0.2):
+                return
+        except OSError:
+            pass
+    raise AssertionError(f"the forwarder does not answer: {stop(proc)}")
+
+
+def sockets_on(port: int) -> set[str]:
+    """The UDP and TCP sockets bound to `port` (IPv4), as /proc/PID/fd names them."""
+    return {f"socket:[{line.split()[9]}]"
+            for table in ("/proc/net/udp", "/proc/net/tcp")
+            for line in Path(table).read_text().splitlines()[1:]
+            if line.split()[1].endswith(f":{port:04X}")}
+
+
+@needs_launcher
+def test_a_query_sent_while_python_starts_waits_and_is_answered_on_the_passed_socket():
+    port = free_port()
+    proc = forwarder("--listen", f"127.0.0.1:{port}", listen_on=[f"127.0.0.1:{port}"])
+    try:
+        deadline = time.monotonic() + 5
+        while not held(port):  # the launcher's bind, long before Python's start is done
+            assert time.monotonic() < deadline and proc.poll() is None, stop(proc)
+            time.sleep(0.001)
+        while b"dnsproxy-bind" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            time.sleep(0.001)  # until the exec: then 3 and 4 are the sockets handed over
+        passed = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (3, 4)}
+        assert passed == sockets_on(port)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.connect(("127.0.0.1", port))  # a closed port would show as ECONNREFUSED
+        client.settimeout(10)
+        client.send(PROBE)
+        reply = DNSRecord.parse(client.recv(4096))  # not refused, not lost: answered
+        assert reply.header.id == DNSRecord.parse(PROBE).header.id
+        client.close()
+        assert sockets_on(port) == passed  # served on them, nothing bound anew
+    finally:
+        stop(proc)
+
+
+@needs_launcher
+def test_a_passed_socket_the_configuration_does_not_name_is_closed_first():
+    # The launcher holds the wildcard; the forwarder listens on loopback at the same port, which
+    # it can bind only once the wildcard socket is gone, and on another port it was not given.
+    port, other = free_port(), free_port()
+    proc = forwarder("--listen", f"0.0.0.0:{port}",
+                     listen_on=[f"127.0.0.1:{port}", f"127.0.0.1:{other}"])
+    try:
+        wait_serving(proc, port)
+        wait_serving(proc, other)
+        wildcard = {f"socket:[{line.split()[9]}]"
+                    for table in ("/proc/net/udp", "/proc/net/tcp")
+                    for line in Path(table).read_text().splitlines()[1:]
+                    if line.split()[1] == f"00000000:{port:04X}"}
+        assert not wildcard, "the passed wildcard sockets are still open"
+    finally:
+        stop(proc)
+
+
+@needs_launcher
+def test_an_address_the_launcher_cannot_bind_is_left_to_the_command():
+    result = subprocess.run(
+        [str(LAUNCHER), "--listen", "192.0.2.1:53", sys.executable, "-c",
+         "import os; print(os.environ.get('LISTEN_FDS'), os.environ.get('LISTEN_PID') == "
+         "str(os.getpid()))"],
+        capture_output=True, text=True, timeout=10, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "True"]
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2 and all("192.0.2.1:53" in line for line in warnings)
+    assert "Traceback" not in result.stderr
+
+
+@needs_launcher
+def test_the_launcher_reads_dnsproxy_listen_when_not_told():
+    port = free_port()
+    env = clean_env(DNSPROXY_LISTEN=f"127.0.0.1:{port}, [::1]:{port}")
+    result = subprocess.run([str(LAUNCHER), sys.executable, "-c",
+                             "import os; print(os.environ['LISTEN_FDS'])"],
+                            capture_output=True, text=True, timeout=10, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "4", result.stderr
+
+
+@needs_launcher
+@pytest.mark.parametrize("args", [[], ["--listen"], ["--listen", "1.2.3", "true"],
+                                  ["--listen", "::1:53", "true"], ["--bogus", "true"]])
+def test_bad_launcher_usage_is_one_line_and_status_2(args):
+    result = subprocess.run([str(LAUNCHER), *args], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("dnsproxy-bind: ")
+
+
+@needs_launcher
+def test_a_command_that_cannot_run_is_status_127():
+    result = subprocess.run([str(LAUNCHER), "/nonexistent/dnsproxy"], capture_output=True,
+                            text=True, timeout=10)
+    assert result.returncode == 127
+    assert "cannot run /nonexistent/dnsproxy" in result.stderr
+
+
+def test_sockets_passed_to_another_process_are_not_taken():
+    environ = {"LISTEN_FDS": "2", "LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDNAMES": "a:b"}
+    assert listen.passed_sockets(environ) == {}
+    assert environ == {}  # nothing this process starts sees them either
+
+
+def test_no_passed_sockets_without_the_variables():
+    assert listen.passed_sockets({}) == {}
+    assert listen.passed_sockets({"LISTEN_FDS": "x", "LISTEN_PID": str(os.getpid())}) == {}
