@@ -8,11 +8,13 @@ GIL: datagrams in batches (`recvmmsg`), fresh hits answered from its copy of the
 (`sendmmsg`), the access list and the per-client rate limit applied; every other datagram is
 queued for the Python pipeline with the client's address (and the rate verdict it took, so
 the limit is taken once), and the event loop is woken for them through a socket. A busy event
-loop thus never delays a hit. It answers only what Python would answer the same way: a fresh
-entry (before the prefetch point) of the cache Python fills with verified replies, copied once
-Python has answered a hit from it and kept in step (stages/cache.py, `mirror`); a near-expiry,
-stale or missing entry, a refused client, and any query Python's stages answer themselves go
-to Python.
+loop thus never delays a hit. It answers only what Python would answer the same way: an entry
+of the cache Python fills with verified replies, copied once Python has answered a hit from it
+and kept in step (stages/cache.py, `mirror`), fresh, near its expiry or (serve-stale) past it.
+For the latter two it asks Python's cache stage for the refresh, once per entry until that is
+done, as the stage itself would; the client has its answer meanwhile. A missing or long
+expired entry, a refused client, and any query Python's stages answer themselves go to
+Python.
 
 What hits leave behind reaches Python in batches, every TAKE_INTERVAL seconds: their keys for
 the cache's LRU order, their counts, and, when anything logs queries, a record of each.
@@ -172,6 +174,7 @@ class HitPath:
         rate = settings.rate_limit
         fast.set_rate(rate, 2 * rate)  # stages/ratelimit.py: the burst is twice the rate
         fast.set_prefetch_at(PREFETCH_AT if settings.prefetch else 1.0)
+        fast.set_stale(settings.serve_stale, settings.stale_ttl, float(settings.max_stale))
         fast.clear()
         for stage in pipeline.stages:
             if isinstance(stage, RateLimit):
@@ -205,6 +208,8 @@ class HitPath:
             udp = sockets.get(number)
             if udp is not None:
                 udp.server.datagram_received(data, address, rate)
+        for data, kind in self.fast.refreshes():  # after the misses: their clients wait
+            self.cache.refresh_asked(data, kind)
         if more and self.loop is not None:
             self.loop.call_soon(self._handed_on)
 
@@ -214,7 +219,7 @@ class HitPath:
 
     def take(self) -> None:
         """What the hits since the last take left: LRU order, counts, query-log records."""
-        keys, records, answered, limited, shed, faults = self.fast.take()
+        keys, records, answered, limited, shed, faults, stale = self.fast.take()
         if shed:
             self.metrics.values[self.shed] += shed
         if faults:
@@ -222,7 +227,7 @@ class HitPath:
         if answered or limited:
             self.metrics.values[self.udp_queries] += answered + limited
             self.metrics.values[self.limited] += limited
-            self.cache.touch(keys, answered)
+            self.cache.touch(keys, answered, stale)
         if records:
             offset = time.time() - time.monotonic()
             querylog = self.querylog

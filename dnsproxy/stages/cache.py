@@ -79,6 +79,8 @@ class Mirror(Protocol):
 
     def clear(self) -> None: ...
 
+    def refreshed(self, key: bytes) -> None: ...
+
 
 class Cache(PassThrough):
     name = "cache"
@@ -164,20 +166,40 @@ class Cache(PassThrough):
         reply = wire.client_reply(cached, query, int(age), stale_ttl)
         return Response(reply, reason, reply[3] & wire.RCODE_MASK)
 
-    def _refresh(self, key: bytes, query: wire.Query, kind: str) -> None:
-        if (self.refresher is None or key in self.refreshing
-                or len(self.refreshing) >= MAX_REFRESHES):
-            return
+    def _refresh(self, key: bytes, query: wire.Query, kind: str) -> bool:
+        """Fetch `key`'s entry anew unless that is under way; whether it is now."""
+        if key in self.refreshing:
+            return True
+        if self.refresher is None or len(self.refreshing) >= MAX_REFRESHES:
+            return False
         task = asyncio.get_running_loop().create_task(self._fetch(key, query, kind))
         self.refreshing[key] = task
         task.add_done_callback(lambda _: self.refreshing.pop(key, None))
+        return True
+
+    def refresh_asked(self, data: bytes, kind: str) -> None:
+        """The compiled path answered `data` from an entry near or past its expiry (`kind`:
+        prefetch, stale): the refresh this stage's own answer would have started."""
+        try:
+            query = wire.parse_query(data)
+        except wire.WireError:
+            return
+        key = self.key(query)
+        if key in self.entries and not self._refresh(key, query, kind) and self.mirror:
+            self.mirror.refreshed(key)  # not now: the next hit asks again
 
     async def _fetch(self, key: bytes, query: wire.Query, kind: str) -> None:
-        cached = await self.refresher(query)
-        # A failure (or a reply not to be cached) leaves the old entry to serve stale.
-        stored = cached is not None and self.store(key, cached)
-        self.metrics.inc("dnsproxy_cache_refreshes_total", kind=kind,
-                         result="stored" if stored else "failed")
+        stored = False
+        try:
+            cached = await self.refresher(query)
+            # A failure (or a reply not to be cached) leaves the old entry to serve stale.
+            stored = cached is not None and self.store(key, cached)
+            self.metrics.inc("dnsproxy_cache_refreshes_total", kind=kind,
+                             result="stored" if stored else "failed")
+        finally:
+            # A new entry replaced the compiled path's copy; else it asks again when due.
+            if not stored and self.mirror is not None:
+                self.mirror.refreshed(key)
 
     def close(self) -> None:
         """Cancel the refreshes in flight: the forwarder they use is closing."""
@@ -216,9 +238,11 @@ class Cache(PassThrough):
                 mirror.remove(old_key)
         return True
 
-    def touch(self, keys: list[bytes], hits: int) -> None:
-        """Hits the compiled path answered: counted, and their keys made the most recent."""
+    def touch(self, keys: list[bytes], hits: int, stale: int = 0) -> None:
+        """Hits the compiled path answered (`stale` of them past expiry): counted, and their
+        keys made the most recent."""
         self.counts[self.hits] += hits
+        self.counts[self.stale] += stale
         entries = self.entries
         for key in keys:
             if key in entries:

@@ -1,6 +1,7 @@
 //! The decisions of the hit path, shared by its reader threads and the Python side: the mirror
 //! of the cache's entries, the access list, the per-client rate limit, and what the hits leave
-//! for Python (LRU touches, query-log records, counts) and the datagrams it must answer itself.
+//! for Python (LRU touches, query-log records, counts, refreshes to start) and the datagrams it
+//! must answer itself.
 //! One `Hits` lives behind a mutex; nothing here blocks or calls into Python.
 
 use std::collections::{HashMap, VecDeque};
@@ -59,9 +60,27 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 
 /// What became of one datagram.
 pub enum Verdict {
-    Answered(u8),         // a cache hit, with its rcode
+    /// A cache hit, answered: its rcode, whether the answer was stale, and whether Python must
+    /// be woken for the refresh it asked.
+    Answered { rcode: u8, stale: bool, wake: bool },
     Limited,              // over the client's rate: dropped, as Python drops it over UDP
     Python(Option<bool>), // for the pipeline; the rate verdict when one was taken
+}
+
+/// Why an answered entry is to be fetched anew, as the cache stage names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    Prefetch, // answered in the last part of its TTL
+    Stale,    // answered past its expiry (serve-stale)
+}
+
+impl Refresh {
+    pub fn name(self) -> &'static str {
+        match self {
+            Refresh::Prefetch => "prefetch",
+            Refresh::Stale => "stale",
+        }
+    }
 }
 
 pub struct Record {
@@ -81,11 +100,12 @@ pub struct Miss {
 }
 
 /// A mirrored entry: a copy of the cache's stamped bytes (the reader threads answer without
-/// the GIL, so they cannot read Python's own objects), and whether a hit since the last take
-/// listed its key already.
+/// the GIL, so they cannot read Python's own objects), whether a hit since the last take
+/// listed its key already, and whether Python was asked to refresh it and is not done.
 struct Entry {
     stamped: Box<[u8]>,
     touched: bool,
+    refreshing: bool,
 }
 
 pub struct Hits {
@@ -97,15 +117,23 @@ pub struct Hits {
     rate: f64,
     burst: f64,
     pub prefetch_at: f64,
+    /// Serve-stale: an expired entry is answered for `max_stale` seconds more, its TTLs
+    /// `stale_ttl`, and refreshed.
+    pub serve_stale: bool,
+    pub stale_ttl: u32,
+    pub max_stale: f64,
     /// Keep a record per hit for the query log (off when nothing logs queries).
     pub record: bool,
     /// The keys hit since the last take, each once: the cache's LRU order.
     pub touched: Vec<Vec<u8>>,
     pub records: Vec<Record>,
     pub answered: u64,
+    pub stale: u64, // of the answered, served stale
     pub limited: u64,
     /// Datagrams for Python, and whether it has been woken for them.
     pub pending: VecDeque<Miss>,
+    /// Entries to refresh (the query that found each), for Python's cache stage.
+    pub refreshes: Vec<(Vec<u8>, Refresh)>,
     pub woken: bool,
     pub shed: u64,
     pub faults: u64,
@@ -124,12 +152,17 @@ impl Hits {
             rate,
             burst,
             prefetch_at,
+            serve_stale: false,
+            stale_ttl: 0,
+            max_stale: 0.0,
             record,
             touched: Vec::new(),
             records: Vec::new(),
             answered: 0,
+            stale: 0,
             limited: 0,
             pending: VecDeque::new(),
+            refreshes: Vec::new(),
             woken: false,
             shed: 0,
             faults: 0,
@@ -143,8 +176,16 @@ impl Hits {
             self.entries.remove(&key);
             return false;
         }
-        self.entries.insert(key, Entry { stamped: entry.into(), touched: false });
+        self.entries.insert(key, Entry { stamped: entry.into(), touched: false, refreshing: false });
         true
+    }
+
+    /// Python is done refreshing `key` without a new entry (it failed, or was not started):
+    /// the next hit near or past expiry asks again.
+    pub fn refreshed(&mut self, key: &[u8]) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.refreshing = false;
+        }
     }
 
     pub fn remove(&mut self, key: &[u8]) {
@@ -231,23 +272,56 @@ impl Hits {
         }
         let mut key = std::mem::take(&mut self.key);
         wire::cache_key(data, &query, &mut key);
-        let prefetch_at = self.prefetch_at;
+        let (prefetch_at, serve_stale, max_stale) =
+            (self.prefetch_at, self.serve_stale, self.max_stale);
         let mut first_touch = false;
+        let mut refresh = None;
         let verdict = match self.entries.get_mut(&key) {
             Some(entry) => match wire::Stamped::read(&entry.stamped) {
                 Some(stamped) => {
+                    // As the cache stage's answer: fresh; in the prefetch window (answered,
+                    // and refreshed); expired but within max_stale (answered stale, and
+                    // refreshed); else Python's, which drops it and forwards the query.
                     let age = now - stamped.stored;
-                    if age >= 0.0 && age < f64::from(stamped.ttl) * prefetch_at {
-                        wire::client_reply(&stamped, data, &query, age as u32, 0, out);
-                        first_touch = !std::mem::replace(&mut entry.touched, true);
-                        Verdict::Answered(stamped.rcode)
+                    let ttl = f64::from(stamped.ttl);
+                    let served = if age < 0.0 {
+                        None // a stamp from the future (the clock of another boot): Python's
+                    } else if age < ttl * prefetch_at {
+                        Some((false, None))
+                    } else if age < ttl {
+                        Some((false, Some(Refresh::Prefetch)))
+                    } else if serve_stale && age < ttl + max_stale {
+                        Some((true, Some(Refresh::Stale)))
                     } else {
-                        Verdict::Python(rate) // prefetch, stale or expired: Python decides
+                        None
+                    };
+                    match served {
+                        Some((stale, kind)) => {
+                            let stale_ttl = if stale { self.stale_ttl } else { 0 };
+                            wire::client_reply(&stamped, data, &query, age as u32, stale_ttl,
+                                               out);
+                            first_touch = !std::mem::replace(&mut entry.touched, true);
+                            if kind.is_some() && !entry.refreshing
+                                && self.refreshes.len() < MAX_PENDING {
+                                entry.refreshing = true;
+                                refresh = kind;
+                            }
+                            Verdict::Answered { rcode: stamped.rcode, stale, wake: false }
+                        }
+                        None => Verdict::Python(rate),
                     }
                 }
                 None => Verdict::Python(rate),
             },
             None => Verdict::Python(rate),
+        };
+        let verdict = match (verdict, refresh) {
+            (Verdict::Answered { rcode, stale, .. }, Some(kind)) => {
+                self.refreshes.push((data.to_vec(), kind));
+                let wake = !std::mem::replace(&mut self.woken, true);
+                Verdict::Answered { rcode, stale, wake }
+            }
+            (verdict, _) => verdict,
         };
         if first_touch {
             self.touched.push(key.clone());
@@ -270,10 +344,13 @@ impl Hits {
     /// Count (and, when recording, log) a datagram this path answered or dropped.
     pub fn note(&mut self, now: f64, source: SocketAddr, data: &[u8], rcode: u8,
                 reason: &'static str) {
-        if reason == "cached" {
-            self.answered += 1;
-        } else {
-            self.limited += 1;
+        match reason {
+            "cached" => self.answered += 1,
+            "stale" => {
+                self.answered += 1;
+                self.stale += 1;
+            }
+            _ => self.limited += 1,
         }
         if self.record {
             self.records.push(Record { at: now, source, query: data.to_vec(), rcode, reason });

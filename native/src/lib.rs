@@ -1,10 +1,11 @@
 //! `dnsproxy._native`: the UDP cache-hit path in compiled code (issue #22).
 //!
 //! `FastPath` reads each client-facing UDP socket on a thread of its own (reader.rs), in
-//! batches (`recvmmsg`), answers fresh cache hits from a mirror of the Python cache's entries
-//! (`sendmmsg`), applies the access list and the per-client rate limit (hits.rs), and hands every
-//! other datagram to the Python pipeline with the client's address, waking the event loop
-//! through a socket Python reads. Python stays the owner of the cache: it puts an entry here
+//! batches (`recvmmsg`), answers cache hits from a mirror of the Python cache's entries
+//! (`sendmmsg`; an entry near or past its expiry too, asking Python's cache stage to refresh
+//! it), applies the access list and the per-client rate limit (hits.rs), and hands every other
+//! datagram to the Python pipeline with the client's address, waking the event loop through a
+//! socket Python reads. Python stays the owner of the cache: it puts an entry here
 //! when it answers one (only replies the defences verified ever reach its cache), and removes,
 //! clears or purges here whatever it drops there. What happened to the hits (their keys, for
 //! the LRU order; records for the query log; counts) is taken by Python in batches.
@@ -55,7 +56,7 @@ pub struct FastPath {
 impl FastPath {
     /// `networks`: the access list as (packed address, prefix length); `rate`, `burst`: the
     /// per-client limit (rate 0: none); `prefetch_at`: the share of a TTL after which a hit
-    /// goes to Python (which prefetches); `record`: keep a record per hit for the query log.
+    /// asks Python for a prefetch; `record`: keep a record per hit for the query log.
     #[new]
     fn new(networks: Vec<(Vec<u8>, u8)>, rate: f64, burst: f64, prefetch_at: f64,
            record: bool) -> PyResult<Self> {
@@ -122,9 +123,35 @@ impl FastPath {
         lock(&self.hits).set_rate(rate, burst);
     }
 
-    /// The share of a TTL after which a hit goes to Python, which prefetches (1: never).
+    /// The share of a TTL after which a hit asks Python for a prefetch (1: never).
     fn set_prefetch_at(&self, share: f64) {
         lock(&self.hits).prefetch_at = share;
+    }
+
+    /// Serve-stale as the cache stage has it: whether expired entries are answered, for how
+    /// long past expiry, with what TTL (a refresh is asked of Python each time, as for a hit in
+    /// the prefetch window).
+    fn set_stale(&self, enabled: bool, stale_ttl: u32, max_stale: f64) {
+        let mut hits = lock(&self.hits);
+        hits.serve_stale = enabled;
+        hits.stale_ttl = stale_ttl;
+        hits.max_stale = max_stale;
+    }
+
+    /// Python is done refreshing `key` without storing a new entry: ask again when due.
+    fn refreshed(&self, key: &[u8]) {
+        lock(&self.hits).refreshed(key);
+    }
+
+    /// The refreshes the hits asked for since the last call: [(the query, "prefetch" or
+    /// "stale")], each entry's once until `put` replaces it or `refreshed` is called.
+    fn refreshes<'py>(&self, py: Python<'py>) -> PyResult<&'py PyList> {
+        let taken = std::mem::take(&mut lock(&self.hits).refreshes);
+        let out = PyList::empty(py);
+        for (data, kind) in taken {
+            out.append((PyBytes::new(py, &data), kind.name()).to_object(py))?;
+        }
+        Ok(out)
     }
 
     /// One datagram's fate without a socket (tests): the reply bytes for a hit, "limited" for
@@ -136,8 +163,8 @@ impl FastPath {
         let mut out = Vec::new();
         let mut hits = lock(&self.hits);
         Ok(match hits.decide(data, &source, now, &mut out) {
-            Verdict::Answered(rcode) => {
-                hits.note(now, source, data, rcode, "cached");
+            Verdict::Answered { rcode, stale, .. } => {
+                hits.note(now, source, data, rcode, if stale { "stale" } else { "cached" });
                 (PyBytes::new(py, &out).into(), Some(true))
             }
             Verdict::Limited => {
@@ -191,7 +218,8 @@ impl FastPath {
             let mut hits = lock(&self.hits);
             let count = budget.min(hits.pending.len());
             let batch = hits.pending.drain(..count).collect();
-            hits.woken = !hits.pending.is_empty(); // still woken: the caller comes back
+            // Still woken: the caller comes back (and takes the refreshes, see `refreshes`).
+            hits.woken = !hits.pending.is_empty() || !hits.refreshes.is_empty();
             (batch, hits.woken)
         };
         let out = PyList::empty(py);
@@ -205,16 +233,18 @@ impl FastPath {
 
     /// What the hits since the last call leave for Python: the keys hit (each once: the LRU
     /// order), the records (when `record`), the counts of answers and of drops, of datagrams
-    /// shed because Python fell behind, and of batches lost to a fault in this module.
+    /// shed because Python fell behind, of batches lost to a fault in this module, and of the
+    /// answers that were stale.
     #[allow(clippy::type_complexity)]
     fn take<'py>(&self, py: Python<'py>)
-                 -> PyResult<(&'py PyList, &'py PyList, u64, u64, u64, u64)> {
+                 -> PyResult<(&'py PyList, &'py PyList, u64, u64, u64, u64, u64)> {
         let (touched, records, counts) = {
             let mut hits = lock(&self.hits);
             let touched = hits.take_touched();
             let records = std::mem::take(&mut hits.records);
-            let counts = (hits.answered, hits.limited, hits.shed, hits.faults);
+            let counts = (hits.answered, hits.limited, hits.shed, hits.faults, hits.stale);
             hits.answered = 0;
+            hits.stale = 0;
             hits.limited = 0;
             hits.shed = 0;
             hits.faults = 0;
@@ -230,7 +260,7 @@ impl FastPath {
                         PyBytes::new(py, &record.query), record.rcode, record.reason);
             out.append(item.to_object(py))?;
         }
-        Ok((keys, out, counts.0, counts.1, counts.2, counts.3))
+        Ok((keys, out, counts.0, counts.1, counts.2, counts.3, counts.4))
     }
 }
 

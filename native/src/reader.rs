@@ -118,9 +118,10 @@ fn handle(hits: &Mutex<Hits>, listener: usize, batch: &net::Batch, got: usize,
         }
         let (out, destination) = &mut replies[answers];
         match hits.decide(data, &source, now, out) {
-            Verdict::Answered(rcode) => {
+            Verdict::Answered { rcode, stale, wake } => {
                 *destination = source;
-                hits.note(now, source, data, rcode, "cached");
+                hits.note(now, source, data, rcode, if stale { "stale" } else { "cached" });
+                wake_python |= wake;
                 answers += 1;
             }
             Verdict::Limited => hits.note(now, source, data, RCODE_REFUSED, "ratelimited"),

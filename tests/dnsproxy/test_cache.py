@@ -236,6 +236,40 @@ def test_stale_entry_is_answered_with_the_stale_ttl_and_refreshed_once(upstream,
     assert proxy.metrics.get("dnsproxy_responses_total", reason="stale") == 4
 
 
+def test_a_hot_entry_gone_stale_is_answered_at_once_and_refreshed_once(upstream, make_proxy):
+    # Hit while fresh, so the compiled path holds a copy: it answers the stale hits itself.
+    upstream.rule("hot.example", ttl=1)
+    proxy = make_proxy("--upstream", upstream.address, "--stale-ttl", "7", "--no-prefetch")
+    for _ in range(3):
+        ask(proxy.port, "hot.example")
+    time.sleep(1.2)
+    upstream.rule("hot.example", ttl=1, delay=0.5)
+    for _ in range(4):  # all while the one refresh is on its way
+        reply = ask(proxy.port, "hot.example")
+        assert addresses(reply) == [GENUINE] and [rr.ttl for rr in reply.rr] == [7]
+    wait_for(lambda: refreshes(proxy, "stale", "stored") == 1)
+    assert upstream.count("hot.example") == 2
+    assert [rr.ttl for rr in ask(proxy.port, "hot.example").rr] == [1]  # the refreshed entry
+    assert upstream.count("hot.example") == 2
+    assert reasons(proxy) == ["forwarded", "cached", "cached", *["stale"] * 4, "cached"]
+    assert proxy.metrics.get("dnsproxy_responses_total", reason="stale") == 4
+    assert proxy.metrics.get("dnsproxy_cache_hits_total") == 7
+
+
+def test_a_hot_entry_whose_refresh_fails_is_refreshed_again(upstream, make_proxy):
+    upstream.rule("flaky.example", ttl=1)
+    proxy = make_proxy("--upstream", upstream.address, "--timeout", "0.5", "--no-prefetch")
+    for _ in range(3):
+        ask(proxy.port, "flaky.example")
+    time.sleep(1.2)
+    upstream.rule("flaky.example", silent=True)
+    for attempt in range(1, 3):
+        reply = ask(proxy.port, "flaky.example")
+        assert addresses(reply) == [GENUINE] and [rr.ttl for rr in reply.rr] == [30]
+        wait_for(lambda attempt=attempt: refreshes(proxy, "stale", "failed") == attempt)
+    assert upstream.count("flaky.example") == 3
+
+
 def test_failing_refresh_keeps_the_stale_answer(upstream, make_proxy):
     upstream.rule("down.example", ttl=1)
     proxy = make_proxy("--upstream", upstream.address, "--timeout", "0.5")
@@ -427,6 +461,9 @@ class DictMirror:
 
     def remove(self, key: bytes) -> None:
         self.entries.pop(key, None)
+
+    def refreshed(self, key: bytes) -> None:
+        pass
 
     def clear(self) -> None:
         self.entries.clear()
