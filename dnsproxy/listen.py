@@ -55,7 +55,7 @@ Key = tuple[int, bytes, int]  # socket type, packed address, port
 
 def _key(kind: int, host: str, port: int) -> Key:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return kind, socket.inet_pton(family, host), port
+    return kind, socket.inet_pton(family, host.partition("%")[0]), port  # fe80::1%eth0
 
 
 def passed_sockets(environ: dict[str, str] | None = None) -> dict[Key, socket.socket]:
@@ -78,10 +78,7 @@ def passed_sockets(environ: dict[str, str] | None = None) -> dict[Key, socket.so
             sock.detach()
             continue
         host, port = sock.getsockname()[:2]
-        try:
-            passed[_key(sock.type, host, port)] = sock
-        except OSError:  # a scoped IPv6 address (fe80::1%eth0): no listen address names one
-            sock.close()
+        passed[_key(sock.type, host, port)] = sock
     return passed
 
 

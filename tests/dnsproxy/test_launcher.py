@@ -4,7 +4,6 @@ answered rather than refused."""
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import subprocess
@@ -47,19 +46,6 @@ def stop(proc: subprocess.Popen) -> str:
     return err
 
 
-def held(port: int, kind: int = socket.SOCK_DGRAM) -> bool:
-    """Whether some socket holds 127.0.0.1:`port`."""
-    probe = socket.socket(socket.AF_INET, kind)
-    try:
-        probe.bind(("127.0.0.1", port))
-    except OSError as exc:
-        assert exc.errno == errno.EADDRINUSE, exc
-        return True
-    finally:
-        probe.close()
-    return False
-
-
 def answered(port: int, timeout: float = 10.0) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
@@ -93,11 +79,12 @@ def test_a_query_sent_while_python_starts_waits_and_is_answered_on_the_passed_so
     proc = forwarder("--listen", f"127.0.0.1:{port}", listen_on=[f"127.0.0.1:{port}"])
     try:
         deadline = time.monotonic() + 5
-        while not held(port):  # the launcher's bind, long before Python's start is done
+        python = os.fsencode(sys.executable)
+        while Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] != python:
+            # Until the launcher's exec (it binds before): then 3 and 4 are the sockets
+            # handed over, and Python has only begun to start. (Mid-exec the file reads empty.)
             assert time.monotonic() < deadline and proc.poll() is None, stop(proc)
             time.sleep(0.001)
-        while b"dnsproxy-bind" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
-            time.sleep(0.001)  # until the exec: then 3 and 4 are the sockets handed over
         passed = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (3, 4)}
         assert passed == sockets_on(port)
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -134,25 +121,66 @@ def test_a_passed_socket_the_configuration_does_not_name_is_closed_first():
 @needs_launcher
 def test_an_address_the_launcher_cannot_bind_is_left_to_the_command():
     result = subprocess.run(
-        [str(LAUNCHER), "--listen", "192.0.2.1:53", sys.executable, "-c",
-         "import os; print(os.environ.get('LISTEN_FDS'), os.environ.get('LISTEN_PID') == "
-         "str(os.getpid()))"],
+        [str(LAUNCHER), "--listen", "192.0.2.1:53", sys.executable, "-c", SHOW_PASSED],
         capture_output=True, text=True, timeout=10, env=clean_env())
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["0", "True"]
+    assert result.stdout.splitlines()[0] == "0 True"
     warnings = result.stderr.splitlines()
     assert len(warnings) == 2 and all("192.0.2.1:53" in line for line in warnings)
     assert "Traceback" not in result.stderr
 
 
+# The command the launcher runs in the tests below: what it was handed, one line each.
+SHOW_PASSED = """
+import os, socket
+print(os.environ.get("LISTEN_FDS"), os.environ.get("LISTEN_PID") == str(os.getpid()))
+for fd in range(3, 3 + int(os.environ.get("LISTEN_FDS") or 0)):
+    sock = socket.socket(fileno=fd)
+    kind = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
+    print(fd, kind, *sock.getsockname()[:2], os.get_inheritable(fd))
+    sock.detach()
+for fd in (5, 6):
+    print(fd, os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}")
+          else "closed")
+"""
+
+
 @needs_launcher
 def test_the_launcher_reads_dnsproxy_listen_when_not_told():
     port = free_port()
-    env = clean_env(DNSPROXY_LISTEN=f"127.0.0.1:{port}, [::1]:{port}")
-    result = subprocess.run([str(LAUNCHER), sys.executable, "-c",
-                             "import os; print(os.environ['LISTEN_FDS'])"],
+    env = clean_env(DNSPROXY_LISTEN=f"127.0.0.1:{port}, [::1]:{port} not-an-address")
+    result = subprocess.run([str(LAUNCHER), sys.executable, "-c", SHOW_PASSED],
                             capture_output=True, text=True, timeout=10, env=env)
-    assert result.returncode == 0 and result.stdout.strip() == "4", result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:5] == [
+        "4 True", f"3 udp 127.0.0.1 {port} True", f"4 tcp 127.0.0.1 {port} True",
+        f"5 udp ::1 {port} True", f"6 tcp ::1 {port} True"]
+    assert "not-an-address" in result.stderr and "left to the command" in result.stderr
+
+
+@needs_launcher
+def test_the_sockets_take_3_and_on_whatever_held_those_numbers():
+    # 3, 4 and 5 open (as a service manager may leave them): the two sockets go to 3 and 4,
+    # 5 stays as it was.
+    port = free_port()
+    script = (f'exec 3</dev/null 4</dev/null 5</dev/null; exec "{LAUNCHER}" '
+              f'--listen 127.0.0.1:{port} "{sys.executable}" -c "$0"')
+    result = subprocess.run(["sh", "-c", script, SHOW_PASSED], capture_output=True,
+                            text=True, timeout=10, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "2 True", f"3 udp 127.0.0.1 {port} True", f"4 tcp 127.0.0.1 {port} True",
+        "5 /dev/null", "6 closed"]
+
+
+@needs_launcher
+def test_with_nothing_to_bind_the_environment_is_left_alone():
+    env = clean_env(LISTEN_FDS="1", LISTEN_PID="1")  # a service manager's, for the command
+    result = subprocess.run([str(LAUNCHER), sys.executable, "-c",
+                             "import os; print(os.environ['LISTEN_FDS'], "
+                             "os.environ['LISTEN_PID'])"],
+                            capture_output=True, text=True, timeout=10, env=env)
+    assert result.returncode == 0 and result.stdout.split() == ["1", "1"], result.stderr
 
 
 @needs_launcher
@@ -177,6 +205,34 @@ def test_sockets_passed_to_another_process_are_not_taken():
     environ = {"LISTEN_FDS": "2", "LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDNAMES": "a:b"}
     assert listen.passed_sockets(environ) == {}
     assert environ == {}  # nothing this process starts sees them either
+
+
+ADOPT = """
+import os, socket
+from dnsproxy import listen
+udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+udp.bind(("::1", 0))
+tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+tcp.bind(("127.0.0.1", 0))
+tcp.listen()
+os.dup2(udp.fileno(), 3)
+os.dup2(tcp.fileno(), 4)
+environ = {"LISTEN_FDS": "2", "LISTEN_PID": str(os.getpid()), "LISTEN_FDNAMES": "a:b"}
+passed = listen.passed_sockets(environ)
+print(environ == {})
+print(set(passed) == {listen._key(socket.SOCK_DGRAM, "0:0::1", udp.getsockname()[1]),
+                      listen._key(socket.SOCK_STREAM, "127.0.0.1", tcp.getsockname()[1])})
+print(sorted(sock.fileno() for sock in passed.values()))
+"""
+
+
+def test_passed_sockets_are_taken_by_what_they_are_bound_to():
+    # Real sockets where a launcher puts them (in a process of their own: 3 and 4 are this
+    # one's); an IPv6 address written in another form matches.
+    result = subprocess.run([sys.executable, "-c", ADOPT], cwd=ROOT, capture_output=True,
+                            text=True, timeout=10, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "[3,", "4]"]
 
 
 def test_no_passed_sockets_without_the_variables():

@@ -10,9 +10,11 @@
 //! much costs time, never correctness: an address it cannot bind is left to the forwarder
 //! (which then reports it), with a warning here, and the command runs all the same.
 //!
-//! The addresses: each `--listen`, else `DNSPROXY_LISTEN` (commas or spaces between them), as
-//! the forwarder reads them. The options match listen.py: IPv6 sockets are IPv6 only, TCP
-//! reuses the address and listens with a backlog of 512.
+//! The addresses: each `--listen` given to the launcher, else those of `DNSPROXY_LISTEN` (the
+//! forwarder's own variable: commas or spaces between them), an entry it cannot read left to
+//! the forwarder. With none, the command runs with the environment untouched. The options
+//! match listen.py: IPv6 sockets are IPv6 only, TCP reuses the address and listens with a
+//! backlog of 512.
 
 use std::env;
 use std::ffi::{CString, OsString};
@@ -69,9 +71,12 @@ fn parse_args(args: Vec<OsString>) -> Result<(Vec<SocketAddr>, Vec<OsString>), S
     }
     if addresses.is_empty() {
         let listed = env::var("DNSPROXY_LISTEN").unwrap_or_default();
-        for item in listed.split(|c: char| c == ',' || c.is_whitespace()) {
-            if !item.is_empty() {
-                addresses.push(parse_address(item)?);
+        let items = listed.split(|c: char| c == ',' || c.is_whitespace());
+        for item in items.filter(|item| !item.is_empty()) {
+            match parse_address(item) {
+                Ok(address) => addresses.push(address),
+                Err(message) => eprintln!("dnsproxy-bind: warning: DNSPROXY_LISTEN: {message}; \
+                                           left to the command"),
             }
         }
     }
@@ -141,7 +146,9 @@ fn bind_all(addresses: &[SocketAddr]) -> Vec<RawFd> {
     fds
 }
 
-/// Renumber `fds` to 3, 4, ... without close-on-exec, as the protocol has them.
+/// Renumber `fds` to 3, 4, ... without close-on-exec, as the protocol has them (whatever
+/// held those numbers before is closed, as systemd does). On an error every socket is left
+/// close-on-exec: the command then binds its addresses itself.
 fn hand_over(fds: &[RawFd]) -> io::Result<()> {
     // First out of the way (above any target number), then into place: a socket may sit on
     // another's target number.
@@ -153,8 +160,14 @@ fn hand_over(fds: &[RawFd]) -> io::Result<()> {
         unsafe { libc::close(fd) };
     }
     for (index, &fd) in moved.iter().enumerate() {
+        let target = FIRST_FD + index as RawFd;
         // SAFETY: as above; dup2 leaves the new descriptor without close-on-exec.
-        check(unsafe { libc::dup2(fd, FIRST_FD + index as RawFd) })?;
+        if let Err(err) = check(unsafe { libc::dup2(fd, target) }) {
+            for placed in FIRST_FD..target {
+                unsafe { libc::fcntl(placed, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+            return Err(err);
+        }
         unsafe { libc::close(fd) };
     }
     Ok(())
@@ -166,8 +179,16 @@ fn main() {
         Err(message) => fail(EXIT_USAGE, &message),
     };
     let fds = bind_all(&addresses);
+    if !addresses.is_empty() {
+        pass_on(&fds);
+    }
+    exec(&command);
+}
+
+/// Put the sockets in place and say so in the protocol's variables (or say nothing).
+fn pass_on(fds: &[RawFd]) {
     env::remove_var("LISTEN_FDNAMES");
-    match hand_over(&fds) {
+    match hand_over(fds) {
         Ok(()) => {
             env::set_var("LISTEN_FDS", fds.len().to_string());
             env::set_var("LISTEN_PID", process::id().to_string());
@@ -178,6 +199,9 @@ fn main() {
             env::remove_var("LISTEN_PID");
         }
     }
+}
+
+fn exec(command: &[OsString]) -> ! {
     let argv: Vec<CString> = command
         .iter()
         .map(|arg| CString::new(arg.clone().into_vec()))
