@@ -4,7 +4,7 @@ same; `dnsproxy --version` and the start-up log say which one serves.
 
 Why: a cache hit through the event loop costs about 21 µs in its receive and send alone. The
 compiled path reads each client-facing UDP socket on a thread of its own that never takes the
-GIL: datagrams in batches (`recvmmsg`), fresh hits answered from its copy of the cache
+GIL: datagrams in batches (`recvmmsg`), hits answered from its copy of the cache
 (`sendmmsg`), the access list and the per-client rate limit applied; every other datagram is
 queued for the Python pipeline with the client's address (and the rate verdict it took, so
 the limit is taken once), and the event loop is woken for them through a socket. A busy event
@@ -160,13 +160,14 @@ class HitPath:
         self.limited = metrics.key("dnsproxy_responses_total", reason="ratelimited")
         self.shed = metrics.key("dnsproxy_overload_total", limit="handoff")
         self.sockets: dict[int, NativeUdp] = {}
+        self.handed_on = 0  # datagrams the threads left for the pipeline, in all
         self.loop: asyncio.AbstractEventLoop | None = None
         self.taker: asyncio.TimerHandle | None = None
 
     def configure(self, settings: Settings, pipeline: Pipeline) -> None:
         """The settings it applies (at start, and again at each reload): the access list, the
-        rate limit, whether to prefetch; the copy of the cache starts empty, since a new
-        configuration may answer some cached names otherwise (a hosts file, home names). The
+        rate limit, whether to prefetch, serve-stale; the copy of the cache starts empty, since
+        a new configuration may answer some cached names otherwise (a hosts file, home names). The
         pipeline's rate-limit stage takes its tokens from the same buckets (one per client,
         whatever the transport, as on the Python path)."""
         fast = self.fast
@@ -204,14 +205,21 @@ class HitPath:
             log.exception("taking the compiled path's datagrams failed; it goes on")
             return
         sockets = self.sockets
-        for number, data, address, rate in batch:
-            udp = sockets.get(number)
-            if udp is not None:
-                udp.server.datagram_received(data, address, rate)
-        for data, kind in self.fast.refreshes():  # after the misses: their clients wait
-            self.cache.refresh_asked(data, kind)
-        if more and self.loop is not None:
-            self.loop.call_soon(self._handed_on)
+        self.handed_on += len(batch)
+        try:
+            for number, data, address, rate in batch:
+                udp = sockets.get(number)
+                if udp is not None:
+                    udp.server.datagram_received(data, address, rate)
+            for key, data, kind in self.fast.refreshes():  # after the misses: clients wait
+                try:
+                    self.cache.refresh_asked(key, data, kind)
+                except Exception:  # a bug: this refresh is lost, not the hand-off
+                    log.exception("starting a refresh the compiled path asked for failed")
+        finally:
+            # No wake-up comes for what is left (the threads see Python woken): come back.
+            if more and self.loop is not None:
+                self.loop.call_soon(self._handed_on)
 
     def _take_every(self) -> None:
         self.take()

@@ -40,6 +40,7 @@ otherwise come back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections import OrderedDict, deque
@@ -109,9 +110,10 @@ class Cache(PassThrough):
         # answers for them are not stored.
         self.rerouting: list[tuple[Callable[[bytes], bool], float]] = []
         self.scans: deque[Scan] = deque()  # the first is running, the others wait their turn
-        # The compiled hit path's table (dnsproxy/fastpath.py) of the entries Python answered a
-        # hit from (the hot ones), holding these very bytes objects, kept in step with
-        # `entries`: what is dropped here is removed there.
+        # The compiled hit path's table (dnsproxy/fastpath.py): a copy of each entry an upstream
+        # answered while this process ran, or Python answered a hit from (one read from the
+        # cache file, until then), kept in step with `entries`: what is dropped here is removed
+        # there.
         self.mirror: Mirror | None = None
         self.sync_mirror: Callable[[], None] | None = None  # its hits' LRU order, brought in
         self.counts = metrics.values
@@ -167,26 +169,40 @@ class Cache(PassThrough):
         return Response(reply, reason, reply[3] & wire.RCODE_MASK)
 
     def _refresh(self, key: bytes, query: wire.Query, kind: str) -> bool:
-        """Fetch `key`'s entry anew unless that is under way; whether it is now."""
-        if key in self.refreshing:
+        """Fetch `key`'s entry anew unless that is under way; whether it is now. A refresh
+        that has ended counts as over even before its done callback ran: the compiled path
+        may ask again in between, and must then get a new one."""
+        running = self.refreshing.get(key)
+        if running is not None and not running.done():
             return True
         if self.refresher is None or len(self.refreshing) >= MAX_REFRESHES:
             return False
         task = asyncio.get_running_loop().create_task(self._fetch(key, query, kind))
         self.refreshing[key] = task
-        task.add_done_callback(lambda _: self.refreshing.pop(key, None))
+        task.add_done_callback(functools.partial(self._refresh_done, key))
         return True
 
-    def refresh_asked(self, data: bytes, kind: str) -> None:
-        """The compiled path answered `data` from an entry near or past its expiry (`kind`:
-        prefetch, stale): the refresh this stage's own answer would have started."""
+    def _refresh_done(self, key: bytes, task: asyncio.Task) -> None:
+        if self.refreshing.get(key) is task:  # not a newer one started since it ended
+            del self.refreshing[key]
+
+    def refresh_asked(self, key: bytes, data: bytes, kind: str) -> None:
+        """The compiled path answered `data` from `key`'s entry near or past its expiry
+        (`kind`: prefetch, stale): the refresh this stage's own answer would have started,
+        unless the entry is gone or fresh again meanwhile. Whatever does not start one (or
+        raises) tells the compiled path to ask again at the next hit."""
+        started = False
         try:
-            query = wire.parse_query(data)
-        except wire.WireError:
-            return
-        key = self.key(query)
-        if key in self.entries and not self._refresh(key, query, kind) and self.mirror:
-            self.mirror.refreshed(key)  # not now: the next hit asks again
+            cached = self.entries.get(key)
+            if cached is None:
+                return
+            stored, ttl = wire.CachedReply.STAMP.unpack_from(cached)
+            if self.clock() - stored < ttl * PREFETCH_AT:
+                return
+            started = self._refresh(key, wire.parse_query(data), kind)
+        finally:
+            if not started and self.mirror is not None:
+                self.mirror.refreshed(key)
 
     async def _fetch(self, key: bytes, query: wire.Query, kind: str) -> None:
         stored = False
@@ -194,6 +210,8 @@ class Cache(PassThrough):
             cached = await self.refresher(query)
             # A failure (or a reply not to be cached) leaves the old entry to serve stale.
             stored = cached is not None and self.store(key, cached)
+            if stored:
+                self._copy(key)
             self.metrics.inc("dnsproxy_cache_refreshes_total", kind=kind,
                              result="stored" if stored else "failed")
         finally:
@@ -209,7 +227,17 @@ class Cache(PassThrough):
     def observe(self, request: Request, response: Response) -> None:
         cached = response.cacheable
         if cached is not None:
-            self.store(self.key(request.query), cached)
+            key = self.key(request.query)
+            if self.store(key, cached):
+                self._copy(key)
+
+    def _copy(self, key: bytes) -> None:
+        """A new entry from an upstream goes to the compiled path's table at once: the next
+        hit, and every one after a refresh, is then answered there (observe runs after the
+        client's answer has gone out, so this costs no client any time)."""
+        entry = self.entries.get(key)
+        if self.mirror is not None and not self.scans and entry is not None:
+            self.mirror.put(key, entry)
 
     def store(self, key: bytes, cached: wire.CachedReply, stored: float | None = None) -> bool:
         """Keep a verified reply (stamped `stored`, by default now); False if it may not be."""

@@ -67,6 +67,28 @@ pub enum Verdict {
     Python(Option<bool>), // for the pipeline; the rate verdict when one was taken
 }
 
+/// What the path did with a datagram it did not hand on, as the query log names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Cached,
+    Stale,
+    Limited,
+}
+
+impl Outcome {
+    pub fn answered(stale: bool) -> Outcome {
+        if stale { Outcome::Stale } else { Outcome::Cached }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Outcome::Cached => "cached",
+            Outcome::Stale => "stale",
+            Outcome::Limited => "ratelimited",
+        }
+    }
+}
+
 /// Why an answered entry is to be fetched anew, as the cache stage names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refresh {
@@ -132,8 +154,8 @@ pub struct Hits {
     pub limited: u64,
     /// Datagrams for Python, and whether it has been woken for them.
     pub pending: VecDeque<Miss>,
-    /// Entries to refresh (the query that found each), for Python's cache stage.
-    pub refreshes: Vec<(Vec<u8>, Refresh)>,
+    /// Entries to refresh (the key, the query that found it), for Python's cache stage.
+    pub refreshes: Vec<(Vec<u8>, Vec<u8>, Refresh)>,
     pub woken: bool,
     pub shed: u64,
     pub faults: u64,
@@ -176,7 +198,8 @@ impl Hits {
             self.entries.remove(&key);
             return false;
         }
-        self.entries.insert(key, Entry { stamped: entry.into(), touched: false, refreshing: false });
+        let entry = Entry { stamped: entry.into(), touched: false, refreshing: false };
+        self.entries.insert(key, entry);
         true
     }
 
@@ -317,7 +340,7 @@ impl Hits {
         };
         let verdict = match (verdict, refresh) {
             (Verdict::Answered { rcode, stale, .. }, Some(kind)) => {
-                self.refreshes.push((data.to_vec(), kind));
+                self.refreshes.push((key.clone(), data.to_vec(), kind));
                 let wake = !std::mem::replace(&mut self.woken, true);
                 Verdict::Answered { rcode, stale, wake }
             }
@@ -343,16 +366,17 @@ impl Hits {
 
     /// Count (and, when recording, log) a datagram this path answered or dropped.
     pub fn note(&mut self, now: f64, source: SocketAddr, data: &[u8], rcode: u8,
-                reason: &'static str) {
-        match reason {
-            "cached" => self.answered += 1,
-            "stale" => {
+                outcome: Outcome) {
+        match outcome {
+            Outcome::Cached => self.answered += 1,
+            Outcome::Stale => {
                 self.answered += 1;
                 self.stale += 1;
             }
-            _ => self.limited += 1,
+            Outcome::Limited => self.limited += 1,
         }
         if self.record {
+            let reason = outcome.reason();
             self.records.push(Record { at: now, source, query: data.to_vec(), rcode, reason });
         }
     }

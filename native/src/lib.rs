@@ -26,7 +26,7 @@ mod reader;
 mod sockaddr;
 mod wire;
 
-use hits::{Hits, Network, Verdict, RCODE_REFUSED};
+use hits::{Hits, Network, Outcome, Verdict, RCODE_REFUSED};
 use reader::{lock, Reader};
 
 fn parse_networks(networks: Vec<(Vec<u8>, u8)>) -> PyResult<Vec<Network>> {
@@ -129,8 +129,8 @@ impl FastPath {
     }
 
     /// Serve-stale as the cache stage has it: whether expired entries are answered, for how
-    /// long past expiry, with what TTL (a refresh is asked of Python each time, as for a hit in
-    /// the prefetch window).
+    /// long past expiry, with what TTL (and a refresh asked of Python, once per entry until it
+    /// is done, as for a hit in the prefetch window).
     fn set_stale(&self, enabled: bool, stale_ttl: u32, max_stale: f64) {
         let mut hits = lock(&self.hits);
         hits.serve_stale = enabled;
@@ -143,13 +143,14 @@ impl FastPath {
         lock(&self.hits).refreshed(key);
     }
 
-    /// The refreshes the hits asked for since the last call: [(the query, "prefetch" or
+    /// The refreshes the hits asked for since the last call: [(key, the query, "prefetch" or
     /// "stale")], each entry's once until `put` replaces it or `refreshed` is called.
     fn refreshes<'py>(&self, py: Python<'py>) -> PyResult<&'py PyList> {
         let taken = std::mem::take(&mut lock(&self.hits).refreshes);
         let out = PyList::empty(py);
-        for (data, kind) in taken {
-            out.append((PyBytes::new(py, &data), kind.name()).to_object(py))?;
+        for (key, data, kind) in taken {
+            let item = (PyBytes::new(py, &key), PyBytes::new(py, &data), kind.name());
+            out.append(item.to_object(py))?;
         }
         Ok(out)
     }
@@ -164,11 +165,11 @@ impl FastPath {
         let mut hits = lock(&self.hits);
         Ok(match hits.decide(data, &source, now, &mut out) {
             Verdict::Answered { rcode, stale, .. } => {
-                hits.note(now, source, data, rcode, if stale { "stale" } else { "cached" });
+                hits.note(now, source, data, rcode, Outcome::answered(stale));
                 (PyBytes::new(py, &out).into(), Some(true))
             }
             Verdict::Limited => {
-                hits.note(now, source, data, RCODE_REFUSED, "ratelimited");
+                hits.note(now, source, data, RCODE_REFUSED, Outcome::Limited);
                 ("limited".into_py(py), Some(false))
             }
             Verdict::Python(rate) => (py.None(), rate),

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 
-use crate::hits::{Hits, Miss, Verdict, RCODE_REFUSED};
+use crate::hits::{Hits, Miss, Outcome, Verdict, RCODE_REFUSED};
 use crate::net;
 
 /// The lock, even after a panic on another thread: `Hits` holds no invariant a half-done batch
@@ -120,11 +120,11 @@ fn handle(hits: &Mutex<Hits>, listener: usize, batch: &net::Batch, got: usize,
         match hits.decide(data, &source, now, out) {
             Verdict::Answered { rcode, stale, wake } => {
                 *destination = source;
-                hits.note(now, source, data, rcode, if stale { "stale" } else { "cached" });
+                hits.note(now, source, data, rcode, Outcome::answered(stale));
                 wake_python |= wake;
                 answers += 1;
             }
-            Verdict::Limited => hits.note(now, source, data, RCODE_REFUSED, "ratelimited"),
+            Verdict::Limited => hits.note(now, source, data, RCODE_REFUSED, Outcome::Limited),
             Verdict::Python(rate) => {
                 let miss = Miss { listener, data: data.to_vec(), source, rate };
                 wake_python |= hits.hand_on(miss);

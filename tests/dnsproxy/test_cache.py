@@ -12,7 +12,7 @@ from dnslib import AAAA, CNAME, NS, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from dnsproxy import wire
 from dnsproxy.metrics import Metrics
-from dnsproxy.pipeline import Request
+from dnsproxy.pipeline import Request, Response
 from dnsproxy.stages import cache as cache_stage
 from dnsproxy.stages.cache import Cache
 
@@ -236,17 +236,27 @@ def test_stale_entry_is_answered_with_the_stale_ttl_and_refreshed_once(upstream,
     assert proxy.metrics.get("dnsproxy_responses_total", reason="stale") == 4
 
 
+def handed_on(proxy) -> int:
+    """Datagrams the compiled path left for the pipeline so far (0 on the Python path)."""
+    proxy.sync()
+    hit_path = proxy.service.hit_path
+    return hit_path.handed_on if hit_path is not None else 0
+
+
 def test_a_hot_entry_gone_stale_is_answered_at_once_and_refreshed_once(upstream, make_proxy):
-    # Hit while fresh, so the compiled path holds a copy: it answers the stale hits itself.
+    # An upstream's answer is copied to the compiled path's table: it answers the later hits,
+    # stale ones too, itself; the cache stage does the one refresh.
     upstream.rule("hot.example", ttl=1)
     proxy = make_proxy("--upstream", upstream.address, "--stale-ttl", "7", "--no-prefetch")
     for _ in range(3):
         ask(proxy.port, "hot.example")
     time.sleep(1.2)
     upstream.rule("hot.example", ttl=1, delay=0.5)
+    before = handed_on(proxy)
     for _ in range(4):  # all while the one refresh is on its way
         reply = ask(proxy.port, "hot.example")
         assert addresses(reply) == [GENUINE] and [rr.ttl for rr in reply.rr] == [7]
+    assert handed_on(proxy) == before, "the compiled path answers stale hits itself"
     wait_for(lambda: refreshes(proxy, "stale", "stored") == 1)
     assert upstream.count("hot.example") == 2
     assert [rr.ttl for rr in ask(proxy.port, "hot.example").rr] == [1]  # the refreshed entry
@@ -471,7 +481,8 @@ class DictMirror:
 
 def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     """Pure logic: whatever the cache drops (replaced, evicted, capped, purged), its copy for
-    the compiled hit path loses too; it takes an entry once Python answered a hit from it."""
+    the compiled hit path loses too; it takes an entry when an upstream's answer or a refresh
+    stores it, or once Python answered a hit from it (one read from the cache file)."""
     def reply(name: str, address: str, ttl: int = 300) -> wire.CachedReply:
         record = DNSRecord.question(name).reply()
         record.add_answer(RR(name, rdata=A(address), ttl=ttl))
@@ -504,3 +515,57 @@ def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     hit("d.test")
     cache.purge({bytes([192, 0, 2, 5])}, "listed", guard=False)
     assert mirror.entries == {}
+    # An upstream's answer (after it went out) and a refresh's are copied at once.
+    e_query = wire.parse_query(DNSRecord.question("e.test").pack())
+    cache.observe(Request(e_query, ("127.0.0.1", 1), "udp", 0.0),
+                  Response(None, "forwarded", 0, cacheable=reply("e.test", "192.0.2.6", ttl=30)))
+    assert mirror.entries == {key("e.test"): cache.entries[key("e.test")]}
+
+    async def refresher(query: wire.Query) -> wire.CachedReply:
+        return reply("e.test", "192.0.2.7", ttl=30)
+
+    cache.refresher = refresher
+    asyncio.run(cache._fetch(key("e.test"), e_query, "stale"))
+    assert mirror.entries == {key("e.test"): cache.entries[key("e.test")]}
+    assert bytes([192, 0, 2, 7]) in mirror.entries[key("e.test")]
+
+
+def test_a_refresh_asked_as_the_last_one_ends_is_started() -> None:
+    """Pure logic: the compiled path may ask for a refresh between the end of a failed one and
+    its done callback; that one must start (and stay listed), or the entry's flag in the
+    compiled path stays set and the entry is served stale, never refreshed."""
+    now = [0.0]
+    cache = Cache(10, Metrics(), clock=lambda: now[0])
+    cache.mirror = DictMirror()
+    name = "late.test"
+    data = DNSRecord.question(name).pack()
+    key = Cache.key(wire.parse_query(data))
+    record = DNSRecord.question(name).reply()
+    record.add_answer(RR(name, rdata=A("192.0.2.1"), ttl=30))
+    packed = record.pack()
+    assert cache.store(key, wire.strip_opt(packed, wire.parse_reply(packed)))
+    now[0] = 100.0  # stale
+    calls: list[int] = []
+    hold = asyncio.Event()
+
+    async def refresher(query: wire.Query) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            await hold.wait()
+        return None  # failed
+
+    cache.refresher = refresher
+
+    async def main() -> None:
+        cache.refresh_asked(key, data, "stale")
+        await asyncio.sleep(0)  # the first runs and fails; its done callback is yet to run
+        cache.refresh_asked(key, data, "stale")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(calls) == 2 and key in cache.refreshing, "the second one is listed"
+        hold.set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not cache.refreshing
+
+    asyncio.run(main())
