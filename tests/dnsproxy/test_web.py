@@ -215,7 +215,9 @@ def test_the_upstreams_panel(page: Page, upstream) -> None:
     traffic(page)
     [entry] = page.logged_in().get("/api/upstreams").json()["upstreams"]
     assert entry["name"] == upstream.address and entry["health"] == "up"
-    assert entry["replies"] == 3
+    # Three names asked upstream; the OPT-less forgery's check over TCP is a reply too when it
+    # lands before the genuine UDP reply ends the exchange (a race on loopback).
+    assert entry["replies"] in (3, 4)
     assert 0 < entry["p50_ms"] <= entry["p95_ms"] < 1000
     assert entry["steps"], "latency over time"
 
