@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from .config import ConfigError, build_settings
 
@@ -225,7 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
-    return 0
+    _exit_at_once()
+
+
+def _exit_at_once() -> NoReturn:
+    """Leave without the interpreter's teardown, once the service has stopped: it saved and
+    flushed all it keeps, and its sockets are closed. The teardown (freeing every object, about
+    6 ms) would only delay the exit a supervisor waits for before it starts the next process,
+    with the port closed all the while."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
