@@ -334,6 +334,8 @@ class Window:
     first_asks: int = 0  # queries for a name never asked before in the stream
     max_lag: float = 0.0  # seconds the client sent a query after its time, at most
     repeat_mean: float = float("nan")  # ms, over the queries for names asked before
+    repeat_p50: float = float("nan")  # their median and 95th percentile: a cache hit's latency
+    repeat_p95: float = float("nan")
     # ms a first ask took beyond the upstream's own delay (median): the server's cost of a miss
     # at this rate, the same path for every server
     miss_added: float = float("nan")
@@ -384,8 +386,9 @@ def analyse(rec: Records, start: float, end: float, *, ttls: list[int], base: fl
             if made is not None and is_stale(received, made, ttls[name], delay):
                 stale += 1
     upstream = bisect.bisect_left(arrivals, end) - bisect.bisect_left(arrivals, start)
+    again = Summary.of(repeats)
     return Window(Summary.of(latencies), latencies, answered, timeouts, errors, stale, waited,
-                  upstream, first, lag / 1e9, Summary.of(repeats).mean,
+                  upstream, first, lag / 1e9, again.mean, again.p50, again.p95,
                   Summary.of(misses).p50)
 
 

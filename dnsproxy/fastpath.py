@@ -198,7 +198,7 @@ class HitPath:
         """The datagrams the threads left for the pipeline, BUDGET at a time: the loop's
         other work goes on between batches."""
         try:
-            batch, more = self.fast.pending(BUDGET)
+            batch, more, refreshes = self.fast.pending(BUDGET)
         except BaseException as exc:  # a bug in the module (a Rust panic is a BaseException)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -211,7 +211,7 @@ class HitPath:
                 udp = sockets.get(number)
                 if udp is not None:
                     udp.server.datagram_received(data, address, rate)
-            for key, data, kind in self.fast.refreshes():  # after the misses: clients wait
+            for key, data, kind in refreshes:  # after the misses: their clients wait
                 try:
                     self.cache.refresh_asked(key, data, kind)
                 except Exception:  # a bug: this refresh is lost, not the hand-off

@@ -110,10 +110,9 @@ class Cache(PassThrough):
         # answers for them are not stored.
         self.rerouting: list[tuple[Callable[[bytes], bool], float]] = []
         self.scans: deque[Scan] = deque()  # the first is running, the others wait their turn
-        # The compiled hit path's table (dnsproxy/fastpath.py): a copy of each entry an upstream
-        # answered while this process ran, or Python answered a hit from (one read from the
-        # cache file, until then), kept in step with `entries`: what is dropped here is removed
-        # there.
+        # The compiled hit path's table (dnsproxy/fastpath.py): a copy of each entry Python
+        # answered a hit from, or refreshed (the hot ones), kept in step with `entries`: what
+        # is dropped here is removed there.
         self.mirror: Mirror | None = None
         self.sync_mirror: Callable[[], None] | None = None  # its hits' LRU order, brought in
         self.counts = metrics.values
@@ -227,14 +226,13 @@ class Cache(PassThrough):
     def observe(self, request: Request, response: Response) -> None:
         cached = response.cacheable
         if cached is not None:
-            key = self.key(request.query)
-            if self.store(key, cached):
-                self._copy(key)
+            self.store(self.key(request.query), cached)
 
     def _copy(self, key: bytes) -> None:
-        """A new entry from an upstream goes to the compiled path's table at once: the next
-        hit, and every one after a refresh, is then answered there (observe runs after the
-        client's answer has gone out, so this costs no client any time)."""
+        """A refreshed entry goes to the compiled path's table at once: it was hot, and the
+        hits after the refresh are then answered there. (A new name's entry waits for its
+        first hit: copying every one would cost each miss a lock shared with the reader
+        threads, and the memory of a second copy of names asked once.)"""
         entry = self.entries.get(key)
         if self.mirror is not None and not self.scans and entry is not None:
             self.mirror.put(key, entry)

@@ -143,18 +143,6 @@ impl FastPath {
         lock(&self.hits).refreshed(key);
     }
 
-    /// The refreshes the hits asked for since the last call: [(key, the query, "prefetch" or
-    /// "stale")], each entry's once until `put` replaces it or `refreshed` is called.
-    fn refreshes<'py>(&self, py: Python<'py>) -> PyResult<&'py PyList> {
-        let taken = std::mem::take(&mut lock(&self.hits).refreshes);
-        let out = PyList::empty(py);
-        for (key, data, kind) in taken {
-            let item = (PyBytes::new(py, &key), PyBytes::new(py, &data), kind.name());
-            out.append(item.to_object(py))?;
-        }
-        Ok(out)
-    }
-
     /// One datagram's fate without a socket (tests): the reply bytes for a hit, "limited" for
     /// one over the rate, else None; with the rate verdict.
     fn answer(&self, py: Python<'_>, data: &[u8], host: &str, port: u16, now: f64)
@@ -212,16 +200,20 @@ impl FastPath {
     }
 
     /// At most `budget` datagrams for the pipeline, [(listener, data, (host, port), rate
-    /// verdict)], and whether more wait (then call again: no new wake-up comes for them).
-    fn pending<'py>(&self, py: Python<'py>, budget: usize) -> PyResult<(&'py PyList, bool)> {
+    /// verdict)], whether more wait (then call again: no new wake-up comes for them), and the
+    /// refreshes the hits asked for since the last call, [(key, the query, "prefetch" or
+    /// "stale")], each entry's once until `put` replaces it or `refreshed` is called.
+    #[allow(clippy::type_complexity)]
+    fn pending<'py>(&self, py: Python<'py>, budget: usize)
+                    -> PyResult<(&'py PyList, bool, &'py PyList)> {
         reader::drain_wakeups(&self.woken);
-        let (batch, more): (Vec<hits::Miss>, bool) = {
+        let (batch, more, refreshes) = {
             let mut hits = lock(&self.hits);
             let count = budget.min(hits.pending.len());
-            let batch = hits.pending.drain(..count).collect();
-            // Still woken: the caller comes back (and takes the refreshes, see `refreshes`).
-            hits.woken = !hits.pending.is_empty() || !hits.refreshes.is_empty();
-            (batch, hits.woken)
+            let batch: Vec<hits::Miss> = hits.pending.drain(..count).collect();
+            let refreshes = std::mem::take(&mut hits.refreshes);
+            hits.woken = !hits.pending.is_empty(); // still woken: the caller comes back
+            (batch, hits.woken, refreshes)
         };
         let out = PyList::empty(py);
         for miss in batch {
@@ -229,7 +221,12 @@ impl FastPath {
             let item = (miss.listener, PyBytes::new(py, &miss.data), address, miss.rate);
             out.append(item.to_object(py))?;
         }
-        Ok((out, more))
+        let asked = PyList::empty(py);
+        for (key, data, kind) in refreshes {
+            let item = (PyBytes::new(py, &key), PyBytes::new(py, &data), kind.name());
+            asked.append(item.to_object(py))?;
+        }
+        Ok((out, more, asked))
     }
 
     /// What the hits since the last call leave for Python: the keys hit (each once: the LRU

@@ -39,10 +39,11 @@ def test_number_formats():
 
 
 def window(mean, p50, p95, *, count=1000, stale=0, waited=0, upstream=0, first=0,
-           repeat=None, miss=0.3):
+           repeat=None, miss=0.3, hits=(float("nan"), float("nan"))):
     return household.Window(Summary(count, mean, p50, p95, p95), [p50] * 10, answered=count,
                             stale=stale, waited=waited, upstream=upstream, first_asks=first,
-                            repeat_mean=mean / 2 if repeat is None else repeat, miss_added=miss)
+                            repeat_mean=mean / 2 if repeat is None else repeat,
+                            repeat_p50=hits[0], repeat_p95=hits[1], miss_added=miss)
 
 
 def result(delay, servers):
@@ -51,35 +52,43 @@ def result(delay, servers):
 
 
 def test_household_table_has_a_row_per_server():
-    r = result(40, [household.ServerResult("dnsproxy", "a file", window(0.5, 0.1, 0.4,
-                                                                        stale=20, waited=5,
-                                                                        upstream=321), 0.05),
+    r = result(40, [household.ServerResult("dnsproxy", "a file",
+                                           window(0.5, 0.1, 0.4, stale=20, waited=5,
+                                                  upstream=321, hits=(0.02, 0.15)), 0.05),
                     household.ServerResult("dnsmasq", "none", window(2.0, 0.08, 40.0), 0.02)])
     table = report.household_table(r)
     assert table[0].startswith("| server | queries | mean ms | mean ms, names asked before |")
     assert len(table) == 4
-    assert table[2] == ("| dnsproxy | 1,000 | 0.500 | 0.250 | 0.100 | 0.400 | 0.400 | 0.300 | "
-                        "5 (0.5%) | 20 (2.0%) | 0 | 0 | 321 | 5.0% |")
+    assert table[2] == ("| dnsproxy | 1,000 | 0.500 | 0.250 | 0.020 / 0.150 | 0.100 | 0.400 | "
+                        "0.400 | 0.300 | 5 (0.5%) | 20 (2.0%) | 0 | 0 | 321 | 5.0% |")
 
 
 def test_targets_are_judged_against_the_best_peer():
-    mine = household.ServerResult("dnsproxy", "a file", window(0.9, 0.1, 0.8), 0.05,
-                                  restart=window(0.5, 0.3, 0.9))
+    mine = household.ServerResult("dnsproxy", "a file",
+                                  window(0.9, 0.1, 0.8, miss=0.2, hits=(0.02, 0.05)), 0.05,
+                                  restart=window(0.5, 0.3, 0.9), unanswered=2)
     peers = [household.ServerResult("unbound", "dump", window(2.0, 0.1, 40.0), 0.02),
-             household.ServerResult("dnsmasq", "none", window(3.0, 0.1, 41.0, miss=0.15),
-                                    0.02)]
+             household.ServerResult("dnsmasq", "none",
+                                    window(3.0, 0.1, 41.0, miss=0.15, hits=(0.02, 0.06)), 0.02,
+                                    restart=window(4.0, 0.1, 41.0), unanswered=3)]
     text = "\n".join(report.targets(result(40, [mine, *peers])))
     assert "best peer's (unbound) 2.000 ms: 0.45× (target <= 0.5×: meets)" in text
     assert "without first asks (which no cache can answer): 0.450 ms against unbound's " \
         "1.000 ms: 0.45×" in text
     assert "p95 0.800 ms (target < 1 ms at 40 ms: meets)" in text
-    assert ("a miss (a first ask) took 0.300 ms beyond the upstream's delay, dnsmasq's "
-            "0.150 ms: +0.150 ms (target within 0.2 ms of dnsmasq's: meets)") in text
+    assert ("a miss (a first ask) took 0.200 ms beyond the upstream's delay, dnsmasq's "
+            "0.150 ms: +0.050 ms (target within 0.2 ms of dnsmasq's: meets; issue 22: within "
+            "0.1 ms: meets)") in text
+    assert ("a hit (a name asked before): p50 0.020 ms and p95 0.050 ms, dnsmasq's 0.020 and "
+            "0.060 ms (issue 22: at most dnsmasq's: meets)") in text
+    assert "the restart left 2 queries unanswered, dnsmasq's 3 (issue 22" in text
     assert "p50 0.300 ms" in text and "MISSES" not in text
-    slow = household.ServerResult("dnsproxy", "a file", window(1.5, 0.1, 1.2, miss=0.5), 0.05,
-                                  restart=window(3.0, 1.5, 41.0))
+    slow = household.ServerResult("dnsproxy", "a file",
+                                  window(1.5, 0.1, 1.2, miss=0.5, hits=(0.03, 0.05)), 0.05,
+                                  restart=window(3.0, 1.5, 41.0), unanswered=4)
     text = "\n".join(report.targets(result(40, [slow, *peers])))
-    assert text.count("MISSES") == 4
+    # mean, hit p50, the miss (twice: 0.2 and 0.1 ms), p95, after the restart, unanswered
+    assert text.count("MISSES") == 7
     assert "set at 40 ms" in "\n".join(report.targets(result(150, [slow, *peers])))
 
 

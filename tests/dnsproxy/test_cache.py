@@ -244,8 +244,8 @@ def handed_on(proxy) -> int:
 
 
 def test_a_hot_entry_gone_stale_is_answered_at_once_and_refreshed_once(upstream, make_proxy):
-    # An upstream's answer is copied to the compiled path's table: it answers the later hits,
-    # stale ones too, itself; the cache stage does the one refresh.
+    # Hit while fresh, so the compiled path holds a copy: it answers the later hits, stale
+    # ones too, itself; the cache stage does the one refresh.
     upstream.rule("hot.example", ttl=1)
     proxy = make_proxy("--upstream", upstream.address, "--stale-ttl", "7", "--no-prefetch")
     for _ in range(3):
@@ -481,8 +481,8 @@ class DictMirror:
 
 def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     """Pure logic: whatever the cache drops (replaced, evicted, capped, purged), its copy for
-    the compiled hit path loses too; it takes an entry when an upstream's answer or a refresh
-    stores it, or once Python answered a hit from it (one read from the cache file)."""
+    the compiled hit path loses too; it takes an entry once Python answered a hit from it, or
+    a refresh stored it."""
     def reply(name: str, address: str, ttl: int = 300) -> wire.CachedReply:
         record = DNSRecord.question(name).reply()
         record.add_answer(RR(name, rdata=A(address), ttl=ttl))
@@ -515,11 +515,11 @@ def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     hit("d.test")
     cache.purge({bytes([192, 0, 2, 5])}, "listed", guard=False)
     assert mirror.entries == {}
-    # An upstream's answer (after it went out) and a refresh's are copied at once.
+    # An upstream's answer waits for its first hit; a refresh's is copied at once.
     e_query = wire.parse_query(DNSRecord.question("e.test").pack())
     cache.observe(Request(e_query, ("127.0.0.1", 1), "udp", 0.0),
                   Response(None, "forwarded", 0, cacheable=reply("e.test", "192.0.2.6", ttl=30)))
-    assert mirror.entries == {key("e.test"): cache.entries[key("e.test")]}
+    assert mirror.entries == {}
 
     async def refresher(query: wire.Query) -> wire.CachedReply:
         return reply("e.test", "192.0.2.7", ttl=30)
