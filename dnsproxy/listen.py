@@ -97,21 +97,17 @@ def bind_listeners(settings: Settings, reuse_port: bool = False,
     this configuration's (one could hold a wildcard address a listen address lies in).
     ListenError for an address that is taken or not ours, with nothing left bound."""
     addresses = settings.listen_addresses()
+    wanted = {_key(kind, host, port) for host, port in addresses
+              for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM)}
     passed = dict(passed or {})
-    adopted = {}
-    for host, port in addresses:
-        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-            key = _key(kind, host, port)
-            if key in passed:
-                adopted[key] = _adopt(passed.pop(key))
-    for sock in passed.values():
-        sock.close()
+    for key in [key for key in passed if key not in wanted]:
+        passed.pop(key).close()  # first: it may hold a wildcard a listen address lies in
     bound: list[Listener] = []
 
     def socket_for(host: str, port: int, kind: int) -> socket.socket:
-        sock = adopted.pop(_key(kind, host, port), None)
+        sock = passed.pop(_key(kind, host, port), None)
         if sock is not None:
-            return sock
+            return _adopt(sock)
         try:
             return bind_socket(host, port, kind, reuse_port)
         except OSError as exc:
@@ -127,7 +123,7 @@ def bind_listeners(settings: Settings, reuse_port: bool = False,
                 raise
             bound.append((udp, tcp))
     except ListenError:
-        for sock in [*adopted.values(), *(s for pair in bound for s in pair)]:
+        for sock in [*passed.values(), *(s for pair in bound for s in pair)]:
             sock.close()
         raise
     return bound

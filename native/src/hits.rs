@@ -60,9 +60,9 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 
 /// What became of one datagram.
 pub enum Verdict {
-    /// A cache hit, answered: its rcode, whether the answer was stale, and whether Python must
-    /// be woken for the refresh it asked.
-    Answered { rcode: u8, stale: bool, wake: bool },
+    /// A cache hit, answered: its rcode, `Cached` or `Stale`, and whether Python must be woken
+    /// for the refresh it asked.
+    Answered { rcode: u8, outcome: Outcome, wake: bool },
     Limited,              // over the client's rate: dropped, as Python drops it over UDP
     Python(Option<bool>), // for the pipeline; the rate verdict when one was taken
 }
@@ -76,10 +76,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn answered(stale: bool) -> Outcome {
-        if stale { Outcome::Stale } else { Outcome::Cached }
-    }
-
     pub fn reason(self) -> &'static str {
         match self {
             Outcome::Cached => "cached",
@@ -295,10 +291,7 @@ impl Hits {
         }
         let mut key = std::mem::take(&mut self.key);
         wire::cache_key(data, &query, &mut key);
-        let (prefetch_at, serve_stale, max_stale) =
-            (self.prefetch_at, self.serve_stale, self.max_stale);
         let mut first_touch = false;
-        let mut refresh = None;
         let verdict = match self.entries.get_mut(&key) {
             Some(entry) => match wire::Stamped::read(&entry.stamped) {
                 Some(stamped) => {
@@ -309,27 +302,31 @@ impl Hits {
                     let ttl = f64::from(stamped.ttl);
                     let served = if age < 0.0 {
                         None // a stamp from the future (the clock of another boot): Python's
-                    } else if age < ttl * prefetch_at {
-                        Some((false, None))
+                    } else if age < ttl * self.prefetch_at {
+                        Some((Outcome::Cached, None))
                     } else if age < ttl {
-                        Some((false, Some(Refresh::Prefetch)))
-                    } else if serve_stale && age < ttl + max_stale {
-                        Some((true, Some(Refresh::Stale)))
+                        Some((Outcome::Cached, Some(Refresh::Prefetch)))
+                    } else if self.serve_stale && age < ttl + self.max_stale {
+                        Some((Outcome::Stale, Some(Refresh::Stale)))
                     } else {
                         None
                     };
                     match served {
-                        Some((stale, kind)) => {
-                            let stale_ttl = if stale { self.stale_ttl } else { 0 };
+                        Some((outcome, refresh)) => {
+                            let stale_ttl =
+                                if outcome == Outcome::Stale { self.stale_ttl } else { 0 };
                             wire::client_reply(&stamped, data, &query, age as u32, stale_ttl,
                                                out);
                             first_touch = !std::mem::replace(&mut entry.touched, true);
-                            if kind.is_some() && !entry.refreshing
-                                && self.refreshes.len() < MAX_PENDING {
-                                entry.refreshing = true;
-                                refresh = kind;
+                            let mut wake = false;
+                            if let Some(kind) = refresh {
+                                if !entry.refreshing && self.refreshes.len() < MAX_PENDING {
+                                    entry.refreshing = true;
+                                    self.refreshes.push((key.clone(), data.to_vec(), kind));
+                                    wake = !std::mem::replace(&mut self.woken, true);
+                                }
                             }
-                            Verdict::Answered { rcode: stamped.rcode, stale, wake: false }
+                            Verdict::Answered { rcode: stamped.rcode, outcome, wake }
                         }
                         None => Verdict::Python(rate),
                     }
@@ -337,14 +334,6 @@ impl Hits {
                 None => Verdict::Python(rate),
             },
             None => Verdict::Python(rate),
-        };
-        let verdict = match (verdict, refresh) {
-            (Verdict::Answered { rcode, stale, .. }, Some(kind)) => {
-                self.refreshes.push((key.clone(), data.to_vec(), kind));
-                let wake = !std::mem::replace(&mut self.woken, true);
-                Verdict::Answered { rcode, stale, wake }
-            }
-            (verdict, _) => verdict,
         };
         if first_touch {
             self.touched.push(key.clone());

@@ -152,8 +152,8 @@ impl FastPath {
         let mut out = Vec::new();
         let mut hits = lock(&self.hits);
         Ok(match hits.decide(data, &source, now, &mut out) {
-            Verdict::Answered { rcode, stale, .. } => {
-                hits.note(now, source, data, rcode, Outcome::answered(stale));
+            Verdict::Answered { rcode, outcome, .. } => {
+                hits.note(now, source, data, rcode, outcome);
                 (PyBytes::new(py, &out).into(), Some(true))
             }
             Verdict::Limited => {

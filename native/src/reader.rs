@@ -118,9 +118,9 @@ fn handle(hits: &Mutex<Hits>, listener: usize, batch: &net::Batch, got: usize,
         }
         let (out, destination) = &mut replies[answers];
         match hits.decide(data, &source, now, out) {
-            Verdict::Answered { rcode, stale, wake } => {
+            Verdict::Answered { rcode, outcome, wake } => {
                 *destination = source;
-                hits.note(now, source, data, rcode, Outcome::answered(stale));
+                hits.note(now, source, data, rcode, outcome);
                 wake_python |= wake;
                 answers += 1;
             }

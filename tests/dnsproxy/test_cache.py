@@ -243,14 +243,20 @@ def handed_on(proxy) -> int:
     return hit_path.handed_on if hit_path is not None else 0
 
 
-def test_a_hot_entry_gone_stale_is_answered_at_once_and_refreshed_once(upstream, make_proxy):
-    # Hit while fresh, so the compiled path holds a copy: it answers the later hits, stale
-    # ones too, itself; the cache stage does the one refresh.
-    upstream.rule("hot.example", ttl=1)
-    proxy = make_proxy("--upstream", upstream.address, "--stale-ttl", "7", "--no-prefetch")
+def hot_then_stale(upstream, make_proxy, name: str, *options: str):
+    """A forwarder whose entry for `name` (TTL 1 s) was hit while fresh, so the compiled path
+    holds a copy, and has just expired."""
+    upstream.rule(name, ttl=1)
+    proxy = make_proxy("--upstream", upstream.address, "--no-prefetch", *options)
     for _ in range(3):
-        ask(proxy.port, "hot.example")
+        ask(proxy.port, name)
     time.sleep(1.2)
+    return proxy
+
+
+def test_a_hot_entry_gone_stale_is_answered_at_once_and_refreshed_once(upstream, make_proxy):
+    # The compiled path answers the stale hits itself; the cache stage does the one refresh.
+    proxy = hot_then_stale(upstream, make_proxy, "hot.example", "--stale-ttl", "7")
     upstream.rule("hot.example", ttl=1, delay=0.5)
     before = handed_on(proxy)
     for _ in range(4):  # all while the one refresh is on its way
@@ -267,11 +273,7 @@ def test_a_hot_entry_gone_stale_is_answered_at_once_and_refreshed_once(upstream,
 
 
 def test_a_hot_entry_whose_refresh_fails_is_refreshed_again(upstream, make_proxy):
-    upstream.rule("flaky.example", ttl=1)
-    proxy = make_proxy("--upstream", upstream.address, "--timeout", "0.5", "--no-prefetch")
-    for _ in range(3):
-        ask(proxy.port, "flaky.example")
-    time.sleep(1.2)
+    proxy = hot_then_stale(upstream, make_proxy, "flaky.example", "--timeout", "0.5")
     upstream.rule("flaky.example", silent=True)
     for attempt in range(1, 3):
         reply = ask(proxy.port, "flaky.example")

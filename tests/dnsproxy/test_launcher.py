@@ -16,7 +16,7 @@ from dnslib import DNSRecord
 
 from dnsproxy import listen
 
-from .fakes import free_port
+from .fakes import free_port, send_raw
 from .process import ROOT, clean_env
 
 LAUNCHER = Path(sys.executable).parent / "dnsproxy-bind"
@@ -46,31 +46,25 @@ def stop(proc: subprocess.Popen) -> str:
     return err
 
 
-def answered(port: int, timeout: float = 10.0) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
-        sock.sendto(PROBE, ("127.0.0.1", port))
-        return DNSRecord.parse(sock.recv(4096)).header.id == DNSRecord.parse(PROBE).header.id
-
-
 def wait_serving(proc: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         assert proc.poll() is None, stop(proc)
         try:
-            if answered(port, timeout=0.2):
-                return
+            send_raw(port, PROBE, timeout=0.2)
+            return
         except OSError:
             pass
     raise AssertionError(f"the forwarder does not answer: {stop(proc)}")
 
 
-def sockets_on(port: int) -> set[str]:
-    """The UDP and TCP sockets bound to `port` (IPv4), as /proc/PID/fd names them."""
+def sockets_on(port: int, address: str = "") -> set[str]:
+    """The UDP and TCP sockets bound to `port` (IPv4; on `address` only, as /proc/net writes
+    it, if given), as /proc/PID/fd names them."""
     return {f"socket:[{line.split()[9]}]"
             for table in ("/proc/net/udp", "/proc/net/tcp")
             for line in Path(table).read_text().splitlines()[1:]
-            if line.split()[1].endswith(f":{port:04X}")}
+            if line.split()[1].endswith(f"{address}:{port:04X}")}
 
 
 @needs_launcher
@@ -109,11 +103,7 @@ def test_a_passed_socket_the_configuration_does_not_name_is_closed_first():
     try:
         wait_serving(proc, port)
         wait_serving(proc, other)
-        wildcard = {f"socket:[{line.split()[9]}]"
-                    for table in ("/proc/net/udp", "/proc/net/tcp")
-                    for line in Path(table).read_text().splitlines()[1:]
-                    if line.split()[1] == f"00000000:{port:04X}"}
-        assert not wildcard, "the passed wildcard sockets are still open"
+        assert not sockets_on(port, "00000000"), "the passed wildcard sockets are still open"
     finally:
         stop(proc)
 
