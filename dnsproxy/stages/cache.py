@@ -76,6 +76,8 @@ class Mirror(Protocol):
 
     def put(self, key: bytes, entry: bytes) -> bool: ...
 
+    def offer(self, key: bytes, entry: bytes) -> bool: ...
+
     def remove(self, key: bytes) -> None: ...
 
     def clear(self) -> None: ...
@@ -110,9 +112,9 @@ class Cache(PassThrough):
         # answers for them are not stored.
         self.rerouting: list[tuple[Callable[[bytes], bool], float]] = []
         self.scans: deque[Scan] = deque()  # the first is running, the others wait their turn
-        # The compiled hit path's table (dnsproxy/fastpath.py): a copy of each entry Python
-        # answered a hit from, or refreshed (the hot ones), kept in step with `entries`: what
-        # is dropped here is removed there.
+        # The compiled hit path's table (dnsproxy/fastpath.py): a copy of the newest stored
+        # entries and of each Python answered a hit from or refreshed (the hot ones), kept in
+        # step with `entries`: what is dropped here is removed there.
         self.mirror: Mirror | None = None
         self.sync_mirror: Callable[[], None] | None = None  # its hits' LRU order, brought in
         self.counts = metrics.values
@@ -208,9 +210,7 @@ class Cache(PassThrough):
         try:
             cached = await self.refresher(query)
             # A failure (or a reply not to be cached) leaves the old entry to serve stale.
-            stored = cached is not None and self.store(key, cached)
-            if stored:
-                self._copy(key)
+            stored = cached is not None and self.store(key, cached, hot=True)
             self.metrics.inc("dnsproxy_cache_refreshes_total", kind=kind,
                              result="stored" if stored else "failed")
         finally:
@@ -228,17 +228,11 @@ class Cache(PassThrough):
         if cached is not None:
             self.store(self.key(request.query), cached)
 
-    def _copy(self, key: bytes) -> None:
-        """A refreshed entry goes to the compiled path's table at once: it was hot, and the
-        hits after the refresh are then answered there. (A new name's entry waits for its
-        first hit: copying every one would cost each miss a lock shared with the reader
-        threads, and the memory of a second copy of names asked once.)"""
-        entry = self.entries.get(key)
-        if self.mirror is not None and not self.scans and entry is not None:
-            self.mirror.put(key, entry)
-
-    def store(self, key: bytes, cached: wire.CachedReply, stored: float | None = None) -> bool:
-        """Keep a verified reply (stamped `stored`, by default now); False if it may not be."""
+    def store(self, key: bytes, cached: wire.CachedReply, stored: float | None = None,
+              hot: bool = False) -> bool:
+        """Keep a verified reply (stamped `stored`, by default now); False if it may not be.
+        `hot`: a refresh of an entry clients asked for, copied to the compiled path's table
+        whether it has room for new names or not."""
         # The forwarder capped every TTL at max_ttl already; what exceeds it comes from an older
         # configuration (a reload, a cache file) and would show clients more than they may see.
         if self.size <= 0 or not 0 < cached.ttl <= self.max_ttl:
@@ -251,17 +245,25 @@ class Cache(PassThrough):
         weight = len(key) + len(cached)
         if weight > self.max_bytes:
             return False  # it would evict everything else and still not fit
-        self.entries[key] = cached.stamped_bytes(self.clock() if stored is None else stored)
+        entry = self.entries[key] = cached.stamped_bytes(self.clock() if stored is None
+                                                         else stored)
         self.bytes += weight
         mirror = self.mirror
         if self.sync_mirror is not None and (len(self.entries) > self.size
                                              or self.bytes > self.max_bytes):
             self.sync_mirror()  # the least recently used as the compiled path's hits left it
         while len(self.entries) > self.size or self.bytes > self.max_bytes:
-            old_key, old = self.entries.popitem(last=False)
+            old_key, old = self.entries.popitem(last=False)  # never the new one: it fits
             self.bytes -= len(old_key) + len(old)
             if mirror is not None:
                 mirror.remove(old_key)
+        if mirror is not None and not self.scans:
+            # A name's second ask, its first hit, is then the compiled path's too (a bounded
+            # number of new entries wait there for it; hot ones are copied in any case).
+            if hot:
+                mirror.put(key, entry)
+            else:
+                mirror.offer(key, entry)
         return True
 
     def touch(self, keys: list[bytes], hits: int, stale: int = 0) -> None:

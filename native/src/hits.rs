@@ -119,11 +119,13 @@ pub struct Miss {
 
 /// A mirrored entry: a copy of the cache's stamped bytes (the reader threads answer without
 /// the GIL, so they cannot read Python's own objects), whether a hit since the last take
-/// listed its key already, and whether Python was asked to refresh it and is not done.
+/// listed its key already, whether Python was asked to refresh it and is not done, and
+/// whether it was copied as stored (`offer`) and not hit since.
 struct Entry {
     stamped: Box<[u8]>,
     touched: bool,
     refreshing: bool,
+    unhit: bool,
 }
 
 pub struct Hits {
@@ -155,6 +157,8 @@ pub struct Hits {
     pub woken: bool,
     pub shed: u64,
     pub faults: u64,
+    /// The keys `offer` copied, oldest first: the first still unhit goes when room is short.
+    offered: VecDeque<Vec<u8>>,
     key: Vec<u8>,
 }
 
@@ -184,6 +188,7 @@ impl Hits {
             woken: false,
             shed: 0,
             faults: 0,
+            offered: VecDeque::new(),
             key: Vec::with_capacity(260),
         }
     }
@@ -194,8 +199,34 @@ impl Hits {
             self.entries.remove(&key);
             return false;
         }
-        let entry = Entry { stamped: entry.into(), touched: false, refreshing: false };
+        let entry = Entry { stamped: entry.into(), touched: false, refreshing: false,
+                            unhit: false };
         self.entries.insert(key, entry);
+        true
+    }
+
+    /// A newly stored entry, copied so that its first hit is answered here too. At most
+    /// `room` such copies wait for that hit: the oldest unhit one makes way for the next. A
+    /// cache of names asked once (a scan, a big office) thus costs no second copy of each,
+    /// and an entry dropped here is still answered by Python, which copies it at that hit.
+    pub fn offer(&mut self, key: Vec<u8>, entry: &[u8], room: usize) -> bool {
+        if room == 0 {
+            return false;
+        }
+        while self.offered.len() >= room {
+            if let Some(old) = self.offered.pop_front() {
+                if self.entries.get(&old).map_or(false, |e| e.unhit) {
+                    self.entries.remove(&old);
+                }
+            }
+        }
+        if !self.put(key.clone(), entry) {
+            return false;
+        }
+        if let Some(held) = self.entries.get_mut(&key) {
+            held.unhit = true;
+        }
+        self.offered.push_back(key);
         true
     }
 
@@ -213,6 +244,7 @@ impl Hits {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.offered.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -318,6 +350,7 @@ impl Hits {
                             wire::client_reply(&stamped, data, &query, age as u32, stale_ttl,
                                                out);
                             first_touch = !std::mem::replace(&mut entry.touched, true);
+                            entry.unhit = false;
                             let mut wake = false;
                             if let Some(kind) = refresh {
                                 if !entry.refreshing && self.refreshes.len() < MAX_PENDING {

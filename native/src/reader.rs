@@ -86,10 +86,11 @@ fn serve(hits: &Mutex<Hits>, listener: usize, fd: RawFd, stopping: &AtomicBool,
         }));
         match outcome {
             Ok((answers, wake_python)) => {
+                // The replies first: a woken event loop may take this core before they are out.
+                sender.send_all(fd, &replies[..answers]);
                 if wake_python {
                     let _ = (&*wake).write(&[1]); // full: Python is woken already
                 }
-                sender.send_all(fd, &replies[..answers]);
             }
             Err(_) => lock(hits).faults += 1, // a bug: this batch is lost, not the thread
         }

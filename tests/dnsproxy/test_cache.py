@@ -243,6 +243,21 @@ def handed_on(proxy) -> int:
     return hit_path.handed_on if hit_path is not None else 0
 
 
+def test_a_names_first_hit_is_answered_from_the_copy_stored_with_it(upstream, make_proxy):
+    # The compiled path takes an upstream's answer as the cache stores it: the name's second
+    # ask, a household's most common first hit, is not handed to Python.
+    upstream.rule("second.example", ttl=60)
+    proxy = make_proxy("--upstream", upstream.address)
+    assert addresses(ask(proxy.port, "second.example")) == [GENUINE]
+    wait_for(lambda: proxy.metrics.gauges["dnsproxy_cache_entries"]() == 1)  # stored after
+    before = handed_on(proxy)
+    for _ in range(2):
+        assert addresses(ask(proxy.port, "second.example")) == [GENUINE]
+    assert handed_on(proxy) == before
+    assert reasons(proxy) == ["forwarded", "cached", "cached"]
+    assert upstream.count("second.example") == 1
+
+
 def hot_then_stale(upstream, make_proxy, name: str, *options: str):
     """A forwarder whose entry for `name` (TTL 1 s) was hit while fresh, so the compiled path
     holds a copy, and has just expired."""
@@ -464,12 +479,18 @@ def test_addresses_learned_while_a_purge_runs_are_all_purged(monkeypatch):
 class DictMirror:
     """The compiled path's copy of the cache, as a dict (stages/cache.py's Mirror)."""
 
-    def __init__(self) -> None:
+    def __init__(self, room: int = 0) -> None:
         self.entries: dict[bytes, bytes] = {}
+        self.room = room
 
     def put(self, key: bytes, entry: bytes) -> bool:
         self.entries[key] = entry
         return True
+
+    def offer(self, key: bytes, entry: bytes) -> bool:
+        if len(self.entries) >= self.room and key not in self.entries:
+            return False
+        return self.put(key, entry)
 
     def remove(self, key: bytes) -> None:
         self.entries.pop(key, None)
@@ -483,8 +504,8 @@ class DictMirror:
 
 def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     """Pure logic: whatever the cache drops (replaced, evicted, capped, purged), its copy for
-    the compiled hit path loses too; it takes an entry once Python answered a hit from it, or
-    a refresh stored it."""
+    the compiled hit path loses too; it takes an entry when stored while it has room, else
+    once Python answered a hit from it, or a refresh stored it."""
     def reply(name: str, address: str, ttl: int = 300) -> wire.CachedReply:
         record = DNSRecord.question(name).reply()
         record.add_answer(RR(name, rdata=A(address), ttl=ttl))
@@ -499,9 +520,9 @@ def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
         return Cache.key(wire.parse_query(DNSRecord.question(name).pack()))
 
     cache = Cache(2, Metrics())
-    mirror = cache.mirror = DictMirror()
+    mirror = cache.mirror = DictMirror()  # no room for new entries
     cache.store(key("a.test"), reply("a.test", "192.0.2.1"))
-    assert mirror.entries == {}, "stored is not yet hot"
+    assert mirror.entries == {}, "no room: stored waits for its first hit"
     hit("a.test")
     assert set(mirror.entries) == {key("a.test")}
     cache.store(key("a.test"), reply("a.test", "192.0.2.2"))  # a refresh replaces it
@@ -530,6 +551,14 @@ def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     asyncio.run(cache._fetch(key("e.test"), e_query, "stale"))
     assert mirror.entries == {key("e.test"): cache.entries[key("e.test")]}
     assert bytes([192, 0, 2, 7]) in mirror.entries[key("e.test")]
+    # With room, a new entry is copied as it is stored; a replaced one anew, room or not.
+    mirror.room = 2
+    cache.store(key("f.test"), reply("f.test", "192.0.2.8", ttl=30))
+    assert set(mirror.entries) == {key("e.test"), key("f.test")}
+    cache.store(key("g.test"), reply("g.test", "192.0.2.9", ttl=30))  # evicts e; f is held
+    assert set(mirror.entries) == {key("f.test"), key("g.test")}
+    cache.store(key("h.test"), reply("h.test", "192.0.2.10", ttl=30))  # evicts f
+    assert set(mirror.entries) == {key("g.test"), key("h.test")}
 
 
 def test_a_refresh_asked_as_the_last_one_ends_is_started() -> None:

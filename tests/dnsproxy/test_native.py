@@ -180,6 +180,37 @@ def test_a_future_stamp_missing_entry_and_refused_client_go_to_python() -> None:
     assert fast.answer(data, "127.0.0.1", 1, 1000.0)[0] is None
 
 
+def test_new_entries_wait_for_their_first_hit_in_a_bounded_number() -> None:
+    """`offer` (a newly stored entry) copies it, but at most `eager` such copies wait for
+    their first hit: the oldest unhit one makes way. A hit entry, or one `put` (a hit or a
+    refresh on the Python side: a hot one), stays."""
+    fast = fast_path()
+    assert fast.eager == native().EAGER_COPIES
+    fast.eager = 2
+    names = ["a.test", "b.test", "c.test", "d.test", "e.test"]
+    keys = [wire.parse_query(query_bytes(name)).key + b"\x00" for name in names]
+    entries = [cached_reply(name).stamped_bytes(1000.0) for name in names]
+
+    def answered(name: str) -> bool:
+        return fast.answer(query_bytes(name), "127.0.0.1", 1, 1000.0)[0] is not None
+
+    assert fast.offer(keys[0], entries[0]) and fast.offer(keys[1], entries[1])
+    assert answered("a.test")  # hit: a stays from now on
+    assert fast.offer(keys[2], entries[2])  # a is hit, so b and c may wait
+    assert fast.offer(keys[3], entries[3])  # b, the oldest unhit, makes way
+    assert len(fast) == 3 and not answered("b.test")
+    assert fast.put(keys[4], entries[4])  # hot: it never makes way
+    assert answered("c.test")
+    assert fast.offer(keys[1], entries[1])  # c is hit: d and b wait
+    assert [answered(name) for name in names] == [True] * 5
+    fast.eager = 0  # none wait: a new entry waits for its first hit in Python
+    fast.remove(keys[1])  # as the cache stage drops an entry it replaces
+    assert not fast.offer(keys[1], entries[1]) and not answered("b.test")
+    fast.clear()
+    fast.eager = 1
+    assert fast.offer(keys[1], entries[1]) and answered("b.test")
+
+
 def test_what_python_answers_itself_goes_to_python() -> None:
     fast = fast_path()
     chaos = bytes(DNSRecord.question("id.server", "TXT", "CH").pack())
