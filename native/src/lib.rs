@@ -15,7 +15,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::exceptions::{PyKeyError, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -28,7 +28,7 @@ mod sockaddr;
 mod wire;
 
 use hits::{Hits, Network, Outcome, Verdict, RCODE_REFUSED};
-use reader::{lock, Reader};
+use reader::{lock, Gate, Io, Reader};
 
 fn parse_networks(networks: Vec<(Vec<u8>, u8)>) -> PyResult<Vec<Network>> {
     networks
@@ -56,6 +56,8 @@ pub struct FastPath {
     wake: UnixStream,
     readers: Vec<(usize, Reader)>,
     next_listener: usize,
+    gate: Arc<Gate>,
+    io: Mutex<Io>,
     /// How many of `offer`'s copies wait for their first hit (EAGER_COPIES unless set).
     #[pyo3(get, set)]
     eager: usize,
@@ -79,6 +81,8 @@ impl FastPath {
             wake,
             readers: Vec::new(),
             next_listener: 0,
+            gate: Arc::new(Gate::new()),
+            io: Mutex::new(Io::new()),
             eager: EAGER_COPIES,
         })
     }
@@ -186,7 +190,8 @@ impl FastPath {
     fn listen(&mut self, fd: i32) -> PyResult<usize> {
         let listener = self.next_listener;
         let wake = self.wake.try_clone().map_err(os_error)?;
-        let reader = Reader::start(self.hits.clone(), listener, fd, wake).map_err(|err| {
+        let reader = Reader::start(self.hits.clone(), self.gate.clone(), listener, fd, wake)
+            .map_err(|err| {
             if err.kind() == io::ErrorKind::InvalidInput {
                 PyValueError::new_err(err.to_string())
             } else {
@@ -210,6 +215,37 @@ impl FastPath {
         Ok(())
     }
 
+    /// Whether Python reads the sockets now (`poll`): a thread handed it a datagram, and it
+    /// has not given the turn back.
+    #[getter]
+    fn python_reads(&self) -> bool {
+        self.gate.python_reads()
+    }
+
+    /// Python's turn: read what waits on the listener's socket, without waiting, as its
+    /// thread would (hits answered, the rest for `pending`): (datagrams read, whether
+    /// `pending` has something). Call it while the socket is readable; the thread stands
+    /// aside meanwhile, and reads again after `give_back`.
+    fn poll(&self, listener: usize) -> PyResult<(usize, bool)> {
+        let fd = self
+            .readers
+            .iter()
+            .find(|(number, _)| *number == listener)
+            .map(|(_, reader)| reader.fd)
+            .ok_or_else(|| PyKeyError::new_err(listener))?;
+        let mut io = self.io.lock().unwrap_or_else(PoisonError::into_inner);
+        match io.poll(&self.hits, listener, fd) {
+            Ok(read) => Ok(read),
+            Err(err) if err.raw_os_error() == Some(libc::EBADF) => Err(os_error(err)),
+            Err(_) => Ok((0, false)), // an ICMP error queued on the socket: nothing read
+        }
+    }
+
+    /// The sockets were quiet: the threads read them again.
+    fn give_back(&self) {
+        self.gate.give_back();
+    }
+
     /// The descriptor to watch: readable when datagrams wait for `pending`.
     fn wakeup_fd(&self) -> i32 {
         self.woken.as_raw_fd()
@@ -219,10 +255,15 @@ impl FastPath {
     /// verdict)], whether more wait (then call again: no new wake-up comes for them), and the
     /// refreshes the hits asked for since the last call, [(key, the query, "prefetch" or
     /// "stale")], each entry's once until `put` replaces it or `refreshed` is called.
+    /// `drain`: empty the wake-up descriptor first (called because it was readable); a
+    /// caller that was not woken through it saves the system call.
     #[allow(clippy::type_complexity)]
-    fn pending<'py>(&self, py: Python<'py>, budget: usize)
+    #[args(budget, drain = "true")]
+    fn pending<'py>(&self, py: Python<'py>, budget: usize, drain: bool)
                     -> PyResult<(&'py PyList, bool, &'py PyList)> {
-        reader::drain_wakeups(&self.woken);
+        if drain {
+            reader::drain_wakeups(&self.woken);
+        }
         let (batch, more, refreshes) = {
             let mut hits = lock(&self.hits);
             let count = budget.min(hits.pending.len());

@@ -53,15 +53,17 @@ impl Batch {
         batch
     }
 
-    /// Up to BATCH datagrams, waiting for the first (`fd` is a blocking socket): one system
-    /// call per batch, where poll and a non-blocking receive would take two. 0 when
-    /// interrupted; after `wake_reader`, it returns at once (with empty datagrams).
-    pub fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// Up to BATCH datagrams; with `wait`, waiting for the first (`fd` is a blocking
+    /// socket): one system call per batch, where poll and a non-blocking receive would take
+    /// two. 0 when interrupted or (without `wait`) none is there; after `wake_reader`, it
+    /// returns at once (with empty datagrams).
+    pub fn receive(&mut self, fd: RawFd, wait: bool) -> io::Result<usize> {
+        let flags = if wait { libc::MSG_WAITFORONE } else { libc::MSG_DONTWAIT };
         // SAFETY: every header points into self's buffers, alive and unmoved for the call; the
         // kernel writes at most the lengths given.
         let got = unsafe {
-            libc::recvmmsg(fd, self.headers.as_mut_ptr(), BATCH as libc::c_uint,
-                           libc::MSG_WAITFORONE, std::ptr::null_mut())
+            libc::recvmmsg(fd, self.headers.as_mut_ptr(), BATCH as libc::c_uint, flags,
+                           std::ptr::null_mut())
         };
         if got < 0 {
             let err = io::Error::last_os_error();
@@ -109,6 +111,14 @@ pub fn own_blocking(fd: RawFd) -> io::Result<RawFd> {
         }
         Ok(own)
     }
+}
+
+/// Wait until `fd` is readable (or shut down), at most `ms` milliseconds: for a socket that
+/// someone made non-blocking, where `receive` would not wait.
+pub fn wait_readable(fd: RawFd, ms: i32) {
+    let mut entry = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one live pollfd for the call.
+    unsafe { libc::poll(&mut entry, 1, ms) };
 }
 
 /// Wake a thread blocked in `receive` on `fd`: shutting the socket's reading side down makes

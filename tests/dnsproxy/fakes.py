@@ -302,7 +302,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ProxyThread:
     """A running forwarder built from command-line style options; `log` holds the query log."""
 
-    def __init__(self, *options: str, host: str = "127.0.0.1", environ: dict | None = None):
+    def __init__(self, *options: str, host: str = "127.0.0.1", environ: dict | None = None,
+                 uvloop: bool = False):
+        """`uvloop`: on uvloop's event loop, as the forwarder runs outside the tests."""
         from dnsproxy.cli import parser
 
         self.host = host
@@ -312,7 +314,12 @@ class ProxyThread:
         args.pop("log_level", None)
         self.settings = build_settings(args, environ or {})
         self.log = io.StringIO()
-        self.loop = asyncio.new_event_loop()
+        if uvloop:
+            import uvloop as module
+
+            self.loop = module.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

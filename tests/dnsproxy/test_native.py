@@ -6,6 +6,7 @@ datagrams through a real socket never stop it, and what it does not answer reach
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import select
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 
 from dnsproxy import fastpath, wire
 from dnsproxy.stages.cache import KEY_SUFFIX
+
+from .fakes import GENUINE, ProxyThread, addresses, ask
 
 pytestmark = pytest.mark.skipif(not fastpath.available() and not os.environ.get("CI"),
                                 reason="the compiled hit path is not built (make native)")
@@ -318,9 +321,79 @@ def test_a_non_blocking_socket_is_refused_and_unlisten_frees_the_thread_at_once(
         assert time.monotonic() - started < 0.5
 
 
-def test_a_busy_event_loop_never_delays_a_hit() -> None:
-    """Python takes nothing handed on (its loop is busy): hits are still answered, and what
-    waits for it stops at MAX_PENDING, the rest counted as shed."""
+def thread_cpu_ticks(name: str) -> int:
+    """CPU ticks (user + system) this process's threads named `name` used so far."""
+    total = 0
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                if comm.read().strip() != name:
+                    continue
+            with open(f"/proc/self/task/{task}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def test_the_thread_stands_aside_while_python_reads_and_reads_again_after() -> None:
+    """Once the thread hands Python a datagram before it took the one before (load), Python
+    reads the socket (`poll`, hits still answered by the module) and the thread only looks
+    every few ms; after `give_back` it
+    waits in its receive again, even on a socket the event loop's watching left non-blocking,
+    without spinning."""
+    cached = cached_reply("www.example.test")
+    fast = fast_path()
+    hit = query_bytes("www.example.test")
+    query = wire.parse_query(hit)
+    fast.put(query.key + b"\x00", cached.stamped_bytes(time.monotonic()))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.bind(("127.0.0.1", 0))
+        client.settimeout(2)
+        with read_by(fast, server) as number:
+            assert not fast.python_reads
+            client.sendto(query_bytes("miss.test"), server.getsockname())
+            time.sleep(0.05)
+            assert not fast.python_reads, "one datagram for an idle Python is no load"
+            client.sendto(query_bytes("miss2.test"), server.getsockname())
+            time.sleep(0.05)  # read by the thread before Python takes the first
+            assert len(handed_on(fast, 2)) == 2
+            assert fast.python_reads, "the second came before Python took the first"
+            server.setblocking(False)  # as an event loop watching it leaves it
+            assert fast.poll(number) == (0, False)
+            polled, got = 0, []
+            for data in [hit] * 20 + [query_bytes("other.test")]:
+                client.sendto(data, server.getsockname())
+                deadline = time.monotonic() + 1
+                while time.monotonic() < deadline:  # the thread may look in first
+                    read, waiting = fast.poll(number)
+                    polled += read
+                    if waiting:
+                        got += fast.pending(10, False)[0]
+                    with contextlib.suppress(BlockingIOError):
+                        if data == hit:
+                            assert client.recv(4096, socket.MSG_DONTWAIT) == \
+                                wire.client_reply(cached, query)
+                            break
+                    if got:
+                        break
+            got += handed_on(fast, 1 - len(got), timeout=0.1) if not got else []
+            assert [data for _, data, _, _ in got] == [query_bytes("other.test")]
+            assert polled > 0, "the thread read everything"
+            fast.give_back()
+            assert not fast.python_reads
+            name = f"dnsproxy-udp{number}"
+            before = thread_cpu_ticks(name)
+            time.sleep(0.5)
+            assert thread_cpu_ticks(name) - before <= 2, "the thread spins"
+            client.sendto(hit, server.getsockname())
+            assert client.recv(4096) == wire.client_reply(cached, query)
+
+
+def test_a_busy_event_loop_delays_a_hit_by_a_few_ms_at_most() -> None:
+    """Python takes nothing handed on (its loop is busy, though it is its turn to read): the
+    thread still answers hits, looking every few ms, and what waits for Python stops at
+    MAX_PENDING, the rest counted as shed."""
     cached = cached_reply("www.example.test")
     fast = fast_path()
     hit = query_bytes("www.example.test")
@@ -391,3 +464,38 @@ def test_random_and_mutated_datagrams_never_stop_it() -> None:
     assert sent == 10_000
     assert faults == 0 and shed == 0
     assert answered + handed >= 9_000, "nearly every datagram read: answered or handed on"
+
+
+def test_a_burst_of_misses_is_read_by_the_event_loop_which_then_gives_the_socket_back(
+        upstream) -> None:
+    """Misses coming faster than Python takes them: the event loop reads the socket itself
+    while the burst lasts, every query is answered, and once the socket is quiet the thread
+    reads it again, the socket blocking as its receive needs."""
+    native()
+    upstream.rule("hot.example", ttl=300)
+    pytest.importorskip("uvloop")
+    # uvloop: watching a socket makes it non-blocking, which the thread's receive must undo.
+    proxy = ProxyThread("--upstream", upstream.address, "--native", uvloop=True)
+    try:
+        hit_path = proxy.service.hit_path
+        assert addresses(ask(proxy.port, "hot.example")) == [GENUINE]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            for i in range(100):  # within one client's share of queries in flight
+                client.sendto(DNSRecord.question(f"burst{i}.example").pack(),
+                              ("127.0.0.1", proxy.port))
+            ids = {DNSRecord.parse(client.recv(4096)).header.id for _ in range(100)}
+        assert len(ids) == 100
+        assert hit_path.turns >= 1, "the event loop never read the socket itself"
+        deadline = time.monotonic() + 2
+        while hit_path.reading:
+            assert time.monotonic() < deadline, "the socket was never given back"
+            time.sleep(0.01)
+        assert not hit_path.fast.python_reads
+        for udp in hit_path.sockets.values():  # the flag itself: Python's view may differ
+            assert not fcntl.fcntl(udp.sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        before = hit_path.handed_on
+        assert addresses(ask(proxy.port, "hot.example")) == [GENUINE]
+        assert hit_path.handed_on == before, "the thread answers the hit"
+    finally:
+        proxy.close()
