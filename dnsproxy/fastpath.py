@@ -114,6 +114,7 @@ class SocketSender:
                 pass
             self.waiting.popleft()
         self.loop.remove_writer(self.sock.fileno())
+        self.sock.setblocking(True)  # uvloop's watching made it non-blocking; the thread waits
 
     def close(self) -> None:
         if self.waiting:
@@ -258,9 +259,11 @@ class HitPath:
             return
         try:
             read, waiting = self.fast.poll(udp.number)
-        except Exception:  # a bug in the module: the threads read again
+        except BaseException as exc:  # a bug in the module (a Rust panic is a BaseException)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             log.exception("reading a UDP socket through the compiled path failed")
-            self._give_back()
+            self._give_back()  # the threads read again
             return
         self.read_since += read
         if waiting:
@@ -292,6 +295,8 @@ class HitPath:
             self.loop.remove_reader(udp.sock.fileno())
 
     def _take_every(self) -> None:
+        if not self.reading and self.fast.python_reads:
+            self._take_turn()  # a safety net: the threads stand aside, so somebody must read
         self.take()
         self.taker = asyncio.get_running_loop().call_later(TAKE_INTERVAL, self._take_every)
 

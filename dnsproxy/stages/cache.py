@@ -253,13 +253,15 @@ class Cache(PassThrough):
                                              or self.bytes > self.max_bytes):
             self.sync_mirror()  # the least recently used as the compiled path's hits left it
         while len(self.entries) > self.size or self.bytes > self.max_bytes:
-            old_key, old = self.entries.popitem(last=False)  # never the new one: it fits
+            old_key, old = self.entries.popitem(last=False)
             self.bytes -= len(old_key) + len(old)
             if mirror is not None:
                 mirror.remove(old_key)
-        if mirror is not None and not self.scans:
+        if mirror is not None and not self.scans and self.entries.get(key) is entry:
             # A name's second ask, its first hit, is then the compiled path's too (a bounded
-            # number of new entries wait there for it; hot ones are copied in any case).
+            # number of new entries wait there for it; hot ones are copied in any case). Not
+            # if it is gone already: the LRU order the compiled path's hits brought in may
+            # have made it the least recent.
             if hot:
                 mirror.put(key, entry)
             else:

@@ -44,9 +44,11 @@ impl Gate {
         Gate { python_reads: Mutex::new(false), turn: Condvar::new() }
     }
 
-    /// Python reads from now on (a thread handed it a datagram).
-    pub fn hand_over(&self) {
-        *self.python_reads.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    /// Python reads from now on (a thread handed it a datagram under load); whether that is
+    /// new (then Python must be woken to see it, even if woken for the datagrams already).
+    pub fn hand_over(&self) -> bool {
+        !std::mem::replace(&mut *self.python_reads.lock().unwrap_or_else(PoisonError::into_inner),
+                           true)
     }
 
     /// The threads read again (Python found the sockets quiet).
@@ -186,11 +188,13 @@ fn serve(hits: &Mutex<Hits>, gate: &Gate, listener: usize, fd: RawFd, stopping: 
             handle(hits, listener, &batch, got, &mut replies)
         }));
         match outcome {
-            Ok(Handled { answers, busy, wake_python }) => {
+            Ok(Handled { answers, busy, mut wake_python }) => {
                 // The replies first: a woken event loop may take this core before they are out.
                 sender.send_all(fd, &replies[..answers]);
                 if busy {
-                    gate.hand_over(); // Python reads from now on, while it is awake anyway
+                    // Python reads from now on, while it is awake anyway. A loop that took the
+                    // batch before this could have missed the turn: wake it to see it.
+                    wake_python |= gate.hand_over();
                 }
                 if wake_python {
                     let _ = (&*wake).write(&[1]); // full: Python is woken already
@@ -218,6 +222,9 @@ fn handle(hits: &Mutex<Hits>, listener: usize, batch: &net::Batch, got: usize,
     let mut wake_python = false;
     let mut busy = false;
     let mut hits = lock(hits);
+    // Load: datagrams for Python while it has not taken the ones of an earlier batch (two of
+    // one batch, a stub's A and AAAA, are not).
+    let behind = hits.woken;
     for i in 0..got {
         let source = match batch.source(i) {
             Some(source) => source,
@@ -241,7 +248,7 @@ fn handle(hits: &Mutex<Hits>, listener: usize, batch: &net::Batch, got: usize,
             Verdict::Limited => hits.note(now, source, data, RCODE_REFUSED, Outcome::Limited),
             Verdict::Python(rate) => {
                 let miss = Miss { listener, data: data.to_vec(), source, rate };
-                busy |= hits.woken;
+                busy |= behind;
                 wake_python |= hits.hand_on(miss);
             }
         }

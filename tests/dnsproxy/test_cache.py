@@ -561,6 +561,27 @@ def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     assert set(mirror.entries) == {key("g.test"), key("h.test")}
 
 
+def test_an_entry_evicted_as_it_is_stored_is_not_copied() -> None:
+    """Pure logic: the LRU order the compiled path's hits bring in just before an eviction can
+    make the new entry the least recent; it goes, and its copy must not stay behind."""
+    def stored(name: str) -> tuple[bytes, wire.CachedReply]:
+        record = DNSRecord.question(name).reply()
+        record.add_answer(RR(name, rdata=A("192.0.2.1"), ttl=300))
+        data = record.pack()
+        query = wire.parse_query(DNSRecord.question(name).pack())
+        return Cache.key(query), wire.strip_opt(data, wire.parse_reply(data))
+
+    cache = Cache(2, Metrics())
+    mirror = cache.mirror = DictMirror(room=10)
+    (a, a_reply), (b, b_reply), (c, c_reply) = map(stored, ["a.test", "b.test", "c.test"])
+    cache.store(a, a_reply)
+    cache.store(b, b_reply)
+    cache.sync_mirror = lambda: cache.touch([a, b], 2)  # both hit meanwhile
+    cache.store(c, c_reply)
+    assert c not in cache.entries
+    assert set(mirror.entries) == {a, b}
+
+
 def test_a_refresh_asked_as_the_last_one_ends_is_started() -> None:
     """Pure logic: the compiled path may ask for a refresh between the end of a failed one and
     its done callback; that one must start (and stay listed), or the entry's flag in the
