@@ -8,10 +8,11 @@ GIL: datagrams in batches (`recvmmsg`), hits answered from its copy of the cache
 (`sendmmsg`), the access list and the per-client rate limit applied; every other datagram is
 queued for the Python pipeline with the client's address (and the rate verdict it took, so
 the limit is taken once), and the event loop is woken for them through a socket. A busy event
-loop thus never delays a hit. It answers only what Python would answer the same way: an entry
-of the cache Python fills with verified replies, copied as it is stored (a bounded number of
-new entries wait for their first hit) or once Python has answered a hit from it, and kept in
-step (stages/cache.py, `mirror`), fresh, near its expiry or (serve-stale) past it.
+loop thus does not delay a hit (but see the turns below). It answers only what Python would
+answer the same way: an entry of the cache Python fills with verified replies, copied as it
+is stored (a bounded number of new entries wait for their first hit) or once Python has
+answered a hit from it, and kept in step (stages/cache.py, `mirror`), fresh, near its expiry
+or (serve-stale) past it.
 For the latter two it asks Python's cache stage for the refresh, once per entry until that is
 done, as the stage itself would; the client has its answer meanwhile. A missing or long
 expired entry, a refused client, and any query Python's stages answer themselves go to
