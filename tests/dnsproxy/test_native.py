@@ -390,6 +390,23 @@ def test_the_thread_stands_aside_while_python_reads_and_reads_again_after() -> N
             assert client.recv(4096) == wire.client_reply(cached, query)
 
 
+def test_a_new_turn_wakes_python_even_when_it_is_woken_already() -> None:
+    """The hand-over comes after the batch is queued: an event loop that took the batch and
+    looked for the turn just before must be woken again to see it, or nobody reads."""
+    fast = fast_path()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.bind(("127.0.0.1", 0))
+        with read_by(fast, server):
+            client.sendto(query_bytes("miss.test"), server.getsockname())
+            assert select.select([fast.wakeup_fd()], [], [], 2)[0], "woken for the datagram"
+            os.read(fast.wakeup_fd(), 256)  # seen, but not yet taken: Python is still woken
+            client.sendto(query_bytes("miss2.test"), server.getsockname())
+            assert select.select([fast.wakeup_fd()], [], [], 2)[0], "not woken for the turn"
+            assert fast.python_reads
+            assert len(handed_on(fast, 2)) == 2
+
+
 def test_a_busy_event_loop_delays_a_hit_by_a_few_ms_at_most() -> None:
     """Python takes nothing handed on (its loop is busy, though it is its turn to read): the
     thread still answers hits, looking every few ms, and what waits for Python stops at
