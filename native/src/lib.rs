@@ -15,7 +15,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyKeyError, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -233,7 +233,7 @@ impl FastPath {
             .find(|(number, _)| *number == listener)
             .map(|(_, reader)| reader.fd)
             .ok_or_else(|| PyKeyError::new_err(listener))?;
-        let mut io = self.io.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut io = lock(&self.io);
         match io.poll(&self.hits, listener, fd) {
             Ok(read) => Ok(read),
             Err(err) if err.raw_os_error() == Some(libc::EBADF) => Err(os_error(err)),

@@ -24,10 +24,10 @@ use std::time::Duration;
 use crate::hits::{Hits, Miss, Outcome, Verdict, RCODE_REFUSED};
 use crate::net;
 
-/// The lock, even after a panic on another thread: `Hits` holds no invariant a half-done batch
-/// could break beyond one datagram's fate.
-pub fn lock(hits: &Mutex<Hits>) -> MutexGuard<'_, Hits> {
-    hits.lock().unwrap_or_else(PoisonError::into_inner)
+/// The lock, even after a panic on another thread: what these mutexes hold (`Hits`, the turn,
+/// a batch's buffers) has no invariant a half-done batch could break beyond one datagram's fate.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How long a thread standing aside waits before it reads what Python left in its socket.
@@ -47,24 +47,23 @@ impl Gate {
     /// Python reads from now on (a thread handed it a datagram under load); whether that is
     /// new (then Python must be woken to see it, even if woken for the datagrams already).
     pub fn hand_over(&self) -> bool {
-        !std::mem::replace(&mut *self.python_reads.lock().unwrap_or_else(PoisonError::into_inner),
-                           true)
+        !std::mem::replace(&mut *lock(&self.python_reads), true)
     }
 
     /// The threads read again (Python found the sockets quiet).
     pub fn give_back(&self) {
-        *self.python_reads.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        *lock(&self.python_reads) = false;
         self.turn.notify_all();
     }
 
     pub fn python_reads(&self) -> bool {
-        *self.python_reads.lock().unwrap_or_else(PoisonError::into_inner)
+        *lock(&self.python_reads)
     }
 
     /// Wait while Python reads, at most PARK: whether the thread may wait in its receive
     /// (its turn), or should only take what is there (Python's turn, or stopping).
     fn wait_turn(&self, stopping: &AtomicBool) -> bool {
-        let reads = self.python_reads.lock().unwrap_or_else(PoisonError::into_inner);
+        let reads = lock(&self.python_reads);
         if !*reads {
             return true;
         }
@@ -77,7 +76,7 @@ impl Gate {
     }
 
     fn wake_all(&self) {
-        let _reads = self.python_reads.lock().unwrap_or_else(PoisonError::into_inner);
+        let _reads = lock(&self.python_reads);
         self.turn.notify_all();
     }
 }
@@ -107,9 +106,9 @@ impl Io {
         if got == 0 {
             return Ok((0, false));
         }
-        let answers = handle(hits, listener, &self.batch, got, &mut self.replies).answers;
-        self.sender.send_all(fd, &self.replies[..answers]);
-        Ok((got, lock(hits).woken))
+        let handled = handle(hits, listener, &self.batch, got, &mut self.replies);
+        self.sender.send_all(fd, &self.replies[..handled.answers]);
+        Ok((got, handled.pending))
     }
 }
 
@@ -188,7 +187,7 @@ fn serve(hits: &Mutex<Hits>, gate: &Gate, listener: usize, fd: RawFd, stopping: 
             handle(hits, listener, &batch, got, &mut replies)
         }));
         match outcome {
-            Ok(Handled { answers, busy, mut wake_python }) => {
+            Ok(Handled { answers, busy, mut wake_python, .. }) => {
                 // The replies first: a woken event loop may take this core before they are out.
                 sender.send_all(fd, &replies[..answers]);
                 if busy {
@@ -207,11 +206,13 @@ fn serve(hits: &Mutex<Hits>, gate: &Gate, listener: usize, fd: RawFd, stopping: 
 
 /// What `handle` did with a batch: how many replies it put at the front of `replies`, whether
 /// it queued a datagram for Python before Python took the ones queued earlier (Python is busy:
-/// load), and whether Python must be woken (for those or a refresh).
+/// load), whether Python must be woken (for those or a refresh), and whether anything waits
+/// for it.
 struct Handled {
     answers: usize,
     busy: bool,
     wake_python: bool,
+    pending: bool, // Python has datagrams or refreshes to take
 }
 
 /// Decide a batch under the lock: the hits' replies go to the front of `replies`.
@@ -253,7 +254,7 @@ fn handle(hits: &Mutex<Hits>, listener: usize, batch: &net::Batch, got: usize,
             }
         }
     }
-    Handled { answers, busy, wake_python }
+    Handled { answers, busy, wake_python, pending: hits.woken }
 }
 
 /// Empty the wake-up socket's buffer (non-blocking), before Python takes what is pending.

@@ -278,12 +278,18 @@ def handed_on(fast, expected: int, timeout: float = 2.0) -> list:
     return got
 
 
-def test_datagrams_on_a_socket_hits_answered_the_rest_handed_on() -> None:
+def holding_a_hit():
+    """A fast path holding a fresh entry: (it, a query the entry answers, the reply it sends)."""
     cached = cached_reply("www.example.test")
     fast = fast_path()
     hit = query_bytes("www.example.test")
     query = wire.parse_query(hit)
     fast.put(query.key + b"\x00", cached.stamped_bytes(time.monotonic()))
+    return fast, hit, wire.client_reply(cached, query)
+
+
+def test_datagrams_on_a_socket_hits_answered_the_rest_handed_on() -> None:
+    fast, hit, answer = holding_a_hit()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         server.bind(("127.0.0.1", 0))
@@ -297,7 +303,7 @@ def test_datagrams_on_a_socket_hits_answered_the_rest_handed_on() -> None:
             assert all(n == number for n, _, _, _ in rest)
             assert all(address == ("127.0.0.1", client.getsockname()[1])
                        for _, _, address, _ in rest)
-            assert all(reply == wire.client_reply(cached, query) for reply in replies)
+            assert all(reply == answer for reply in replies)
             assert handed_on(fast, 1, timeout=0.1) == []
         client.sendto(hit, server.getsockname())  # no thread reads it now
         with pytest.raises(TimeoutError):
@@ -341,11 +347,7 @@ def test_the_thread_stands_aside_while_python_reads_and_reads_again_after() -> N
     every few ms; after `give_back` it
     waits in its receive again, even on a socket the event loop's watching left non-blocking,
     without spinning."""
-    cached = cached_reply("www.example.test")
-    fast = fast_path()
-    hit = query_bytes("www.example.test")
-    query = wire.parse_query(hit)
-    fast.put(query.key + b"\x00", cached.stamped_bytes(time.monotonic()))
+    fast, hit, answer = holding_a_hit()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         server.bind(("127.0.0.1", 0))
@@ -373,7 +375,7 @@ def test_the_thread_stands_aside_while_python_reads_and_reads_again_after() -> N
                     with contextlib.suppress(BlockingIOError):
                         if data == hit:
                             assert client.recv(4096, socket.MSG_DONTWAIT) == \
-                                wire.client_reply(cached, query)
+                                answer
                             break
                     if got:
                         break
@@ -387,7 +389,7 @@ def test_the_thread_stands_aside_while_python_reads_and_reads_again_after() -> N
             time.sleep(0.5)
             assert thread_cpu_ticks(name) - before <= 2, "the thread spins"
             client.sendto(hit, server.getsockname())
-            assert client.recv(4096) == wire.client_reply(cached, query)
+            assert client.recv(4096) == answer
 
 
 def test_a_new_turn_wakes_python_even_when_it_is_woken_already() -> None:
@@ -411,10 +413,7 @@ def test_a_busy_event_loop_delays_a_hit_by_a_few_ms_at_most() -> None:
     """Python takes nothing handed on (its loop is busy, though it is its turn to read): the
     thread still answers hits, looking every few ms, and what waits for Python stops at
     MAX_PENDING, the rest counted as shed."""
-    cached = cached_reply("www.example.test")
-    fast = fast_path()
-    hit = query_bytes("www.example.test")
-    fast.put(wire.parse_query(hit).key + b"\x00", cached.stamped_bytes(time.monotonic()))
+    fast, hit, _ = holding_a_hit()
     limit = native().MAX_PENDING
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
