@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hh.add_argument("--household-time-scale", type=float, default=d.time_scale,
                     help="TTLs are divided by this: how much faster than a household the run is")
     hh.add_argument("--household-servers", default=",".join(household.SERVERS),
-                    help=f"comma-separated subset of {','.join(household.SERVERS)}")
+                    help="comma-separated subset of "
+                    f"{','.join(household.SERVERS + household.OPTIONAL)}")
     hh.add_argument("--seed", type=int, default=d.seed, help="of the query stream")
 
     args = p.parse_args(argv)
@@ -115,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.workloads = _names(args.workloads, WORKLOADS, "workloads", p)
     args.servers = _names(args.servers, SATURATION_SERVERS, "servers", p)
-    args.household_servers = tuple(_names(args.household_servers, household.SERVERS,
+    args.household_servers = tuple(_names(args.household_servers,
+                                          household.SERVERS + household.OPTIONAL,
                                           "household servers", p))
     try:
         args.household_delay = [float(x) for x in args.household_delay.split(",") if x.strip()]

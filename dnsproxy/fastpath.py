@@ -23,7 +23,7 @@ loop took the ones before, the loop, awake anyway, reads the sockets itself thro
 (`FastPath.poll`, hits still answered there) until they have been quiet for QUIET seconds. A
 thread reading beside a busy event loop on the same core cost each saturated miss about 1.4
 context switches, a sixth of its CPU. At a household's pace the threads read alone. A thread
-standing aside still looks at its socket every 2 ms, so a stuck event loop delays a hit by no
+standing aside still looks at its socket every 10 ms, so a stuck event loop delays a hit by no
 more than that.
 
 What hits leave behind reaches Python in batches, every TAKE_INTERVAL seconds: their keys for

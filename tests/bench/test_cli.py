@@ -54,3 +54,15 @@ def test_unknown_names_are_refused():
                  ["--household-ttls", "60"]):
         with pytest.raises(SystemExit):
             run.parse_args(argv)
+
+
+def test_the_pure_python_path_runs_in_the_household_only_when_named(tmp_path):
+    from bench import household
+
+    assert "dnsproxy-python" not in run.parse_args([]).household_servers
+    args = run.parse_args(["--household-servers", "dnsproxy,dnsproxy-python,dnsmasq"])
+    assert args.household_servers == ("dnsproxy", "dnsproxy-python", "dnsmasq")
+    assert household.available(("dnsproxy-python",))[0] == ["dnsproxy-python"]
+    hh = household.HouseholdPass(household.Settings(), None, None, ["dnsproxy-python"], tmp_path)
+    server = hh.build("dnsproxy-python", ("127.0.0.1", 5301), tmp_path)
+    assert "--no-native" in server.argv and server.name == "dnsproxy-python"

@@ -430,7 +430,7 @@ def test_a_busy_event_loop_delays_a_hit_by_a_few_ms_at_most() -> None:
             started = time.monotonic()
             client.sendto(hit, server.getsockname())
             assert client.recv(4096)[:2] == hit[:2]
-            assert time.monotonic() - started < 0.2  # the thread looks every 2 ms
+            assert time.monotonic() - started < 0.2  # the thread looks every 10 ms
             rest = handed_on(fast, limit + 500, timeout=0.5)
     assert len(rest) == limit
     assert fast.take()[4] == sent - limit
