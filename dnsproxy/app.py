@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import cachefile, domainlists, fastpath, homenames, hosts, routingfile
 from .config import ConfigError, Settings, build_settings, parse_listen
@@ -29,7 +30,6 @@ from .forgery import (
     write_learned,
 )
 from .forwarder import Forwarder
-from .history import History
 from .listen import Listener, ListenError, bind_listeners
 from .metrics import Metrics, serve_metrics
 from .pipeline import Pipeline
@@ -53,6 +53,9 @@ from .upstreams import (
 )
 from .upstreams.bootstrap import Bootstrap
 from .zones import ZoneRouter
+
+if TYPE_CHECKING:
+    from .history import History
 
 log = logging.getLogger("dnsproxy")
 
@@ -290,8 +293,11 @@ class Service:
         self.metrics = Metrics()
         self.started = time.time()
         # The page's history, when there is a page: in the state directory, or in memory.
-        self.history = (History(settings.state_dir, settings.history_days) if settings.web
-                        else None)  # fmt: skip
+        self.history = None
+        if settings.web:
+            from .history import History  # sqlite3 takes 1.3 MB: only with the page
+
+            self.history = History(settings.state_dir, settings.history_days)
         self.querylog = query_log(settings, self.history)
         self.web = None  # the page's runner, once started
         self.hit_path: fastpath.HitPath | None = None  # the compiled UDP hit path, when built
