@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
 
 from .fakes import FORGED_LISTED, FORGED_UNLISTED, GENUINE, free_port
-from .process import DIG, DnsproxyProcess, dig, dig_answers, dig_status
+from .process import DIG, ROOT, DnsproxyProcess, dig, dig_answers, dig_status
 
 pytestmark = pytest.mark.skipif(DIG is None, reason="dig (bind9-dnsutils) is not installed")
 
@@ -93,3 +94,18 @@ def test_sigterm_with_a_query_in_flight(running, upstream):
     finally:
         client.kill()
         client.wait()
+
+
+def test_without_the_page_or_a_doh_host_name_neither_sqlite_nor_dnslib_is_loaded(running):
+    """Together 2.7 MB of a forwarder that otherwise starts in 25: a household box without the
+    page pays for neither."""
+    port = running.port
+    # started, and has answered
+    assert dig_answers(dig(port, "clean.example")) == [("clean.example.", "A", GENUINE)]
+    with open(f"/proc/{running.proc.pid}/maps") as maps:
+        assert "_sqlite3" not in maps.read()
+    probe = ("import sys, dnsproxy.app, dnsproxy.cli; "
+             "print(sorted({'sqlite3', 'dnslib'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
