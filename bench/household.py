@@ -658,7 +658,8 @@ def describe(s: Settings, servers: list[str], notes: list[str], kernel_stamps: b
         "upstream*: answers that took at least half the upstream round trip.",
         "- Servers: dnsproxy (defaults, so serve-stale and prefetch; `--rate-limit 0 "
         "--no-query-log --state-dir`; dnsproxy+history the same with its page on, `--web`, "
-        "so every query is recorded in the history, nobody looking), dnsmasq "
+        "so every query is recorded in the history, nobody looking; dnsproxy-python the same "
+        "without its compiled path, `--no-native`, when asked for), dnsmasq "
         "`--use-stale-cache --cache-size="
         f"{s.cache_size}`, unbound (`prefetch: yes`, `serve-expired: yes`, one thread), smartdns "
         f"(`prefetch-domain yes`, `serve-expired yes`, `cache-persist yes`, `rr-ttl-min 1` so "

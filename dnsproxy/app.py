@@ -293,7 +293,7 @@ class Service:
         self.metrics = Metrics()
         self.started = time.time()
         # The page's history, when there is a page: in the state directory, or in memory.
-        self.history = None
+        self.history: History | None = None
         if settings.web:
             from .history import History  # sqlite3 takes 1.3 MB: only with the page
 

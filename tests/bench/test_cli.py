@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import run, workloads
+from bench import household, run, workloads
 
 DNSPERF = """\
 DNS Performance Testing Tool
@@ -57,8 +57,6 @@ def test_unknown_names_are_refused():
 
 
 def test_the_pure_python_path_runs_in_the_household_only_when_named(tmp_path):
-    from bench import household
-
     assert "dnsproxy-python" not in run.parse_args([]).household_servers
     args = run.parse_args(["--household-servers", "dnsproxy,dnsproxy-python,dnsmasq"])
     assert args.household_servers == ("dnsproxy", "dnsproxy-python", "dnsmasq")

@@ -96,7 +96,7 @@ def test_sigterm_with_a_query_in_flight(running, upstream):
         client.wait()
 
 
-def test_without_the_page_or_a_doh_host_name_neither_sqlite_nor_dnslib_is_loaded(running):
+def test_without_the_page_sqlite_is_not_loaded_nor_dnslib_imported(running):
     """Together 2.7 MB of a forwarder that otherwise starts in 25: a household box without the
     page pays for neither."""
     port = running.port
