@@ -218,9 +218,9 @@ class HitPath:
         other work goes on between batches. `woken`: through the wake-up descriptor."""
         try:
             batch, more, refreshes = self.fast.pending(BUDGET, woken)
-        except BaseException as exc:  # a bug in the module (a Rust panic is a BaseException)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # a bug in the module (a Rust panic is a BaseException)
             log.exception("taking the compiled path's datagrams failed; it goes on")
             return
         sockets = self.sockets
@@ -239,15 +239,14 @@ class HitPath:
             # No wake-up comes for what is left (the threads see Python woken): come back.
             if more and self.loop is not None:
                 self.loop.call_soon(self._handed_on)
-            if not self.reading and self.fast.python_reads:
-                self._take_turn()
+            self._take_turn()
 
     # -- taking turns with the threads (see the module's docstring)
 
     def _take_turn(self) -> None:
-        """A thread handed the pipeline a datagram and stands aside: read the sockets here."""
+        """If a thread handed the turn over (it stands aside), read the sockets here."""
         loop = self.loop
-        if loop is None:
+        if loop is None or self.reading or not self.fast.python_reads:
             return
         for udp in self.sockets.values():
             loop.add_reader(udp.sock.fileno(), self._readable, udp)
@@ -260,9 +259,9 @@ class HitPath:
             return
         try:
             read, waiting = self.fast.poll(udp.number)
-        except BaseException as exc:  # a bug in the module (a Rust panic is a BaseException)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # a bug in the module (a Rust panic is a BaseException)
             log.exception("reading a UDP socket through the compiled path failed")
             self._give_back()  # the threads read again
             return
@@ -296,8 +295,7 @@ class HitPath:
             self.loop.remove_reader(udp.sock.fileno())
 
     def _take_every(self) -> None:
-        if not self.reading and self.fast.python_reads:
-            self._take_turn()  # a safety net: the threads stand aside, so somebody must read
+        self._take_turn()  # a safety net: if the threads stand aside, somebody must read
         self.take()
         self.taker = asyncio.get_running_loop().call_later(TAKE_INTERVAL, self._take_every)
 
