@@ -97,7 +97,7 @@ def test_sigterm_with_a_query_in_flight(running, upstream):
 
 
 def test_without_the_page_sqlite_is_not_loaded_nor_dnslib_imported(running):
-    """Together 2.7 MB of a forwarder that otherwise starts in 25: a household box without the
+    """Importing the app without them took 25.4 MB instead of 27.2: a household box without the
     page pays for neither."""
     port = running.port
     # started, and has answered
