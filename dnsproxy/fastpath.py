@@ -167,7 +167,7 @@ class HitPath:
                                      not isinstance(querylog, NullLog))
         self.configure(settings, pipeline)
         cache.mirror = self.fast
-        cache.sync_mirror = self.take
+        cache.sync_mirror = self.sync_order
         metrics.before_render.append(self.take)
         self.udp_queries = metrics.key("dnsproxy_queries_total", transport="udp")
         self.limited = metrics.key("dnsproxy_responses_total", reason="ratelimited")
@@ -298,6 +298,14 @@ class HitPath:
         self._take_turn()  # a safety net: if the threads stand aside, somebody must read
         self.take()
         self.taker = asyncio.get_running_loop().call_later(TAKE_INTERVAL, self._take_every)
+
+    def sync_order(self) -> None:
+        """Before the cache evicts: the keys hit here since the last take made the most recent,
+        so that the least recently used goes, as the hits left the order. Their counts and
+        records wait for the next take: under a flood of new names this runs at every store."""
+        keys = self.fast.take_touched()
+        if keys:
+            self.cache.touch(keys, 0)
 
     def take(self) -> None:
         """What the hits since the last take left: LRU order, counts, query-log records."""

@@ -30,6 +30,15 @@ mod wire;
 use hits::{Hits, Network, Outcome, Verdict, RCODE_REFUSED};
 use reader::{lock, Gate, Io, Reader};
 
+/// Keys for Python: a list of bytes.
+fn key_list(py: Python<'_>, keys: Vec<Vec<u8>>) -> PyResult<&PyList> {
+    let list = PyList::empty(py);
+    for key in keys {
+        list.append(PyBytes::new(py, &key))?;
+    }
+    Ok(list)
+}
+
 fn parse_networks(networks: Vec<(Vec<u8>, u8)>) -> PyResult<Vec<Network>> {
     networks
         .iter()
@@ -89,14 +98,14 @@ impl FastPath {
 
     /// Answer `key` from this entry (`wire.CachedReply`'s stamped bytes, copied); False if its
     /// layout is unreadable.
-    fn put(&self, key: Vec<u8>, entry: &PyBytes) -> bool {
-        lock(&self.hits).put(key, entry.as_bytes())
+    fn put(&self, key: &[u8], entry: &[u8]) -> bool {
+        lock(&self.hits).put(key.to_vec(), entry)
     }
 
     /// A newly stored entry (`put`'s terms), its first hit to be answered here: at most
     /// `eager` such copies wait for it, the oldest making way (False: `eager` is 0).
-    fn offer(&self, key: Vec<u8>, entry: &PyBytes) -> bool {
-        lock(&self.hits).offer(key, entry.as_bytes(), self.eager)
+    fn offer(&self, key: &[u8], entry: &[u8]) -> bool {
+        lock(&self.hits).offer(key.to_vec(), entry, self.eager)
     }
 
     fn remove(&self, key: &[u8]) {
@@ -286,6 +295,13 @@ impl FastPath {
         Ok((out, more, asked))
     }
 
+    /// Only the keys hit since the last take, each once: what the cache needs before it evicts
+    /// (the LRU order), without building the rest of `take`'s batch for every store.
+    fn take_touched<'py>(&self, py: Python<'py>) -> PyResult<&'py PyList> {
+        let touched = lock(&self.hits).take_touched();
+        key_list(py, touched)
+    }
+
     /// What the hits since the last call leave for Python: the keys hit (each once: the LRU
     /// order), the records (when `record`), the counts of answers and of drops, of datagrams
     /// shed because Python fell behind, of batches lost to a fault in this module, and of the
@@ -305,10 +321,7 @@ impl FastPath {
             hits.faults = 0;
             (touched, records, counts)
         };
-        let keys = PyList::empty(py);
-        for key in touched {
-            keys.append(PyBytes::new(py, &key))?;
-        }
+        let keys = key_list(py, touched)?;
         let out = PyList::empty(py);
         for record in records {
             let item = (record.at, record.source.ip().to_string(), record.source.port(),

@@ -12,6 +12,7 @@ import random
 import select
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -244,6 +245,21 @@ def test_the_rate_limit_is_one_bucket_per_client() -> None:
     assert isinstance(fast.answer(data, "127.0.0.2", 1, 2.0)[0], bytes)
     assert fast.take()[0] == [query.key + b"\x00"], "listed again after a take, once"
 
+
+
+def test_the_keys_hit_are_taken_alone_before_an_eviction() -> None:
+    """`take_touched`: the keys hit since the last take, each once; the counts and records
+    stay for `take`, which then lists no key twice."""
+    data = query_bytes("www.example.test")
+    key = wire.parse_query(data).key + b"\x00"
+    fast = fast_path()
+    fast.put(key, cached_reply("www.example.test").stamped_bytes(0.0))
+    for _ in range(2):
+        assert isinstance(fast.answer(data, "127.0.0.1", 1, 1.0)[0], bytes)
+    assert fast.take_touched() == [key]
+    assert fast.take_touched() == []
+    keys, records, answered, *_ = fast.take()
+    assert (keys, len(records), answered) == ([], 2, 2)
 
 # ---- a real socket ------------------------------------------------------------------------------
 
@@ -514,5 +530,39 @@ def test_a_burst_of_misses_is_read_by_the_event_loop_which_then_gives_the_socket
         before = hit_path.handed_on
         assert addresses(ask(proxy.port, "hot.example")) == [GENUINE]
         assert hit_path.handed_on == before, "the thread answers the hit"
+    finally:
+        proxy.close()
+
+
+def test_an_entry_hit_only_here_outlives_one_not_asked_again_when_the_cache_evicts(
+        upstream) -> None:
+    """Python's cache sees the compiled path's hits only when it takes them (every half
+    second); before it evicts, it takes the keys hit since (`sync_order`), so the least
+    recently used entry goes as the clients left the order, even between two takes."""
+    native()
+    for name in ("a.example", "b.example", "c.example"):
+        upstream.rule(name, ttl=300)
+    proxy = ProxyThread("--upstream", upstream.address, "--native", "--cache-size", "2")
+
+    def settle() -> None:  # the loop's step done, without taking the hits as sync() would
+        done = threading.Event()
+        proxy.loop.call_soon_threadsafe(done.set)
+        assert done.wait(5)
+
+    try:
+        hit_path = proxy.service.hit_path
+        proxy.loop.call_soon_threadsafe(hit_path.taker.cancel)  # no take in between
+        for name in ("a.example", "b.example"):
+            assert addresses(ask(proxy.port, name)) == [GENUINE]
+            settle()
+        before = hit_path.handed_on
+        assert addresses(ask(proxy.port, "a.example")) == [GENUINE]
+        assert hit_path.handed_on == before, "the thread answers a's first hit"
+        assert addresses(ask(proxy.port, "c.example")) == [GENUINE]  # full: one must go
+        settle()
+        assert addresses(ask(proxy.port, "a.example")) == [GENUINE]
+        assert addresses(ask(proxy.port, "b.example")) == [GENUINE]
+        assert upstream.count("a.example") == 1, "a went, though hit after b was stored"
+        assert upstream.count("b.example") == 2
     finally:
         proxy.close()
