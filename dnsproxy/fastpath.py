@@ -26,8 +26,10 @@ context switches, a sixth of its CPU. At a household's pace the threads read alo
 standing aside still looks at its socket every 10 ms, so a stuck event loop delays a hit by no
 more than that.
 
-What hits leave behind reaches Python in batches, every TAKE_INTERVAL seconds: their keys for
-the cache's LRU order, their counts, and, when anything logs queries, a record of each.
+What hits leave behind reaches Python in batches, every TAKE_INTERVAL seconds and before the
+metrics are rendered: their keys for the cache's LRU order, their counts, and, when anything
+logs queries, a record of each. Before the cache evicts, it takes the keys alone
+(`sync_order`).
 """
 
 from __future__ import annotations
@@ -300,9 +302,10 @@ class HitPath:
         self.taker = asyncio.get_running_loop().call_later(TAKE_INTERVAL, self._take_every)
 
     def sync_order(self) -> None:
-        """Before the cache evicts: the keys hit here since the last take made the most recent,
-        so that the least recently used goes, as the hits left the order. Their counts and
-        records wait for the next take: under a flood of new names this runs at every store."""
+        """Before the cache evicts: the keys hit here since they were last taken are made the
+        most recent, so that the least recently used goes, as the hits left the order. Their
+        counts and records wait for the next take: under a flood of new names this runs at
+        every store."""
         keys = self.fast.take_touched()
         if keys:
             self.cache.touch(keys, 0)

@@ -245,23 +245,23 @@ class Cache(PassThrough):
         weight = len(key) + len(cached)
         if weight > self.max_bytes:
             return False  # it would evict everything else and still not fit
+        if self.sync_mirror is not None and (len(self.entries) >= self.size
+                                             or self.bytes + weight > self.max_bytes):
+            # Before the new entry goes in: the compiled path's hits came before it, and the
+            # least recently used goes as they left the order.
+            self.sync_mirror()
         entry = self.entries[key] = cached.stamped_bytes(self.clock() if stored is None
                                                          else stored)
         self.bytes += weight
         mirror = self.mirror
-        if self.sync_mirror is not None and (len(self.entries) > self.size
-                                             or self.bytes > self.max_bytes):
-            self.sync_mirror()  # the least recently used as the compiled path's hits left it
         while len(self.entries) > self.size or self.bytes > self.max_bytes:
             old_key, old = self.entries.popitem(last=False)
             self.bytes -= len(old_key) + len(old)
             if mirror is not None:
                 mirror.remove(old_key)
-        if mirror is not None and not self.scans and self.entries.get(key) is entry:
+        if mirror is not None and not self.scans:
             # A name's second ask, its first hit, is then the compiled path's too (a bounded
-            # number of new entries wait there for it; hot ones are copied in any case). Not
-            # if it is gone already: the LRU order the compiled path's hits brought in may
-            # have made it the least recent.
+            # number of new entries wait there for it; hot ones are copied in any case).
             if hot:
                 mirror.put(key, entry)
             else:

@@ -295,15 +295,16 @@ impl FastPath {
         Ok((out, more, asked))
     }
 
-    /// Only the keys hit since the last take, each once: what the cache needs before it evicts
-    /// (the LRU order), without building the rest of `take`'s batch for every store.
+    /// Only the keys hit since the last `take` or `take_touched`, each once: what the cache
+    /// needs before it evicts (the LRU order), without building the rest of `take`'s batch
+    /// for every store.
     fn take_touched<'py>(&self, py: Python<'py>) -> PyResult<&'py PyList> {
         let touched = lock(&self.hits).take_touched();
         key_list(py, touched)
     }
 
-    /// What the hits since the last call leave for Python: the keys hit (each once: the LRU
-    /// order), the records (when `record`), the counts of answers and of drops, of datagrams
+    /// What the hits since the last call leave for Python: the keys hit (each once, and none
+    /// `take_touched` took already: the LRU order), the records (when `record`), the counts of answers and of drops, of datagrams
     /// shed because Python fell behind, of batches lost to a fault in this module, and of the
     /// answers that were stale.
     #[allow(clippy::type_complexity)]

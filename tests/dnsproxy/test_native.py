@@ -246,10 +246,9 @@ def test_the_rate_limit_is_one_bucket_per_client() -> None:
     assert fast.take()[0] == [query.key + b"\x00"], "listed again after a take, once"
 
 
-
 def test_the_keys_hit_are_taken_alone_before_an_eviction() -> None:
     """`take_touched`: the keys hit since the last take, each once; the counts and records
-    stay for `take`, which then lists no key twice."""
+    stay for `take`, which lists none of those keys again, but a key hit after it."""
     data = query_bytes("www.example.test")
     key = wire.parse_query(data).key + b"\x00"
     fast = fast_path()
@@ -260,6 +259,9 @@ def test_the_keys_hit_are_taken_alone_before_an_eviction() -> None:
     assert fast.take_touched() == []
     keys, records, answered, *_ = fast.take()
     assert (keys, len(records), answered) == ([], 2, 2)
+    assert isinstance(fast.answer(data, "127.0.0.1", 1, 2.0)[0], bytes)
+    assert fast.take()[0] == [key]
+
 
 # ---- a real socket ------------------------------------------------------------------------------
 
@@ -551,7 +553,7 @@ def test_an_entry_hit_only_here_outlives_one_not_asked_again_when_the_cache_evic
 
     try:
         hit_path = proxy.service.hit_path
-        proxy.loop.call_soon_threadsafe(hit_path.taker.cancel)  # no take in between
+        proxy.loop.call_soon_threadsafe(lambda: hit_path.taker.cancel())  # no take in between
         for name in ("a.example", "b.example"):
             assert addresses(ask(proxy.port, name)) == [GENUINE]
             settle()
