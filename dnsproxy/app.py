@@ -90,8 +90,7 @@ class Forwarding:
 
 
 def configure_cache(cache: Cache, settings: Settings) -> None:
-    cache.size = settings.cache_size
-    cache.max_bytes = settings.cache_bytes
+    cache.resize(settings.cache_size, settings.cache_bytes)
     cache.cap_ttls(settings.max_ttl)
     cache.serve_stale = settings.serve_stale
     cache.stale_ttl = settings.stale_ttl

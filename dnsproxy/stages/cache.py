@@ -253,12 +253,8 @@ class Cache(PassThrough):
         entry = self.entries[key] = cached.stamped_bytes(self.clock() if stored is None
                                                          else stored)
         self.bytes += weight
+        self._evict()  # never the new entry, the most recent, which fits (checked above)
         mirror = self.mirror
-        while len(self.entries) > self.size or self.bytes > self.max_bytes:
-            old_key, old = self.entries.popitem(last=False)
-            self.bytes -= len(old_key) + len(old)
-            if mirror is not None:
-                mirror.remove(old_key)
         if mirror is not None and not self.scans:
             # A name's second ask, its first hit, is then the compiled path's too (a bounded
             # number of new entries wait there for it; hot ones are copied in any case).
@@ -267,6 +263,24 @@ class Cache(PassThrough):
             else:
                 mirror.offer(key, entry)
         return True
+
+    def resize(self, size: int, max_bytes: int) -> None:
+        """New limits (a reload): what exceeds them goes now, the least recent first, rather
+        than being answered on until stores push it out; a size of 0 empties the cache."""
+        self.size, self.max_bytes = size, max_bytes
+        if self.sync_mirror is not None and (len(self.entries) > size
+                                             or self.bytes > max_bytes):
+            self.sync_mirror()
+        self._evict()
+
+    def _evict(self) -> None:
+        """The least recently used go, and their copies, until the cache is within its limits."""
+        entries, mirror = self.entries, self.mirror
+        while entries and (len(entries) > self.size or self.bytes > self.max_bytes):
+            old_key, old = entries.popitem(last=False)
+            self.bytes -= len(old_key) + len(old)
+            if mirror is not None:
+                mirror.remove(old_key)
 
     def touch(self, keys: list[bytes], hits: int, stale: int = 0) -> None:
         """Hits the compiled path answered (`stale` of them past expiry): counted, and their

@@ -304,9 +304,9 @@ impl FastPath {
     }
 
     /// What the hits since the last call leave for Python: the keys hit (each once, and none
-    /// `take_touched` took already: the LRU order), the records (when `record`), the counts of answers and of drops, of datagrams
-    /// shed because Python fell behind, of batches lost to a fault in this module, and of the
-    /// answers that were stale.
+    /// `take_touched` took already: the LRU order), the records (when `record`), the counts
+    /// of answers and of drops, of datagrams shed because Python fell behind, of batches lost
+    /// to a fault in this module, and of the answers that were stale.
     #[allow(clippy::type_complexity)]
     fn take<'py>(&self, py: Python<'py>)
                  -> PyResult<(&'py PyList, &'py PyList, u64, u64, u64, u64, u64)> {

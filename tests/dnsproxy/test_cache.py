@@ -583,6 +583,34 @@ def test_the_compiled_hits_are_brought_in_before_a_new_entry_goes_in() -> None:
     assert set(mirror.entries) == {b, c}
 
 
+def test_lower_limits_at_a_reload_evict_at_once_and_zero_empties_the_cache() -> None:
+    """Pure logic: a reload lowering --cache-size or --cache-bytes drops what exceeds them
+    there and then, the least recent first (the compiled path's hits counted in), copies and
+    all; 0 turns the cache off, entries included, rather than leaving them answered."""
+    def stored(name: str) -> tuple[bytes, wire.CachedReply]:
+        record = DNSRecord.question(name).reply()
+        record.add_answer(RR(name, rdata=A("192.0.2.1"), ttl=300))
+        data = record.pack()
+        query = wire.parse_query(DNSRecord.question(name).pack())
+        return Cache.key(query), wire.strip_opt(data, wire.parse_reply(data))
+
+    cache = Cache(10, Metrics())
+    mirror = cache.mirror = DictMirror(room=10)
+    items = dict(map(stored, ["a.test", "b.test", "c.test", "d.test"]))
+    a, b, c, d = items
+    for key, cached in items.items():
+        cache.store(key, cached)
+    cache.sync_mirror = lambda: cache.touch([a], 1)  # a hit by the compiled path meanwhile
+    cache.resize(3, cache.max_bytes)
+    assert list(cache.entries) == [c, d, a] and set(mirror.entries) == {a, c, d}
+    cache.resize(3, cache.bytes - 1)  # a byte too few: the least recent goes
+    assert list(cache.entries) == [d, a] and set(mirror.entries) == {a, d}
+    assert cache.bytes == sum(len(k) + len(v) for k, v in cache.entries.items())
+    cache.resize(0, cache.max_bytes)
+    assert not cache.entries and not mirror.entries and cache.bytes == 0
+    assert not cache.store(b, items[b])
+
+
 def test_a_refresh_asked_as_the_last_one_ends_is_started() -> None:
     """Pure logic: the compiled path may ask for a refresh between the end of a failed one and
     its done callback; that one must start (and stay listed), or the entry's flag in the

@@ -283,6 +283,32 @@ def test_sighup_reloads_upstreams_and_keeps_the_cache(upstream, second_upstream,
     assert "reload failed" in err
 
 
+def test_a_reload_turning_the_cache_off_stops_answering_from_it(upstream, tmp_path):
+    """cache_size = 0 at a SIGHUP: what was cached is no longer answered; every query goes to
+    the upstream (the compiled path's copy is emptied at a reload too)."""
+    config = tmp_path / "dnsproxy.toml"
+    config.write_text(f'upstreams = ["{upstream.address}"]\n')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dnsproxy", "--listen", f"127.0.0.1:{port}",
+                             "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_until_serving(port, proc)
+        for _ in range(3):
+            assert addresses(ask(port, "off.example")) == [GENUINE]
+        assert upstream.count("off.example") == 1
+        config.write_text(f'upstreams = ["{upstream.address}"]\ncache_size = 0\n')
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        for _ in range(2):
+            assert addresses(ask(port, "off.example")) == [GENUINE]
+        assert upstream.count("off.example") == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=5)
+    assert proc.returncode == 0
+
+
 def _wait_until_serving(port: int, proc: subprocess.Popen | None = None,
                         timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
