@@ -245,15 +245,10 @@ class Cache(PassThrough):
         weight = len(key) + len(cached)
         if weight > self.max_bytes:
             return False  # it would evict everything else and still not fit
-        if self.sync_mirror is not None and (len(self.entries) >= self.size
-                                             or self.bytes + weight > self.max_bytes):
-            # Before the new entry goes in: the compiled path's hits came before it, and the
-            # least recently used goes as they left the order.
-            self.sync_mirror()
+        self._make_room(1, weight)  # before it goes in: it is the most recent
         entry = self.entries[key] = cached.stamped_bytes(self.clock() if stored is None
                                                          else stored)
         self.bytes += weight
-        self._evict()  # never the new entry, the most recent, which fits (checked above)
         mirror = self.mirror
         if mirror is not None and not self.scans:
             # A name's second ask, its first hit, is then the compiled path's too (a bounded
@@ -268,15 +263,20 @@ class Cache(PassThrough):
         """New limits (a reload): what exceeds them goes now, the least recent first, rather
         than being answered on until stores push it out; a size of 0 empties the cache."""
         self.size, self.max_bytes = size, max_bytes
-        if self.sync_mirror is not None and (len(self.entries) > size
-                                             or self.bytes > max_bytes):
-            self.sync_mirror()
-        self._evict()
+        self._make_room(0, 0)
 
-    def _evict(self) -> None:
-        """The least recently used go, and their copies, until the cache is within its limits."""
-        entries, mirror = self.entries, self.mirror
-        while entries and (len(entries) > self.size or self.bytes > self.max_bytes):
+    def _make_room(self, count: int, weight: int) -> None:
+        """The least recently used go, and their copies, until `count` more entries of
+        `weight` bytes fit. The compiled path's hits since they were last taken count as
+        used: they are brought in first."""
+        entries = self.entries
+        if len(entries) + count <= self.size and self.bytes + weight <= self.max_bytes:
+            return
+        if self.sync_mirror is not None:
+            self.sync_mirror()
+        mirror = self.mirror
+        while entries and (len(entries) + count > self.size
+                           or self.bytes + weight > self.max_bytes):
             old_key, old = entries.popitem(last=False)
             self.bytes -= len(old_key) + len(old)
             if mirror is not None:

@@ -342,13 +342,14 @@ class ProxyThread:
         self.sync()
         return self.service.metrics
 
-    def sync(self) -> None:
+    def sync(self, take: bool = True) -> None:
         """Wait until the forwarder's loop has finished what it was doing: a reply is sent a
-        moment before its query-log line is written, and the client may read in between."""
+        moment before its query-log line is written, and the client may read in between.
+        `take`: the compiled path's hits taken too (their LRU order, counts and records)."""
         done = threading.Event()
 
         def settle() -> None:
-            if self.service.hit_path is not None:
+            if take and self.service.hit_path is not None:
                 self.service.hit_path.take()  # the compiled path's hits, at once
             self.loop.call_soon(done.set)  # after the log's flush, which take() scheduled
 

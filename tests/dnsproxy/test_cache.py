@@ -561,39 +561,34 @@ def test_the_compiled_copy_holds_only_what_the_cache_holds() -> None:
     assert set(mirror.entries) == {key("g.test"), key("h.test")}
 
 
+def stored(name: str) -> tuple[bytes, wire.CachedReply]:
+    """A verified reply for `name`, with its cache key, as the forwarder would store it."""
+    record = DNSRecord.question(name).reply()
+    record.add_answer(RR(name, rdata=A("192.0.2.1"), ttl=300))
+    data = record.pack()
+    query = wire.parse_query(DNSRecord.question(name).pack())
+    return Cache.key(query), wire.strip_opt(data, wire.parse_reply(data))
+
+
 def test_the_compiled_hits_are_brought_in_before_a_new_entry_goes_in() -> None:
     """Pure logic: the compiled path's hits since the last take came before the new entry, so
     the cache brings them in before it stores it: the new entry is the most recent, kept and
     copied, and the least recent of the rest goes, with its copy."""
-    def stored(name: str) -> tuple[bytes, wire.CachedReply]:
-        record = DNSRecord.question(name).reply()
-        record.add_answer(RR(name, rdata=A("192.0.2.1"), ttl=300))
-        data = record.pack()
-        query = wire.parse_query(DNSRecord.question(name).pack())
-        return Cache.key(query), wire.strip_opt(data, wire.parse_reply(data))
-
     cache = Cache(2, Metrics())
     mirror = cache.mirror = DictMirror(room=10)
     (a, a_reply), (b, b_reply), (c, c_reply) = map(stored, ["a.test", "b.test", "c.test"])
     cache.store(a, a_reply)
     cache.store(b, b_reply)
-    cache.sync_mirror = lambda: cache.touch([a, b], 2)  # both hit meanwhile
+    cache.sync_mirror = lambda: cache.touch([a], 1)  # a hit meanwhile
     cache.store(c, c_reply)
-    assert list(cache.entries) == [b, c]
-    assert set(mirror.entries) == {b, c}
+    assert list(cache.entries) == [a, c]  # not taking the hit: [b, c]; after c went in: [c, a]
+    assert set(mirror.entries) == {a, c}
 
 
 def test_lower_limits_at_a_reload_evict_at_once_and_zero_empties_the_cache() -> None:
     """Pure logic: a reload lowering --cache-size or --cache-bytes drops what exceeds them
     there and then, the least recent first (the compiled path's hits counted in), copies and
     all; 0 turns the cache off, entries included, rather than leaving them answered."""
-    def stored(name: str) -> tuple[bytes, wire.CachedReply]:
-        record = DNSRecord.question(name).reply()
-        record.add_answer(RR(name, rdata=A("192.0.2.1"), ttl=300))
-        data = record.pack()
-        query = wire.parse_query(DNSRecord.question(name).pack())
-        return Cache.key(query), wire.strip_opt(data, wire.parse_reply(data))
-
     cache = Cache(10, Metrics())
     mirror = cache.mirror = DictMirror(room=10)
     items = dict(map(stored, ["a.test", "b.test", "c.test", "d.test"]))

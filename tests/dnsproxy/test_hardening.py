@@ -18,6 +18,7 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from .fakes import GENUINE, addresses, ask, free_port, send_raw
+from .process import DnsproxyProcess
 
 # The compiled UDP hit path and the Python one: the same behaviour (conftest.py).
 pytestmark = pytest.mark.both_paths
@@ -289,24 +290,19 @@ def test_a_reload_turning_the_cache_off_stops_answering_from_it(upstream, tmp_pa
     config = tmp_path / "dnsproxy.toml"
     config.write_text(f'upstreams = ["{upstream.address}"]\n')
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dnsproxy", "--listen", f"127.0.0.1:{port}",
-                             "--config", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = DnsproxyProcess("--listen", f"127.0.0.1:{port}", "--config", str(config), port=port)
     try:
-        _wait_until_serving(port, proc)
         for _ in range(3):
             assert addresses(ask(port, "off.example")) == [GENUINE]
         assert upstream.count("off.example") == 1
         config.write_text(f'upstreams = ["{upstream.address}"]\ncache_size = 0\n')
-        proc.send_signal(signal.SIGHUP)
+        proc.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         for _ in range(2):
             assert addresses(ask(port, "off.example")) == [GENUINE]
         assert upstream.count("off.example") == 3
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=5)
-    assert proc.returncode == 0
+        assert proc.terminate()[0] == 0
 
 
 def _wait_until_serving(port: int, proc: subprocess.Popen | None = None,

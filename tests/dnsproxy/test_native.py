@@ -12,7 +12,6 @@ import random
 import select
 import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -545,23 +544,17 @@ def test_an_entry_hit_only_here_outlives_one_not_asked_again_when_the_cache_evic
     for name in ("a.example", "b.example", "c.example"):
         upstream.rule(name, ttl=300)
     proxy = ProxyThread("--upstream", upstream.address, "--native", "--cache-size", "2")
-
-    def settle() -> None:  # the loop's step done, without taking the hits as sync() would
-        done = threading.Event()
-        proxy.loop.call_soon_threadsafe(done.set)
-        assert done.wait(5)
-
     try:
         hit_path = proxy.service.hit_path
         proxy.loop.call_soon_threadsafe(lambda: hit_path.taker.cancel())  # no take in between
         for name in ("a.example", "b.example"):
             assert addresses(ask(proxy.port, name)) == [GENUINE]
-            settle()
+            proxy.sync(take=False)
         before = hit_path.handed_on
         assert addresses(ask(proxy.port, "a.example")) == [GENUINE]
         assert hit_path.handed_on == before, "the thread answers a's first hit"
         assert addresses(ask(proxy.port, "c.example")) == [GENUINE]  # full: one must go
-        settle()
+        proxy.sync(take=False)
         assert addresses(ask(proxy.port, "a.example")) == [GENUINE]
         assert addresses(ask(proxy.port, "b.example")) == [GENUINE]
         assert upstream.count("a.example") == 1, "a went, though hit after b was stored"
