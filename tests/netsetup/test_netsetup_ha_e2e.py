@@ -50,6 +50,7 @@ HOSTS6 = {"a": "fd53:19::1", "b": "fd53:19::2"}
 NETSETUP = str(Path(sys.executable).with_name("netsetup"))
 FAILOVER_GAP = 2.0  # seconds: the issue's target for a host that stops or loses its link
 NO_GAP = 0.3  # a planned handover, or a host coming back: no more than one lost query
+PAIR_SETTLES = 1.0  # seconds: keepalived adding or deleting LAN_IP and LAN_IP6 in turn
 PAGE, PAGE_PASSWORD = f"http://{LAN_IP}/", "one page password for both hosts"
 PROBE = r"""
 import json, os, socket, struct, sys, time
@@ -219,12 +220,17 @@ class Host:
         }  # fmt: skip
 
     def holds(self) -> bool:
-        """Whether this host holds LAN_IP, and then LAN_IP6 too."""
-        out = self.engine.run("ip", "-o", "addr", "show", "dev", self.interface).stdout
-        if f" {LAN_IP}/32 " not in out:
-            return False
-        assert f" {LAN_IP6}/128 " in out, out
-        return True
+        """Whether this host holds LAN_IP and LAN_IP6, which move together. keepalived adds
+        (and deletes) them one after the other, so a look can fall between the two: one
+        without the other must settle within PAIR_SETTLES seconds."""
+        settled = time.monotonic() + PAIR_SETTLES
+        while True:
+            out = self.engine.run("ip", "-o", "addr", "show", "dev", self.interface).stdout
+            ipv4, ipv6 = f" {LAN_IP}/32 " in out, f" {LAN_IP6}/128 " in out
+            if ipv4 == ipv6:
+                return ipv4
+            assert time.monotonic() < settled, f"one address without the other: {out}"
+            time.sleep(0.05)
 
     def failover(self) -> dict:
         report = Path(self.nested.report_dir) / "nsha.sync.json"
