@@ -1,7 +1,7 @@
 """The query history behind the appliance's page: every query and every discarded forgery, and
 counts per minute by outcome, in SQLite (Python's sqlite3: a real database, embedded).
 
-The hot path only appends a tuple to a list: no I/O, no lock, no string built. One thread of its
+The hot path only appends a tuple to a deque: no I/O, no lock, no string built. One thread of its
 own owns the database: every FLUSH_INTERVAL seconds it takes what was appended and writes it in
 one transaction, and once a minute it deletes what is older than the retention and what is over
 the row bound, so the file stays bounded whatever the traffic. Readers (the page's API) hand the
@@ -25,6 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -119,6 +120,13 @@ def _rows(batch: list[tuple[float, float, Request, Response]],
 _STOP = object()
 
 
+def _drain(pending: deque[tuple]) -> list[tuple]:
+    """The items in `pending` now, taken out; what the loop appends meanwhile stays for the
+    next batch (append and popleft are atomic). The thread must be the only one to take."""
+    take = pending.popleft
+    return [take() for _ in range(len(pending))]
+
+
 def open_database(path: str) -> sqlite3.Connection:
     """The history's database, its tables made; a file of another schema version starts anew."""
     db = sqlite3.connect(path)
@@ -165,9 +173,12 @@ class History:
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.path = os.path.join(state_dir, FILE) if state_dir else ":memory:"
         self.days, self.max_rows, self.clock = days, max_rows, clock
-        self.pending: list[tuple] = []
-        self.pending_forgeries: list[tuple] = []
-        self.pending_upstreams: list[tuple] = []  # (time, upstream, seconds or error reason)
+        # Appended on the loop, drained by the thread. Deques, not lists swapped for empty
+        # ones: an append loads the list, then evaluates its arguments (the GIL may switch
+        # at any call there), and could land in a list the thread had already written.
+        self.pending: deque[tuple] = deque()
+        self.pending_forgeries: deque[tuple] = deque()
+        self.pending_upstreams: deque[tuple] = deque()  # (time, upstream, seconds or error)
         self._jobs: queue.Queue = queue.Queue()
         self._pruned = 0.0
         self._names: dict[bytes, str] = {}  # the writer thread's (see _rows)
@@ -229,10 +240,9 @@ class History:
         db.close()
 
     def _write(self, db: sqlite3.Connection) -> None:
-        # The loop may append while this runs: the old list, taken whole, is this batch.
-        batch, self.pending = self.pending, []
-        forged, self.pending_forgeries = self.pending_forgeries, []
-        upstreams, self.pending_upstreams = self.pending_upstreams, []
+        # What is there now is this batch; what the loop appends meanwhile waits for the next.
+        batch, forged, upstreams = (_drain(self.pending), _drain(self.pending_forgeries),
+                                    _drain(self.pending_upstreams))
         if upstreams:
             self._write_upstreams(db, upstreams)
         if batch or forged:

@@ -41,7 +41,7 @@ def test_the_hot_path_only_appends_and_the_thread_writes(log: History) -> None:
     ask(log, "www.example.test")
     assert len(log.pending) == 1, "recorded, not written yet"
     written(log)
-    assert log.pending == []
+    assert not log.pending
     rows = log.submit(log.queries(QueryFilter())).result(5)
     assert len(rows) == 1
     row = rows[0]
@@ -157,6 +157,24 @@ def test_forged_addresses_are_kept_with_their_name(log: History) -> None:
     assert by_name["blocked.example.test."]["addresses"] == [
         "159.106.121.75", "203.0.113.66", "2001:db8::66"]
     assert by_name[None]["addresses"] == []
+
+
+def test_what_is_recorded_while_the_thread_writes_a_batch_is_not_lost(log: History) -> None:
+    """The loop's append and the thread's batch interleave: here the thread writes a whole
+    batch while a record's arguments are still being read, as a GIL switch allows. With
+    lists swapped for empty ones, the record went into a list already written, and was lost."""
+
+    def addresses_read_while_the_thread_writes():
+        written(log)  # the thread takes and writes what is pending, now
+        yield bytes([159, 106, 121, 75])
+
+    log.forgery("198.51.100.53:53", "before.example.test.", 1, "no-edns")
+    log.forgery("198.51.100.53:53", "blocked.example.test.", 1, "forged-address",
+                addresses_read_while_the_thread_writes())
+    written(log)
+    rows = log.submit(log.forgeries(0)).result(5)
+    assert {r["name"]: (r["count"], r["addresses"]) for r in rows} == {
+        "before.example.test.": (1, []), "blocked.example.test.": (1, ["159.106.121.75"])}
 
 
 def test_upstream_latency_percentiles_and_errors(log: History) -> None:
