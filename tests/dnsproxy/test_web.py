@@ -58,9 +58,16 @@ class Page:
         self.proxy.service.history.submit(lambda db: None).result(5)
 
 
+def censor_forges_blocked(upstream) -> None:
+    """Two forgeries for BLOCKED, then the genuine reply. The first sends the forwarder to TCP
+    too; TCP answers late, so the second forgery is always judged (not taken for a late reply
+    to a query already answered): the CI's browser test once lost it to a quick TCP answer."""
+    upstream.rule(BLOCKED, forgeries=("no-edns", "forged-address"), tcp_delay=0.5)
+
+
 @pytest.fixture
 def page(make_proxy, upstream, tmp_path) -> Page:
-    upstream.rule(BLOCKED, forgeries=("no-edns", "forged-address"))
+    censor_forges_blocked(upstream)
     return Page(make_proxy, upstream, tmp_path)
 
 

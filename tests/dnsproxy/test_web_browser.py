@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .fakes import FORGED_LISTED, ask
-from .test_web import BLOCKED, Page
+from .test_web import BLOCKED, Page, censor_forges_blocked
 
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
@@ -77,7 +77,7 @@ def test_a_person_reads_the_page(browser, shots, make_proxy, upstream, tmp_path)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    upstream.rule(BLOCKED, forgeries=("no-edns", "forged-address"))
+    censor_forges_blocked(upstream)
     page = Page(make_proxy, upstream, tmp_path)
     for name in ("www.example.test", "www.example.test", "mail.example.test", BLOCKED):
         ask(page.proxy.port, name, source="127.0.0.51")
@@ -93,7 +93,9 @@ def test_a_person_reads_the_page(browser, shots, make_proxy, upstream, tmp_path)
 
     # The censor panel names the forged name and the address it carried.
     censor = browser.find_element(By.ID, "censor")
-    assert BLOCKED in censor.text and FORGED_LISTED in censor.text
+    history = page.proxy.service.history
+    assert BLOCKED in censor.text and FORGED_LISTED in censor.text, (
+        "the history's forgeries:", history.submit(history.forgeries(0)).result(5))
     assert browser.find_element(By.ID, "total-forgeries").text == "2"
     assert browser.find_element(By.ID, "total-queries").text == "5"
     plots = browser.find_elements(By.CSS_SELECTOR, "svg.plot")
