@@ -46,7 +46,9 @@ def test_held_forgery_is_counted_when_the_tcp_retry_answers_first(upstream, make
     over TCP, and TCP's reply (with OPT) arrives before the genuine UDP one: the held reply is
     known forged then, and counted."""
     proxy = make_proxy("--upstream", upstream.address)
-    upstream.rule("blocked.example", forgeries=("no-edns", "forged-address"), delay=0.4)
+    # TCP answers after both forgeries (or the second goes unread) and before the genuine UDP.
+    upstream.rule("blocked.example", forgeries=("no-edns", "forged-address"), delay=0.4,
+                  tcp_delay=0.1)
     assert addresses(ask(proxy.port, "blocked.example")) == [GENUINE]
     assert upstream.count("blocked.example", "tcp") == 1
     assert forgeries(proxy, "no-edns") == 1
