@@ -100,8 +100,13 @@ def test_cdns_file_runs_the_real_forwarder(tmp_path, upstream):
     are asked, and its hijack_threshold (ms) throws away a too-fast forgery."""
     port = free_port()
     path = write_cdns(tmp_path, port, upstream.address)
-    upstream.default.delay = 0.06  # the genuine server is "far away": above 20 ms
-    upstream.rule("blocked.example", forgeries=("too-fast",), delay=0.06)
+    # 200 ms, not the template's 20: the fake must send its forgery within the threshold, and
+    # on a loaded machine the test's own process can take longer than 20 ms to do so.
+    text = path.read_text()
+    assert '"hijack_threshold": 20 ' in text
+    path.write_text(text.replace('"hijack_threshold": 20 ', '"hijack_threshold": 200 '))
+    upstream.default.delay = 0.4  # the genuine server is "far away": above the threshold
+    upstream.rule("blocked.example", forgeries=("too-fast",), delay=0.4)
     proc = DnsproxyProcess("--config", str(path), "--query-log", port=port)
     try:
         output = dig(port, "blocked.example")
