@@ -33,7 +33,7 @@ CDNS_TEMPLATE = """\
         "servers": [
             {
                 "ip_port": "%(first)s",
-                "hijack_threshold": 20   // ms: anything faster is an injector
+                "hijack_threshold": %(threshold)d   // ms: anything faster is an injector
             },
             {
                 "ip_port": "127.0.0.9"
@@ -55,9 +55,13 @@ def cli(*argv: str) -> dict:
     return args
 
 
-def write_cdns(tmp_path, listen_port: int, first: str):
+def cdns_text(listen_port: int, first: str, threshold: int = 20) -> str:
+    return CDNS_TEMPLATE % {"listen_port": listen_port, "first": first, "threshold": threshold}
+
+
+def write_cdns(tmp_path, listen_port: int, first: str, threshold: int = 20):
     path = tmp_path / "cdns.json"
-    path.write_text(CDNS_TEMPLATE % {"listen_port": listen_port, "first": first})
+    path.write_text(cdns_text(listen_port, first, threshold))
     return path
 
 
@@ -99,12 +103,9 @@ def test_cdns_file_runs_the_real_forwarder(tmp_path, upstream):
     """`python -m dnsproxy --config cdns.json`: the file's listen address serves, its servers
     are asked, and its hijack_threshold (ms) throws away a too-fast forgery."""
     port = free_port()
-    path = write_cdns(tmp_path, port, upstream.address)
-    # 200 ms, not the template's 20: the fake must send its forgery within the threshold, and
-    # on a loaded machine the test's own process can take longer than 20 ms to do so.
-    text = path.read_text()
-    assert '"hijack_threshold": 20 ' in text
-    path.write_text(text.replace('"hijack_threshold": 20 ', '"hijack_threshold": 200 '))
+    # 200 ms, not 20: the fake must send its forgery within the threshold, and on a loaded
+    # machine the test's own process can take longer than 20 ms to do so.
+    path = write_cdns(tmp_path, port, upstream.address, threshold=200)
     upstream.default.delay = 0.4  # the genuine server is "far away": above the threshold
     upstream.rule("blocked.example", forgeries=("too-fast",), delay=0.4)
     proc = DnsproxyProcess("--config", str(path), "--query-log", port=port)
@@ -442,7 +443,7 @@ def test_negative_hijack_threshold_is_refused(tmp_path):
 
 def test_cdns_file_with_a_json_error_shows_where(tmp_path, safe_listen):
     path = tmp_path / "cdns.json"
-    text = CDNS_TEMPLATE % {"listen_port": 5353, "first": "127.0.0.2"}
+    text = cdns_text(5353, "127.0.0.2")
     # A missing comma after `"timeout": 2`, below a multi-line comment and // comments.
     lines = text.splitlines()
     row = next(i for i, line in enumerate(lines) if '"timeout": 2,' in line)
