@@ -12,6 +12,7 @@ import random
 import select
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -514,6 +515,12 @@ def test_a_burst_of_misses_is_read_by_the_event_loop_which_then_gives_the_socket
     try:
         hit_path = proxy.service.hit_path
         assert addresses(ask(proxy.port, "hot.example")) == [GENUINE]
+        # The event loop busy while the burst comes, so that it surely falls behind: sent by
+        # this thread, sharing the GIL with it, the burst could otherwise trickle in, each
+        # datagram taken before the next came (about one run in fifteen).
+        stalled = threading.Event()
+        proxy.loop.call_soon_threadsafe(lambda: (stalled.set(), time.sleep(0.3)))
+        assert stalled.wait(5)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.settimeout(5)
             for i in range(100):  # within one client's share of queries in flight
